@@ -1,0 +1,234 @@
+//! API keys and the [`Principal`] extractor.
+//!
+//! A key looks like `sk-<key id>_<secret>`: 8 random bytes of id and 32 of secret, hex. Redis
+//! keeps, under the key id, the tenant, role, name, expiry, revocation and the SHA-256 of the
+//! whole token, never the token. Verification looks the record up by id and compares digests in
+//! constant time, so neither the secret nor its digest leaks through timing. Revocation is a
+//! field on that record, read on every request, so it takes effect on every replica at once.
+
+use std::collections::HashMap;
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use deadpool_redis::Pool;
+use sha2::{Digest, Sha256};
+use sluice_shared::Keyspace;
+use sluice_shared::store::StoreError;
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// What a key may do.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub tenant: String,
+    pub key_id: String,
+    pub role: Role,
+}
+
+/// A freshly created key: the secret is shown once and never stored.
+#[derive(Debug)]
+pub struct CreatedKey {
+    pub key_id: String,
+    pub secret: String,
+}
+
+/// API keys in Redis.
+#[derive(Clone)]
+pub struct ApiKeys {
+    pool: Pool,
+    ks: Keyspace,
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Splits `sk-<16 hex>_<64 hex>` into the key id; anything else is not a key.
+fn key_id_of(token: &str) -> Option<&str> {
+    let rest = token.strip_prefix("sk-")?;
+    let (id, secret) = rest.split_once('_')?;
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex(id, 16) && hex(secret, 64)).then_some(id)
+}
+
+impl ApiKeys {
+    pub fn new(pool: Pool, ks: Keyspace) -> Self {
+        Self { pool, ks }
+    }
+
+    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+
+    pub async fn create(
+        &self,
+        tenant: &str,
+        name: &str,
+        role: Role,
+        expires_in_secs: Option<u64>,
+    ) -> Result<CreatedKey, StoreError> {
+        let key_id = hex::encode(rand::random::<[u8; 8]>());
+        let secret = format!("sk-{key_id}_{}", hex::encode(rand::random::<[u8; 32]>()));
+        let now = sluice_proto::now_ms();
+        let mut fields = vec![
+            ("tenant", tenant.to_string()),
+            ("name", name.to_string()),
+            ("role", role.as_str().to_string()),
+            ("sha256", hex::encode(digest(&secret))),
+            ("created_at", now.to_string()),
+        ];
+        if let Some(secs) = expires_in_secs {
+            fields.push(("expires_at", (now + secs * 1000).to_string()));
+        }
+        let mut conn = self.conn().await?;
+        redis::pipe()
+            .atomic()
+            .hset_multiple(self.ks.api_key(&key_id), &fields)
+            .ignore()
+            .sadd(self.ks.tenant_keys(tenant), &key_id)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(CreatedKey { key_id, secret })
+    }
+
+    /// Revokes a key; returns whether it existed.
+    pub async fn revoke(&self, key_id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let key = self.ks.api_key(key_id);
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await?;
+        if exists {
+            redis::cmd("HSET")
+                .arg(&key)
+                .arg("revoked_at")
+                .arg(sluice_proto::now_ms())
+                .query_async::<()>(&mut conn)
+                .await?;
+        }
+        Ok(exists)
+    }
+
+    /// Checks a bearer token. Every failure is the same `Unauthorized` to the client; the
+    /// reason is only logged.
+    pub async fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+        let key_id = key_id_of(token).ok_or(ApiError::Unauthorized("malformed key"))?;
+        let mut conn = self.conn().await?;
+        let record: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.ks.api_key(key_id))
+            .query_async(&mut conn)
+            .await
+            .map_err(StoreError::from)?;
+        let stored = record
+            .get("sha256")
+            .and_then(|h| hex::decode(h).ok())
+            .ok_or(ApiError::Unauthorized("unknown key"))?;
+        if !bool::from(stored.as_slice().ct_eq(&digest(token))) {
+            return Err(ApiError::Unauthorized("wrong secret"));
+        }
+        if record.contains_key("revoked_at") {
+            return Err(ApiError::Unauthorized("revoked key"));
+        }
+        let now = sluice_proto::now_ms();
+        if let Some(expires_at) = record.get("expires_at").and_then(|v| v.parse::<u64>().ok())
+            && now >= expires_at
+        {
+            return Err(ApiError::Unauthorized("expired key"));
+        }
+        let role = match record.get("role").map(String::as_str) {
+            Some("admin") => Role::Admin,
+            Some("user") => Role::User,
+            _ => {
+                return Err(ApiError::Internal(format!(
+                    "key {key_id} has no valid role"
+                )));
+            }
+        };
+        let tenant = record
+            .get("tenant")
+            .cloned()
+            .ok_or_else(|| ApiError::Internal(format!("key {key_id} has no tenant")))?;
+        // Last-used time is bookkeeping: it must not slow down or fail the request.
+        let pool = self.pool.clone();
+        let key = self.ks.api_key(key_id);
+        tokio::spawn(async move {
+            if let Ok(mut conn) = pool.get().await {
+                let _ = redis::cmd("HSET")
+                    .arg(key)
+                    .arg("last_used_at")
+                    .arg(now)
+                    .query_async::<()>(&mut conn)
+                    .await;
+            }
+        });
+        Ok(Principal {
+            tenant,
+            key_id: key_id.to_string(),
+            role,
+        })
+    }
+}
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .ok_or(ApiError::Unauthorized("no authorization header"))?;
+        let value = header
+            .to_str()
+            .map_err(|_| ApiError::Unauthorized("authorization header is not ascii"))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or(ApiError::Unauthorized("not a bearer token"))?;
+        state.keys.verify(token.trim()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_only_well_formed_tokens() {
+        let good = format!("sk-{}_{}", "a".repeat(16), "b".repeat(64));
+        assert_eq!(key_id_of(&good), Some("aaaaaaaaaaaaaaaa"));
+        for bad in [
+            "",
+            "sk-",
+            "Bearer x",
+            &format!("sk-{}_{}", "a".repeat(15), "b".repeat(64)),
+            &format!("sk-{}-{}", "a".repeat(16), "b".repeat(64)),
+            &format!("sk-{}_{}", "g".repeat(16), "b".repeat(64)),
+        ] {
+            assert_eq!(key_id_of(bad), None, "{bad}");
+        }
+    }
+}

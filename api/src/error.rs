@@ -1,0 +1,110 @@
+//! [`ApiError`]: every way a request can fail, turned into an HTTP response in one place.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use sluice_proto::{ErrorBody, ErrorCode};
+use sluice_shared::amqp::AmqpError;
+use sluice_shared::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A client error with a stable code and a message for the client.
+    #[error("{}: {}", .0.code, .0.message)]
+    Client(ErrorBody),
+    /// Credentials missing or not accepted; the response never says which part was wrong.
+    #[error("unauthorized: {0}")]
+    Unauthorized(&'static str),
+    #[error("not found")]
+    NotFound,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] AmqpError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn client(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError::Client(ErrorBody::new(code, message))
+    }
+
+    /// The code and client-facing message. Internal details stay in the log.
+    pub fn body(&self) -> ErrorBody {
+        match self {
+            ApiError::Client(body) => body.clone(),
+            ApiError::Unauthorized(_) => ErrorBody::new(
+                ErrorCode::Unauthorized,
+                "missing or invalid credentials: send `Authorization: Bearer <key>`",
+            ),
+            ApiError::NotFound => ErrorBody::new(ErrorCode::NotFound, "no such job"),
+            ApiError::Store(_) => ErrorBody::new(
+                ErrorCode::StoreUnavailable,
+                "the job store is unavailable; retry later",
+            ),
+            ApiError::Queue(_) => ErrorBody::new(
+                ErrorCode::QueueUnavailable,
+                "the job queue is unavailable; nothing was enqueued, retry later",
+            ),
+            ApiError::Internal(_) => ErrorBody::new(ErrorCode::Internal, "internal error"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self.body();
+        let status = StatusCode::from_u16(body.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        // The detail (never request content) goes to the log; the client gets the stable code.
+        match &self {
+            ApiError::Client(_) | ApiError::NotFound => {
+                tracing::debug!(code = %body.code, "request rejected");
+            }
+            ApiError::Unauthorized(reason) => {
+                tracing::info!(code = %body.code, reason, "authentication failed");
+            }
+            ApiError::Store(e) => tracing::warn!(error = %e, "job store error"),
+            ApiError::Queue(e) => tracing::warn!(error = %e, "job queue error"),
+            ApiError::Internal(e) => tracing::error!(error = %e, "internal error"),
+        }
+        let mut response = (status, Json(json!({ "error": body }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_to_stable_codes_and_statuses() {
+        let cases = [
+            (ApiError::Unauthorized("no header"), 401, "unauthorized"),
+            (ApiError::NotFound, 404, "not_found"),
+            (ApiError::Queue(AmqpError::Nacked), 503, "queue_unavailable"),
+            (
+                ApiError::client(ErrorCode::InvalidParameter, "x"),
+                400,
+                "invalid_parameter",
+            ),
+        ];
+        for (err, status, code) in cases {
+            let body = err.body();
+            assert_eq!(body.code.as_str(), code);
+            assert_eq!(err.into_response().status().as_u16(), status);
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! `/v1/jobs`: submit, poll, cancel.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use sluice_proto::{ErrorCode, JOB_MESSAGE_VERSION, JobMessage, TraceContext};
+use sluice_shared::store::CancelOutcome;
+use uuid::Uuid;
+
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::validate::{parse_body, validate};
+
+/// `POST /v1/jobs` → 202 `{"id", "status": "queued"}`.
+#[tracing::instrument(skip_all, fields(tenant = %principal.tenant, job_id))]
+pub async fn submit(
+    principal: Principal,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::client(
+                ErrorCode::PayloadTooLarge,
+                "the request body is larger than the limit",
+            )
+        } else {
+            ApiError::client(ErrorCode::InvalidRequest, rejection.body_text())
+        }
+    })?;
+    let job = validate(parse_body(&body)?, &state.limits)?;
+
+    let id = Uuid::now_v7();
+    tracing::Span::current().record("job_id", tracing::field::display(id));
+    let created_at = sluice_proto::now_ms();
+    let message = JobMessage {
+        v: JOB_MESSAGE_VERSION,
+        id,
+        tenant: principal.tenant,
+        session_id: job.session_id,
+        messages: job.messages,
+        params: job.params,
+        created_at,
+        deadline: created_at + job.timeout.as_millis() as u64,
+        attempt: 1,
+        trace: trace_context(&headers),
+    };
+
+    // Record first, then publish: a worker that gets the message always finds the record.
+    state.store.create(&message).await?;
+    if let Err(publish_error) = state.publisher.publish_job(&message).await {
+        // Not enqueued: remove the record so no job is left that will never run.
+        if let Err(e) = state.store.delete(&id).await {
+            tracing::error!(error = %e, "could not roll back the record of an unpublished job");
+        }
+        return Err(publish_error.into());
+    }
+    tracing::info!("job accepted");
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/v1/jobs/{id}"))],
+        Json(json!({ "id": id, "status": "queued" })),
+    )
+        .into_response())
+}
+
+/// `GET /v1/jobs/{id}` → the job as its tenant sees it.
+pub async fn get(
+    principal: Principal,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let view = state
+        .store
+        .get(&principal.tenant, &id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(Json(view).into_response())
+}
+
+/// `DELETE /v1/jobs/{id}` cancels: a queued job is never generated; a running one stops at its
+/// next token with `finish_reason: "cancelled"`.
+pub async fn cancel(
+    principal: Principal,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    match state.store.cancel(&principal.tenant, &id).await? {
+        CancelOutcome::NotFound => Err(ApiError::NotFound),
+        CancelOutcome::AlreadyFinished(status) => Err(ApiError::client(
+            ErrorCode::JobAlreadyFinished,
+            format!("the job already ended with status {}", status.as_str()),
+        )),
+        CancelOutcome::Cancelled | CancelOutcome::Cancelling => {
+            let view = state
+                .store
+                .get(&principal.tenant, &id)
+                .await?
+                .ok_or(ApiError::NotFound)?;
+            Ok(Json(view).into_response())
+        }
+    }
+}
+
+/// Continues the caller's W3C trace when it sent a valid `traceparent`, else starts one.
+fn trace_context(headers: &HeaderMap) -> TraceContext {
+    let incoming = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| valid_traceparent(v));
+    let trace_id = match incoming {
+        Some(tp) => tp[3..35].to_string(),
+        None => hex::encode(rand::random::<[u8; 16]>()),
+    };
+    let span_id = hex::encode(rand::random::<[u8; 8]>());
+    TraceContext {
+        traceparent: Some(format!("00-{trace_id}-{span_id}-01")),
+        tracestate: incoming
+            .and(headers.get("tracestate"))
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= 512)
+            .map(str::to_string),
+    }
+}
+
+fn valid_traceparent(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && parts[1] != "0".repeat(32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn continues_a_valid_trace_and_replaces_an_invalid_one() {
+        let mut headers = HeaderMap::new();
+        let tid = "4bf92f3577b34da6a3ce929d0e0e4736";
+        headers.insert(
+            "traceparent",
+            format!("00-{tid}-00f067aa0ba902b7-01")
+                .parse()
+                .expect("header"),
+        );
+        let tp = trace_context(&headers).traceparent.expect("set");
+        assert!(tp.starts_with(&format!("00-{tid}-")));
+        assert!(valid_traceparent(&tp));
+
+        headers.insert("traceparent", "garbage".parse().expect("header"));
+        let tp = trace_context(&headers).traceparent.expect("set");
+        assert!(valid_traceparent(&tp));
+        assert!(!tp.contains(tid));
+    }
+}

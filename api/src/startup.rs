@@ -1,0 +1,119 @@
+//! Building and running the API: the binary is a thin shell over this.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_shared::Keyspace;
+use sluice_shared::amqp::{Publisher, QueueSettings};
+use sluice_shared::redis_pool::create_pool;
+use sluice_shared::store::JobStore;
+use tokio::net::TcpListener;
+
+use crate::auth::ApiKeys;
+use crate::routes::router;
+use crate::settings::ApiSettings;
+use crate::state::AppState;
+use crate::validate::Limits;
+
+/// A built API: listener bound, state ready, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    settings: ApiSettings,
+}
+
+impl Application {
+    /// Binds the listener and builds the state. Neither Redis nor RabbitMQ has to be up yet:
+    /// connections are made on demand and `/readyz` reports them.
+    pub async fn build(settings: ApiSettings) -> anyhow::Result<Self> {
+        let state = build_state(&settings)?;
+        let listener = TcpListener::bind(settings.addr).await?;
+        Ok(Self {
+            listener,
+            state,
+            settings,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then lets in-flight requests finish within the
+    /// grace period.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let grace = Duration::from_secs(self.settings.shutdown_grace_secs);
+        let app = router(self.state.clone(), self.settings.body_limit_bytes);
+        let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down, draining in-flight requests");
+            let _ = stopping_tx.send(true);
+        };
+        let server = axum::serve(
+            self.listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(signal);
+        let deadline = async move {
+            let mut rx = stopping_rx;
+            let _ = rx.wait_for(|stopping| *stopping).await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            result = server => result?,
+            () = deadline => tracing::warn!("drain deadline passed; dropping open connections"),
+        }
+        self.state.publisher.close().await;
+        Ok(())
+    }
+}
+
+/// The state of one API process.
+pub fn build_state(settings: &ApiSettings) -> anyhow::Result<AppState> {
+    let ks = Keyspace::new(settings.common.namespace.clone());
+    let pool = create_pool(&settings.common.redis_url, 64)?;
+    let publisher = Publisher::new(
+        settings.common.amqp_url.clone(),
+        ks.clone(),
+        QueueSettings::for_max_attempts(settings.common.max_attempts),
+        format!("sluice-api@{}", hostname()),
+    );
+    Ok(AppState {
+        store: JobStore::new(pool.clone(), ks.clone(), settings.result_ttl_secs),
+        publisher: Arc::new(publisher),
+        keys: ApiKeys::new(pool, ks),
+        limits: Arc::new(Limits::from_settings(settings)),
+    })
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_string())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,249 @@
+//! Validation at the edge: a submitted body becomes a [`ValidatedJob`] or a 4xx with a code.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use sluice_proto::{ErrorCode, GenerationParams, Message};
+
+use crate::error::ApiError;
+use crate::settings::ApiSettings;
+
+/// The limits a submit is checked against.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_tokens_limit: u32,
+    pub max_messages: usize,
+    pub default_timeout: Duration,
+    pub max_timeout: Duration,
+}
+
+impl Limits {
+    pub fn from_settings(s: &ApiSettings) -> Self {
+        Self {
+            max_tokens_limit: s.max_tokens_limit,
+            max_messages: s.max_messages,
+            default_timeout: Duration::from_secs(s.job_timeout_secs),
+            max_timeout: Duration::from_secs(s.max_job_timeout_secs),
+        }
+    }
+}
+
+/// `stop` may be one string or a list, as in the OpenAI API.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The body of `POST /v1/jobs`, exactly as the client sent it. Unknown fields are rejected.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    messages: Vec<Message>,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    seed: Option<u64>,
+    stop: Option<StopField>,
+    repetition_penalty: Option<f32>,
+    ignore_eos: Option<bool>,
+    session_id: Option<String>,
+    /// Deadline for queue plus run, in seconds.
+    timeout_secs: Option<u64>,
+}
+
+/// A job that passed every check; the only way to get one is [`validate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidatedJob {
+    pub messages: Vec<Message>,
+    pub params: GenerationParams,
+    pub session_id: Option<String>,
+    pub timeout: Duration,
+}
+
+/// Parses a body, telling malformed JSON (`invalid_json`) from JSON of the wrong shape
+/// (`invalid_request`).
+pub fn parse_body(bytes: &[u8]) -> Result<SubmitRequest, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        let code = match e.classify() {
+            serde_json::error::Category::Data => ErrorCode::InvalidRequest,
+            _ => ErrorCode::InvalidJson,
+        };
+        ApiError::client(code, e.to_string())
+    })
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::client(ErrorCode::InvalidParameter, message)
+}
+
+pub fn validate(req: SubmitRequest, limits: &Limits) -> Result<ValidatedJob, ApiError> {
+    if req.messages.is_empty() {
+        return Err(invalid("messages must not be empty"));
+    }
+    if req.messages.len() > limits.max_messages {
+        return Err(invalid(format!(
+            "at most {} messages are allowed, got {}",
+            limits.max_messages,
+            req.messages.len()
+        )));
+    }
+    if req.messages.iter().all(|m| m.content.trim().is_empty()) {
+        return Err(invalid("messages must not all be empty"));
+    }
+    let defaults = GenerationParams::default();
+    let params = GenerationParams {
+        max_tokens: req.max_tokens.unwrap_or(defaults.max_tokens),
+        temperature: req.temperature.unwrap_or(defaults.temperature),
+        top_p: req.top_p,
+        top_k: req.top_k,
+        seed: req.seed,
+        stop: match req.stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s],
+            Some(StopField::Many(v)) => v,
+        },
+        repetition_penalty: req
+            .repetition_penalty
+            .unwrap_or(defaults.repetition_penalty),
+        ignore_eos: req.ignore_eos.unwrap_or(false),
+    };
+    params
+        .validate(limits.max_tokens_limit)
+        .map_err(ApiError::Client)?;
+    if let Some(session) = &req.session_id {
+        let ok = !session.is_empty()
+            && session.len() <= 128
+            && session
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !ok {
+            return Err(invalid(
+                "session_id must be 1-128 characters of [A-Za-z0-9._-]",
+            ));
+        }
+    }
+    let timeout = match req.timeout_secs {
+        None => limits.default_timeout,
+        Some(0) => return Err(invalid("timeout_secs must be at least 1")),
+        Some(secs) if Duration::from_secs(secs) > limits.max_timeout => {
+            return Err(invalid(format!(
+                "timeout_secs must be at most {}",
+                limits.max_timeout.as_secs()
+            )));
+        }
+        Some(secs) => Duration::from_secs(secs),
+    };
+    Ok(ValidatedJob {
+        messages: req.messages,
+        params,
+        session_id: req.session_id,
+        timeout,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_tokens_limit: 8192,
+            max_messages: 4,
+            default_timeout: Duration::from_secs(600),
+            max_timeout: Duration::from_secs(3600),
+        }
+    }
+
+    fn check(body: &str) -> Result<ValidatedJob, ErrorCode> {
+        parse_body(body.as_bytes())
+            .and_then(|r| validate(r, &limits()))
+            .map_err(|e| e.body().code)
+    }
+
+    #[test]
+    fn accepts_a_minimal_job_with_defaults() {
+        let job = check(r#"{"messages":[{"role":"user","content":"hi"}]}"#).expect("valid");
+        assert_eq!(job.params, GenerationParams::default());
+        assert_eq!(job.timeout, Duration::from_secs(600));
+        let job =
+            check(r#"{"messages":[{"role":"user","content":"hi"}],"stop":"x"}"#).expect("valid");
+        assert_eq!(job.params.stop, vec!["x".to_string()]);
+    }
+
+    #[test]
+    fn rejects_with_stable_codes() {
+        use ErrorCode::*;
+        let cases = [
+            ("{", InvalidJson),
+            ("", InvalidJson),
+            ("[1,2]", InvalidRequest),
+            (r#"{"messages":[]}"#, InvalidParameter),
+            (r#"{"messages":"hi"}"#, InvalidRequest),
+            (
+                r#"{"messages":[{"role":"bot","content":"x"}]}"#,
+                InvalidRequest,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"foo":1}"#,
+                InvalidRequest,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x","name":"a"}]}"#,
+                InvalidRequest,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
+                InvalidParameter,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":9000}"#,
+                InvalidParameter,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#,
+                InvalidRequest,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+                InvalidParameter,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#,
+                InvalidParameter,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"timeout_secs":0}"#,
+                InvalidParameter,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"session_id":"a b"}"#,
+                InvalidParameter,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"  "}]}"#,
+                InvalidParameter,
+            ),
+        ];
+        for (body, code) in cases {
+            assert_eq!(check(body).expect_err(body), code, "{body}");
+        }
+        let many = format!(
+            r#"{{"messages":[{}]}}"#,
+            vec![r#"{"role":"user","content":"x"}"#; 5].join(",")
+        );
+        assert_eq!(check(&many).expect_err("too many"), InvalidParameter);
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let code = check(&deep).expect_err("deep");
+        assert!(matches!(code, InvalidJson | InvalidRequest), "{code}");
+        assert_eq!(
+            parse_body(b"{\"messages\":[{\"role\":\"user\",\"content\":\"\xff\"}]}")
+                .map(|_| ())
+                .map_err(|e| e.body().code)
+                .expect_err("bad utf-8"),
+            InvalidJson
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! One stable error-code enum for the whole system, mapped to HTTP here and nowhere else.
+
+use serde::{Deserialize, Serialize};
+
+/// A stable, machine-readable error code. Clients match on the string form, so a variant's
+/// `snake_case` name never changes once released; add variants instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    // Client errors at submit.
+    /// The body is not valid JSON, or not valid UTF-8.
+    InvalidJson,
+    /// The JSON is well formed but does not match the request schema (wrong type, unknown field).
+    InvalidRequest,
+    /// A field has a value outside its allowed range.
+    InvalidParameter,
+    /// The request body is larger than the configured limit.
+    PayloadTooLarge,
+    /// The prompt plus `max_tokens` does not fit the model's context.
+    ContextLengthExceeded,
+    /// The content type is not `application/json`.
+    UnsupportedMediaType,
+    // Auth.
+    /// Missing, malformed, unknown, expired or revoked credentials.
+    Unauthorized,
+    /// Valid credentials without the role the route needs.
+    Forbidden,
+    // Lookup.
+    /// No such job for this tenant (also the answer for another tenant's job).
+    NotFound,
+    /// The route exists but not with this method.
+    MethodNotAllowed,
+    // Limits.
+    RateLimited,
+    QuotaExceeded,
+    ConcurrencyLimited,
+    // Job state conflicts.
+    /// The job is already terminal, so it cannot be cancelled.
+    JobAlreadyFinished,
+    // Infrastructure.
+    /// RabbitMQ refused the job or could not be reached; nothing was enqueued.
+    QueueUnavailable,
+    /// Redis could not be reached.
+    StoreUnavailable,
+    /// An unexpected failure inside Sluice.
+    Internal,
+    // Terminal job errors written by the worker.
+    /// The model failed while generating.
+    ModelError,
+    /// The job can never fit this worker's context or memory budget.
+    JobTooLarge,
+    /// The job ran out of delivery attempts (workers kept dying while running it).
+    AttemptsExhausted,
+    /// The job's deadline passed before it finished.
+    DeadlineExceeded,
+}
+
+impl ErrorCode {
+    /// The HTTP status for this code: the one place the mapping lives.
+    pub fn http_status(self) -> u16 {
+        use ErrorCode::*;
+        match self {
+            InvalidJson | InvalidRequest | InvalidParameter => 400,
+            Unauthorized => 401,
+            Forbidden => 403,
+            NotFound => 404,
+            MethodNotAllowed => 405,
+            JobAlreadyFinished => 409,
+            PayloadTooLarge | ContextLengthExceeded => 413,
+            UnsupportedMediaType => 415,
+            RateLimited | QuotaExceeded | ConcurrencyLimited => 429,
+            Internal | ModelError | AttemptsExhausted => 500,
+            QueueUnavailable | StoreUnavailable => 503,
+            JobTooLarge => 413,
+            DeadlineExceeded => 504,
+        }
+    }
+
+    /// The stable string form, identical to the serde form.
+    pub fn as_str(self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            InvalidJson => "invalid_json",
+            InvalidRequest => "invalid_request",
+            InvalidParameter => "invalid_parameter",
+            PayloadTooLarge => "payload_too_large",
+            ContextLengthExceeded => "context_length_exceeded",
+            UnsupportedMediaType => "unsupported_media_type",
+            Unauthorized => "unauthorized",
+            Forbidden => "forbidden",
+            NotFound => "not_found",
+            MethodNotAllowed => "method_not_allowed",
+            RateLimited => "rate_limited",
+            QuotaExceeded => "quota_exceeded",
+            ConcurrencyLimited => "concurrency_limited",
+            JobAlreadyFinished => "job_already_finished",
+            QueueUnavailable => "queue_unavailable",
+            StoreUnavailable => "store_unavailable",
+            Internal => "internal",
+            ModelError => "model_error",
+            JobTooLarge => "job_too_large",
+            AttemptsExhausted => "attempts_exhausted",
+            DeadlineExceeded => "deadline_exceeded",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `{code, message}`: the error of a failed job, and the body of every HTTP error
+/// (wrapped as `{"error": {...}}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: &[ErrorCode] = &[
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidRequest,
+        ErrorCode::InvalidParameter,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::ContextLengthExceeded,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::RateLimited,
+        ErrorCode::QuotaExceeded,
+        ErrorCode::ConcurrencyLimited,
+        ErrorCode::JobAlreadyFinished,
+        ErrorCode::QueueUnavailable,
+        ErrorCode::StoreUnavailable,
+        ErrorCode::Internal,
+        ErrorCode::ModelError,
+        ErrorCode::JobTooLarge,
+        ErrorCode::AttemptsExhausted,
+        ErrorCode::DeadlineExceeded,
+    ];
+
+    #[test]
+    fn string_form_round_trips_through_serde() {
+        for code in ALL {
+            let json = serde_json::to_string(code).expect("serialize");
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            let back: ErrorCode = serde_json::from_str(&json).expect("deserialize");
+            assert_eq!(back, *code);
+        }
+    }
+
+    #[test]
+    fn client_errors_are_4xx_and_outages_are_503() {
+        for code in [
+            ErrorCode::InvalidJson,
+            ErrorCode::InvalidRequest,
+            ErrorCode::InvalidParameter,
+            ErrorCode::PayloadTooLarge,
+            ErrorCode::ContextLengthExceeded,
+            ErrorCode::Unauthorized,
+            ErrorCode::NotFound,
+            ErrorCode::RateLimited,
+        ] {
+            assert!((400..500).contains(&code.http_status()), "{code}");
+        }
+        assert_eq!(ErrorCode::QueueUnavailable.http_status(), 503);
+        assert_eq!(ErrorCode::StoreUnavailable.http_status(), 503);
+    }
+}

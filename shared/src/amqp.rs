@@ -1,0 +1,296 @@
+//! RabbitMQ: connecting, the job topology, and a confirming publisher that reconnects.
+//!
+//! Topology (all durable, names from [`Keyspace`]):
+//! - `{ns}.jobs` (direct exchange) → `{ns}.jobs.interactive` (quorum queue, routing key
+//!   `interactive`) with `x-delivery-limit`, `x-max-length` + `x-overflow: reject-publish`, and
+//!   `x-dead-letter-exchange: {ns}.dlx`;
+//! - `{ns}.dlx` (fanout) → `{ns}.jobs.dead` (quorum queue nobody consumes: dead letters wait for
+//!   an operator).
+//!
+//! Every process declares the same topology with the same arguments, so whichever starts first
+//! creates it and a broker restart loses nothing (durable queues, persistent messages).
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use tokio::sync::Mutex;
+
+use crate::keyspace::Keyspace;
+use crate::settings::Secret;
+use sluice_proto::JobMessage;
+
+/// How long connecting (TCP + AMQP handshake) may take before it counts as an outage.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a publish may wait for the broker's confirm.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("cannot connect to RabbitMQ: {0}")]
+    Connect(String),
+    #[error("RabbitMQ did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("declaring the job topology failed: {0}")]
+    Topology(lapin::Error),
+    #[error("publishing failed: {0}")]
+    Publish(lapin::Error),
+    #[error("RabbitMQ refused the message (nack)")]
+    Nacked,
+    #[error("RabbitMQ could not route the message to a queue")]
+    Unroutable,
+}
+
+/// Queue arguments; they must be identical in every process that declares the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSettings {
+    /// Broker-side redelivery limit: a backstop behind the worker's own attempt count.
+    pub delivery_limit: u32,
+    /// Broker-side cap on queued messages; past it publishes are nacked (`reject-publish`).
+    pub max_length: u64,
+}
+
+impl QueueSettings {
+    /// The broker limit sits above the application's attempt limit, so the worker normally
+    /// sees the last attempt and fails the job visibly instead of the broker dropping it.
+    pub fn for_max_attempts(max_attempts: u32) -> Self {
+        Self {
+            delivery_limit: max_attempts + 2,
+            max_length: 1_000_000,
+        }
+    }
+}
+
+/// Connects with a timeout, naming the connection for the management UI.
+pub async fn connect(url: &Secret, connection_name: &str) -> Result<Connection, AmqpError> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(LongString::from(connection_name.to_string()));
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url.expose(), props)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(AmqpError::Connect(e.to_string())),
+        Err(_) => Err(AmqpError::Timeout(CONNECT_TIMEOUT)),
+    }
+}
+
+fn str_arg(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value.to_string()))
+}
+
+/// Declares the exchanges and queues of the job topology (idempotent).
+pub async fn declare_topology(
+    channel: &Channel,
+    ks: &Keyspace,
+    settings: QueueSettings,
+) -> Result<(), AmqpError> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let queue_opts = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declare = async {
+        channel
+            .exchange_declare(
+                ks.dead_letter_exchange().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        let mut dead_args = FieldTable::default();
+        dead_args.insert("x-queue-type".into(), str_arg("quorum"));
+        channel
+            .queue_declare(ks.dead_letter_queue().into(), queue_opts, dead_args)
+            .await?;
+        channel
+            .queue_bind(
+                ks.dead_letter_queue().into(),
+                ks.dead_letter_exchange().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+
+        channel
+            .exchange_declare(
+                ks.jobs_exchange().into(),
+                ExchangeKind::Direct,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), str_arg("quorum"));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(settings.delivery_limit)),
+        );
+        args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongLongInt(settings.max_length as i64),
+        );
+        args.insert("x-overflow".into(), str_arg("reject-publish"));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            str_arg(&ks.dead_letter_exchange()),
+        );
+        channel
+            .queue_declare(ks.jobs_queue().into(), queue_opts, args)
+            .await?;
+        channel
+            .queue_bind(
+                ks.jobs_queue().into(),
+                ks.jobs_exchange().into(),
+                ks.jobs_routing_key().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok::<(), lapin::Error>(())
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, declare).await {
+        Ok(result) => result.map_err(AmqpError::Topology),
+        Err(_) => Err(AmqpError::Timeout(CONNECT_TIMEOUT)),
+    }
+}
+
+/// The AMQP properties of a job message: persistent, message id = job id, JSON, trace headers.
+pub fn job_properties(job: &JobMessage) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(tp) = &job.trace.traceparent {
+        headers.insert("traceparent".into(), str_arg(tp));
+    }
+    if let Some(ts) = &job.trace.tracestate {
+        headers.insert("tracestate".into(), str_arg(ts));
+    }
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(ShortString::from("application/json"))
+        .with_message_id(ShortString::from(job.id.to_string()))
+        .with_timestamp(job.created_at / 1000)
+        .with_headers(headers)
+}
+
+struct Link {
+    connection: Connection,
+    channel: Channel,
+}
+
+/// Publishes jobs with publisher confirms over one channel, reconnecting lazily: a publish
+/// after an outage opens a fresh connection and re-declares the topology. Cheap to share.
+pub struct Publisher {
+    url: Secret,
+    ks: Keyspace,
+    queue: QueueSettings,
+    connection_name: String,
+    link: Mutex<Option<Link>>,
+}
+
+impl Publisher {
+    /// Creates the publisher without connecting; the first publish (or [`Publisher::ready`])
+    /// connects.
+    pub fn new(url: Secret, ks: Keyspace, queue: QueueSettings, connection_name: String) -> Self {
+        Self {
+            url,
+            ks,
+            queue,
+            connection_name,
+            link: Mutex::new(None),
+        }
+    }
+
+    async fn open(&self) -> Result<Link, AmqpError> {
+        let connection = connect(&self.url, &self.connection_name).await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| AmqpError::Connect(e.to_string()))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| AmqpError::Connect(e.to_string()))?;
+        declare_topology(&channel, &self.ks, self.queue).await?;
+        Ok(Link {
+            connection,
+            channel,
+        })
+    }
+
+    /// A usable channel, reconnecting if the last one died.
+    async fn channel(&self) -> Result<Channel, AmqpError> {
+        let mut link = self.link.lock().await;
+        if let Some(l) = link.as_ref()
+            && l.connection.status().connected()
+            && l.channel.status().connected()
+        {
+            return Ok(l.channel.clone());
+        }
+        *link = None;
+        let fresh = self.open().await?;
+        let channel = fresh.channel.clone();
+        *link = Some(fresh);
+        Ok(channel)
+    }
+
+    async fn drop_link(&self) {
+        *self.link.lock().await = None;
+    }
+
+    /// Whether the broker is reachable now (connects if needed).
+    pub async fn ready(&self) -> bool {
+        self.channel().await.is_ok()
+    }
+
+    /// Publishes one job and waits for the broker's confirm. `Ok` means the broker has the
+    /// message on a durable queue; any error means the caller must treat it as not enqueued.
+    pub async fn publish_job(&self, job: &JobMessage) -> Result<(), AmqpError> {
+        let channel = self.channel().await?;
+        let payload = job.encode();
+        let publish = async {
+            let confirm = channel
+                .basic_publish(
+                    self.ks.jobs_exchange().into(),
+                    self.ks.jobs_routing_key().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &payload,
+                    job_properties(job),
+                )
+                .await
+                .map_err(AmqpError::Publish)?;
+            match confirm.await.map_err(AmqpError::Publish)? {
+                Confirmation::Ack(None) => Ok(()),
+                Confirmation::Ack(Some(_)) => Err(AmqpError::Unroutable),
+                Confirmation::Nack(_) => Err(AmqpError::Nacked),
+                // The channel is always in confirm mode; if not, nothing is known: refuse.
+                Confirmation::NotRequested => Err(AmqpError::Nacked),
+            }
+        };
+        let result = match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+            Ok(result) => result,
+            Err(_) => Err(AmqpError::Timeout(CONFIRM_TIMEOUT)),
+        };
+        if matches!(result, Err(AmqpError::Publish(_) | AmqpError::Timeout(_))) {
+            self.drop_link().await;
+        }
+        result
+    }
+
+    /// Closes the connection (graceful shutdown).
+    pub async fn close(&self) {
+        if let Some(link) = self.link.lock().await.take() {
+            let _ = link.connection.close(200, "shutdown".into()).await;
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Every Redis key and AMQP name Sluice uses, derived from one namespace.
+
+use uuid::Uuid;
+
+/// The names of one Sluice deployment (or one test).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyspace {
+    ns: String,
+}
+
+impl Keyspace {
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self {
+            ns: namespace.into(),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    // Redis.
+
+    /// Hash: the job record (tenant, status, timestamps, attempts, result, error).
+    pub fn job(&self, id: &Uuid) -> String {
+        format!("{}:job:{id}", self.ns)
+    }
+
+    /// Hash: one API key's metadata and the SHA-256 of its secret.
+    pub fn api_key(&self, key_id: &str) -> String {
+        format!("{}:apikey:{key_id}", self.ns)
+    }
+
+    /// Set: the key ids of a tenant.
+    pub fn tenant_keys(&self, tenant: &str) -> String {
+        format!("{}:tenant:{tenant}:keys", self.ns)
+    }
+
+    // AMQP.
+
+    /// The direct exchange jobs are published to.
+    pub fn jobs_exchange(&self) -> String {
+        format!("{}.jobs", self.ns)
+    }
+
+    /// The quorum queue of interactive jobs, and its routing key.
+    pub fn jobs_queue(&self) -> String {
+        format!("{}.jobs.interactive", self.ns)
+    }
+
+    pub fn jobs_routing_key(&self) -> &'static str {
+        "interactive"
+    }
+
+    /// The dead-letter exchange (fanout) and the queue where dead letters wait for an operator.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.ns)
+    }
+
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.jobs.dead", self.ns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_the_namespace() {
+        let ks = Keyspace::new("t1");
+        let id = Uuid::nil();
+        assert_eq!(ks.job(&id), format!("t1:job:{id}"));
+        assert_eq!(ks.jobs_queue(), "t1.jobs.interactive");
+        assert_eq!(ks.dead_letter_queue(), "t1.jobs.dead");
+        assert!(ks.api_key("k").starts_with("t1:"));
+    }
+}

@@ -1,0 +1,26 @@
+//! What the Sluice API and worker share.
+//!
+//! - [`settings`]: the connection settings both binaries take (Redis, RabbitMQ, namespace), and
+//!   [`settings::Secret`] so URLs with passwords never print;
+//! - [`keyspace`]: every Redis key and AMQP name, derived from one namespace so tests and tenants
+//!   of a shared broker never collide;
+//! - [`amqp`]: connecting, the job topology (quorum queue, dead-letter exchange and queue) and a
+//!   confirming publisher that reconnects on its own;
+//! - [`store`]: the job record in Redis and its atomic state transitions (Lua scripts), the one
+//!   piece of code that moves a job through `queued → running → terminal`;
+//! - [`telemetry`]: tracing set-up, text or JSON.
+//!
+//! Data flow: the API writes a record with [`store::JobStore::create`], publishes with
+//! [`amqp::Publisher`], and reads it back with [`store::JobStore::get`]; the worker consumes the
+//! queue declared by [`amqp::declare_topology`], moves the record with
+//! [`store::JobStore::start`] and [`store::JobStore::finish`], and only then acks.
+
+pub mod amqp;
+pub mod keyspace;
+pub mod redis_pool;
+pub mod settings;
+pub mod store;
+pub mod telemetry;
+
+pub use keyspace::Keyspace;
+pub use settings::{CommonSettings, Secret};

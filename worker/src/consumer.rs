@@ -1,0 +1,255 @@
+//! Handling one delivery: decode → start (Redis) → engine → finish (Redis) → ack.
+//!
+//! The delivery is acknowledged only after the terminal state is in Redis. Every path ends in
+//! one [`Disposition`], applied in one place: ack, dead-letter (undecodable), or requeue (the
+//! worker could not finish it: shutdown, or Redis unreachable).
+
+use std::time::{Duration, Instant};
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use sluice_proto::{
+    ErrorBody, ErrorCode, FinishReason, JobMessage, JobResult, JobStatus, Timings, Usage,
+};
+use sluice_shared::store::{JobStore, StartOutcome, Terminal};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::engine::{EngineError, EngineHandle};
+use crate::generate::{GenerateError, Generation, JobControl};
+
+/// What to tell the broker about a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Ack,
+    /// Reject without requeue: the queue's dead-letter exchange takes it.
+    DeadLetter,
+    Requeue,
+}
+
+/// Everything a delivery handler needs; cheap to clone into each handler task.
+#[derive(Clone)]
+pub struct JobRunner {
+    pub store: JobStore,
+    pub engine: EngineHandle,
+    pub worker_id: String,
+    pub max_attempts: u32,
+    pub max_tokens_limit: u32,
+    pub cancel_poll: Duration,
+    /// Flips to `true` when in-flight jobs must be given back (shutdown grace expired).
+    pub preempt: watch::Receiver<bool>,
+}
+
+impl JobRunner {
+    /// Handles a delivery end to end and acknowledges it.
+    pub async fn handle(&self, delivery: Delivery) {
+        let disposition = self.process(&delivery.data).await;
+        let result = match disposition {
+            Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
+            Disposition::DeadLetter => {
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: false,
+                        multiple: false,
+                    })
+                    .await
+            }
+            Disposition::Requeue => {
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    })
+                    .await
+            }
+        };
+        if let Err(e) = result {
+            // The channel is gone; the broker redelivers the message, and the job record
+            // (terminal or not) decides what the next worker does with it.
+            tracing::warn!(error = %e, ?disposition, "could not settle delivery");
+        }
+    }
+
+    /// Decides a delivery's fate. Never panics and never leaves a started job without either a
+    /// terminal state or a requeue.
+    pub async fn process(&self, payload: &[u8]) -> Disposition {
+        let job = match JobMessage::decode(payload) {
+            Ok(job) => job,
+            Err(reason) => {
+                tracing::warn!(%reason, bytes = payload.len(), "dead-lettering undecodable message");
+                return Disposition::DeadLetter;
+            }
+        };
+        let span = tracing::info_span!(
+            "job",
+            job_id = %job.id,
+            tenant = %job.tenant,
+            traceparent = job.trace.traceparent.as_deref().unwrap_or(""),
+        );
+        self.process_job(job).instrument(span).await
+    }
+
+    async fn process_job(&self, job: JobMessage) -> Disposition {
+        if let Err(error) = job.params.validate(self.max_tokens_limit) {
+            return self.write_terminal(&job, failed(error)).await;
+        }
+        let attempt = match self
+            .store
+            .start(&job.id, self.max_attempts, &self.worker_id)
+            .await
+        {
+            Ok(StartOutcome::Run { attempt }) => attempt,
+            Ok(StartOutcome::Skip(status)) => {
+                tracing::info!(status = status.as_str(), "job not run: already terminal");
+                return Disposition::Ack;
+            }
+            Ok(StartOutcome::Missing) => {
+                tracing::info!("job not run: no record (expired or rolled back)");
+                return Disposition::Ack;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start job; requeueing");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return Disposition::Requeue;
+            }
+        };
+        tracing::info!(attempt, "job started");
+        let started_ms = sluice_proto::now_ms();
+        let deadline =
+            Instant::now() + Duration::from_millis(job.deadline.saturating_sub(started_ms));
+        let control = JobControl::new(deadline);
+        let watchers = self.watch(&job, &control);
+        let result = self.engine.run(job.clone(), control).await;
+        watchers.abort();
+
+        let terminal = match result {
+            Ok(generation) => succeeded(&job, started_ms, generation),
+            Err(EngineError::Generate(GenerateError::Preempted)) => {
+                tracing::info!("job given back to the queue unfinished");
+                if let Err(e) = self.store.release(&job.id).await {
+                    tracing::warn!(error = %e, "could not mark the job queued again");
+                }
+                return Disposition::Requeue;
+            }
+            Err(EngineError::Generate(GenerateError::PromptTooLong { prompt, context })) => {
+                failed(ErrorBody::new(
+                    ErrorCode::ContextLengthExceeded,
+                    format!("the prompt has {prompt} tokens; the model's context holds {context}"),
+                ))
+            }
+            Err(EngineError::Generate(GenerateError::Model(e))) => {
+                tracing::error!(error = %e, "generation failed");
+                failed(ErrorBody::new(
+                    ErrorCode::ModelError,
+                    "the model failed while generating",
+                ))
+            }
+            Err(EngineError::Stopped) => {
+                tracing::error!("engine stopped; requeueing");
+                return Disposition::Requeue;
+            }
+        };
+        self.write_terminal(&job, terminal).await
+    }
+
+    /// Polls Redis for a cancel request and forwards shutdown preemption, until aborted.
+    fn watch(&self, job: &JobMessage, control: &JobControl) -> WatcherGuard {
+        let store = self.store.clone();
+        let id = job.id;
+        let cancel = control.cancel.clone();
+        let every = self.cancel_poll;
+        let cancel_task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if let Ok(flags) = store.cancel_requested(&[id]).await
+                    && flags.first() == Some(&true)
+                {
+                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+            }
+        });
+        let mut preempt_rx = self.preempt.clone();
+        let preempt = control.preempt.clone();
+        let preempt_task = tokio::spawn(async move {
+            if preempt_rx.wait_for(|p| *p).await.is_ok() {
+                preempt.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        WatcherGuard(vec![cancel_task, preempt_task])
+    }
+
+    /// Writes a terminal state, retrying while Redis is unreachable; requeues if it never
+    /// comes back within the retry budget (the job then runs again elsewhere).
+    async fn write_terminal(&self, job: &JobMessage, terminal: Terminal) -> Disposition {
+        let mut delay = Duration::from_millis(100);
+        for _ in 0..8 {
+            match self.store.finish(&job.id, &terminal).await {
+                Ok(true) => {
+                    tracing::info!(status = terminal.status.as_str(), "job finished");
+                    return Disposition::Ack;
+                }
+                Ok(false) => {
+                    tracing::info!("job was already terminal; result discarded");
+                    return Disposition::Ack;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot write job result; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        Disposition::Requeue
+    }
+}
+
+struct WatcherGuard(Vec<tokio::task::JoinHandle<()>>);
+
+impl WatcherGuard {
+    fn abort(self) {
+        for t in self.0 {
+            t.abort();
+        }
+    }
+}
+
+fn failed(error: ErrorBody) -> Terminal {
+    Terminal {
+        status: JobStatus::Failed,
+        result: None,
+        error: Some(error),
+    }
+}
+
+fn succeeded(job: &JobMessage, started_ms: u64, g: Generation) -> Terminal {
+    let status = match g.finish_reason {
+        FinishReason::Cancelled => JobStatus::Cancelled,
+        FinishReason::Deadline => JobStatus::Expired,
+        _ => JobStatus::Succeeded,
+    };
+    let error = (status == JobStatus::Expired).then(|| {
+        ErrorBody::new(
+            ErrorCode::DeadlineExceeded,
+            "the job deadline passed while it was running",
+        )
+    });
+    Terminal {
+        status,
+        result: Some(JobResult {
+            content: g.content,
+            finish_reason: g.finish_reason,
+            usage: Usage {
+                prompt_tokens: g.prompt_tokens as u32,
+                completion_tokens: g.completion_tokens as u32,
+            },
+            timings: Timings {
+                queued_ms: started_ms.saturating_sub(job.created_at),
+                time_to_first_token_ms: g.time_to_first_token.as_millis() as u64,
+                generation_ms: g.total.as_millis() as u64,
+            },
+        }),
+        error,
+    }
+}

@@ -1,0 +1,24 @@
+//! Sluice's worker: pulls jobs from RabbitMQ, runs Qwen2.5 with candle, writes results to Redis.
+//!
+//! - [`settings`]: the one typed settings struct of `sluice-worker` (flags + env) and its CLI;
+//! - [`model`]: loading a Qwen2 model (GGUF, safetensors directory, hub id), its chat template
+//!   and special-token-safe prompt encoding, and the tiny random test model;
+//! - [`generate`]: one job's generation loop (sampling, stop sequences, incremental UTF-8-safe
+//!   detokenization, cancellation, deadline);
+//! - [`engine`]: the dedicated thread that owns the model, fed by a channel, so model compute
+//!   never runs on the async runtime;
+//! - [`consumer`]: the AMQP consumer: decode → start (Redis) → engine → finish (Redis) → ack;
+//! - [`startup`]: wiring, reconnection and graceful shutdown.
+//!
+//! A delivery is acked only after its terminal state is in Redis, so a worker that dies
+//! mid-job leaves the job to be redelivered to another worker.
+
+pub mod consumer;
+pub mod engine;
+pub mod generate;
+pub mod model;
+pub mod settings;
+pub mod startup;
+
+pub use settings::WorkerSettings;
+pub use startup::Worker;

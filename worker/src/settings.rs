@@ -1,0 +1,159 @@
+//! `sluice-worker`'s settings and command line.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use sluice_shared::CommonSettings;
+
+/// What `sluice-worker` was asked to do.
+#[derive(Debug)]
+pub enum Invocation {
+    /// `sluice-worker [run] --model ...`: consume jobs and run them (the default).
+    Run(WorkerSettings),
+    /// `sluice-worker tiny-model --out DIR`: write the tiny random-weight test model.
+    TinyModel(TinyModelArgs),
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice-worker",
+    version,
+    about = "Sluice's Qwen2.5 worker. `sluice-worker tiny-model --help` for the test model."
+)]
+struct RunCli {
+    #[command(flatten)]
+    settings: WorkerSettings,
+}
+
+/// Writes the tiny random-weight test model (NOT a real model: its output is noise).
+#[derive(Debug, Parser)]
+#[command(name = "sluice-worker tiny-model")]
+pub struct TinyModelArgs {
+    /// Directory to write config.json, model.safetensors and the tokenizer into.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+impl Invocation {
+    /// Parses a command line: `tiny-model ...`, `run ...`, or the run flags directly.
+    pub fn parse_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        match args.get(1).and_then(|a| a.to_str()) {
+            Some("tiny-model") => {
+                args.remove(0);
+                TinyModelArgs::try_parse_from(args).map(Invocation::TinyModel)
+            }
+            Some("run") => {
+                args.remove(1);
+                RunCli::try_parse_from(args).map(|c| Invocation::Run(c.settings))
+            }
+            _ => RunCli::try_parse_from(args).map(|c| Invocation::Run(c.settings)),
+        }
+    }
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    match s {
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" => Ok(DeviceSpec::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceSpec::Cuda)
+            .ok_or_else(|| format!("device must be cpu, cuda or cuda:N, got {s}")),
+    }
+}
+
+/// Everything `sluice-worker run` needs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerSettings {
+    #[command(flatten)]
+    pub common: CommonSettings,
+
+    /// A .gguf file, a directory with config.json + *.safetensors + tokenizer.json, or a hub id
+    /// such as Qwen/Qwen2.5-7B-Instruct (optionally @revision).
+    #[arg(long, env = "SLUICE_MODEL")]
+    pub model: String,
+
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a binary built with `--features cuda`).
+    #[arg(long, env = "SLUICE_DEVICE", default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceSpec,
+
+    /// Largest `max_tokens` this worker accepts (jobs that skipped the API are checked too).
+    #[arg(long, env = "SLUICE_MAX_TOKENS_LIMIT", default_value_t = 8192)]
+    pub max_tokens_limit: u32,
+
+    /// How long finished jobs stay readable, in seconds.
+    #[arg(long, env = "SLUICE_RESULT_TTL_SECS", default_value_t = 24 * 3600)]
+    pub result_ttl_secs: u64,
+
+    /// How often running jobs are checked for cancellation, in milliseconds.
+    #[arg(long, env = "SLUICE_CANCEL_POLL_MS", default_value_t = 100)]
+    pub cancel_poll_ms: u64,
+
+    /// On SIGTERM, how long in-flight jobs may run on before they are given back to the queue,
+    /// in seconds.
+    #[arg(long, env = "SLUICE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
+    /// This worker's id in job records and logs (default: host, pid and a random suffix).
+    #[arg(long, env = "SLUICE_WORKER_ID")]
+    pub worker_id: Option<String>,
+}
+
+impl WorkerSettings {
+    /// Parses settings from an explicit argument list (tests hand in their own).
+    pub fn parse_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            settings: WorkerSettings,
+        }
+        Only::try_parse_from(args).map(|o| o.settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices_and_subcommands() {
+        assert_eq!(parse_device("cpu"), Ok(DeviceSpec::Cpu));
+        assert_eq!(parse_device("cuda:1"), Ok(DeviceSpec::Cuda(1)));
+        assert!(parse_device("tpu").is_err());
+        let s = WorkerSettings::parse_from(["w", "--model", "m.gguf"]).expect("parse");
+        assert_eq!(s.model, "m.gguf");
+        assert_eq!(s.device, DeviceSpec::Cpu);
+        let inv = Invocation::parse_from(["w", "tiny-model", "--out", "/tmp/x"]).expect("parse");
+        assert!(matches!(
+            inv,
+            Invocation::TinyModel(TinyModelArgs { seed: 42, .. })
+        ));
+        for args in [
+            vec!["w", "--model", "m.gguf"],
+            vec!["w", "run", "--model", "m.gguf"],
+        ] {
+            let inv = Invocation::parse_from(args).expect("parse");
+            assert!(matches!(inv, Invocation::Run(s) if s.model == "m.gguf"));
+        }
+        assert!(Invocation::parse_from(["w"]).is_err());
+    }
+}

@@ -1,0 +1,206 @@
+//! Wiring the worker: load the model, consume the queue with reconnection, drain on shutdown.
+
+use std::future::Future;
+use std::time::Duration;
+
+use candle_core::Device;
+use futures_util::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use sluice_shared::Keyspace;
+use sluice_shared::amqp::{QueueSettings, connect, declare_topology};
+use sluice_shared::redis_pool::create_pool;
+use sluice_shared::store::JobStore;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::consumer::JobRunner;
+use crate::engine::EngineHandle;
+use crate::model::{LoadedModel, ModelSource};
+use crate::settings::{DeviceSpec, WorkerSettings};
+
+/// A worker with its model loaded, ready to consume.
+pub struct Worker {
+    settings: WorkerSettings,
+    runner: JobRunner,
+    preempt_tx: watch::Sender<bool>,
+    ks: Keyspace,
+}
+
+fn device(spec: DeviceSpec) -> anyhow::Result<Device> {
+    Ok(match spec {
+        DeviceSpec::Cpu => Device::Cpu,
+        DeviceSpec::Cuda(n) => Device::new_cuda(n)?,
+    })
+}
+
+impl Worker {
+    /// Resolves and loads the model (on a blocking thread) and starts the engine.
+    pub async fn build(settings: WorkerSettings) -> anyhow::Result<Self> {
+        let source = ModelSource::parse(&settings.model).map_err(anyhow::Error::msg)?;
+        let local = source.resolve().await?;
+        let device = device(settings.device)?;
+        let started = std::time::Instant::now();
+        let model =
+            tokio::task::spawn_blocking(move || LoadedModel::load(&local, &device)).await??;
+        tracing::info!(
+            model = %model.info().name,
+            context_length = model.info().context_length,
+            load_ms = started.elapsed().as_millis() as u64,
+            "model loaded"
+        );
+        let engine = EngineHandle::start(model)?;
+        let ks = Keyspace::new(settings.common.namespace.clone());
+        let pool = create_pool(&settings.common.redis_url, 16)?;
+        let (preempt_tx, preempt_rx) = watch::channel(false);
+        let worker_id = settings.worker_id.clone().unwrap_or_else(|| {
+            format!(
+                "{}-{}-{:04x}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()),
+                std::process::id(),
+                rand::random::<u16>()
+            )
+        });
+        let runner = JobRunner {
+            store: JobStore::new(pool, ks.clone(), settings.result_ttl_secs),
+            engine,
+            worker_id,
+            max_attempts: settings.common.max_attempts,
+            max_tokens_limit: settings.max_tokens_limit,
+            cancel_poll: Duration::from_millis(settings.cancel_poll_ms.max(10)),
+            preempt: preempt_rx,
+        };
+        Ok(Self {
+            settings,
+            runner,
+            preempt_tx,
+            ks,
+        })
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.runner.worker_id
+    }
+
+    /// Consumes until `shutdown` completes, reconnecting to RabbitMQ with backoff whenever
+    /// the connection drops. On shutdown: stop consuming, let in-flight jobs finish within the
+    /// grace period, then give the rest back to the queue.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let mut in_flight: JoinSet<()> = JoinSet::new();
+        let mut backoff = Duration::from_millis(200);
+        let mut connection = None;
+        while !*stop_rx.borrow() {
+            let session = tokio::select! {
+                s = self.open_consumer() => s,
+                _ = stop_rx.wait_for(|s| *s) => break,
+            };
+            let (conn, channel, mut consumer) = match session {
+                Ok(s) => {
+                    backoff = Duration::from_millis(200);
+                    s
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot consume; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {},
+                        _ = stop_rx.wait_for(|s| *s) => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            tracing::info!(worker = %self.runner.worker_id, queue = %self.ks.jobs_queue(), "consuming");
+            loop {
+                tokio::select! {
+                    next = consumer.next() => match next {
+                        Some(Ok(delivery)) => {
+                            let runner = self.runner.clone();
+                            in_flight.spawn(async move { runner.handle(delivery).await });
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "consumer failed; reconnecting");
+                            break;
+                        }
+                        None => {
+                            tracing::warn!("consumer closed; reconnecting");
+                            break;
+                        }
+                    },
+                    Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {},
+                    _ = stop_rx.wait_for(|s| *s) => {
+                        let _ = channel
+                            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                            .await;
+                        break;
+                    }
+                }
+            }
+            connection = Some(conn);
+        }
+        self.drain(&mut in_flight).await;
+        if let Some(conn) = connection {
+            let _ = conn.close(200, "shutdown".into()).await;
+        }
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+
+    async fn drain(&self, in_flight: &mut JoinSet<()>) {
+        if in_flight.is_empty() {
+            return;
+        }
+        let grace = Duration::from_secs(self.settings.shutdown_grace_secs);
+        tracing::info!(
+            jobs = in_flight.len(),
+            grace_s = grace.as_secs(),
+            "draining in-flight jobs"
+        );
+        let all_done = async { while in_flight.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, all_done).await.is_err() {
+            tracing::warn!("grace period over; giving unfinished jobs back to the queue");
+            let _ = self.preempt_tx.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                while in_flight.join_next().await.is_some() {}
+            })
+            .await;
+        }
+    }
+
+    async fn open_consumer(
+        &self,
+    ) -> anyhow::Result<(lapin::Connection, lapin::Channel, lapin::Consumer)> {
+        let conn = connect(
+            &self.settings.common.amqp_url,
+            &format!("sluice-worker@{}", self.runner.worker_id),
+        )
+        .await?;
+        let channel = conn.create_channel().await?;
+        declare_topology(
+            &channel,
+            &self.ks,
+            QueueSettings::for_max_attempts(self.settings.common.max_attempts),
+        )
+        .await?;
+        let prefetch = u16::try_from(self.runner.engine.capacity()).unwrap_or(u16::MAX);
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                self.ks.jobs_queue().into(),
+                self.runner.worker_id.clone().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((conn, channel, consumer))
+    }
+}
