@@ -232,7 +232,7 @@ mod tests {
         }
         let many = format!(
             r#"{{"messages":[{}]}}"#,
-            vec![r#"{"role":"user","content":"x"}"#; 5].join(",")
+            [r#"{"role":"user","content":"x"}"#; 5].join(",")
         );
         assert_eq!(check(&many).expect_err("too many"), InvalidParameter);
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));

@@ -114,13 +114,14 @@ impl<'t> TextDecoder<'t> {
         self.ids.push(id);
         let prefix = self.decode(&self.ids[self.prefix_start..self.read_start])?;
         let full = self.decode(&self.ids[self.prefix_start..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
-            if let Some(new) = full.get(prefix.len()..) {
-                let new = new.to_string();
-                self.prefix_start = self.read_start;
-                self.read_start = self.ids.len();
-                return Ok(new);
-            }
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && let Some(new) = full.get(prefix.len()..)
+        {
+            let new = new.to_string();
+            self.prefix_start = self.read_start;
+            self.read_start = self.ids.len();
+            return Ok(new);
         }
         Ok(String::new())
     }

@@ -97,10 +97,13 @@ impl Worker {
         let mut in_flight: JoinSet<()> = JoinSet::new();
         let mut backoff = Duration::from_millis(200);
         let mut connection = None;
-        while !*stop_rx.borrow() {
+        loop {
+            if *stop_rx.borrow() {
+                break;
+            }
             let session = tokio::select! {
                 s = self.open_consumer() => s,
-                _ = stop_rx.wait_for(|s| *s) => break,
+                () = stopped(&mut stop_rx) => break,
             };
             let (conn, channel, mut consumer) = match session {
                 Ok(s) => {
@@ -111,7 +114,7 @@ impl Worker {
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot consume; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {},
-                        _ = stop_rx.wait_for(|s| *s) => break,
+                        () = stopped(&mut stop_rx) => break,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     continue;
@@ -135,7 +138,7 @@ impl Worker {
                         }
                     },
                     Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {},
-                    _ = stop_rx.wait_for(|s| *s) => {
+                    () = stopped(&mut stop_rx) => {
                         let _ = channel
                             .basic_cancel(consumer.tag(), BasicCancelOptions::default())
                             .await;
@@ -203,4 +206,10 @@ impl Worker {
             .await?;
         Ok((conn, channel, consumer))
     }
+}
+
+/// Completes once the stop flag is set (the guard `wait_for` returns is dropped inside, so the
+/// future stays `Send`).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }

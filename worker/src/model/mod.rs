@@ -3,6 +3,7 @@
 //! - [`source`]: where a model comes from (a `.gguf` file, a safetensors directory, or a hub id
 //!   downloaded with `hf-hub`);
 //! - [`template`]: the chat template, rendered with minijinja;
+//! - [`requant`]: Q5 GGUF tensors re-quantised to Q8_0 at load for candle's SIMD CPU kernels;
 //! - [`prompt`]: special-token-safe tokenization of a conversation;
 //! - [`tiny`]: a deterministic random-weight Qwen2 for fast tests (not a real model).
 //!
@@ -11,6 +12,7 @@
 //! cache so no job sees another's context.
 
 pub mod prompt;
+pub mod requant;
 pub mod source;
 pub mod template;
 pub mod tiny;
@@ -138,7 +140,19 @@ impl LoadedModel {
             .and_then(|id| tokenizer.id_to_token(id))
             .unwrap_or_default();
         let template = ChatTemplate::new(template_source, String::new(), eos_token)?;
-        let weights = quantized_qwen2::ModelWeights::from_gguf(content, &mut file, device)?;
+        let requantized = if device.is_cpu() {
+            requant::q5_to_q8(&content, &mut file)?
+        } else {
+            None
+        };
+        let weights = match requantized {
+            Some(bytes) => {
+                let mut reader = std::io::Cursor::new(bytes);
+                let content = gguf_file::Content::read(&mut reader)?;
+                quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, device)?
+            }
+            None => quantized_qwen2::ModelWeights::from_gguf(content, &mut file, device)?,
+        };
         Ok(Self {
             backend: Backend::Gguf(weights),
             plain: prompt::plain_twin(&tokenizer),
