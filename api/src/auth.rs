@@ -8,7 +8,10 @@
 
 use std::collections::HashMap;
 
-use axum::extract::FromRequestParts;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use deadpool_redis::Pool;
@@ -17,6 +20,7 @@ use sluice_shared::Keyspace;
 use sluice_shared::store::StoreError;
 use subtle::ConstantTimeEq;
 
+use crate::audit::{self, AuditContext};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -39,12 +43,30 @@ impl Role {
     }
 }
 
-/// The authenticated caller of a request.
+/// The authenticated caller of a request, within its rate limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub tenant: String,
+    /// The API key id, or `jwt:<sub>` for a JWT: the subject rate limits apply to.
     pub key_id: String,
     pub role: Role,
+}
+
+/// A principal with the `admin` role (403 otherwise).
+#[derive(Debug, Clone)]
+pub struct Admin(pub Principal);
+
+/// A key as listed to admins (never the secret or its digest).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeyInfo {
+    pub key_id: String,
+    pub tenant: String,
+    pub name: String,
+    pub role: String,
+    pub created_at: Option<u64>,
+    pub expires_at: Option<u64>,
+    pub revoked_at: Option<u64>,
+    pub last_used_at: Option<u64>,
 }
 
 /// A freshly created key: the secret is shown once and never stored.
@@ -133,6 +155,35 @@ impl ApiKeys {
         Ok(exists)
     }
 
+    /// The keys of a tenant, oldest first.
+    pub async fn list(&self, tenant: &str) -> Result<Vec<KeyInfo>, StoreError> {
+        let mut conn = self.conn().await?;
+        let ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.ks.tenant_keys(tenant))
+            .query_async(&mut conn)
+            .await?;
+        let mut keys = Vec::with_capacity(ids.len());
+        for id in ids {
+            let r: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(self.ks.api_key(&id))
+                .query_async(&mut conn)
+                .await?;
+            let num = |f: &str| r.get(f).and_then(|v| v.parse::<u64>().ok());
+            keys.push(KeyInfo {
+                tenant: r.get("tenant").cloned().unwrap_or_default(),
+                name: r.get("name").cloned().unwrap_or_default(),
+                role: r.get("role").cloned().unwrap_or_default(),
+                created_at: num("created_at"),
+                expires_at: num("expires_at"),
+                revoked_at: num("revoked_at"),
+                last_used_at: num("last_used_at"),
+                key_id: id,
+            });
+        }
+        keys.sort_by_key(|k| k.created_at);
+        Ok(keys)
+    }
+
     /// Checks a bearer token. Every failure is the same `Unauthorized` to the client; the
     /// reason is only logged.
     pub async fn verify(&self, token: &str) -> Result<Principal, ApiError> {
@@ -193,22 +244,136 @@ impl ApiKeys {
     }
 }
 
+/// The client address of a request (see [`crate::client_ip`]).
+pub fn request_ip(parts: &Parts, state: &AppState) -> IpAddr {
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    crate::client_ip::client_ip(peer, &parts.headers, &state.trusted_proxies)
+}
+
+fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+    let header = parts
+        .headers
+        .get(AUTHORIZATION)
+        .ok_or(ApiError::Unauthorized("no authorization header"))?;
+    let value = header
+        .to_str()
+        .map_err(|_| ApiError::Unauthorized("authorization header is not ascii"))?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .ok_or(ApiError::Unauthorized("not a bearer token"))
+}
+
+async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
+    let token = bearer(parts)?;
+    if token.starts_with("sk-") {
+        return state.keys.verify(token).await;
+    }
+    match &state.jwt {
+        Some(jwt) if token.matches('.').count() == 2 => {
+            jwt.verify(token).map_err(ApiError::Unauthorized)
+        }
+        _ => Err(ApiError::Unauthorized("not an api key")),
+    }
+}
+
+/// The rate limits of one request: per subject (from the tenant's policy) and per client IP.
+fn rate_limits(
+    state: &AppState,
+    principal: &Principal,
+    policy: &sluice_shared::tenant::TenantPolicy,
+    ip: IpAddr,
+) -> Vec<sluice_shared::ratelimit::Limit> {
+    let ks = state.store.keyspace();
+    let subject = format!("{}:{}", principal.tenant, principal.key_id);
+    let second = Duration::from_secs(1);
+    let minute = Duration::from_secs(60);
+    [
+        (
+            format!("sub:{subject}:s"),
+            policy.requests_per_second,
+            second,
+        ),
+        (
+            format!("sub:{subject}:m"),
+            policy.requests_per_minute,
+            minute,
+        ),
+        (format!("ip:{ip}:s"), state.ip_limits.0, second),
+        (format!("ip:{ip}:m"), state.ip_limits.1, minute),
+    ]
+    .into_iter()
+    .filter_map(|(scope, limit, period)| {
+        limit.map(|limit| sluice_shared::ratelimit::Limit {
+            key: ks.rate_limit(&scope),
+            limit,
+            period,
+        })
+    })
+    .collect()
+}
+
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
+    /// Authenticates (API key or JWT), then applies the per-subject and per-IP rate limits in
+    /// one atomic check. Failures are written to the audit log.
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
-            .ok_or(ApiError::Unauthorized("no authorization header"))?;
-        let value = header
-            .to_str()
-            .map_err(|_| ApiError::Unauthorized("authorization header is not ascii"))?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .ok_or(ApiError::Unauthorized("not a bearer token"))?;
-        state.keys.verify(token.trim()).await
+        let ip = request_ip(parts, state);
+        let principal = match authenticate(parts, state).await {
+            Ok(p) => p,
+            Err(e) => {
+                if let ApiError::Unauthorized(reason) = &e {
+                    let ctx = AuditContext {
+                        ip: Some(ip),
+                        ..AuditContext::default()
+                    };
+                    audit::record("auth_failed", reason, &ctx, state.anonymize_ips);
+                }
+                return Err(e);
+            }
+        };
+        let policy = state.tenants.policy(&principal.tenant).await?;
+        let limits = rate_limits(state, &principal, &policy, ip);
+        let decision = sluice_shared::ratelimit::check(state.store.pool(), &limits).await?;
+        if !decision.allowed {
+            let ctx = AuditContext {
+                tenant: Some(principal.tenant.clone()),
+                key_id: Some(principal.key_id.clone()),
+                ip: Some(ip),
+            };
+            audit::record("rejected", "rate_limited", &ctx, state.anonymize_ips);
+            return Err(ApiError::RateLimited(decision));
+        }
+        Ok(principal)
+    }
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let principal = Principal::from_request_parts(parts, state).await?;
+        if principal.role != Role::Admin {
+            let ctx = AuditContext {
+                tenant: Some(principal.tenant.clone()),
+                key_id: Some(principal.key_id.clone()),
+                ip: Some(request_ip(parts, state)),
+            };
+            audit::record(
+                "forbidden",
+                "admin_role_required",
+                &ctx,
+                state.anonymize_ips,
+            );
+            return Err(ApiError::Forbidden);
+        }
+        Ok(Admin(principal))
     }
 }
 

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use sluice_proto::{ErrorBody, ErrorCode};
 use sluice_shared::amqp::AmqpError;
+use sluice_shared::ratelimit::Decision;
 use sluice_shared::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -16,8 +17,23 @@ pub enum ApiError {
     /// Credentials missing or not accepted; the response never says which part was wrong.
     #[error("unauthorized: {0}")]
     Unauthorized(&'static str),
+    #[error("forbidden")]
+    Forbidden,
     #[error("not found")]
     NotFound,
+    #[error("rate limited")]
+    RateLimited(Decision),
+    #[error("token quota exceeded ({period} {used}/{limit})")]
+    QuotaExceeded {
+        period: &'static str,
+        used: u64,
+        limit: u64,
+        reserve: u64,
+        /// Seconds until the period rolls over.
+        reset_secs: u64,
+    },
+    #[error("concurrency limited ({active}/{limit})")]
+    ConcurrencyLimited { active: u64, limit: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -39,7 +55,38 @@ impl ApiError {
                 ErrorCode::Unauthorized,
                 "missing or invalid credentials: send `Authorization: Bearer <key>`",
             ),
+            ApiError::Forbidden => ErrorBody::new(
+                ErrorCode::Forbidden,
+                "these credentials may not use this route",
+            ),
             ApiError::NotFound => ErrorBody::new(ErrorCode::NotFound, "no such job"),
+            ApiError::RateLimited(d) => ErrorBody::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "rate limit exceeded; retry in {} ms",
+                    d.retry_after.as_millis()
+                ),
+            ),
+            ApiError::QuotaExceeded {
+                period,
+                used,
+                limit,
+                reserve,
+                ..
+            } => ErrorBody::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "this job needs {reserve} tokens (prompt plus max_tokens) but the {period}ly \
+                     token quota has {} of {limit} left",
+                    limit.saturating_sub(*used)
+                ),
+            ),
+            ApiError::ConcurrencyLimited { active, limit } => ErrorBody::new(
+                ErrorCode::ConcurrencyLimited,
+                format!(
+                    "{active} of {limit} allowed jobs are queued or running; retry when one ends"
+                ),
+            ),
             ApiError::Store(_) => ErrorBody::new(
                 ErrorCode::StoreUnavailable,
                 "the job store is unavailable; retry later",
@@ -60,7 +107,12 @@ impl IntoResponse for ApiError {
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         // The detail (never request content) goes to the log; the client gets the stable code.
         match &self {
-            ApiError::Client(_) | ApiError::NotFound => {
+            ApiError::Client(_)
+            | ApiError::NotFound
+            | ApiError::Forbidden
+            | ApiError::RateLimited(_)
+            | ApiError::QuotaExceeded { .. }
+            | ApiError::ConcurrencyLimited { .. } => {
                 tracing::debug!(code = %body.code, "request rejected");
             }
             ApiError::Unauthorized(reason) => {
@@ -75,6 +127,41 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        let headers = response.headers_mut();
+        let mut set = |name: &'static str, value: u64| {
+            if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+                headers.insert(name, v);
+            }
+        };
+        match &self {
+            ApiError::RateLimited(d) => {
+                set(
+                    "retry-after",
+                    d.retry_after.as_millis().div_ceil(1000).max(1) as u64,
+                );
+                set("ratelimit-limit", u64::from(d.limit));
+                set("ratelimit-remaining", u64::from(d.remaining));
+                set("ratelimit-reset", d.reset.as_millis().div_ceil(1000) as u64);
+            }
+            ApiError::QuotaExceeded {
+                used,
+                limit,
+                reset_secs,
+                ..
+            } => {
+                set("retry-after", (*reset_secs).max(1));
+                set("ratelimit-limit", *limit);
+                set("ratelimit-remaining", limit.saturating_sub(*used));
+                set("ratelimit-reset", *reset_secs);
+            }
+            ApiError::ConcurrencyLimited { active, limit } => {
+                set("retry-after", 1);
+                set("ratelimit-limit", *limit);
+                set("ratelimit-remaining", limit.saturating_sub(*active));
+                set("ratelimit-reset", 1);
+            }
+            _ => {}
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response

@@ -2,23 +2,37 @@
 //!
 //! - [`settings`]: the one typed settings struct of `sluice-api` (flags + env) and its CLI;
 //! - [`startup`]: builds the state, binds the listener, serves until a shutdown signal;
-//! - [`auth`]: API keys (created by `sluice-api keys create`, stored hashed in Redis, compared in
-//!   constant time) and the [`auth::Principal`] extractor every `/v1` route requires;
+//! - [`auth`]: API keys (created by `sluice-api keys create` or `/admin/keys`, stored hashed in
+//!   Redis, compared in constant time) and JWTs ([`jwt`]), and the [`auth::Principal`]
+//!   extractor every authenticated route requires: it also applies the central rate limits
+//!   (per key or JWT subject, per client IP from [`client_ip`]);
+//! - [`submit`]: the submit path after validation: the input guard (`sluice-guard`), the exact
+//!   prompt token count (the served model's tokenizer), the context limit, admission (token
+//!   quotas and the active-job cap, one atomic Redis script) and the publish;
+//! - [`audit`]: the security audit log (never content);
+//! - [`guard_cli`]: `sluice-api guard check`, the guard over JSON lines for operators;
 //! - [`validate`]: turns a submitted body into a [`validate::ValidatedJob`] that cannot exist
 //!   unless every limit holds;
-//! - [`routes`]: `/v1/jobs` (submit, poll, cancel), `/healthz`, `/readyz`;
+//! - [`routes`]: `/v1/jobs` (submit, poll, cancel), `/v1/usage`, `/admin/*`, `/healthz`,
+//!   `/readyz`;
 //! - [`error`]: [`error::ApiError`], the one place errors become HTTP responses.
 //!
-//! A submit flows: auth → validate → write the record (`queued`) to Redis → publish to RabbitMQ
-//! and wait for the confirm → 202. If the publish fails the record is deleted and the client
-//! gets 503, so nothing is left half-written.
+//! A submit flows: auth → rate limits → validate → guard → count tokens → admit (reserve
+//! quota, take an active slot, write the record as `queued`) → publish to RabbitMQ and wait
+//! for the confirm → 202. Every rejection comes before admission; if the publish fails the
+//! admission is rolled back and the client gets 503, so nothing is left half-written.
 
+pub mod audit;
 pub mod auth;
+pub mod client_ip;
 pub mod error;
+pub mod guard_cli;
+pub mod jwt;
 pub mod routes;
 pub mod settings;
 pub mod startup;
 pub mod state;
+pub mod submit;
 pub mod validate;
 
 pub use settings::ApiSettings;

@@ -1,19 +1,28 @@
-//! `sluice-api`: serve the HTTP API, or manage API keys.
+//! `sluice-api`: serve the HTTP API, manage API keys, or run the guard over JSON lines.
 
-use clap::Parser;
 use sluice_api::auth::ApiKeys;
-use sluice_api::settings::{Cli, Command, KeysCommand};
+use sluice_api::settings::{GuardCommand, Invocation, KeysCommand};
 use sluice_api::startup::{Application, shutdown_signal};
 use sluice_shared::Keyspace;
 use sluice_shared::redis_pool::create_pool;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        None => serve(cli.serve).await,
-        Some(Command::Serve(settings)) => serve(settings).await,
-        Some(Command::Keys(command)) => keys(command).await,
+    match Invocation::parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit()) {
+        Invocation::Serve(settings) => serve(*settings).await,
+        Invocation::Keys(command) => keys(command).await,
+        Invocation::Guard(GuardCommand::Check { rules, threshold }) => {
+            let extra = match rules {
+                Some(path) => Some(sluice_guard::Rules::from_toml(&std::fs::read_to_string(
+                    path,
+                )?)?),
+                None => None,
+            };
+            let stdin = std::io::stdin().lock();
+            let stdout = std::io::stdout().lock();
+            sluice_api::guard_cli::run(extra, threshold, stdin, stdout)?;
+            Ok(())
+        }
     }
 }
 

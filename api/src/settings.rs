@@ -1,28 +1,85 @@
 //! `sluice-api`'s settings and command line.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
-use sluice_shared::CommonSettings;
+use clap::{ArgAction, Parser, Subcommand};
+use sluice_guard::pipeline::{InjectionAction, PiiAction};
+use sluice_shared::tenant::TenantPolicy;
+use sluice_shared::{CommonSettings, Secret};
 
-/// The command line: `serve` (the default) or key management.
+use crate::client_ip::Cidr;
+
+/// What `sluice-api` was asked to do: `serve` (the default, also with no subcommand),
+/// `keys ...` or `guard ...`.
+#[derive(Debug)]
+pub enum Invocation {
+    Serve(Box<ApiSettings>),
+    Keys(KeysCommand),
+    Guard(GuardCommand),
+}
+
 #[derive(Debug, Parser)]
-#[command(name = "sluice-api", version, about = "Sluice's HTTP API tier")]
-#[command(args_conflicts_with_subcommands = true)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
+#[command(
+    name = "sluice-api",
+    version,
+    about = "Sluice's HTTP API tier (subcommands: serve, keys, guard)"
+)]
+struct ServeCli {
     #[command(flatten)]
-    pub serve: ApiSettings,
+    settings: ApiSettings,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "sluice-api")]
+struct ToolCli {
+    #[command(subcommand)]
+    command: Tool,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Serve the HTTP API (the default).
-    Serve(ApiSettings),
+enum Tool {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Guard tools for operators.
+    #[command(subcommand)]
+    Guard(GuardCommand),
+}
+
+impl Invocation {
+    pub fn parse_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        match args.get(1).and_then(|a| a.to_str()) {
+            Some("keys" | "guard") => ToolCli::try_parse_from(args).map(|c| match c.command {
+                Tool::Keys(k) => Invocation::Keys(k),
+                Tool::Guard(g) => Invocation::Guard(g),
+            }),
+            Some("serve") => {
+                args.remove(1);
+                ServeCli::try_parse_from(args).map(|c| Invocation::Serve(Box::new(c.settings)))
+            }
+            _ => ServeCli::try_parse_from(args).map(|c| Invocation::Serve(Box::new(c.settings))),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GuardCommand {
+    /// Reads `{"text": "..."}` lines on stdin and writes one verdict line per input on stdout:
+    /// `action`, `categories`, `pii` (`{kind, start, end}` in characters), `redacted`.
+    Check {
+        /// Extra injection rules (TOML, same format as the built-in file).
+        #[arg(long, env = "SLUICE_INJECTION_RULES")]
+        rules: Option<PathBuf>,
+        /// Score at which a category fires.
+        #[arg(long, default_value_t = sluice_guard::injection::DEFAULT_THRESHOLD)]
+        threshold: f32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +110,101 @@ pub enum KeysCommand {
     },
 }
 
+/// JWT bearer tokens, accepted next to API keys when a key source is configured.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JwtSettings {
+    /// HS256 shared secret.
+    #[arg(long, env = "SLUICE_JWT_HS256_SECRET")]
+    pub jwt_hs256_secret: Option<Secret>,
+    /// PEM public key (RSA for RS256, EC P-256 for ES256).
+    #[arg(long, env = "SLUICE_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// JWKS file (RS256/ES256 keys selected by `kid`).
+    #[arg(long, env = "SLUICE_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// Required `iss`.
+    #[arg(long, env = "SLUICE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud`.
+    #[arg(long, env = "SLUICE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Claim holding the tenant.
+    #[arg(long, env = "SLUICE_JWT_TENANT_CLAIM", default_value = "tenant")]
+    pub jwt_tenant_claim: String,
+}
+
+/// The policy of tenants that have no override (admins override per tenant).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DefaultPolicySettings {
+    /// Requests per second per key or JWT subject (0 = unlimited).
+    #[arg(long, env = "SLUICE_DEFAULT_REQUESTS_PER_SECOND", default_value_t = 50)]
+    pub default_requests_per_second: u32,
+    /// Requests per minute per key or JWT subject (0 = unlimited).
+    #[arg(
+        long,
+        env = "SLUICE_DEFAULT_REQUESTS_PER_MINUTE",
+        default_value_t = 1200
+    )]
+    pub default_requests_per_minute: u32,
+    /// Tokens per tenant per UTC day (0 = unlimited).
+    #[arg(
+        long,
+        env = "SLUICE_DEFAULT_TOKENS_PER_DAY",
+        default_value_t = 2_000_000
+    )]
+    pub default_tokens_per_day: u64,
+    /// Tokens per tenant per UTC month (0 = unlimited).
+    #[arg(
+        long,
+        env = "SLUICE_DEFAULT_TOKENS_PER_MONTH",
+        default_value_t = 40_000_000
+    )]
+    pub default_tokens_per_month: u64,
+    /// Jobs queued plus running per tenant (0 = unlimited).
+    #[arg(long, env = "SLUICE_DEFAULT_MAX_ACTIVE_JOBS", default_value_t = 64)]
+    pub default_max_active_jobs: u32,
+    /// Whether clients may send `system` messages.
+    #[arg(long, env = "SLUICE_DEFAULT_ALLOW_SYSTEM_MESSAGES", default_value_t = true, action = ArgAction::Set)]
+    pub default_allow_system_messages: bool,
+    /// `block`, `flag` or `off`.
+    #[arg(long, env = "SLUICE_DEFAULT_INJECTION_ACTION", default_value = "block", value_parser = parse_injection_action)]
+    pub default_injection_action: InjectionAction,
+    /// Score at which an injection category fires.
+    #[arg(long, env = "SLUICE_DEFAULT_INJECTION_THRESHOLD", default_value_t = sluice_guard::injection::DEFAULT_THRESHOLD)]
+    pub default_injection_threshold: f32,
+    /// `redact`, `reject` or `off`.
+    #[arg(long, env = "SLUICE_DEFAULT_PII_ACTION", default_value = "redact", value_parser = parse_pii_action)]
+    pub default_pii_action: PiiAction,
+}
+
+fn parse_injection_action(s: &str) -> Result<InjectionAction, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("{s:?} is not one of block, flag, off"))
+}
+
+fn parse_pii_action(s: &str) -> Result<PiiAction, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("{s:?} is not one of redact, reject, off"))
+}
+
+impl DefaultPolicySettings {
+    pub fn policy(&self) -> TenantPolicy {
+        let limit32 = |v: u32| (v > 0).then_some(v);
+        let limit64 = |v: u64| (v > 0).then_some(v);
+        TenantPolicy {
+            requests_per_second: limit32(self.default_requests_per_second),
+            requests_per_minute: limit32(self.default_requests_per_minute),
+            tokens_per_day: limit64(self.default_tokens_per_day),
+            tokens_per_month: limit64(self.default_tokens_per_month),
+            max_active_jobs: limit32(self.default_max_active_jobs),
+            allow_system_messages: self.default_allow_system_messages,
+            injection_action: self.default_injection_action,
+            injection_threshold: self.default_injection_threshold,
+            pii_action: self.default_pii_action,
+        }
+    }
+}
+
 /// Everything `sluice-api serve` needs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ApiSettings {
@@ -62,6 +214,11 @@ pub struct ApiSettings {
     /// Address to listen on (port 0 picks a free one).
     #[arg(long, env = "SLUICE_API_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
+
+    /// The served model's `.gguf` file or directory: its tokenizer and chat template count
+    /// prompt tokens here exactly as the worker will (context limit, quota reservation).
+    #[arg(long, env = "SLUICE_TOKENIZER")]
+    pub tokenizer: PathBuf,
 
     /// Largest `max_tokens` a job may ask for.
     #[arg(long, env = "SLUICE_MAX_TOKENS_LIMIT", default_value_t = 8192)]
@@ -74,6 +231,10 @@ pub struct ApiSettings {
     /// Most messages in one job.
     #[arg(long, env = "SLUICE_MAX_MESSAGES", default_value_t = 256)]
     pub max_messages: usize,
+
+    /// Longest message, in characters.
+    #[arg(long, env = "SLUICE_MAX_MESSAGE_CHARS", default_value_t = 32 * 1024)]
+    pub max_message_chars: usize,
 
     /// A job's deadline (queue plus run) when the client gives none, in seconds.
     #[arg(long, env = "SLUICE_JOB_TIMEOUT_SECS", default_value_t = 600)]
@@ -90,6 +251,32 @@ pub struct ApiSettings {
     /// Grace period for in-flight requests on SIGTERM, in seconds.
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+
+    /// Requests per second per client IP (0 = unlimited).
+    #[arg(long, env = "SLUICE_IP_REQUESTS_PER_SECOND", default_value_t = 100)]
+    pub ip_requests_per_second: u32,
+
+    /// Requests per minute per client IP (0 = unlimited).
+    #[arg(long, env = "SLUICE_IP_REQUESTS_PER_MINUTE", default_value_t = 3000)]
+    pub ip_requests_per_minute: u32,
+
+    /// Proxies whose `X-Forwarded-For` is believed (comma-separated CIDRs).
+    #[arg(long, env = "SLUICE_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<Cidr>,
+
+    /// Write client addresses to the audit log as their /24 (IPv4) or /48 (IPv6).
+    #[arg(long, env = "SLUICE_ANONYMIZE_IPS", default_value_t = true, action = ArgAction::Set)]
+    pub anonymize_ips: bool,
+
+    /// Extra injection rules (TOML, same format as the built-in file).
+    #[arg(long, env = "SLUICE_INJECTION_RULES")]
+    pub injection_rules: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub policy: DefaultPolicySettings,
+
+    #[command(flatten)]
+    pub jwt: JwtSettings,
 }
 
 impl ApiSettings {
@@ -115,22 +302,58 @@ mod tests {
 
     #[test]
     fn serve_is_the_default_and_keys_parse() {
-        let cli = Cli::try_parse_from(["sluice-api", "--addr", "127.0.0.1:0"]).expect("parse");
-        assert!(cli.command.is_none());
-        assert_eq!(cli.serve.addr.port(), 0);
-        let cli = Cli::try_parse_from(["sluice-api", "keys", "create", "--tenant", "acme"])
+        for args in [
+            vec!["sluice-api", "--addr", "127.0.0.1:0", "--tokenizer", "m"],
+            vec![
+                "sluice-api",
+                "serve",
+                "--addr",
+                "127.0.0.1:0",
+                "--tokenizer",
+                "m",
+            ],
+        ] {
+            let inv = Invocation::parse_from(args).expect("parse");
+            assert!(matches!(inv, Invocation::Serve(s) if s.addr.port() == 0));
+        }
+        let inv = Invocation::parse_from(["sluice-api", "keys", "create", "--tenant", "acme"])
             .expect("parse");
-        assert!(matches!(
-            cli.command,
-            Some(Command::Keys(KeysCommand::Create { .. }))
-        ));
-        assert!(Cli::try_parse_from(["sluice-api", "keys", "create", "--tenant", "a b"]).is_err());
+        assert!(matches!(inv, Invocation::Keys(KeysCommand::Create { .. })));
+        let inv = Invocation::parse_from(["sluice-api", "guard", "check"]).expect("parse");
+        assert!(matches!(inv, Invocation::Guard(GuardCommand::Check { .. })));
+        assert!(
+            Invocation::parse_from(["sluice-api", "keys", "create", "--tenant", "a b"]).is_err()
+        );
     }
 
     #[test]
     fn defaults() {
-        let s = ApiSettings::parse_from(["x"]).expect("parse");
+        let s = ApiSettings::parse_from(["x", "--tokenizer", "m"]).expect("parse");
         assert_eq!(s.max_tokens_limit, 8192);
         assert_eq!(s.body_limit_bytes, 65536);
+        assert!(s.anonymize_ips);
+        assert_eq!(s.policy.policy().tokens_per_day, Some(2_000_000));
+        let s = ApiSettings::parse_from([
+            "x",
+            "--tokenizer",
+            "m",
+            "--trusted-proxies",
+            "10.0.0.0/8,::1",
+            "--default-tokens-per-day",
+            "0",
+            "--default-pii-action",
+            "reject",
+            "--anonymize-ips",
+            "false",
+        ])
+        .expect("parse");
+        assert_eq!(s.trusted_proxies.len(), 2);
+        assert_eq!(s.policy.policy().tokens_per_day, None);
+        assert_eq!(s.policy.policy().pii_action, PiiAction::Reject);
+        assert!(!s.anonymize_ips);
+        assert!(
+            ApiSettings::parse_from(["x"]).is_err(),
+            "tokenizer is required"
+        );
     }
 }

@@ -5,13 +5,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_guard::{Guard, Rules};
 use sluice_shared::Keyspace;
 use sluice_shared::amqp::{Publisher, QueueSettings};
+use sluice_shared::chat::ChatCodec;
 use sluice_shared::redis_pool::create_pool;
 use sluice_shared::store::JobStore;
+use sluice_shared::tenant::TenantStore;
 use tokio::net::TcpListener;
 
 use crate::auth::ApiKeys;
+use crate::jwt::JwtVerifier;
 use crate::routes::router;
 use crate::settings::ApiSettings;
 use crate::state::AppState;
@@ -78,6 +82,13 @@ impl Application {
 pub fn build_state(settings: &ApiSettings) -> anyhow::Result<AppState> {
     let ks = Keyspace::new(settings.common.namespace.clone());
     let pool = create_pool(&settings.common.redis_url, 64)?;
+    let codec = ChatCodec::load(&settings.tokenizer)
+        .map_err(|e| anyhow::anyhow!("tokenizer {}: {e}", settings.tokenizer.display()))?;
+    let extra_rules = match &settings.injection_rules {
+        Some(path) => Some(Rules::from_toml(&std::fs::read_to_string(path)?)?),
+        None => None,
+    };
+    let jwt = JwtVerifier::from_settings(&settings.jwt)?.map(Arc::new);
     let publisher = Publisher::new(
         settings.common.amqp_url.clone(),
         ks.clone(),
@@ -87,8 +98,18 @@ pub fn build_state(settings: &ApiSettings) -> anyhow::Result<AppState> {
     Ok(AppState {
         store: JobStore::new(pool.clone(), ks.clone(), settings.result_ttl_secs),
         publisher: Arc::new(publisher),
-        keys: ApiKeys::new(pool, ks),
+        keys: ApiKeys::new(pool.clone(), ks.clone()),
+        tenants: TenantStore::new(pool, ks, settings.policy.policy()),
+        jwt,
+        guard: Arc::new(Guard::with_builtin(extra_rules)),
+        codec: Arc::new(codec),
         limits: Arc::new(Limits::from_settings(settings)),
+        ip_limits: (
+            (settings.ip_requests_per_second > 0).then_some(settings.ip_requests_per_second),
+            (settings.ip_requests_per_minute > 0).then_some(settings.ip_requests_per_minute),
+        ),
+        trusted_proxies: Arc::new(settings.trusted_proxies.clone()),
+        anonymize_ips: settings.anonymize_ips,
     })
 }
 

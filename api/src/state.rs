@@ -2,10 +2,15 @@
 
 use std::sync::Arc;
 
+use sluice_guard::Guard;
 use sluice_shared::amqp::Publisher;
+use sluice_shared::chat::ChatCodec;
 use sluice_shared::store::JobStore;
+use sluice_shared::tenant::TenantStore;
 
 use crate::auth::ApiKeys;
+use crate::client_ip::Cidr;
+use crate::jwt::JwtVerifier;
 use crate::validate::Limits;
 
 #[derive(Clone)]
@@ -13,5 +18,14 @@ pub struct AppState {
     pub store: JobStore,
     pub publisher: Arc<Publisher>,
     pub keys: ApiKeys,
+    pub tenants: TenantStore,
+    pub jwt: Option<Arc<JwtVerifier>>,
+    pub guard: Arc<Guard>,
+    /// The served model's tokenizer and chat template.
+    pub codec: Arc<ChatCodec>,
     pub limits: Arc<Limits>,
+    /// Per-IP requests per second and per minute (`None` = unlimited).
+    pub ip_limits: (Option<u32>, Option<u32>),
+    pub trusted_proxies: Arc<Vec<Cidr>>,
+    pub anonymize_ips: bool,
 }

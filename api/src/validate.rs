@@ -13,6 +13,7 @@ use crate::settings::ApiSettings;
 pub struct Limits {
     pub max_tokens_limit: u32,
     pub max_messages: usize,
+    pub max_message_chars: usize,
     pub default_timeout: Duration,
     pub max_timeout: Duration,
 }
@@ -22,6 +23,7 @@ impl Limits {
         Self {
             max_tokens_limit: s.max_tokens_limit,
             max_messages: s.max_messages,
+            max_message_chars: s.max_message_chars,
             default_timeout: Duration::from_secs(s.job_timeout_secs),
             max_timeout: Duration::from_secs(s.max_job_timeout_secs),
         }
@@ -152,6 +154,7 @@ mod tests {
         Limits {
             max_tokens_limit: 8192,
             max_messages: 4,
+            max_message_chars: 1000,
             default_timeout: Duration::from_secs(600),
             max_timeout: Duration::from_secs(3600),
         }

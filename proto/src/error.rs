@@ -20,6 +20,12 @@ pub enum ErrorCode {
     ContextLengthExceeded,
     /// The content type is not `application/json`.
     UnsupportedMediaType,
+    /// The input guard found a prompt-injection attempt and the tenant blocks them.
+    PromptInjectionDetected,
+    /// The input holds personal data and the tenant rejects it.
+    PiiDetected,
+    /// A `system` message from a client whose tenant does not allow them.
+    SystemMessageNotAllowed,
     // Auth.
     /// Missing, malformed, unknown, expired or revoked credentials.
     Unauthorized,
@@ -60,7 +66,12 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         use ErrorCode::*;
         match self {
-            InvalidJson | InvalidRequest | InvalidParameter => 400,
+            InvalidJson
+            | InvalidRequest
+            | InvalidParameter
+            | PromptInjectionDetected
+            | PiiDetected
+            | SystemMessageNotAllowed => 400,
             Unauthorized => 401,
             Forbidden => 403,
             NotFound => 404,
@@ -86,6 +97,9 @@ impl ErrorCode {
             PayloadTooLarge => "payload_too_large",
             ContextLengthExceeded => "context_length_exceeded",
             UnsupportedMediaType => "unsupported_media_type",
+            PromptInjectionDetected => "prompt_injection_detected",
+            PiiDetected => "pii_detected",
+            SystemMessageNotAllowed => "system_message_not_allowed",
             Unauthorized => "unauthorized",
             Forbidden => "forbidden",
             NotFound => "not_found",
@@ -139,6 +153,9 @@ mod tests {
         ErrorCode::PayloadTooLarge,
         ErrorCode::ContextLengthExceeded,
         ErrorCode::UnsupportedMediaType,
+        ErrorCode::PromptInjectionDetected,
+        ErrorCode::PiiDetected,
+        ErrorCode::SystemMessageNotAllowed,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
         ErrorCode::NotFound,

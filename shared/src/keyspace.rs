@@ -36,6 +36,31 @@ impl Keyspace {
         format!("{}:tenant:{tenant}:keys", self.ns)
     }
 
+    /// String: a tenant's policy overrides (JSON).
+    pub fn tenant_policy(&self, tenant: &str) -> String {
+        format!("{}:tenant:{tenant}:policy", self.ns)
+    }
+
+    /// Counter: a tenant's jobs queued plus running.
+    pub fn tenant_active(&self, tenant: &str) -> String {
+        format!("{}:tenant:{tenant}:active", self.ns)
+    }
+
+    /// Counter: tokens a tenant reserved or used in a UTC day (`YYYYMMDD`).
+    pub fn tenant_tokens_day(&self, tenant: &str, day: &str) -> String {
+        format!("{}:tenant:{tenant}:tokens:d:{day}", self.ns)
+    }
+
+    /// Counter: tokens a tenant reserved or used in a UTC month (`YYYYMM`).
+    pub fn tenant_tokens_month(&self, tenant: &str, month: &str) -> String {
+        format!("{}:tenant:{tenant}:tokens:m:{month}", self.ns)
+    }
+
+    /// GCRA state of one rate limit (`scope` is e.g. `key:<id>:s` or `ip:<addr>:m`).
+    pub fn rate_limit(&self, scope: &str) -> String {
+        format!("{}:rl:{scope}", self.ns)
+    }
+
     // AMQP.
 
     /// The direct exchange jobs are published to.

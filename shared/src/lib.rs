@@ -4,6 +4,8 @@
 //!   [`settings::Secret`] so URLs with passwords never print;
 //! - [`keyspace`]: every Redis key and AMQP name, derived from one namespace so tests and tenants
 //!   of a shared broker never collide;
+//! - [`chat`]: tokenizer + chat template ([`chat::ChatCodec`]), shared so the API counts tokens
+//!   exactly as the worker will;
 //! - [`amqp`]: connecting, the job topology (quorum queue, dead-letter exchange and queue) and a
 //!   confirming publisher that reconnects on its own;
 //! - [`store`]: the job record in Redis and its atomic state transitions (Lua scripts), the one
@@ -16,11 +18,14 @@
 //! [`store::JobStore::start`] and [`store::JobStore::finish`], and only then acks.
 
 pub mod amqp;
+pub mod chat;
 pub mod keyspace;
+pub mod ratelimit;
 pub mod redis_pool;
 pub mod settings;
 pub mod store;
 pub mod telemetry;
+pub mod tenant;
 
 pub use keyspace::Keyspace;
 pub use settings::{CommonSettings, Secret};

@@ -55,6 +55,47 @@ pub enum CancelOutcome {
     AlreadyFinished(JobStatus),
 }
 
+/// What admitting a job checks and reserves (from the tenant's policy).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// Tokens reserved: prompt tokens plus `max_tokens`.
+    pub reserve: u64,
+    pub max_active: Option<u32>,
+    pub tokens_per_day: Option<u64>,
+    pub tokens_per_month: Option<u64>,
+    /// Guard categories that fired under a `flag` action, recorded on the job.
+    pub flags: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaPeriod {
+    Day,
+    Month,
+}
+
+impl QuotaPeriod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaPeriod::Day => "day",
+            QuotaPeriod::Month => "month",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmitOutcome {
+    Admitted,
+    ConcurrencyLimited {
+        active: u64,
+        limit: u64,
+    },
+    QuotaExceeded {
+        period: QuotaPeriod,
+        used: u64,
+        limit: u64,
+    },
+}
+
 /// The terminal write of a job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Terminal {
@@ -63,9 +104,85 @@ pub struct Terminal {
     pub error: Option<ErrorBody>,
 }
 
+/// Settlement, shared by every script that moves a job into a terminal state: refunds the
+/// unused part of the token reservation to the day and month counters it came from and removes
+/// the job from the tenant's active set, exactly once (`settled` flips from 0 to 1).
+const SETTLE: &str = r#"
+local function settle(job, used)
+  if redis.call('HGET', job, 'settled') ~= '0' then return end
+  redis.call('HSET', job, 'settled', '1')
+  local refund = tonumber(redis.call('HGET', job, 'reserved') or '0') - used
+  if refund > 0 then
+    for _, field in ipairs({'qday', 'qmonth'}) do
+      local counter = redis.call('HGET', job, field)
+      if counter and redis.call('EXISTS', counter) == 1 then
+        redis.call('DECRBY', counter, refund)
+      end
+    end
+  end
+  local active = redis.call('HGET', job, 'active_key')
+  if active then redis.call('ZREM', active, redis.call('HGET', job, 'id') or '') end
+end
+"#;
+
+fn with_settle(body: &str) -> Script {
+    Script::new(&format!("{SETTLE}\n{body}"))
+}
+
+// KEYS[1] job, KEYS[2] tenant active set, KEYS[3] day counter, KEYS[4] month counter.
+// ARGV: now, max_active (-1 = unlimited), day limit, month limit, reserve, job ttl, then the
+// job's field/value pairs.
+static ADMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local now = tonumber(ARGV[1])
+-- Jobs past their deadline have stopped or will stop at their next token: they no longer
+-- count, even if their settlement was lost with a record that expired.
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local max_active = tonumber(ARGV[2])
+local active = redis.call('ZCARD', KEYS[2])
+if max_active >= 0 and active >= max_active then return {'concurrency', active, max_active} end
+local reserve = tonumber(ARGV[5])
+local limits = {tonumber(ARGV[3]), tonumber(ARGV[4])}
+local names = {'day', 'month'}
+for i = 1, 2 do
+  local used = tonumber(redis.call('GET', KEYS[2 + i]) or '0')
+  if limits[i] >= 0 and used + reserve > limits[i] then
+    return {'quota_' .. names[i], used, limits[i]}
+  end
+end
+local fields = {}
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline'))
+redis.call('ZADD', KEYS[2], deadline, redis.call('HGET', KEYS[1], 'id'))
+redis.call('INCRBY', KEYS[3], reserve)
+redis.call('EXPIRE', KEYS[3], 172800)
+redis.call('INCRBY', KEYS[4], reserve)
+redis.call('EXPIRE', KEYS[4], 3024000)
+redis.call('HSET', KEYS[1], 'reserved', reserve, 'qday', KEYS[3], 'qmonth', KEYS[4],
+  'active_key', KEYS[2], 'settled', '0')
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+return {'ok', 0, 0}
+"#,
+    )
+});
+
+// KEYS[1] job. Undoes an admission whose publish failed.
+static ROLLBACK: LazyLock<Script> = LazyLock::new(|| {
+    with_settle(
+        r#"
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+settle(KEYS[1], 0)
+redis.call('DEL', KEYS[1])
+return 1
+"#,
+    )
+});
+
 // KEYS[1] job; ARGV: now, max_attempts, worker
 static START: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_settle(
         r#"
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return {'missing', 0} end
@@ -73,6 +190,7 @@ if s ~= 'queued' and s ~= 'running' then return {s, 0} end
 local now = tonumber(ARGV[1])
 local function finish(status, code, msg)
   redis.call('HSET', KEYS[1], 'status', status, 'finished_at', ARGV[1])
+  settle(KEYS[1], 0)
   if code then
     redis.call('HSET', KEYS[1], 'error', cjson.encode({code = code, message = msg}))
   end
@@ -96,13 +214,14 @@ return {'running', attempts}
     )
 });
 
-// KEYS[1] job; ARGV: status, result json or '', error json or '', now, ttl seconds
+// KEYS[1] job; ARGV: status, result json or '', error json or '', now, ttl seconds, tokens used
 static FINISH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_settle(
         r#"
 local s = redis.call('HGET', KEYS[1], 'status')
 if s ~= 'queued' and s ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[4])
+settle(KEYS[1], tonumber(ARGV[6]))
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[2]) end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
@@ -113,13 +232,14 @@ return 1
 
 // KEYS[1] job; ARGV: tenant, now, ttl seconds
 static CANCEL: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_settle(
         r#"
 local t = redis.call('HGET', KEYS[1], 'tenant')
 if t ~= ARGV[1] then return 'missing' end
 local s = redis.call('HGET', KEYS[1], 'status')
 if s == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2], 'cancel_requested', '1')
+  settle(KEYS[1], 0)
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
   return 'cancelled'
 end
@@ -186,38 +306,72 @@ impl JobStore {
             .is_ok()
     }
 
-    /// Writes the record of a new job as `queued`. It lives until its deadline plus the result
-    /// TTL, so a job nobody ever runs still disappears.
-    pub async fn create(&self, job: &JobMessage) -> Result<(), StoreError> {
+    /// Admits a new job atomically: checks the tenant's active-job cap and token quotas,
+    /// reserves `admission.reserve` tokens on the day and month counters, adds the job to the
+    /// tenant's active set and writes its record as `queued`. A refusal changes nothing.
+    pub async fn admit(
+        &self,
+        job: &JobMessage,
+        admission: &Admission,
+    ) -> Result<AdmitOutcome, StoreError> {
         let mut conn = self.conn().await?;
         let key = self.ks.job(&job.id);
+        let (day, month) = crate::tenant::utc_day_and_month(job.created_at);
         let ttl = job.deadline.saturating_sub(job.created_at) / 1000 + self.result_ttl_secs;
-        redis::pipe()
-            .atomic()
-            .hset_multiple(
-                &key,
-                &[
-                    ("tenant", job.tenant.clone()),
-                    ("status", JobStatus::Queued.as_str().to_string()),
-                    ("created_at", job.created_at.to_string()),
-                    ("deadline", job.deadline.to_string()),
-                    ("attempts", "0".to_string()),
-                ],
-            )
-            .ignore()
-            .expire(&key, ttl as i64)
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await?;
-        Ok(())
+        let limit = |l: Option<u64>| l.map_or(-1, |v| v as i64);
+        let mut invocation = ADMIT.prepare_invoke();
+        invocation
+            .key(&key)
+            .key(self.ks.tenant_active(&job.tenant))
+            .key(self.ks.tenant_tokens_day(&job.tenant, &day))
+            .key(self.ks.tenant_tokens_month(&job.tenant, &month))
+            .arg(job.created_at)
+            .arg(limit(admission.max_active.map(u64::from)))
+            .arg(limit(admission.tokens_per_day))
+            .arg(limit(admission.tokens_per_month))
+            .arg(admission.reserve)
+            .arg(ttl);
+        let mut fields = vec![
+            ("id", job.id.to_string()),
+            ("tenant", job.tenant.clone()),
+            ("status", JobStatus::Queued.as_str().to_string()),
+            ("created_at", job.created_at.to_string()),
+            ("deadline", job.deadline.to_string()),
+            ("attempts", "0".to_string()),
+        ];
+        if !admission.flags.is_empty() {
+            fields.push(("flags", admission.flags.join(",")));
+        }
+        for (k, v) in &fields {
+            invocation.arg(*k).arg(v);
+        }
+        let (outcome, used, limit): (String, u64, u64) = invocation.invoke_async(&mut conn).await?;
+        Ok(match outcome.as_str() {
+            "ok" => AdmitOutcome::Admitted,
+            "concurrency" => AdmitOutcome::ConcurrencyLimited {
+                active: used,
+                limit,
+            },
+            "quota_day" => AdmitOutcome::QuotaExceeded {
+                period: QuotaPeriod::Day,
+                used,
+                limit,
+            },
+            _ => AdmitOutcome::QuotaExceeded {
+                period: QuotaPeriod::Month,
+                used,
+                limit,
+            },
+        })
     }
 
-    /// Removes a record whose publish failed, so nothing is left half-written.
-    pub async fn delete(&self, id: &Uuid) -> Result<(), StoreError> {
+    /// Undoes an admission whose publish failed: refunds the reservation, frees the active
+    /// slot and deletes the record, so nothing is left half-written.
+    pub async fn rollback(&self, id: &Uuid) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        redis::cmd("DEL")
-            .arg(self.ks.job(id))
-            .query_async::<()>(&mut conn)
+        ROLLBACK
+            .key(self.ks.job(id))
+            .invoke_async::<i64>(&mut conn)
             .await?;
         Ok(())
     }
@@ -293,6 +447,14 @@ impl JobStore {
     /// Writes the terminal state unless the job is terminal already. Returns whether this call
     /// wrote it: a job is never completed twice.
     pub async fn finish(&self, id: &Uuid, terminal: &Terminal) -> Result<bool, StoreError> {
+        // Tokens actually consumed: a job that generated pays for its prompt and output; a job
+        // that failed pays nothing.
+        let used = match (&terminal.result, terminal.status) {
+            (Some(r), JobStatus::Succeeded | JobStatus::Cancelled | JobStatus::Expired) => {
+                u64::from(r.usage.prompt_tokens) + u64::from(r.usage.completion_tokens)
+            }
+            _ => 0,
+        };
         let mut conn = self.conn().await?;
         let result = terminal
             .result
@@ -311,6 +473,7 @@ impl JobStore {
             .arg(error)
             .arg(sluice_proto::now_ms())
             .arg(self.result_ttl_secs)
+            .arg(used)
             .invoke_async(&mut conn)
             .await?;
         Ok(written == 1)

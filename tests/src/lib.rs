@@ -99,13 +99,20 @@ pub struct TestApp {
 }
 
 impl TestApp {
+    /// An API serving the tiny model's tokenizer.
     pub async fn spawn(ns: &str) -> Self {
         Self::spawn_with(ns, AMQP_URL).await
     }
 
     /// Spawns against the given broker (e.g. one that is not there).
     pub async fn spawn_with(ns: &str, amqp_url: &str) -> Self {
-        let args = vec![
+        Self::spawn_full(ns, tiny_model_dir(), amqp_url, &[]).await
+    }
+
+    /// Spawns for a given model's tokenizer, broker and extra flags.
+    pub async fn spawn_full(ns: &str, model: &Path, amqp_url: &str, extra: &[&str]) -> Self {
+        let tokenizer = model.to_str().expect("utf-8 path").to_string();
+        let mut args = vec![
             "sluice-api",
             "--addr",
             "127.0.0.1:0",
@@ -115,7 +122,10 @@ impl TestApp {
             REDIS_URL,
             "--amqp-url",
             amqp_url,
+            "--tokenizer",
+            &tokenizer,
         ];
+        args.extend_from_slice(extra);
         let settings = sluice_api::ApiSettings::parse_from(args).expect("settings");
         let app = sluice_api::Application::build(settings)
             .await
@@ -131,6 +141,44 @@ impl TestApp {
             http: reqwest::Client::new(),
             stop: Some(tx),
         }
+    }
+
+    /// Creates an admin key (for `/admin`).
+    pub async fn admin_key(&self) -> String {
+        let pool =
+            sluice_shared::redis_pool::create_pool(&Secret::new(REDIS_URL), 2).expect("pool");
+        ApiKeys::new(pool, Keyspace::new(self.ns.clone()))
+            .create("ops", "admin", Role::Admin, None)
+            .await
+            .expect("create key")
+            .secret
+    }
+
+    /// `PATCH /admin/tenants/{tenant}/limits` with an admin key; panics unless 200.
+    pub async fn set_limits(&self, admin: &str, tenant: &str, limits: Value) {
+        let r = self
+            .http
+            .patch(format!("{}/admin/tenants/{tenant}/limits", self.base))
+            .bearer_auth(admin)
+            .json(&limits)
+            .send()
+            .await
+            .expect("set limits");
+        let status = r.status().as_u16();
+        assert_eq!(status, 200, "{}", r.text().await.unwrap_or_default());
+    }
+
+    /// `GET /v1/usage`.
+    pub async fn usage(&self, key: &str) -> Value {
+        self.http
+            .get(format!("{}/v1/usage", self.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("usage")
+            .json()
+            .await
+            .expect("usage json")
     }
 
     /// Creates an API key for `tenant` straight in Redis (as `sluice-api keys create` does).
@@ -379,6 +427,29 @@ impl Backends {
             .query_async(&mut self.redis)
             .await
             .expect("keys")
+    }
+
+    /// Takes one message off a queue (acked), if any.
+    pub async fn get_one(&self, queue: &str) -> Option<Vec<u8>> {
+        self.channel
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic.get")
+            .map(|m| m.delivery.data)
+    }
+
+    /// One field of a job record.
+    pub async fn job_field(&self, id: &str, field: &str) -> Option<String> {
+        let mut conn = self.redis.clone();
+        redis::cmd("HGET")
+            .arg(format!("{}:job:{id}", self.ks.namespace()))
+            .arg(field)
+            .query_async(&mut conn)
+            .await
+            .expect("hget")
     }
 
     pub async fn publish_raw(&self, payload: &[u8]) {

@@ -36,6 +36,8 @@ pub struct JobRunner {
     pub max_attempts: u32,
     pub max_tokens_limit: u32,
     pub cancel_poll: Duration,
+    /// Run the PII redactor over generated text before it is stored.
+    pub redact_output: bool,
     /// Flips to `true` when in-flight jobs must be given back (shutdown grace expired).
     pub preempt: watch::Receiver<bool>,
 }
@@ -123,7 +125,12 @@ impl JobRunner {
         watchers.abort();
 
         let terminal = match result {
-            Ok(generation) => succeeded(&job, started_ms, generation),
+            Ok(mut generation) => {
+                if self.redact_output {
+                    generation.content = sluice_guard::pii::redact(&generation.content);
+                }
+                succeeded(&job, started_ms, generation)
+            }
             Err(EngineError::Generate(GenerateError::Preempted)) => {
                 tracing::info!("job given back to the queue unfinished");
                 if let Err(e) = self.store.release(&job.id).await {

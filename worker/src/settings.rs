@@ -109,6 +109,10 @@ pub struct WorkerSettings {
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
 
+    /// Redact personal data and secrets from generated text before it is stored.
+    #[arg(long, env = "SLUICE_REDACT_OUTPUT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub redact_output: bool,
+
     /// This worker's id in job records and logs (default: host, pid and a random suffix).
     #[arg(long, env = "SLUICE_WORKER_ID")]
     pub worker_id: Option<String>,

@@ -68,6 +68,7 @@ impl Worker {
             max_attempts: settings.common.max_attempts,
             max_tokens_limit: settings.max_tokens_limit,
             cancel_poll: Duration::from_millis(settings.cancel_poll_ms.max(10)),
+            redact_output: settings.redact_output,
             preempt: preempt_rx,
         };
         Ok(Self {

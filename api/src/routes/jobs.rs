@@ -3,14 +3,17 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use sluice_proto::{ErrorCode, JOB_MESSAGE_VERSION, JobMessage, TraceContext};
+use sluice_proto::{ErrorCode, TraceContext};
 use sluice_shared::store::CancelOutcome;
 use uuid::Uuid;
 
+use crate::audit::AuditContext;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -21,6 +24,7 @@ use crate::validate::{parse_body, validate};
 pub async fn submit(
     principal: Principal,
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -35,33 +39,16 @@ pub async fn submit(
         }
     })?;
     let job = validate(parse_body(&body)?, &state.limits)?;
-
-    let id = Uuid::now_v7();
-    tracing::Span::current().record("job_id", tracing::field::display(id));
-    let created_at = sluice_proto::now_ms();
-    let message = JobMessage {
-        v: JOB_MESSAGE_VERSION,
-        id,
-        tenant: principal.tenant,
-        session_id: job.session_id,
-        messages: job.messages,
-        params: job.params,
-        created_at,
-        deadline: created_at + job.timeout.as_millis() as u64,
-        attempt: 1,
-        trace: trace_context(&headers),
+    let ctx = AuditContext {
+        tenant: Some(principal.tenant.clone()),
+        key_id: Some(principal.key_id.clone()),
+        ip: Some(crate::client_ip::client_ip(
+            peer,
+            &headers,
+            &state.trusted_proxies,
+        )),
     };
-
-    // Record first, then publish: a worker that gets the message always finds the record.
-    state.store.create(&message).await?;
-    if let Err(publish_error) = state.publisher.publish_job(&message).await {
-        // Not enqueued: remove the record so no job is left that will never run.
-        if let Err(e) = state.store.delete(&id).await {
-            tracing::error!(error = %e, "could not roll back the record of an unpublished job");
-        }
-        return Err(publish_error.into());
-    }
-    tracing::info!("job accepted");
+    let id = crate::submit::submit(&state, principal, ctx, job, &headers).await?;
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/v1/jobs/{id}"))],
@@ -111,7 +98,7 @@ pub async fn cancel(
 }
 
 /// Continues the caller's W3C trace when it sent a valid `traceparent`, else starts one.
-fn trace_context(headers: &HeaderMap) -> TraceContext {
+pub fn trace_context(headers: &HeaderMap) -> TraceContext {
     let incoming = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())

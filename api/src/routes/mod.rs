@@ -1,7 +1,10 @@
-//! The HTTP routes: one file per resource.
+//! The HTTP routes: one file per resource. Every route but `/healthz` and `/readyz` requires
+//! credentials; `/admin` requires the admin role.
 
+pub mod admin;
 pub mod health;
 pub mod jobs;
+pub mod usage;
 
 use axum::Router;
 use axum::routing::get;
@@ -18,6 +21,17 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/v1/jobs", axum::routing::post(jobs::submit))
         .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
+        .route("/v1/usage", get(usage::usage))
+        .route("/admin/keys", get(admin::list_keys).post(admin::create_key))
+        .route(
+            "/admin/keys/{key_id}",
+            axum::routing::delete(admin::revoke_key),
+        )
+        .route("/admin/tenants/{tenant}", get(admin::tenant))
+        .route(
+            "/admin/tenants/{tenant}/limits",
+            axum::routing::patch(admin::set_limits),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit_bytes))

@@ -2,33 +2,28 @@
 //!
 //! - [`source`]: where a model comes from (a `.gguf` file, a safetensors directory, or a hub id
 //!   downloaded with `hf-hub`);
-//! - [`template`]: the chat template, rendered with minijinja;
 //! - [`requant`]: Q5 GGUF tensors re-quantised to Q8_0 at load for candle's SIMD CPU kernels;
-//! - [`prompt`]: special-token-safe tokenization of a conversation;
 //! - [`tiny`]: a deterministic random-weight Qwen2 for fast tests (not a real model).
 //!
-//! [`LoadedModel`] owns the weights, the KV cache (inside candle's models), the tokenizer and
-//! the template. It is used from one engine thread only; [`LoadedModel::reset`] empties the KV
-//! cache so no job sees another's context.
+//! [`LoadedModel`] owns the weights, the KV cache (inside candle's models) and the chat codec
+//! (`sluice_shared::chat`: tokenizer and template). It is used from one engine thread only;
+//! [`LoadedModel::reset`] empties the KV cache so no job sees another's context.
 
-pub mod prompt;
 pub mod requant;
 pub mod source;
-pub mod template;
 pub mod tiny;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
-use candle_core::quantized::tokenizer::TokenizerFromGguf;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{quantized_qwen2, qwen2};
 use sluice_proto::Message;
+use sluice_shared::chat::{ChatCodec, ChatError};
 use tokenizers::Tokenizer;
 
 pub use source::{LocalModel, ModelSource};
-use template::ChatTemplate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -44,9 +39,7 @@ pub enum ModelError {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error(transparent)]
-    Template(#[from] template::TemplateError),
-    #[error(transparent)]
-    Prompt(#[from] prompt::PromptError),
+    Chat(#[from] ChatError),
     #[error("model download: {0}")]
     Download(String),
 }
@@ -69,9 +62,7 @@ pub struct ModelInfo {
 
 pub struct LoadedModel {
     backend: Backend,
-    tokenizer: Tokenizer,
-    plain: Tokenizer,
-    template: ChatTemplate,
+    codec: ChatCodec,
     info: ModelInfo,
     device: Device,
 }
@@ -83,26 +74,26 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     }
 }
 
-/// The end-of-turn tokens Qwen models use, where the vocabulary has them.
-fn qwen_eos_ids(tokenizer: &Tokenizer, extra: Option<u32>) -> Vec<u32> {
-    let mut ids: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
-        .iter()
-        .filter_map(|t| tokenizer.token_to_id(t))
-        .collect();
-    if let Some(id) = extra
-        && !ids.contains(&id)
-    {
-        ids.push(id);
-    }
-    ids
-}
-
 impl LoadedModel {
     /// Loads a model resolved to local files.
     pub fn load(local: &LocalModel, device: &Device) -> Result<Self, ModelError> {
         match local {
             LocalModel::Gguf(path) => Self::load_gguf(path, device),
             LocalModel::Files(files) => Self::load_safetensors(files, device),
+        }
+    }
+
+    fn new(backend: Backend, codec: ChatCodec, device: &Device) -> Self {
+        let info = ModelInfo {
+            name: codec.name.clone(),
+            context_length: codec.context_length,
+            eos_token_ids: codec.eos_token_ids.clone(),
+        };
+        Self {
+            backend,
+            codec,
+            info,
+            device: device.clone(),
         }
     }
 
@@ -121,25 +112,7 @@ impl LoadedModel {
                 "architecture {arch:?} is not supported (qwen2 only)"
             )));
         }
-        let meta_str = |key: &str| {
-            content
-                .metadata
-                .get(key)
-                .and_then(|v| v.to_string().ok())
-                .cloned()
-        };
-        let meta_u32 = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
-        let name = meta_str("general.name").unwrap_or_else(|| path.display().to_string());
-        let context_length = meta_u32("qwen2.context_length").unwrap_or(32768) as usize;
-        let eos_from_meta = meta_u32("tokenizer.ggml.eos_token_id");
-        let template_source =
-            meta_str("tokenizer.chat_template").unwrap_or_else(|| template::CHATML.to_string());
-        let tokenizer = Tokenizer::from_gguf(&content)?;
-        let eos_token_ids = qwen_eos_ids(&tokenizer, eos_from_meta);
-        let eos_token = eos_from_meta
-            .and_then(|id| tokenizer.id_to_token(id))
-            .unwrap_or_default();
-        let template = ChatTemplate::new(template_source, String::new(), eos_token)?;
+        let codec = ChatCodec::from_gguf(&content, &path.display().to_string())?;
         let requantized = if device.is_cpu() {
             requant::q5_to_q8(&content, &mut file)?
         } else {
@@ -153,40 +126,19 @@ impl LoadedModel {
             }
             None => quantized_qwen2::ModelWeights::from_gguf(content, &mut file, device)?,
         };
-        Ok(Self {
-            backend: Backend::Gguf(weights),
-            plain: prompt::plain_twin(&tokenizer),
-            tokenizer,
-            template,
-            info: ModelInfo {
-                name,
-                context_length,
-                eos_token_ids,
-            },
-            device: device.clone(),
-        })
+        Ok(Self::new(Backend::Gguf(weights), codec, device))
     }
 
     fn load_safetensors(files: &source::ModelFiles, device: &Device) -> Result<Self, ModelError> {
-        let read = |p: &Path| std::fs::read_to_string(p).map_err(io_err(p));
-        let config: qwen2::Config = serde_json::from_str(&read(&files.config)?)
-            .map_err(|e| ModelError::Format(format!("config.json: {e}")))?;
-        let tokenizer = Tokenizer::from_file(&files.tokenizer)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let tokenizer_config: serde_json::Value = match &files.tokenizer_config {
-            Some(p) => serde_json::from_str(&read(p)?)
-                .map_err(|e| ModelError::Format(format!("tokenizer_config.json: {e}")))?,
-            None => serde_json::Value::Null,
-        };
-        let template_source = source::chat_template_of(&tokenizer_config)
-            .unwrap_or_else(|| template::CHATML.to_string());
-        let token_str = |key: &str| source::token_string_of(&tokenizer_config, key);
-        let eos_token = token_str("eos_token").unwrap_or_default();
-        let eos_extra = tokenizer.token_to_id(&eos_token);
-        let template = ChatTemplate::new(
-            template_source,
-            token_str("bos_token").unwrap_or_default(),
-            eos_token,
+        let config: qwen2::Config = serde_json::from_str(
+            &std::fs::read_to_string(&files.config).map_err(io_err(&files.config))?,
+        )
+        .map_err(|e| ModelError::Format(format!("config.json: {e}")))?;
+        let codec = ChatCodec::from_files(
+            &files.tokenizer,
+            files.tokenizer_config.as_deref(),
+            &files.config,
+            &files.name,
         )?;
         // GPUs run bf16; CPUs have no fast bf16 matmul in candle, so they compute in f32.
         let dtype = if device.is_cuda() {
@@ -200,18 +152,7 @@ impl LoadedModel {
         #[allow(unsafe_code)]
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device)? };
         let model = qwen2::ModelForCausalLM::new(&config, vb)?;
-        Ok(Self {
-            backend: Backend::Safetensors(model),
-            plain: prompt::plain_twin(&tokenizer),
-            info: ModelInfo {
-                name: files.name.clone(),
-                context_length: config.max_position_embeddings,
-                eos_token_ids: qwen_eos_ids(&tokenizer, eos_extra),
-            },
-            tokenizer,
-            template,
-            device: device.clone(),
-        })
+        Ok(Self::new(Backend::Safetensors(model), codec, device))
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -219,19 +160,13 @@ impl LoadedModel {
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+        self.codec.tokenizer()
     }
 
     /// Token ids of a conversation, ending with the assistant's turn opened.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>, ModelError> {
-        Ok(prompt::encode_chat(
-            &self.template,
-            &self.tokenizer,
-            &self.plain,
-            messages,
-        )?)
+        Ok(self.codec.encode_chat(messages)?)
     }
-
     /// Empties the KV cache. Called before and after every job.
     pub fn reset(&mut self) {
         match &mut self.backend {

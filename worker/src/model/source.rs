@@ -171,30 +171,6 @@ fn shards_of_index(text: &str) -> Result<Vec<String>, ModelError> {
         .collect())
 }
 
-/// `chat_template` of a `tokenizer_config.json`: a string, or a list of named templates of
-/// which `default` is used.
-pub fn chat_template_of(config: &serde_json::Value) -> Option<String> {
-    match config.get("chat_template")? {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Array(list) => list
-            .iter()
-            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-            .and_then(|t| t.get("template"))
-            .and_then(|t| t.as_str())
-            .map(str::to_string),
-        _ => None,
-    }
-}
-
-/// A special token of a `tokenizer_config.json`: a string or `{"content": ...}`.
-pub fn token_string_of(config: &serde_json::Value, key: &str) -> Option<String> {
-    match config.get(key)? {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,18 +198,7 @@ mod tests {
     }
 
     #[test]
-    fn reads_tokenizer_config_fields() {
-        let c: serde_json::Value = serde_json::json!({
-            "chat_template": [{"name": "tool_use", "template": "a"}, {"name": "default", "template": "b"}],
-            "eos_token": {"content": "<|im_end|>"},
-            "bos_token": null
-        });
-        assert_eq!(chat_template_of(&c).as_deref(), Some("b"));
-        assert_eq!(
-            token_string_of(&c, "eos_token").as_deref(),
-            Some("<|im_end|>")
-        );
-        assert_eq!(token_string_of(&c, "bos_token"), None);
+    fn reads_the_shard_index() {
         assert_eq!(
             shards_of_index(r#"{"weight_map":{"a":"m-1.safetensors","b":"m-2.safetensors"}}"#)
                 .expect("index")

@@ -1,0 +1,229 @@
+//! The submit path after validation: guard, count tokens, admit (quota and concurrency, in
+//! Redis), publish. Every rejection happens before anything is written; a failed publish
+//! rolls the admission back.
+
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+use sluice_guard::pipeline::{Action, BlockReason};
+use sluice_guard::{Guard, GuardConfig};
+use sluice_proto::{ErrorCode, JOB_MESSAGE_VERSION, JobMessage, Message, Role};
+use sluice_shared::chat::ChatCodec;
+use sluice_shared::store::{Admission, AdmitOutcome};
+use uuid::Uuid;
+
+use crate::audit::{self, AuditContext};
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::validate::ValidatedJob;
+
+/// Messages after the guard, with their token count.
+struct Guarded {
+    messages: Vec<Message>,
+    prompt_tokens: usize,
+    flags: Vec<String>,
+}
+
+/// Guard stages over every message, then the exact prompt token count. CPU work: runs on the
+/// blocking pool.
+fn guard_and_count(
+    guard: &Guard,
+    codec: &ChatCodec,
+    config: &GuardConfig,
+    allow_system: bool,
+    max_message_chars: usize,
+    messages: Vec<Message>,
+) -> Result<Guarded, (ApiError, &'static str)> {
+    let mut out = Vec::with_capacity(messages.len());
+    let mut flags: Vec<String> = Vec::new();
+    for message in messages {
+        if message.role == Role::System && !allow_system {
+            return Err((
+                ApiError::client(
+                    ErrorCode::SystemMessageNotAllowed,
+                    "this tenant may not send system messages",
+                ),
+                "system_message_not_allowed",
+            ));
+        }
+        if message.content.chars().count() > max_message_chars {
+            return Err((
+                ApiError::client(
+                    ErrorCode::PayloadTooLarge,
+                    format!("a message is longer than {max_message_chars} characters"),
+                ),
+                "message_too_long",
+            ));
+        }
+        let verdict = guard.check(&message.content, config);
+        match (verdict.action, verdict.reason) {
+            (Action::Block, Some(BlockReason::Pii)) => {
+                let kinds: Vec<String> = verdict
+                    .pii
+                    .iter()
+                    .map(|s| format!("{:?}", s.kind).to_lowercase())
+                    .collect();
+                return Err((
+                    ApiError::client(
+                        ErrorCode::PiiDetected,
+                        format!("the input contains personal data ({})", kinds.join(", ")),
+                    ),
+                    "pii_detected",
+                ));
+            }
+            (Action::Block, _) => {
+                let categories: Vec<String> = verdict
+                    .categories
+                    .iter()
+                    .map(|c| {
+                        serde_json::to_value(c)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                return Err((
+                    ApiError::client(
+                        ErrorCode::PromptInjectionDetected,
+                        format!(
+                            "the input looks like a prompt injection ({})",
+                            categories.join(", ")
+                        ),
+                    ),
+                    "prompt_injection_detected",
+                ));
+            }
+            (Action::Flag, _) => {
+                for c in &verdict.categories {
+                    let name = serde_json::to_value(c)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default();
+                    if !flags.contains(&name) {
+                        flags.push(name);
+                    }
+                }
+            }
+            (Action::Allow, _) => {}
+        }
+        out.push(Message {
+            role: message.role,
+            content: verdict.text,
+        });
+    }
+    let prompt_tokens = codec
+        .encode_chat(&out)
+        .map_err(|e| (ApiError::Internal(e.to_string()), "tokenizer_error"))?
+        .len();
+    Ok(Guarded {
+        messages: out,
+        prompt_tokens,
+        flags,
+    })
+}
+
+/// Runs a validated job through the guard, the context check and admission, then publishes
+/// it. Returns the new job's id.
+pub async fn submit(
+    state: &AppState,
+    principal: Principal,
+    ctx: AuditContext,
+    job: ValidatedJob,
+    headers: &HeaderMap,
+) -> Result<Uuid, ApiError> {
+    let policy = state.tenants.policy(&principal.tenant).await?;
+    let guard = Arc::clone(&state.guard);
+    let codec = Arc::clone(&state.codec);
+    let config = policy.guard_config();
+    let allow_system = policy.allow_system_messages;
+    let max_chars = state.limits.max_message_chars;
+    let messages = job.messages;
+    let guarded = tokio::task::spawn_blocking(move || {
+        guard_and_count(&guard, &codec, &config, allow_system, max_chars, messages)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let guarded = match guarded {
+        Ok(g) => g,
+        Err((error, reason)) => {
+            audit::record("rejected", reason, &ctx, state.anonymize_ips);
+            return Err(error);
+        }
+    };
+    if !guarded.flags.is_empty() {
+        audit::record(
+            "flagged",
+            &guarded.flags.join(","),
+            &ctx,
+            state.anonymize_ips,
+        );
+    }
+
+    let context = state.codec.context_length;
+    let max_tokens = job.params.max_tokens as usize;
+    if guarded.prompt_tokens + max_tokens > context {
+        return Err(ApiError::client(
+            ErrorCode::ContextLengthExceeded,
+            format!(
+                "the prompt has {} tokens and max_tokens is {max_tokens}; the model's context holds {context}",
+                guarded.prompt_tokens
+            ),
+        ));
+    }
+
+    let id = Uuid::now_v7();
+    tracing::Span::current().record("job_id", tracing::field::display(id));
+    let created_at = sluice_proto::now_ms();
+    let message = JobMessage {
+        v: JOB_MESSAGE_VERSION,
+        id,
+        tenant: principal.tenant.clone(),
+        session_id: job.session_id,
+        messages: guarded.messages,
+        params: job.params,
+        created_at,
+        deadline: created_at + job.timeout.as_millis() as u64,
+        attempt: 1,
+        trace: crate::routes::jobs::trace_context(headers),
+    };
+    let reserve = (guarded.prompt_tokens + max_tokens) as u64;
+    let admission = Admission {
+        reserve,
+        max_active: policy.max_active_jobs,
+        tokens_per_day: policy.tokens_per_day,
+        tokens_per_month: policy.tokens_per_month,
+        flags: guarded.flags,
+    };
+    match state.store.admit(&message, &admission).await? {
+        AdmitOutcome::Admitted => {}
+        AdmitOutcome::ConcurrencyLimited { active, limit } => {
+            audit::record("rejected", "concurrency_limited", &ctx, state.anonymize_ips);
+            return Err(ApiError::ConcurrencyLimited { active, limit });
+        }
+        AdmitOutcome::QuotaExceeded {
+            period,
+            used,
+            limit,
+        } => {
+            audit::record("rejected", "quota_exceeded", &ctx, state.anonymize_ips);
+            let monthly = period == sluice_shared::store::QuotaPeriod::Month;
+            return Err(ApiError::QuotaExceeded {
+                period: period.as_str(),
+                used,
+                limit,
+                reserve,
+                reset_secs: sluice_shared::tenant::seconds_until_reset(created_at, monthly),
+            });
+        }
+    }
+    if let Err(publish_error) = state.publisher.publish_job(&message).await {
+        // Not enqueued: refund, free the slot and delete the record.
+        if let Err(e) = state.store.rollback(&id).await {
+            tracing::error!(error = %e, "could not roll back the admission of an unpublished job");
+        }
+        return Err(publish_error.into());
+    }
+    tracing::info!(prompt_tokens = guarded.prompt_tokens, "job accepted");
+    Ok(id)
+}

@@ -1,0 +1,273 @@
+//! Per-tenant policy: limits, quotas and guard settings, stored in Redis and set by admins.
+//!
+//! A tenant's record holds only what an admin overrode; every other value comes from the API's
+//! defaults, so changing a default changes every tenant that did not override it.
+
+use deadpool_redis::Pool;
+use serde::{Deserialize, Serialize};
+use sluice_guard::pipeline::{GuardConfig, InjectionAction, PiiAction};
+
+use crate::keyspace::Keyspace;
+use crate::store::StoreError;
+
+/// Effective limits and guard settings of a tenant. `None` means unlimited.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantPolicy {
+    /// Requests per second per key (or JWT subject), with a burst of the same size.
+    pub requests_per_second: Option<u32>,
+    /// Requests per minute per key (or JWT subject), with a burst of the same size.
+    pub requests_per_minute: Option<u32>,
+    /// Tokens (prompt + max_tokens reserved, unused part refunded) per UTC day.
+    pub tokens_per_day: Option<u64>,
+    /// Tokens per UTC calendar month.
+    pub tokens_per_month: Option<u64>,
+    /// Jobs queued plus running at once.
+    pub max_active_jobs: Option<u32>,
+    /// Whether clients of this tenant may send `system` messages.
+    pub allow_system_messages: bool,
+    pub injection_action: InjectionAction,
+    pub injection_threshold: f32,
+    pub pii_action: PiiAction,
+}
+
+impl Default for TenantPolicy {
+    fn default() -> Self {
+        let guard = GuardConfig::default();
+        Self {
+            requests_per_second: Some(20),
+            requests_per_minute: Some(600),
+            tokens_per_day: Some(2_000_000),
+            tokens_per_month: Some(40_000_000),
+            max_active_jobs: Some(64),
+            allow_system_messages: true,
+            injection_action: guard.injection_action,
+            injection_threshold: guard.injection_threshold,
+            pii_action: guard.pii_action,
+        }
+    }
+}
+
+impl TenantPolicy {
+    pub fn guard_config(&self) -> GuardConfig {
+        GuardConfig {
+            injection_action: self.injection_action,
+            injection_threshold: self.injection_threshold,
+            pii_action: self.pii_action,
+        }
+    }
+
+    /// Applies an admin's overrides (a JSON object of some fields; `null` means unlimited).
+    pub fn merged(&self, overrides: &serde_json::Value) -> Result<Self, String> {
+        let mut base = serde_json::to_value(self).map_err(|e| e.to_string())?;
+        let (Some(base_map), Some(over)) = (base.as_object_mut(), overrides.as_object()) else {
+            return Err("policy overrides must be a JSON object".into());
+        };
+        for (k, v) in over {
+            if !base_map.contains_key(k) {
+                return Err(format!("unknown policy field {k:?}"));
+            }
+            base_map.insert(k.clone(), v.clone());
+        }
+        let merged: Self = serde_json::from_value(base).map_err(|e| e.to_string())?;
+        if !(0.0..=1.0).contains(&merged.injection_threshold) {
+            return Err("injection_threshold must be between 0 and 1".into());
+        }
+        Ok(merged)
+    }
+}
+
+/// Tenant policies in Redis.
+#[derive(Clone)]
+pub struct TenantStore {
+    pool: Pool,
+    ks: Keyspace,
+    defaults: TenantPolicy,
+}
+
+impl TenantStore {
+    pub fn new(pool: Pool, ks: Keyspace, defaults: TenantPolicy) -> Self {
+        Self { pool, ks, defaults }
+    }
+
+    pub fn defaults(&self) -> &TenantPolicy {
+        &self.defaults
+    }
+
+    async fn overrides(&self, tenant: &str) -> Result<serde_json::Value, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(self.ks.tenant_policy(tenant))
+            .query_async(&mut conn)
+            .await?;
+        Ok(raw
+            .and_then(|r| serde_json::from_str(&r).ok())
+            .unwrap_or_else(|| serde_json::json!({})))
+    }
+
+    /// The effective policy: defaults with the tenant's overrides applied.
+    pub async fn policy(&self, tenant: &str) -> Result<TenantPolicy, StoreError> {
+        let overrides = self.overrides(tenant).await?;
+        // Overrides were validated when stored; a record that no longer parses (a field
+        // removed in a newer version) falls back to the defaults rather than failing requests.
+        Ok(self
+            .defaults
+            .merged(&overrides)
+            .unwrap_or_else(|_| self.defaults.clone()))
+    }
+
+    /// Merges `changes` into the tenant's overrides after validating them; returns the new
+    /// effective policy.
+    pub async fn update(
+        &self,
+        tenant: &str,
+        changes: &serde_json::Value,
+    ) -> Result<Result<TenantPolicy, String>, StoreError> {
+        let mut overrides = self.overrides(tenant).await?;
+        let (Some(o), Some(c)) = (overrides.as_object_mut(), changes.as_object()) else {
+            return Ok(Err("policy changes must be a JSON object".into()));
+        };
+        for (k, v) in c {
+            o.insert(k.clone(), v.clone());
+        }
+        let policy = match self.defaults.merged(&overrides) {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut conn = self.pool.get().await?;
+        redis::cmd("SET")
+            .arg(self.ks.tenant_policy(tenant))
+            .arg(overrides.to_string())
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(Ok(policy))
+    }
+}
+
+/// A tenant's consumption now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TenantUsage {
+    /// Tokens reserved or used today (UTC); reservations of running jobs count until settled.
+    pub tokens_today: u64,
+    pub tokens_this_month: u64,
+    /// Jobs queued or running.
+    pub active_jobs: u64,
+}
+
+impl TenantStore {
+    pub async fn usage(&self, tenant: &str) -> Result<TenantUsage, StoreError> {
+        let now = sluice_proto::now_ms();
+        let (day, month) = utc_day_and_month(now);
+        let mut conn = self.pool.get().await?;
+        let (today, this_month, active): (Option<i64>, Option<i64>, u64) = redis::pipe()
+            .get(self.ks.tenant_tokens_day(tenant, &day))
+            .get(self.ks.tenant_tokens_month(tenant, &month))
+            .zcount(self.ks.tenant_active(tenant), now, "+inf")
+            .query_async(&mut conn)
+            .await?;
+        Ok(TenantUsage {
+            tokens_today: today.unwrap_or(0).max(0) as u64,
+            tokens_this_month: this_month.unwrap_or(0).max(0) as u64,
+            active_jobs: active,
+        })
+    }
+}
+
+/// UTC calendar day `YYYYMMDD` and month `YYYYMM` of a Unix time in milliseconds.
+pub fn utc_day_and_month(ms: u64) -> (String, String) {
+    // Howard Hinnant's civil-from-days.
+    let days = (ms / 86_400_000) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (format!("{y:04}{m:02}{d:02}"), format!("{y:04}{m:02}"))
+}
+
+/// Days since the epoch of a civil date (Howard Hinnant's days-from-civil).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Seconds from `now_ms` until the next UTC day (`monthly == false`) or month starts.
+pub fn seconds_until_reset(now_ms: u64, monthly: bool) -> u64 {
+    let now_s = now_ms / 1000;
+    let next_start_days = if monthly {
+        let (_, month) = utc_day_and_month(now_ms);
+        let y: i64 = month[..4].parse().unwrap_or(1970);
+        let m: i64 = month[4..].parse().unwrap_or(1);
+        let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+        days_from_civil(y, m, 1)
+    } else {
+        (now_s / 86_400) as i64 + 1
+    };
+    (next_start_days.max(0) as u64 * 86_400).saturating_sub(now_s)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn resets() {
+        // 2026-11-30T23:00:00Z: an hour to the next day and to the next month.
+        let t = 1_796_079_600_000;
+        assert_eq!(utc_day_and_month(t).0, "20261130");
+        assert_eq!(seconds_until_reset(t, false), 3600);
+        assert_eq!(seconds_until_reset(t, true), 3600);
+        // 2026-12-31T00:00:00Z → 2027-01-01.
+        let t = 1_798_675_200_000;
+        assert_eq!(utc_day_and_month(t).0, "20261231");
+        assert_eq!(seconds_until_reset(t, true), 86_400);
+    }
+
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(utc_day_and_month(0), ("19700101".into(), "197001".into()));
+        // 2024-02-29T12:00:00Z
+        assert_eq!(
+            utc_day_and_month(1_709_208_000_000),
+            ("20240229".into(), "202402".into())
+        );
+        // 2026-12-31T23:59:59Z
+        assert_eq!(
+            utc_day_and_month(1_798_761_599_000),
+            ("20261231".into(), "202612".into())
+        );
+    }
+
+    #[test]
+    fn overrides_merge_and_validate() {
+        let d = TenantPolicy::default();
+        let p = d
+            .merged(&serde_json::json!({"tokens_per_day": 10, "max_active_jobs": null}))
+            .expect("valid");
+        assert_eq!(p.tokens_per_day, Some(10));
+        assert_eq!(p.max_active_jobs, None);
+        assert!(d.merged(&serde_json::json!({"nope": 1})).is_err());
+        assert!(
+            d.merged(&serde_json::json!({"tokens_per_day": "x"}))
+                .is_err()
+        );
+        assert!(
+            d.merged(&serde_json::json!({"injection_threshold": 3}))
+                .is_err()
+        );
+        assert!(
+            d.merged(&serde_json::json!({"pii_action": "reject"}))
+                .expect("valid")
+                .pii_action
+                == PiiAction::Reject
+        );
+    }
+}
