@@ -144,6 +144,14 @@ impl JobRunner {
                     format!("the prompt has {prompt} tokens; the model's context holds {context}"),
                 ))
             }
+            Err(EngineError::Generate(GenerateError::TooLarge { tokens, budget })) => {
+                failed(ErrorBody::new(
+                    ErrorCode::JobTooLarge,
+                    format!(
+                        "the job needs up to {tokens} KV cache tokens; this worker holds {budget}"
+                    ),
+                ))
+            }
             Err(EngineError::Generate(GenerateError::Model(e))) => {
                 tracing::error!(error = %e, "generation failed");
                 failed(ErrorBody::new(

@@ -1,20 +1,52 @@
-//! The engine: one dedicated OS thread owns the model and runs jobs sent over a channel.
+//! The engine: one dedicated OS thread owns the model and runs every admitted job in one
+//! continuous batch.
 //!
 //! Async code talks to it through a cloneable [`EngineHandle`] and awaits a oneshot reply, so
-//! model compute never blocks the runtime. This engine runs one sequence at a time (capacity 1);
-//! the handle's interface is what a batching engine keeps.
+//! model compute never blocks the runtime. Each loop iteration:
+//! 1. takes new jobs off the channel (blocking only when idle);
+//! 2. admits waiting jobs while the batch has room (`max_batch`) and their worst-case KV use
+//!    (prompt + `max_tokens`, capped at the context) fits the KV token budget; a job that could
+//!    never fit fails at once with `job_too_large` instead of waiting forever;
+//! 3. prefills one chunk (`prefill_chunk` tokens) of one new sequence, so a long prompt never
+//!    stalls the running sequences for more than one chunk;
+//! 4. runs one batched decode step for every sequence that has a next token;
+//! 5. replies for the sequences that finished and drops their KV caches.
+
+use std::collections::VecDeque;
 
 use sluice_proto::JobMessage;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::generate::{GenerateError, Generation, JobControl, generate};
-use crate::model::{LoadedModel, ModelError, ModelInfo};
+use crate::generate::{GenerateError, Generation, JobControl, Sequence, Step};
+use crate::model::{LoadedModel, ModelInfo};
+
+/// Scheduling limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Sequences decoded together (and the worker's prefetch).
+    pub max_batch: usize,
+    /// KV cache tokens all admitted sequences may hold together (worst case).
+    pub kv_token_budget: usize,
+    /// Prompt tokens prefilled per loop iteration.
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 8,
+            kv_token_budget: 65_536,
+            prefill_chunk: 256,
+        }
+    }
+}
 
 struct EngineJob {
     job: JobMessage,
     control: JobControl,
     reply: oneshot::Sender<Result<Generation, GenerateError>>,
     span: tracing::Span,
+    prompt: Option<Vec<u32>>,
 }
 
 /// A handle to the engine thread.
@@ -22,6 +54,7 @@ struct EngineJob {
 pub struct EngineHandle {
     tx: mpsc::UnboundedSender<EngineJob>,
     info: ModelInfo,
+    config: EngineConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,13 +67,13 @@ pub enum EngineError {
 
 impl EngineHandle {
     /// Moves the model onto its own thread. The thread ends when every handle is dropped.
-    pub fn start(model: LoadedModel) -> std::io::Result<Self> {
+    pub fn start(model: LoadedModel, config: EngineConfig) -> std::io::Result<Self> {
         let info = model.info().clone();
         let (tx, rx) = mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("sluice-engine".into())
-            .spawn(move || engine_loop(model, rx))?;
-        Ok(Self { tx, info })
+            .spawn(move || engine_loop(&model, rx, config))?;
+        Ok(Self { tx, info, config })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -49,7 +82,7 @@ impl EngineHandle {
 
     /// How many jobs the engine runs at once (the worker's prefetch).
     pub fn capacity(&self) -> usize {
-        1
+        self.config.max_batch
     }
 
     /// Runs a job to completion on the engine thread.
@@ -65,46 +98,220 @@ impl EngineHandle {
                 control,
                 reply,
                 span: tracing::Span::current(),
+                prompt: None,
             })
             .map_err(|_| EngineError::Stopped)?;
         Ok(rx.await.map_err(|_| EngineError::Stopped)??)
     }
 }
 
-fn engine_loop(mut model: LoadedModel, mut rx: mpsc::UnboundedReceiver<EngineJob>) {
-    while let Some(work) = rx.blocking_recv() {
-        let _entered = work.span.enter();
-        if work.reply.is_closed() {
-            continue;
+struct Running<'m> {
+    seq: Sequence<'m>,
+    reply: oneshot::Sender<Result<Generation, GenerateError>>,
+    span: tracing::Span,
+    next: Option<u32>,
+    outcome: Option<Result<Step, GenerateError>>,
+}
+
+fn engine_loop(
+    model: &LoadedModel,
+    mut rx: mpsc::UnboundedReceiver<EngineJob>,
+    config: EngineConfig,
+) {
+    let mut waiting: VecDeque<EngineJob> = VecDeque::new();
+    let mut running: Vec<Running<'_>> = Vec::new();
+    loop {
+        if running.is_empty() && waiting.is_empty() {
+            match rx.blocking_recv() {
+                Some(work) => waiting.push_back(work),
+                None => return,
+            }
         }
-        let result = run_one(&mut model, &work.job, &work.control);
-        if let Ok(g) = &result {
-            tracing::info!(
-                prompt_tokens = g.prompt_tokens,
-                completion_tokens = g.completion_tokens,
-                finish_reason = ?g.finish_reason,
-                ttft_ms = g.time_to_first_token.as_millis() as u64,
-                generation_ms = g.total.as_millis() as u64,
-                decode_tokens_per_s = decode_rate(g),
-                "generation finished"
-            );
+        while let Ok(work) = rx.try_recv() {
+            waiting.push_back(work);
         }
-        let _ = work.reply.send(result);
+        admit(model, &config, &mut waiting, &mut running);
+        prefill_one_chunk(model, &config, &mut running);
+        decode_step(model, &mut running);
+        finish_done(&mut running);
     }
 }
 
-fn run_one(
-    model: &mut LoadedModel,
-    job: &JobMessage,
-    control: &JobControl,
-) -> Result<Generation, GenerateError> {
-    if control.preempt.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(GenerateError::Preempted);
+fn admit<'m>(
+    model: &'m LoadedModel,
+    config: &EngineConfig,
+    waiting: &mut VecDeque<EngineJob>,
+    running: &mut Vec<Running<'m>>,
+) {
+    let mut used: usize = running.iter().map(|r| r.seq.max_tokens_in_cache()).sum();
+    while running.len() < config.max_batch {
+        let Some(mut work) = waiting.pop_front() else {
+            return;
+        };
+        if work.reply.is_closed() {
+            continue;
+        }
+        let _entered = work.span.clone().entered();
+        let prompt = match work.prompt.take() {
+            Some(p) => p,
+            None => match model.encode_chat(&work.job.messages) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = work.reply.send(Err(GenerateError::Model(e)));
+                    continue;
+                }
+            },
+        };
+        let need =
+            (prompt.len() + work.job.params.max_tokens as usize).min(model.info().context_length);
+        if need > config.kv_token_budget {
+            let _ = work.reply.send(Err(GenerateError::TooLarge {
+                tokens: need,
+                budget: config.kv_token_budget,
+            }));
+            continue;
+        }
+        if used + need > config.kv_token_budget {
+            // Waits until running sequences free enough KV budget.
+            work.prompt = Some(prompt);
+            waiting.push_front(work);
+            return;
+        }
+        match Sequence::new(
+            model,
+            prompt,
+            work.job.params.clone(),
+            work.control.clone(),
+            config.prefill_chunk,
+        ) {
+            Ok(seq) => {
+                used += need;
+                running.push(Running {
+                    seq,
+                    reply: work.reply,
+                    span: work.span,
+                    next: None,
+                    outcome: None,
+                });
+            }
+            Err(e) => {
+                let _ = work.reply.send(Err(e));
+            }
+        }
     }
-    let prompt = model
-        .encode_chat(&job.messages)
-        .map_err(|e: ModelError| GenerateError::Model(e))?;
-    generate(model, &prompt, &job.params, control, &mut |_text| {})
+}
+
+fn prefill_one_chunk(model: &LoadedModel, config: &EngineConfig, running: &mut [Running<'_>]) {
+    let Some(r) = running
+        .iter_mut()
+        .find(|r| r.outcome.is_none() && r.seq.is_prefilling())
+    else {
+        return;
+    };
+    let _entered = r.span.clone().entered();
+    match r.seq.interrupted() {
+        Ok(None) => {}
+        Ok(Some(reason)) => {
+            r.outcome = Some(Ok(Step::Finished(reason)));
+            return;
+        }
+        Err(e) => {
+            r.outcome = Some(Err(e));
+            return;
+        }
+    }
+    let pending = r.seq.pending_prompt();
+    let chunk: Vec<u32> = pending[..pending.len().min(config.prefill_chunk)].to_vec();
+    match model.model().prefill(&chunk, &mut r.seq.cache) {
+        Ok(logits) => {
+            r.seq.mark_prefilled(chunk.len());
+            if !r.seq.is_prefilling() {
+                let step = r_step(&mut r.seq, &logits);
+                apply(r, step);
+            }
+        }
+        Err(e) => r.outcome = Some(Err(GenerateError::Model(e.into()))),
+    }
+}
+
+fn r_step(seq: &mut Sequence<'_>, logits: &candle_core::Tensor) -> Result<Step, GenerateError> {
+    seq.step(logits, &mut |_text| {})
+}
+
+fn apply(r: &mut Running<'_>, step: Result<Step, GenerateError>) {
+    match step {
+        Ok(Step::Continue(token)) => r.next = Some(token),
+        other => {
+            r.next = None;
+            r.outcome = Some(other);
+        }
+    }
+}
+
+fn decode_step(model: &LoadedModel, running: &mut [Running<'_>]) {
+    let mut batch: Vec<&mut Running<'_>> = running
+        .iter_mut()
+        .filter(|r| r.outcome.is_none() && r.next.is_some())
+        .collect();
+    if batch.is_empty() {
+        return;
+    }
+    let tokens: Vec<u32> = batch.iter().filter_map(|r| r.next).collect();
+    let result = {
+        let mut caches: Vec<&mut crate::qwen::SeqCache> =
+            batch.iter_mut().map(|r| &mut r.seq.cache).collect();
+        model.model().decode(&tokens, &mut caches)
+    };
+    match result {
+        Ok(logits) => {
+            for (i, r) in batch.iter_mut().enumerate() {
+                let step = logits
+                    .get(i)
+                    .map_err(|e| GenerateError::Model(e.into()))
+                    .and_then(|row| r_step(&mut r.seq, &row));
+                apply(r, step);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, batch = batch.len(), "decode step failed");
+            for r in batch {
+                r.outcome = Some(Err(GenerateError::Model(
+                    candle_core::Error::msg(e.to_string()).into(),
+                )));
+            }
+        }
+    }
+}
+
+fn finish_done(running: &mut Vec<Running<'_>>) {
+    let mut i = 0;
+    while i < running.len() {
+        if running[i].outcome.is_none() {
+            i += 1;
+            continue;
+        }
+        let r = running.swap_remove(i);
+        let _entered = r.span.clone().entered();
+        let result = match r.outcome {
+            Some(Ok(Step::Finished(reason))) => {
+                let g = r.seq.finish(reason, &mut |_text| {});
+                tracing::info!(
+                    prompt_tokens = g.prompt_tokens,
+                    completion_tokens = g.completion_tokens,
+                    finish_reason = ?g.finish_reason,
+                    ttft_ms = g.time_to_first_token.as_millis() as u64,
+                    generation_ms = g.total.as_millis() as u64,
+                    decode_tokens_per_s = decode_rate(&g),
+                    "generation finished"
+                );
+                Ok(g)
+            }
+            Some(Err(e)) => Err(e),
+            // A `Continue` never becomes an outcome.
+            Some(Ok(Step::Continue(_))) | None => continue,
+        };
+        let _ = r.reply.send(result);
+    }
 }
 
 /// Decode tokens per second after the first token (prefill excluded).

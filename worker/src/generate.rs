@@ -1,4 +1,5 @@
-//! One job's generation loop: prefill, then sample token by token until a stop condition.
+//! One job's generation state ([`Sequence`]): sampling, stop sequences, incremental UTF-8-safe
+//! detokenization, cancellation and the deadline, token by token.
 //!
 //! Runs on the engine thread, never on the async runtime. Between tokens it checks the job's
 //! cancel flag, its deadline and the worker's preemption flag, so a cancelled job stops at its
@@ -8,11 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use sluice_proto::{FinishReason, GenerationParams};
 use tokenizers::Tokenizer;
 
 use crate::model::{LoadedModel, ModelError};
+use crate::qwen::SeqCache;
 
 /// How many recent tokens the repetition penalty looks at.
 const REPEAT_LAST_N: usize = 64;
@@ -45,6 +48,8 @@ pub enum GenerateError {
     PromptTooLong { prompt: usize, context: usize },
     #[error("the worker gave the job back before finishing it")]
     Preempted,
+    #[error("the job needs up to {tokens} KV cache tokens; this worker's budget is {budget}")]
+    TooLarge { tokens: usize, budget: usize },
 }
 
 /// What a finished generation produced.
@@ -166,114 +171,168 @@ impl<'s> StopMatcher<'s> {
     }
 }
 
-/// Runs one job from an empty KV cache to a stop condition. `on_text` receives text as it
-/// becomes final (never part of a stop sequence, never half a character).
-pub fn generate(
-    model: &mut LoadedModel,
-    prompt: &[u32],
-    params: &GenerationParams,
-    control: &JobControl,
-    on_text: &mut dyn FnMut(&str),
-) -> Result<Generation, GenerateError> {
-    let started = Instant::now();
-    let context = model.info().context_length;
-    if prompt.is_empty() || prompt.len() >= context {
-        return Err(GenerateError::PromptTooLong {
-            prompt: prompt.len(),
-            context,
-        });
-    }
-    model.reset();
-    let result = run(model, prompt, params, control, on_text, started);
-    // Free this job's cache now rather than at the next job's start.
-    model.reset();
-    result
+/// What a sequence needs next after a token was sampled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Feed this token in the next decode step.
+    Continue(u32),
+    Finished(FinishReason),
 }
 
-fn run(
-    model: &mut LoadedModel,
-    prompt: &[u32],
-    params: &GenerationParams,
-    control: &JobControl,
-    on_text: &mut dyn FnMut(&str),
+/// One job's generation state: its own KV cache, sampler, detokenizer and stop matcher. The
+/// engine drives many of these through one model, one batched forward pass per step.
+pub struct Sequence<'m> {
+    pub params: GenerationParams,
+    pub control: JobControl,
+    pub cache: SeqCache,
+    prompt_len: usize,
+    /// Prompt tokens already prefilled.
+    prefilled: usize,
+    tokens: Vec<u32>,
+    decoder: TextDecoder<'m>,
+    sampler: LogitsProcessor,
+    eos: &'m [u32],
+    context: usize,
+    text: String,
+    released: usize,
+    completion: usize,
     started: Instant,
-) -> Result<Generation, GenerateError> {
-    let context = model.info().context_length;
-    let eos = model.info().eos_token_ids.clone();
-    let tokenizer = model.tokenizer().clone();
-    let mut decoder = TextDecoder::new(&tokenizer);
-    let stops = StopMatcher::new(&params.stop);
-    let mut logits_processor = sampler(params);
+    first_token_at: Option<Duration>,
+}
 
-    let mut tokens: Vec<u32> = prompt.to_vec();
-    let mut text = String::new();
-    let mut released = 0usize;
-    let mut completion = 0usize;
-    let mut first_token_at = None;
+impl<'m> Sequence<'m> {
+    /// A new sequence for `prompt`; fails if the prompt cannot fit the context.
+    pub fn new(
+        model: &'m LoadedModel,
+        prompt: Vec<u32>,
+        params: GenerationParams,
+        control: JobControl,
+        cache_chunk: usize,
+    ) -> Result<Self, GenerateError> {
+        let context = model.info().context_length;
+        if prompt.is_empty() || prompt.len() >= context {
+            return Err(GenerateError::PromptTooLong {
+                prompt: prompt.len(),
+                context,
+            });
+        }
+        Ok(Self {
+            sampler: sampler(&params),
+            params,
+            control,
+            cache: model.model().new_cache(cache_chunk),
+            prompt_len: prompt.len(),
+            prefilled: 0,
+            tokens: prompt,
+            decoder: TextDecoder::new(model.tokenizer()),
+            eos: &model.info().eos_token_ids,
+            context,
+            text: String::new(),
+            released: 0,
+            completion: 0,
+            started: Instant::now(),
+            first_token_at: None,
+        })
+    }
 
-    let finish = |reason: FinishReason,
-                  text: String,
-                  completion: usize,
-                  first: Option<Duration>| Generation {
-        content: text,
-        finish_reason: reason,
-        prompt_tokens: prompt.len(),
-        completion_tokens: completion,
-        time_to_first_token: first.unwrap_or_else(|| started.elapsed()),
-        total: started.elapsed(),
-    };
+    /// Prompt tokens not yet prefilled.
+    pub fn pending_prompt(&self) -> &[u32] {
+        &self.tokens[self.prefilled..self.prompt_len]
+    }
 
-    let mut logits = model.forward(prompt, 0)?;
-    let reason = loop {
-        if control.preempt.load(Ordering::Relaxed) {
+    pub fn mark_prefilled(&mut self, n: usize) {
+        self.prefilled += n;
+    }
+
+    pub fn is_prefilling(&self) -> bool {
+        self.prefilled < self.prompt_len
+    }
+
+    /// Tokens this sequence may hold in its cache at most (for the KV budget).
+    pub fn max_tokens_in_cache(&self) -> usize {
+        (self.prompt_len + self.params.max_tokens as usize).min(self.context)
+    }
+
+    /// Signals from outside, checked before every token.
+    pub fn interrupted(&self) -> Result<Option<FinishReason>, GenerateError> {
+        if self.control.preempt.load(Ordering::Relaxed) {
             return Err(GenerateError::Preempted);
         }
-        if control.cancel.load(Ordering::Relaxed) {
-            break FinishReason::Cancelled;
+        if self.control.cancel.load(Ordering::Relaxed) {
+            return Ok(Some(FinishReason::Cancelled));
         }
-        if Instant::now() >= control.deadline {
-            break FinishReason::Deadline;
+        if Instant::now() >= self.control.deadline {
+            return Ok(Some(FinishReason::Deadline));
         }
-        if params.repetition_penalty != 1.0 {
-            let start = tokens.len().saturating_sub(REPEAT_LAST_N);
-            logits = candle_transformers::utils::apply_repeat_penalty(
-                &logits,
-                params.repetition_penalty,
-                &tokens[start..],
-            )
-            .map_err(ModelError::from)?;
-        }
-        let next = logits_processor.sample(&logits).map_err(ModelError::from)?;
-        first_token_at.get_or_insert_with(|| started.elapsed());
-        if eos.contains(&next) && !params.ignore_eos {
-            break FinishReason::Stop;
-        }
-        tokens.push(next);
-        completion += 1;
-
-        let delta = decoder.push(next)?;
-        text.push_str(&delta);
-        if let Some(at) = stops.find(&text, delta.len()) {
-            text.truncate(at);
-            break FinishReason::Stop;
-        }
-        let safe = stops.safe_len(&text);
-        if safe > released {
-            on_text(&text[released..safe]);
-            released = safe;
-        }
-        if completion >= params.max_tokens as usize {
-            break FinishReason::Length;
-        }
-        if tokens.len() >= context {
-            break FinishReason::ContextLength;
-        }
-        logits = model.forward(&[next], tokens.len() - 1)?;
-    };
-    if text.len() > released {
-        on_text(&text[released..]);
+        Ok(None)
     }
-    Ok(finish(reason, text, completion, first_token_at))
+
+    /// Samples the next token from `logits` and applies every stop rule. `on_text` receives
+    /// text as it becomes final.
+    pub fn step(
+        &mut self,
+        logits: &Tensor,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Step, GenerateError> {
+        if let Some(reason) = self.interrupted()? {
+            return Ok(Step::Finished(reason));
+        }
+        let logits = if self.params.repetition_penalty != 1.0 {
+            let start = self.tokens.len().saturating_sub(REPEAT_LAST_N);
+            candle_transformers::utils::apply_repeat_penalty(
+                logits,
+                self.params.repetition_penalty,
+                &self.tokens[start..],
+            )
+            .map_err(ModelError::from)?
+        } else {
+            logits.clone()
+        };
+        let next = self.sampler.sample(&logits).map_err(ModelError::from)?;
+        let started = self.started;
+        self.first_token_at.get_or_insert_with(|| started.elapsed());
+        if self.eos.contains(&next) && !self.params.ignore_eos {
+            return Ok(Step::Finished(FinishReason::Stop));
+        }
+        self.tokens.push(next);
+        self.completion += 1;
+        let delta = self.decoder.push(next)?;
+        self.text.push_str(&delta);
+        let stops = StopMatcher::new(&self.params.stop);
+        if let Some(at) = stops.find(&self.text, delta.len()) {
+            self.text.truncate(at);
+            return Ok(Step::Finished(FinishReason::Stop));
+        }
+        let safe = stops.safe_len(&self.text);
+        if safe > self.released {
+            on_text(&self.text[self.released..safe]);
+            self.released = safe;
+        }
+        if self.completion >= self.params.max_tokens as usize {
+            return Ok(Step::Finished(FinishReason::Length));
+        }
+        if self.tokens.len() >= self.context {
+            return Ok(Step::Finished(FinishReason::ContextLength));
+        }
+        Ok(Step::Continue(next))
+    }
+
+    /// The result, releasing any text still held back.
+    pub fn finish(mut self, reason: FinishReason, on_text: &mut dyn FnMut(&str)) -> Generation {
+        if self.text.len() > self.released {
+            on_text(&self.text[self.released..]);
+        }
+        Generation {
+            content: std::mem::take(&mut self.text),
+            finish_reason: reason,
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.completion,
+            time_to_first_token: self
+                .first_token_at
+                .unwrap_or_else(|| self.started.elapsed()),
+            total: self.started.elapsed(),
+        }
+    }
 }
 
 #[cfg(test)]

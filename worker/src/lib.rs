@@ -17,6 +17,7 @@ pub mod consumer;
 pub mod engine;
 pub mod generate;
 pub mod model;
+pub mod qwen;
 pub mod settings;
 pub mod startup;
 

@@ -109,6 +109,19 @@ pub struct WorkerSettings {
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
 
+    /// Sequences decoded together in one batch (also the worker's prefetch).
+    #[arg(long, env = "SLUICE_MAX_BATCH_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub max_batch_size: u32,
+
+    /// KV cache tokens all running sequences may hold together (prompt + max_tokens each,
+    /// worst case); jobs wait for room, and a job that can never fit fails with `job_too_large`.
+    #[arg(long, env = "SLUICE_MAX_BATCH_TOTAL_TOKENS", default_value_t = 65_536)]
+    pub max_batch_total_tokens: usize,
+
+    /// Prompt tokens prefilled per scheduling step (bounds how long running sequences wait).
+    #[arg(long, env = "SLUICE_PREFILL_CHUNK", default_value_t = 256)]
+    pub prefill_chunk: usize,
+
     /// Redact personal data and secrets from generated text before it is stored.
     #[arg(long, env = "SLUICE_REDACT_OUTPUT", default_value_t = true, action = clap::ArgAction::Set)]
     pub redact_output: bool,

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::consumer::JobRunner;
-use crate::engine::EngineHandle;
+use crate::engine::{EngineConfig, EngineHandle};
 use crate::model::{LoadedModel, ModelSource};
 use crate::settings::{DeviceSpec, WorkerSettings};
 
@@ -49,7 +49,14 @@ impl Worker {
             load_ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
-        let engine = EngineHandle::start(model)?;
+        let engine = EngineHandle::start(
+            model,
+            EngineConfig {
+                max_batch: settings.max_batch_size as usize,
+                kv_token_budget: settings.max_batch_total_tokens,
+                prefill_chunk: settings.prefill_chunk.max(1),
+            },
+        )?;
         let ks = Keyspace::new(settings.common.namespace.clone());
         let pool = create_pool(&settings.common.redis_url, 16)?;
         let (preempt_tx, preempt_rx) = watch::channel(false);

@@ -5,9 +5,9 @@
 //! - [`requant`]: Q5 GGUF tensors re-quantised to Q8_0 at load for candle's SIMD CPU kernels;
 //! - [`tiny`]: a deterministic random-weight Qwen2 for fast tests (not a real model).
 //!
-//! [`LoadedModel`] owns the weights, the KV cache (inside candle's models) and the chat codec
-//! (`sluice_shared::chat`: tokenizer and template). It is used from one engine thread only;
-//! [`LoadedModel::reset`] empties the KV cache so no job sees another's context.
+//! [`LoadedModel`] owns the weights (Sluice's own batched forward pass, [`crate::qwen`]) and the
+//! chat codec (`sluice_shared::chat`: tokenizer and template). KV caches belong to sequences,
+//! not to the model, so no job can see another's context.
 
 pub mod requant;
 pub mod source;
@@ -16,13 +16,14 @@ pub mod tiny;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{quantized_qwen2, qwen2};
+use candle_transformers::models::qwen2;
 use sluice_proto::Message;
 use sluice_shared::chat::{ChatCodec, ChatError};
 use tokenizers::Tokenizer;
 
+use crate::qwen::Qwen2;
 pub use source::{LocalModel, ModelSource};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,11 +45,6 @@ pub enum ModelError {
     Download(String),
 }
 
-enum Backend {
-    Gguf(quantized_qwen2::ModelWeights),
-    Safetensors(qwen2::ModelForCausalLM),
-}
-
 /// What the rest of the worker needs to know about a loaded model.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -61,10 +57,9 @@ pub struct ModelInfo {
 }
 
 pub struct LoadedModel {
-    backend: Backend,
+    model: Qwen2,
     codec: ChatCodec,
     info: ModelInfo,
-    device: Device,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
@@ -83,18 +78,13 @@ impl LoadedModel {
         }
     }
 
-    fn new(backend: Backend, codec: ChatCodec, device: &Device) -> Self {
+    fn new(model: Qwen2, codec: ChatCodec) -> Self {
         let info = ModelInfo {
             name: codec.name.clone(),
-            context_length: codec.context_length,
+            context_length: codec.context_length.min(model.dims().context),
             eos_token_ids: codec.eos_token_ids.clone(),
         };
-        Self {
-            backend,
-            codec,
-            info,
-            device: device.clone(),
-        }
+        Self { model, codec, info }
     }
 
     fn load_gguf(path: &Path, device: &Device) -> Result<Self, ModelError> {
@@ -118,15 +108,15 @@ impl LoadedModel {
         } else {
             None
         };
-        let weights = match requantized {
+        let model = match requantized {
             Some(bytes) => {
                 let mut reader = std::io::Cursor::new(bytes);
                 let content = gguf_file::Content::read(&mut reader)?;
-                quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, device)?
+                Qwen2::from_gguf(&content, &mut reader, device)?
             }
-            None => quantized_qwen2::ModelWeights::from_gguf(content, &mut file, device)?,
+            None => Qwen2::from_gguf(&content, &mut file, device)?,
         };
-        Ok(Self::new(Backend::Gguf(weights), codec, device))
+        Ok(Self::new(model, codec))
     }
 
     fn load_safetensors(files: &source::ModelFiles, device: &Device) -> Result<Self, ModelError> {
@@ -151,8 +141,8 @@ impl LoadedModel {
         // what any inference server supports.
         #[allow(unsafe_code)]
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device)? };
-        let model = qwen2::ModelForCausalLM::new(&config, vb)?;
-        Ok(Self::new(Backend::Safetensors(model), codec, device))
+        let model = Qwen2::from_safetensors(&config, vb)?;
+        Ok(Self::new(model, codec))
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -167,22 +157,8 @@ impl LoadedModel {
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>, ModelError> {
         Ok(self.codec.encode_chat(messages)?)
     }
-    /// Empties the KV cache. Called before and after every job.
-    pub fn reset(&mut self) {
-        match &mut self.backend {
-            Backend::Gguf(m) => m.clear_kv_cache(),
-            Backend::Safetensors(m) => m.clear_kv_cache(),
-        }
-    }
-
-    /// Runs `tokens` at positions `position..`, extending the KV cache, and returns the logits
-    /// (f32, one per vocabulary entry) for the token after the last one.
-    pub fn forward(&mut self, tokens: &[u32], position: usize) -> Result<Tensor, ModelError> {
-        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        let logits = match &mut self.backend {
-            Backend::Gguf(m) => m.forward(&input, position)?,
-            Backend::Safetensors(m) => m.forward(&input, position)?,
-        };
-        Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
+    /// The network, shared by every sequence.
+    pub fn model(&self) -> &Qwen2 {
+        &self.model
     }
 }

@@ -1,0 +1,536 @@
+//! Sluice's own Qwen2 forward pass, written for continuous batching.
+//!
+//! candle-transformers' `qwen2` and `quantized_qwen2` keep one KV cache inside the model and
+//! share one position offset across the batch, so they cannot run sequences of different
+//! lengths in one pass. Here the weights are shared and immutable, and each sequence owns a
+//! [`SeqCache`] (one preallocated, growable K/V buffer per layer). A decode step runs the
+//! projections and MLPs of every active sequence as one batched matmul (the weights are read
+//! once per step, which is what makes batching pay), and attention per sequence against its
+//! own cache, at its own position.
+//!
+//! Weights come from a GGUF file (quantized matmuls) or safetensors (dense); the arithmetic is
+//! the same as the reference implementations, which the tests check.
+
+use candle_core::quantized::{QMatMul, gguf_file};
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
+
+/// A projection: quantized (GGUF) or dense (safetensors).
+#[derive(Debug, Clone)]
+enum Proj {
+    Quant(QMatMul),
+    Dense(candle_nn::Linear),
+}
+
+impl Proj {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Proj::Quant(q) => q.forward(x),
+            Proj::Dense(l) => l.forward(x),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    bq: Tensor,
+    bk: Tensor,
+    bv: Tensor,
+    o: Proj,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
+    attn_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+}
+
+/// The shapes of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub hidden: usize,
+    pub context: usize,
+}
+
+impl Dims {
+    /// Bytes of KV cache one token takes in one sequence.
+    pub fn kv_bytes_per_token(&self, dtype: DType) -> usize {
+        self.layers * 2 * self.kv_heads * self.head_dim * dtype.size_in_bytes()
+    }
+}
+
+/// One sequence's KV cache, one buffer pair per layer.
+#[derive(Debug, Clone)]
+pub struct SeqCache {
+    layers: Vec<KvCache>,
+    len: usize,
+}
+
+impl SeqCache {
+    /// Tokens cached so far (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Qwen2 weights, shared by every sequence.
+pub struct Qwen2 {
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Proj,
+    cos: Tensor,
+    sin: Tensor,
+    dims: Dims,
+    dtype: DType,
+    device: Device,
+}
+
+fn rope_tables(
+    head_dim: usize,
+    theta: f64,
+    context: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let inv: Vec<f32> = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1f32 / theta.powf(i as f64 / head_dim as f64) as f32)
+        .collect();
+    let n = inv.len();
+    let inv = Tensor::from_vec(inv, (1, n), device)?;
+    let t = Tensor::arange(0u32, context as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((context, 1))?;
+    let freqs = t.matmul(&inv)?;
+    Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+}
+
+/// Keys and values repeated so every query head has its own (grouped-query attention).
+fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, n_kv, t, d) = x.dims4()?;
+    Tensor::cat(&vec![&x; n_rep], 2)?.reshape((b, n_kv * n_rep, t, d))
+}
+
+impl Qwen2 {
+    /// From a GGUF file's content (Qwen2 architecture).
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+    ) -> Result<Self> {
+        let md_u32 = |k: &str| -> Result<usize> {
+            content
+                .metadata
+                .get(k)
+                .ok_or_else(|| candle_core::Error::msg(format!("missing {k}")))?
+                .to_u32()
+                .map(|v| v as usize)
+        };
+        let md_f32 = |k: &str| content.metadata.get(k).and_then(|v| v.to_f32().ok());
+        let heads = md_u32("qwen2.attention.head_count")?;
+        let kv_heads = md_u32("qwen2.attention.head_count_kv")?;
+        let hidden = md_u32("qwen2.embedding_length")?;
+        let context = md_u32("qwen2.context_length")?;
+        let layers_n = md_u32("qwen2.block_count")?;
+        let eps = f64::from(md_f32("qwen2.attention.layer_norm_rms_epsilon").unwrap_or(1e-6));
+        let theta = f64::from(md_f32("qwen2.rope.freq_base").unwrap_or(10_000.0));
+        let head_dim = hidden / heads;
+        let mut t = |name: &str| content.tensor(reader, name, device);
+        let embed = t("token_embd.weight")?.dequantize(device)?;
+        let norm = RmsNorm::new(t("output_norm.weight")?.dequantize(device)?, eps);
+        let lm_head = match t("output.weight") {
+            Ok(w) => Proj::Quant(QMatMul::from_qtensor(w)?),
+            Err(_) => Proj::Quant(QMatMul::from_qtensor(t("token_embd.weight")?)?),
+        };
+        let mut layers = Vec::with_capacity(layers_n);
+        for i in 0..layers_n {
+            let p = format!("blk.{i}");
+            let mut q = |n: &str| -> Result<Proj> {
+                Ok(Proj::Quant(QMatMul::from_qtensor(t(&format!(
+                    "{p}.{n}.weight"
+                ))?)?))
+            };
+            let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
+            let (gate, up, down) = (q("ffn_gate")?, q("ffn_up")?, q("ffn_down")?);
+            let mut dense = |n: &str| t(&format!("{p}.{n}"))?.dequantize(device);
+            layers.push(Layer {
+                q: wq,
+                k: wk,
+                v: wv,
+                bq: dense("attn_q.bias")?,
+                bk: dense("attn_k.bias")?,
+                bv: dense("attn_v.bias")?,
+                o: wo,
+                gate,
+                up,
+                down,
+                attn_norm: RmsNorm::new(dense("attn_norm.weight")?, eps),
+                ffn_norm: RmsNorm::new(dense("ffn_norm.weight")?, eps),
+            });
+        }
+        let (cos, sin) = rope_tables(head_dim, theta, context, DType::F32, device)?;
+        Ok(Self {
+            embed: Embedding::new(embed, hidden),
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            dims: Dims {
+                layers: layers_n,
+                heads,
+                kv_heads,
+                head_dim,
+                hidden,
+                context,
+            },
+            dtype: DType::F32,
+            device: device.clone(),
+        })
+    }
+
+    /// From safetensors weights in the Hugging Face layout.
+    pub fn from_safetensors(
+        cfg: &candle_transformers::models::qwen2::Config,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let hidden = cfg.hidden_size;
+        let heads = cfg.num_attention_heads;
+        let kv_heads = cfg.num_key_value_heads;
+        let head_dim = hidden / heads;
+        let vm = vb.pp("model");
+        let embed = candle_nn::embedding(cfg.vocab_size, hidden, vm.pp("embed_tokens"))?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = vm.pp("layers").pp(i);
+            let a = l.pp("self_attn");
+            let m = l.pp("mlp");
+            let lin = |vb: VarBuilder, i: usize, o: usize| -> Result<Proj> {
+                Ok(Proj::Dense(candle_nn::linear_no_bias(i, o, vb)?))
+            };
+            let (qo, kvo) = (heads * head_dim, kv_heads * head_dim);
+            layers.push(Layer {
+                q: lin(a.pp("q_proj"), hidden, qo)?,
+                k: lin(a.pp("k_proj"), hidden, kvo)?,
+                v: lin(a.pp("v_proj"), hidden, kvo)?,
+                bq: a.pp("q_proj").get(qo, "bias")?,
+                bk: a.pp("k_proj").get(kvo, "bias")?,
+                bv: a.pp("v_proj").get(kvo, "bias")?,
+                o: lin(a.pp("o_proj"), qo, hidden)?,
+                gate: lin(m.pp("gate_proj"), hidden, cfg.intermediate_size)?,
+                up: lin(m.pp("up_proj"), hidden, cfg.intermediate_size)?,
+                down: lin(m.pp("down_proj"), cfg.intermediate_size, hidden)?,
+                attn_norm: candle_nn::rms_norm(hidden, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
+                ffn_norm: candle_nn::rms_norm(
+                    hidden,
+                    cfg.rms_norm_eps,
+                    l.pp("post_attention_layernorm"),
+                )?,
+            });
+        }
+        let norm = candle_nn::rms_norm(hidden, cfg.rms_norm_eps, vm.pp("norm"))?;
+        let lm_head = if vb.contains_tensor("lm_head.weight") {
+            Proj::Dense(candle_nn::linear_no_bias(
+                hidden,
+                cfg.vocab_size,
+                vb.pp("lm_head"),
+            )?)
+        } else {
+            Proj::Dense(candle_nn::Linear::new(embed.embeddings().clone(), None))
+        };
+        let (cos, sin) = rope_tables(
+            head_dim,
+            cfg.rope_theta,
+            cfg.max_position_embeddings,
+            vb.dtype(),
+            vb.device(),
+        )?;
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            dims: Dims {
+                layers: cfg.num_hidden_layers,
+                heads,
+                kv_heads,
+                head_dim,
+                hidden,
+                context: cfg.max_position_embeddings,
+            },
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn dims(&self) -> Dims {
+        self.dims
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// An empty cache for a new sequence (buffers grow in steps of `chunk` tokens).
+    pub fn new_cache(&self, chunk: usize) -> SeqCache {
+        SeqCache {
+            layers: (0..self.dims.layers)
+                .map(|_| KvCache::new(2, chunk.max(16)))
+                .collect(),
+            len: 0,
+        }
+    }
+
+    /// Runs a whole prompt (or a chunk of it) for one sequence, extending its cache. Returns
+    /// the logits (f32, vocabulary) of the token after the last one.
+    pub fn prefill(&self, tokens: &[u32], cache: &mut SeqCache) -> Result<Tensor> {
+        let t = tokens.len();
+        let pos = cache.len;
+        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        let logits = self.run(&input, &cos, &sin, &mut [cache])?;
+        logits.i((0, 0))?.to_dtype(DType::F32)
+    }
+
+    /// One decode step for many sequences: `tokens[i]` is appended to `caches[i]` at that
+    /// cache's own position. Returns logits `(batch, vocab)` in f32.
+    pub fn decode(&self, tokens: &[u32], caches: &mut [&mut SeqCache]) -> Result<Tensor> {
+        let positions: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let b = tokens.len();
+        let input = Tensor::new(tokens, &self.device)?.unsqueeze(1)?;
+        let half = self.dims.head_dim / 2;
+        let cos = self
+            .cos
+            .index_select(&positions, 0)?
+            .reshape((b, 1, half))?;
+        let sin = self
+            .sin
+            .index_select(&positions, 0)?
+            .reshape((b, 1, half))?;
+        let logits = self.run(&input, &cos, &sin, caches)?;
+        logits.squeeze(1)?.to_dtype(DType::F32)
+    }
+
+    /// `input` is `(batch, t)`; `t > 1` only with a batch of one (prefill).
+    fn run(
+        &self,
+        input: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        caches: &mut [&mut SeqCache],
+    ) -> Result<Tensor> {
+        let (b, t) = input.dims2()?;
+        let d = self.dims;
+        let mut x = self.embed.forward(input)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let residual = &x;
+            let h = layer.attn_norm.forward(&x)?;
+            let heads = |p: &Proj, bias: &Tensor, n: usize| -> Result<Tensor> {
+                p.forward(&h)?
+                    .broadcast_add(bias)?
+                    .reshape((b, t, n, d.head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = heads(&layer.q, &layer.bq, d.heads)?;
+            let k = heads(&layer.k, &layer.bk, d.kv_heads)?;
+            let v = heads(&layer.v, &layer.bv, d.kv_heads)?;
+            let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+            let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+            let mut ys = Vec::with_capacity(b);
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let (k_all, v_all) = cache.layers[li].append(
+                    &k.narrow(0, i, 1)?.contiguous()?,
+                    &v.narrow(0, i, 1)?.contiguous()?,
+                )?;
+                let n_rep = d.heads / d.kv_heads;
+                let k_all = repeat_kv(k_all, n_rep)?.contiguous()?;
+                let v_all = repeat_kv(v_all, n_rep)?.contiguous()?;
+                let q_i = q.narrow(0, i, 1)?;
+                let att = (q_i.matmul(&k_all.t()?)? / (d.head_dim as f64).sqrt())?;
+                let att = if t > 1 {
+                    let mask = causal_mask(t, k_all.dim(2)?, &self.device)?;
+                    att.broadcast_add(&mask.to_dtype(att.dtype())?)?
+                } else {
+                    att
+                };
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                ys.push(att.matmul(&v_all)?);
+            }
+            let y = Tensor::cat(&ys, 0)?
+                .transpose(1, 2)?
+                .reshape((b, t, d.heads * d.head_dim))?;
+            let x1 = (layer.o.forward(&y)? + residual)?;
+            let h = layer.ffn_norm.forward(&x1)?;
+            let mlp = layer.down.forward(
+                &(candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?,
+            )?;
+            x = (mlp + x1)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.len += t;
+        }
+        // Only the last position's logits are needed.
+        let x = self.norm.forward(&x.narrow(1, t - 1, 1)?)?;
+        let logits = self.lm_head.forward(&x)?;
+        Ok(logits)
+    }
+}
+
+/// Additive causal mask `(t, kv)`: new token i (at kv position kv - t + i) sees keys up to it.
+fn causal_mask(t: usize, kv: usize, device: &Device) -> Result<Tensor> {
+    let offset = kv - t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..kv).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, kv), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tiny::{TinyShape, write_tiny_model};
+    use candle_transformers::models::qwen2;
+
+    fn tiny() -> (qwen2::Config, Vec<std::path::PathBuf>) {
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-qwen-test-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        write_tiny_model(&dir, 7, TinyShape::default()).expect("tiny model");
+        let cfg: qwen2::Config = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("config.json")).expect("config"),
+        )
+        .expect("config json");
+        (cfg, vec![dir.join("model.safetensors")])
+    }
+
+    fn load(cfg: &qwen2::Config, files: &[std::path::PathBuf]) -> (Qwen2, qwen2::ModelForCausalLM) {
+        let vb = || {
+            let tensors = candle_core::safetensors::load(&files[0], &Device::Cpu).expect("load");
+            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)
+        };
+        (
+            Qwen2::from_safetensors(cfg, vb()).expect("ours"),
+            qwen2::ModelForCausalLM::new(cfg, vb()).expect("reference"),
+        )
+    }
+
+    fn argmax(logits: &Tensor) -> u32 {
+        logits
+            .argmax(candle_core::D::Minus1)
+            .expect("argmax")
+            .to_scalar::<u32>()
+            .expect("u32")
+    }
+
+    #[test]
+    fn matches_the_reference_logits_and_greedy_tokens() {
+        let (cfg, files) = tiny();
+        let (ours, mut reference) = load(&cfg, &files);
+        let prompt: Vec<u32> = vec![257, 72, 101, 108, 108, 111, 258, 10, 257, 97];
+        let mut cache = ours.new_cache(16);
+        let mut a = ours.prefill(&prompt, &mut cache).expect("prefill");
+        let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+            .expect("t")
+            .unsqueeze(0)
+            .expect("u");
+        let mut r = reference
+            .forward(&input, 0)
+            .expect("ref")
+            .flatten_all()
+            .expect("flat");
+        let mut pos = prompt.len();
+        for _ in 0..40 {
+            let diff = (&a - &r)
+                .expect("sub")
+                .abs()
+                .expect("abs")
+                .max(0)
+                .expect("max")
+                .to_scalar::<f32>()
+                .expect("f32");
+            assert!(diff < 1e-3, "logits differ by {diff}");
+            let (ta, tr) = (argmax(&a), argmax(&r));
+            assert_eq!(ta, tr, "greedy tokens differ at position {pos}");
+            a = ours
+                .decode(&[ta], &mut [&mut cache])
+                .expect("decode")
+                .squeeze(0)
+                .expect("squeeze");
+            let input = Tensor::new(&[tr], &Device::Cpu)
+                .expect("t")
+                .unsqueeze(0)
+                .expect("u");
+            r = reference
+                .forward(&input, pos)
+                .expect("ref")
+                .flatten_all()
+                .expect("flat");
+            pos += 1;
+        }
+    }
+
+    #[test]
+    fn a_sequence_decodes_the_same_alone_and_in_a_batch() {
+        let (cfg, files) = tiny();
+        let (model, _) = load(&cfg, &files);
+        let greedy = |prompts: &[Vec<u32>], steps: usize| -> Vec<Vec<u32>> {
+            let mut caches: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache(16)).collect();
+            let mut next: Vec<u32> = prompts
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(p, c)| argmax(&model.prefill(p, c).expect("prefill")))
+                .collect();
+            let mut out: Vec<Vec<u32>> = next.iter().map(|t| vec![*t]).collect();
+            for _ in 0..steps {
+                let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
+                let logits = model.decode(&next, &mut refs).expect("decode");
+                next = (0..prompts.len())
+                    .map(|i| argmax(&logits.get(i).expect("row")))
+                    .collect();
+                for (o, t) in out.iter_mut().zip(&next) {
+                    o.push(*t);
+                }
+            }
+            out
+        };
+        let a = vec![257u32, 10, 20, 30];
+        let b = vec![257u32, 99, 98, 97, 96, 95, 94, 93, 92, 91, 90];
+        let c = vec![5u32; 30];
+        let alone = greedy(std::slice::from_ref(&a), 50);
+        let batched = greedy(&[b, a, c], 50);
+        assert_eq!(
+            alone[0], batched[1],
+            "isolation: same tokens alone and in a batch"
+        );
+    }
+}
