@@ -10,7 +10,7 @@
 //!   padding optional);
 //! - hex: runs of at least 16 hex digits (even length), or at least 8 byte pairs separated by
 //!   spaces, `:`, `,`, `-` or written `\x41\x42…`;
-//! - URL encoding: the whitespace-separated tokens containing a `%XX` escape;
+//! - URL encoding: the tokens (runs of visible ASCII) containing a `%XX` escape;
 //! - rot13: the whole text, when it looks like rot13 of English words (common words such as
 //!   `gur` = "the" occur in it); rot13 of rot13 is not followed.
 //!
@@ -122,19 +122,114 @@ fn decode_once(text: &str, from_rot13: bool) -> Vec<Layer> {
         text,
         from_rot13: false,
     };
+    let survey = Survey::of(text);
     let mut out: Vec<Layer> = Vec::new();
-    out.extend(base64_runs(text).filter_map(decode_base64).map(plain));
-    out.extend(hex_runs(text).into_iter().filter_map(printable).map(plain));
-    if let Some(decoded) = percent_decode(text) {
-        out.push(plain(decoded));
+    for run in &survey.base64_runs {
+        out.extend(decode_base64(run).map(plain));
+        out.extend(contiguous_hex(run).filter_map(printable).map(plain));
     }
-    if !from_rot13 && looks_like_rot13(text) {
+    if survey.longest_pair_streak >= MIN_HEX_PAIRS {
+        out.extend(
+            separated_hex_runs(text)
+                .into_iter()
+                .filter_map(printable)
+                .map(plain),
+        );
+    }
+    if survey.percent_escape {
+        out.extend(percent_decode(text).map(plain));
+    }
+    if !from_rot13 && survey.rot13_words >= MIN_ROT13_WORDS {
         out.push(Layer {
             text: rot13(text),
             from_rot13: true,
         });
     }
     out
+}
+
+/// What one pass over the bytes of a text found worth decoding.
+#[derive(Debug, Default)]
+struct Survey<'a> {
+    /// Runs of base64/base64url characters at least [`MIN_BASE64_RUN`] long (they contain
+    /// the contiguous hex runs too: hex digits are base64 characters).
+    base64_runs: Vec<&'a str>,
+    /// Longest streak of two-digit hex tokens (`4f`, `x4f`) one separator apart: separated hex
+    /// is looked for only when it is long enough.
+    longest_pair_streak: usize,
+    pair_streak: usize,
+    last_pair_end: Option<usize>,
+    /// Whether a `%XX` escape occurs.
+    percent_escape: bool,
+    /// Common English words as they look after rot13.
+    rot13_words: usize,
+}
+
+impl<'a> Survey<'a> {
+    fn of(text: &'a str) -> Self {
+        let bytes = text.as_bytes();
+        let mut survey = Self::default();
+        let mut run_start = 0;
+        let mut word_start = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            let class = BYTE_CLASS[usize::from(b)];
+            if class & B64_CLASS == 0 {
+                if i > run_start {
+                    survey.close_run(text, run_start, i);
+                }
+                run_start = i + 1;
+            }
+            if class & LETTER == 0 {
+                if i > word_start {
+                    survey.close_word(&bytes[word_start..i]);
+                }
+                word_start = i + 1;
+            }
+            if b == b'%'
+                && bytes
+                    .get(i + 1..i + 3)
+                    .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+            {
+                survey.percent_escape = true;
+            }
+        }
+        if bytes.len() > run_start {
+            survey.close_run(text, run_start, bytes.len());
+        }
+        if bytes.len() > word_start {
+            survey.close_word(&bytes[word_start..]);
+        }
+        survey
+    }
+
+    fn close_word(&mut self, word: &[u8]) {
+        if word.len() >= 3 && is_rot13_common_word(word) {
+            self.rot13_words += 1;
+        }
+    }
+
+    fn close_run(&mut self, text: &'a str, start: usize, end: usize) {
+        let Some(run) = text.get(start..end) else {
+            return;
+        };
+        let hex = |s: &[u8]| s.iter().all(u8::is_ascii_hexdigit);
+        let is_pair = match run.as_bytes() {
+            r if r.len() >= MIN_BASE64_RUN => {
+                self.base64_runs.push(run);
+                false
+            }
+            [a, b] | [b'x', a, b] => hex(&[*a, *b]),
+            _ => false,
+        };
+        // Pairs count as a streak when one separator byte apart (`69 67`, `\x69\x67`).
+        self.pair_streak = match (is_pair, self.last_pair_end) {
+            (false, _) => 0,
+            (true, Some(last)) if last + 1 == start => self.pair_streak + 1,
+            (true, _) => 1,
+        };
+        self.last_pair_end = is_pair.then_some(end);
+        self.longest_pair_streak = self.longest_pair_streak.max(self.pair_streak);
+    }
 }
 
 /// Bytes decoded from `bytes`, as text, if valid UTF-8 and mostly printable.
@@ -155,15 +250,24 @@ fn printable(bytes: Vec<u8>) -> Option<String> {
     (total >= MIN_DECODED_CHARS && mostly_printable).then_some(text)
 }
 
-fn is_base64_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_')
-}
-
-/// Maximal runs of base64/base64url characters of at least [`MIN_BASE64_RUN`] characters.
-fn base64_runs(text: &str) -> impl Iterator<Item = &str> {
-    text.split(|c: char| !c.is_ascii() || !is_base64_byte(c as u8))
-        .filter(|run| run.len() >= MIN_BASE64_RUN)
-}
+/// Byte classes for [`Survey::of`]: base64/base64url alphabet, ASCII letter.
+const B64_CLASS: u8 = 1;
+const LETTER: u8 = 2;
+const BYTE_CLASS: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        if b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_') {
+            table[i] |= B64_CLASS;
+        }
+        if b.is_ascii_alphabetic() {
+            table[i] |= LETTER;
+        }
+        i += 1;
+    }
+    table
+};
 
 /// Decodes a base64 or base64url run (padding already split off); tries the run as is, then
 /// without up to three leading characters (a word glued to the payload).
@@ -184,28 +288,31 @@ fn decode_base64(run: &str) -> Option<String> {
     })
 }
 
-/// Hex candidates: contiguous runs and separated byte pairs, decoded.
-fn hex_runs(text: &str) -> Vec<Vec<u8>> {
+/// Runs of at least [`MIN_HEX_RUN`] hex digits inside a base64 run, decoded (an odd last
+/// digit is dropped).
+fn contiguous_hex(run: &str) -> impl Iterator<Item = Vec<u8>> + '_ {
+    run.as_bytes()
+        .split(|b| !b.is_ascii_hexdigit())
+        .filter(|digits| digits.len() >= MIN_HEX_RUN)
+        .map(|digits| hex_pairs(&digits[..digits.len() - digits.len() % 2]))
+}
+
+/// Sequences of separated hex byte pairs (`69 67 6e`, `69:67:6e`, `\x69\x67\x6e`), decoded.
+fn separated_hex_runs(text: &str) -> Vec<Vec<u8>> {
     let bytes = text.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
     while i < bytes.len() {
-        if !bytes[i].is_ascii_hexdigit() {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < bytes.len() && bytes[i].is_ascii_hexdigit() {
-            i += 1;
-        }
-        let run = &bytes[start..i];
-        if run.len() >= MIN_HEX_RUN {
-            out.push(hex_pairs(&run[..run.len() - run.len() % 2]));
-        } else if run.len() == 2 {
-            if let Some((decoded, end)) = separated_hex(bytes, start) {
+        let starts_pair = bytes[i].is_ascii_hexdigit()
+            && bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+            && !bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit)
+            && (i == 0 || !bytes[i - 1].is_ascii_hexdigit());
+        match starts_pair.then(|| separated_hex(bytes, i)).flatten() {
+            Some((decoded, end)) => {
                 out.push(decoded);
                 i = end;
             }
+            None => i += 1,
         }
     }
     out
@@ -266,16 +373,17 @@ fn separated_hex(bytes: &[u8], start: usize) -> Option<(Vec<u8>, usize)> {
     (out.len() >= MIN_HEX_PAIRS).then_some((out, i))
 }
 
-/// The whitespace-separated tokens holding `%XX` escapes, decoded (`+` as a space) and joined
-/// by spaces, if printable. Decoding tokens rather than the whole text keeps ordinary prose
-/// with one link from being scanned twice.
+/// The tokens (runs of visible ASCII) holding `%XX` escapes, decoded (`+` as a space) and
+/// joined by spaces, if printable. Decoding tokens rather than the whole text keeps ordinary
+/// prose with one link from being scanned twice.
 fn percent_decode(text: &str) -> Option<String> {
     let mut out = Vec::new();
-    for token in text.split_whitespace().filter(|t| has_percent_escape(t)) {
+    let tokens = text.as_bytes().split(|b| !b.is_ascii_graphic());
+    for token in tokens.filter(|t| has_percent_escape(t)) {
         if !out.is_empty() {
             out.push(b' ');
         }
-        percent_decode_token(token.as_bytes(), &mut out);
+        percent_decode_token(token, &mut out);
     }
     if out.is_empty() {
         return None;
@@ -283,9 +391,8 @@ fn percent_decode(text: &str) -> Option<String> {
     printable(out)
 }
 
-fn has_percent_escape(token: &str) -> bool {
+fn has_percent_escape(token: &[u8]) -> bool {
     token
-        .as_bytes()
         .windows(3)
         .any(|w| w[0] == b'%' && w[1].is_ascii_hexdigit() && w[2].is_ascii_hexdigit())
 }
@@ -312,74 +419,120 @@ fn percent_decode_token(bytes: &[u8], out: &mut Vec<u8>) {
 
 const MIN_ROT13_WORDS: usize = 2;
 
-/// Whether `text` looks like rot13 of English: at least [`MIN_ROT13_WORDS`] common English
-/// words occur in it as they look after rot13 (`the` is `gur`). Ordinary English almost never
-/// contains them, so it is not scanned a second time.
-fn looks_like_rot13(text: &str) -> bool {
-    let mut hits = 0;
-    for word in text.split(|c: char| !c.is_ascii_alphabetic()) {
-        if (3..=12).contains(&word.len()) && is_rot13_common_word(word) {
-            hits += 1;
-            if hits >= MIN_ROT13_WORDS {
-                return true;
-            }
-        }
+/// rot13 is followed when at least this many common English words occur in the text as they
+/// look after rot13 (`the` is `gur`). Ordinary English almost never contains them, so it is
+/// not scanned a second time.
+/// Common English words (at most 8 letters) as they look after rot13.
+const ROT13_WORDS: [&[u8]; 43] = [
+    b"gur",
+    b"naq",
+    b"lbh",
+    b"lbhe",
+    b"gung",
+    b"guvf",
+    b"jvgu",
+    b"sbe",
+    b"ner",
+    b"abg",
+    b"nyy",
+    b"jung",
+    b"ubj",
+    b"pna",
+    b"unir",
+    b"sebz",
+    b"ohg",
+    b"gurl",
+    b"jvyy",
+    b"gura",
+    b"gurer",
+    b"gurve",
+    b"jnf",
+    b"jrer",
+    b"nal",
+    b"bhe",
+    b"nobhg",
+    b"jura",
+    b"vagb",
+    b"abj",
+    b"gryy",
+    b"cyrnfr",
+    b"fnl",
+    b"arj",
+    b"whfg",
+    b"bayl",
+    b"vtaber",
+    b"cerivbhf",
+    b"flfgrz",
+    b"cebzcg",
+    b"eryrnfr",
+    b"lbhefrys",
+    b"ehyrf",
+];
+
+/// [`ROT13_WORDS`] packed into integers (one byte a letter), sorted for binary search.
+const ROT13_KEYS: [u64; 43] = {
+    let mut keys = [0u64; 43];
+    let mut i = 0;
+    while i < keys.len() {
+        keys[i] = word_key(ROT13_WORDS[i]);
+        i += 1;
     }
-    false
+    // Insertion sort (const context).
+    let mut i = 1;
+    while i < keys.len() {
+        let mut j = i;
+        while j > 0 && keys[j - 1] > keys[j] {
+            let t = keys[j];
+            keys[j] = keys[j - 1];
+            keys[j - 1] = t;
+            j -= 1;
+        }
+        i += 1;
+    }
+    keys
+};
+
+/// A word of up to 8 ASCII letters as an integer, lowercased.
+const fn word_key(word: &[u8]) -> u64 {
+    let mut key = 0u64;
+    let mut i = 0;
+    while i < word.len() && i < 8 {
+        key = key << 8 | word[i].to_ascii_lowercase() as u64;
+        i += 1;
+    }
+    key
 }
 
-fn is_rot13_common_word(word: &str) -> bool {
-    let mut buf = [0u8; 12];
-    for (slot, b) in buf.iter_mut().zip(word.bytes()) {
-        *slot = b.to_ascii_lowercase();
+/// For each first letter of a [`ROT13_WORDS`] entry, a bit per possible second letter: a
+/// one-lookup filter that rejects nearly every ordinary word.
+const ROT13_PAIRS: [u32; 26] = {
+    let mut pairs = [0u32; 26];
+    let mut i = 0;
+    while i < ROT13_WORDS.len() {
+        let word = ROT13_WORDS[i];
+        pairs[(word[0] - b'a') as usize] |= 1 << (word[1] - b'a');
+        i += 1;
     }
-    matches!(
-        &buf[..word.len().min(12)],
-        b"gur"
-            | b"naq"
-            | b"lbh"
-            | b"lbhe"
-            | b"gung"
-            | b"guvf"
-            | b"jvgu"
-            | b"sbe"
-            | b"ner"
-            | b"abg"
-            | b"nyy"
-            | b"jung"
-            | b"ubj"
-            | b"pna"
-            | b"unir"
-            | b"sebz"
-            | b"ohg"
-            | b"gurl"
-            | b"jvyy"
-            | b"gura"
-            | b"gurer"
-            | b"gurve"
-            | b"jnf"
-            | b"jrer"
-            | b"nal"
-            | b"bhe"
-            | b"nobhg"
-            | b"jura"
-            | b"vagb"
-            | b"abj"
-            | b"gryy"
-            | b"cyrnfr"
-            | b"fnl"
-            | b"arj"
-            | b"whfg"
-            | b"bayl"
-            | b"vtaber"
-            | b"cerivbhf"
-            | b"vafgehpgvbaf"
-            | b"flfgrz"
-            | b"cebzcg"
-            | b"eryrnfr"
-            | b"lbhefrys"
-            | b"ehyrf"
-    )
+    pairs
+};
+
+/// Whether an ASCII word is one of the common English words, rot13-encoded.
+fn is_rot13_common_word(word: &[u8]) -> bool {
+    let letter = |i: usize| {
+        word.get(i)
+            .map(|b| usize::from(b.to_ascii_lowercase().wrapping_sub(b'a')))
+    };
+    let plausible = match (letter(0), letter(1)) {
+        (Some(a), Some(b)) if a < 26 && b < 26 => ROT13_PAIRS[a] & (1 << b) != 0,
+        _ => false,
+    };
+    if !plausible {
+        return false;
+    }
+    match word.len() {
+        0..=8 => ROT13_KEYS.binary_search(&word_key(word)).is_ok(),
+        _ => word.eq_ignore_ascii_case(b"vafgehpgvbaf"),
+    }
 }
 
 fn rot13(text: &str) -> String {

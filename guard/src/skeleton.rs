@@ -55,15 +55,38 @@ fn detection_form(text: &str, mode: Mode) -> String {
     let mut out = Collapser::new(mode, text.len());
     CACHE.with(|cache| {
         let mut cache = cache.borrow_mut();
-        for c in text.chars() {
-            if c.is_ascii() {
-                push_ascii_skeleton(&mut out, c as u8);
-            } else {
-                cache.map(c, |mapped| mapped.chars().for_each(|m| out.push(m)));
-            }
+        let mut rest = text;
+        while !rest.is_empty() {
+            let ascii = rest
+                .bytes()
+                .position(|b| !b.is_ascii())
+                .unwrap_or(rest.len());
+            out.push_ascii_run(&rest.as_bytes()[..ascii]);
+            rest = &rest[ascii..];
+            let consumed = push_non_ascii_run(&mut out, &mut cache, rest);
+            rest = &rest[consumed..];
         }
     });
     out.finish()
+}
+
+/// Pushes the skeleton of the non-ASCII characters at the start of `run`, copying stretches of
+/// characters that map to themselves in one go; returns the bytes consumed.
+fn push_non_ascii_run(out: &mut Collapser, cache: &mut CharCache, run: &str) -> usize {
+    let mut copied = 0;
+    for (i, c) in run.char_indices() {
+        if c.is_ascii() {
+            out.push_verbatim(&run[copied..i]);
+            return i;
+        }
+        if let Some(mapped) = cache.mapped(c) {
+            out.push_verbatim(&run[copied..i]);
+            out.push_str(mapped);
+            copied = i + c.len_utf8();
+        }
+    }
+    out.push_verbatim(&run[copied..]);
+    run.len()
 }
 
 /// The detection form of one character: NFKC, lowercase, UTS #39 prototype, lowercase, marks
@@ -81,27 +104,38 @@ fn char_skeleton(c: char) -> String {
         .collect()
 }
 
-/// The general path restricted to one ASCII byte: NFKC is the identity on ASCII, and the
-/// confusables table maps only these ASCII characters (after lowercasing).
+/// The skeleton of each ASCII byte when it is a single byte, else 0 (whitespace, `m`, `"`,
+/// `%` and NUL, see [`push_ascii_skeleton`]). NFKC is the identity on ASCII, and after
+/// lowercasing the confusables data maps only these ASCII characters: `0` → `o`, `1` and `|`
+/// → `l`, the backquote → `'`, `m` → `rn`, `"` → `''`, `%` → `°/₀`.
+const ASCII_MAP: [u8; 128] = {
+    let mut table = [0u8; 128];
+    let mut i = 0;
+    while i < 128 {
+        let b = (i as u8).to_ascii_lowercase();
+        table[i] = match b {
+            b'0' => b'o',
+            b'1' | b'|' => b'l',
+            b'`' => b'\'',
+            b'm' | b'"' | b'%' | 0 => 0,
+            _ if b.is_ascii_whitespace() || b == 0x0B => 0,
+            _ => b,
+        };
+        i += 1;
+    }
+    table
+};
+
+/// The general path restricted to one ASCII byte (the cases [`ASCII_MAP`] leaves out).
 fn push_ascii_skeleton(out: &mut Collapser, b: u8) {
-    match b.to_ascii_lowercase() {
-        b'0' => out.push('o'),
-        b'1' | b'|' => out.push('l'),
-        b'`' => out.push('\''),
-        b'"' => {
-            out.push('\'');
-            out.push('\'');
-        }
-        b'm' => {
-            out.push('r');
-            out.push('n');
-        }
-        b'%' => {
-            out.push('°');
-            out.push('/');
-            out.push('₀');
-        }
-        other => out.push(char::from(other)),
+    match ASCII_MAP.get(usize::from(b)).copied().unwrap_or(0) {
+        0 => match b.to_ascii_lowercase() {
+            b'm' => out.push_str("rn"),
+            b'"' => out.push_str("''"),
+            b'%' => out.push_str("°/₀"),
+            other => out.push(char::from(other)),
+        },
+        mapped => out.push(char::from(mapped)),
     }
 }
 
@@ -111,9 +145,12 @@ thread_local! {
     static CACHE: RefCell<CharCache> = RefCell::new(CharCache::new());
 }
 
-/// Direct-mapped cache: a colliding character simply replaces the previous occupant.
+/// Two-way set-associative cache: a character lives in one of two neighbouring slots; a miss
+/// moves the most recent occupant to the second slot and takes the first. A slot holds the
+/// character and its skeleton, or `None` when the character is its own skeleton (and not
+/// whitespace), the common case for CJK.
 struct CharCache {
-    slots: Vec<Option<(char, Box<str>)>>,
+    slots: Vec<Option<(char, Option<Box<str>>)>>,
 }
 
 impl CharCache {
@@ -125,39 +162,75 @@ impl CharCache {
         }
     }
 
-    fn map(&mut self, c: char, use_mapped: impl FnOnce(&str)) {
-        let index = (u32::from(c).wrapping_mul(0x9E37_79B1) >> (32 - Self::BITS)) as usize;
-        let Some(slot) = self.slots.get_mut(index) else {
-            return use_mapped(&char_skeleton(c));
+    /// The skeleton of `c`, or `None` when it is `c` itself.
+    fn mapped(&mut self, c: char) -> Option<&str> {
+        let first = (u32::from(c).wrapping_mul(0x9E37_79B1) >> (32 - Self::BITS)) as usize & !1;
+        let hit = |slot: &Option<(char, Option<Box<str>>)>| slot.as_ref().is_some_and(|s| s.0 == c);
+        let index = if self.slots.get(first).is_some_and(hit) {
+            first
+        } else if self.slots.get(first + 1).is_some_and(hit) {
+            first + 1
+        } else {
+            let skeleton = char_skeleton(c);
+            let identity = !c.is_whitespace() && skeleton.chars().eq(std::iter::once(c));
+            let entry = (c, (!identity).then(|| skeleton.into_boxed_str()));
+            self.slots.swap(first, first + 1);
+            *self.slots.get_mut(first)? = Some(entry);
+            first
         };
-        match slot {
-            Some((cached, mapped)) if *cached == c => use_mapped(mapped),
-            _ => {
-                let mapped = char_skeleton(c).into_boxed_str();
-                use_mapped(&mapped);
-                *slot = Some((c, mapped));
-            }
-        }
+        self.slots.get(index)?.as_ref()?.1.as_deref()
     }
 }
 
 /// Builds the output, collapsing whitespace runs as it goes.
 struct Collapser {
     mode: Mode,
-    text: String,
+    bytes: Vec<u8>,
     /// Pending whitespace run: `None`, or whether it contained a line break.
     pending: Option<bool>,
-    last: Option<char>,
 }
 
 impl Collapser {
     fn new(mode: Mode, capacity: usize) -> Self {
         Self {
             mode,
-            text: String::with_capacity(capacity + capacity / 8),
+            bytes: Vec::with_capacity(capacity + capacity / 8),
             pending: None,
-            last: None,
         }
+    }
+
+    /// Pushes the skeleton of an ASCII run (bytes below 0x80): stretches of bytes that map
+    /// to one byte are copied through [`ASCII_MAP`], the rest go through the general path.
+    fn push_ascii_run(&mut self, mut run: &[u8]) {
+        let map = |b: u8| ASCII_MAP[usize::from(b & 0x7F)];
+        while let Some(&first) = run.first() {
+            let plain = run.iter().position(|&b| map(b) == 0).unwrap_or(run.len());
+            if plain > 0 {
+                if let Some(newline) = self.pending.take() {
+                    self.push_separator(newline, char::from(first));
+                }
+                self.bytes.extend(run[..plain].iter().map(|&b| map(b)));
+            }
+            if let Some(&special) = run.get(plain) {
+                push_ascii_skeleton(self, special);
+            }
+            run = run.get(plain + 1..).unwrap_or_default();
+        }
+    }
+
+    /// Pushes characters that are their own skeleton and not whitespace.
+    fn push_verbatim(&mut self, s: &str) {
+        let Some(first) = s.chars().next() else {
+            return;
+        };
+        if let Some(newline) = self.pending.take() {
+            self.push_separator(newline, first);
+        }
+        self.bytes.extend_from_slice(s.as_bytes());
+    }
+
+    fn push_str(&mut self, s: &str) {
+        s.chars().for_each(|c| self.push(c));
     }
 
     fn push(&mut self, c: char) {
@@ -169,21 +242,38 @@ impl Collapser {
             self.pending = Some(self.pending.unwrap_or(false) || newline);
             return;
         }
-        if let (Some(newline), Some(last)) = (self.pending, self.last) {
-            match self.mode {
-                Mode::Flat => self.text.push(' '),
-                Mode::Lines if newline => self.text.push('\n'),
-                Mode::Lines if is_cjk(last) && is_cjk(c) => {}
-                Mode::Lines => self.text.push(' '),
-            }
+        if let Some(newline) = self.pending.take() {
+            self.push_separator(newline, c);
         }
-        self.pending = None;
-        self.last = Some(c);
-        self.text.push(c);
+        self.bytes
+            .extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+    }
+
+    /// The single character standing for a whitespace run before `next` (none at the start).
+    fn push_separator(&mut self, newline: bool, next: char) {
+        if self.bytes.is_empty() {
+            return;
+        }
+        match self.mode {
+            Mode::Flat => self.bytes.push(b' '),
+            Mode::Lines if newline => self.bytes.push(b'\n'),
+            Mode::Lines if is_cjk(next) && self.last_char().is_some_and(is_cjk) => {}
+            Mode::Lines => self.bytes.push(b' '),
+        }
+    }
+
+    fn last_char(&self) -> Option<char> {
+        let start = self.bytes.iter().rposition(|b| b & 0xC0 != 0x80)?;
+        std::str::from_utf8(self.bytes.get(start..)?)
+            .ok()?
+            .chars()
+            .next()
     }
 
     fn finish(self) -> String {
-        self.text
+        // Only whole characters are ever pushed, so this is always valid UTF-8.
+        String::from_utf8(self.bytes)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 }
 

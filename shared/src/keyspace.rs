@@ -26,6 +26,11 @@ impl Keyspace {
         format!("{}:job:{id}", self.ns)
     }
 
+    /// Stream: a job's generated text as it is produced, then its terminal status.
+    pub fn job_events(&self, id: &Uuid) -> String {
+        format!("{}:job:{id}:events", self.ns)
+    }
+
     /// Hash: one API key's metadata and the SHA-256 of its secret.
     pub fn api_key(&self, key_id: &str) -> String {
         format!("{}:apikey:{key_id}", self.ns)

@@ -1,5 +1,8 @@
 //! The job record in Redis and its atomic state transitions.
 //!
+//! Generated text is also appended to a stream at [`Keyspace::job_events`], which `FINISH`
+//! closes with a `done` event in the same script as the terminal write.
+//!
 //! A job is one hash at [`Keyspace::job`]: `tenant`, `status`, `created_at`, `deadline`,
 //! `attempts`, and once known `started_at`, `finished_at`, `worker`, `result` (JSON),
 //! `error` (JSON), `cancel_requested`. Every transition is a Lua script, so two API replicas
@@ -214,7 +217,8 @@ return {'running', attempts}
     )
 });
 
-// KEYS[1] job; ARGV: status, result json or '', error json or '', now, ttl seconds, tokens used
+// KEYS[1] job, KEYS[2] its event stream; ARGV: status, result json or '', error json or '', now,
+// ttl seconds, tokens used
 static FINISH: LazyLock<Script> = LazyLock::new(|| {
     with_settle(
         r#"
@@ -225,6 +229,8 @@ settle(KEYS[1], tonumber(ARGV[6]))
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[2]) end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+redis.call('XADD', KEYS[2], '*', 'type', 'done', 'status', ARGV[1])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
 return 1
 "#,
     )
@@ -468,6 +474,7 @@ impl JobStore {
             .unwrap_or_default();
         let written: i64 = FINISH
             .key(self.ks.job(id))
+            .key(self.ks.job_events(id))
             .arg(terminal.status.as_str())
             .arg(result)
             .arg(error)
@@ -484,6 +491,31 @@ impl JobStore {
         let mut conn = self.conn().await?;
         let released: i64 = RELEASE.key(self.ks.job(id)).invoke_async(&mut conn).await?;
         Ok(released == 1)
+    }
+
+    /// Appends generated text to the job's event stream (read by `GET /v1/jobs/{id}/events`).
+    pub async fn append_text(
+        &self,
+        id: &Uuid,
+        text: &str,
+        ttl_secs: u64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let key = self.ks.job_events(id);
+        redis::pipe()
+            .cmd("XADD")
+            .arg(&key)
+            .arg("*")
+            .arg("type")
+            .arg("text")
+            .arg("text")
+            .arg(text)
+            .ignore()
+            .expire(&key, ttl_secs as i64)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
     }
 
     /// For each job, whether a client asked to cancel it (one round trip for all).

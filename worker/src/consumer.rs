@@ -36,8 +36,10 @@ pub struct JobRunner {
     pub max_attempts: u32,
     pub max_tokens_limit: u32,
     pub cancel_poll: Duration,
-    /// Run the PII redactor over generated text before it is stored.
+    /// Run the PII redactor over generated text before it is stored or streamed.
     pub redact_output: bool,
+    /// How long finished jobs (and their event streams) stay readable, in seconds.
+    pub result_ttl_secs: u64,
     /// Flips to `true` when in-flight jobs must be given back (shutdown grace expired).
     pub preempt: watch::Receiver<bool>,
 }
@@ -121,8 +123,19 @@ impl JobRunner {
             Instant::now() + Duration::from_millis(job.deadline.saturating_sub(started_ms));
         let control = JobControl::new(deadline);
         let watchers = self.watch(&job, &control);
-        let result = self.engine.run(job.clone(), control).await;
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let ttl = job.deadline.saturating_sub(started_ms) / 1000 + self.result_ttl_secs;
+        let pump = tokio::spawn(crate::stream::pump(
+            self.store.clone(),
+            job.id,
+            ttl,
+            self.redact_output,
+            events_rx,
+        ));
+        let result = self.engine.run(job.clone(), control, Some(events_tx)).await;
         watchers.abort();
+        // Every streamed piece is in Redis before the terminal event that closes the stream.
+        let _ = pump.await;
 
         let terminal = match result {
             Ok(mut generation) => {

@@ -44,6 +44,8 @@ impl Default for EngineConfig {
 struct EngineJob {
     job: JobMessage,
     control: JobControl,
+    /// Receives generated text as it becomes final.
+    events: Option<mpsc::UnboundedSender<String>>,
     reply: oneshot::Sender<Result<Generation, GenerateError>>,
     span: tracing::Span,
     prompt: Option<Vec<u32>>,
@@ -90,12 +92,14 @@ impl EngineHandle {
         &self,
         job: JobMessage,
         control: JobControl,
+        events: Option<mpsc::UnboundedSender<String>>,
     ) -> Result<Generation, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(EngineJob {
                 job,
                 control,
+                events,
                 reply,
                 span: tracing::Span::current(),
                 prompt: None,
@@ -107,6 +111,7 @@ impl EngineHandle {
 
 struct Running<'m> {
     seq: Sequence<'m>,
+    events: Option<mpsc::UnboundedSender<String>>,
     reply: oneshot::Sender<Result<Generation, GenerateError>>,
     span: tracing::Span,
     next: Option<u32>,
@@ -188,6 +193,7 @@ fn admit<'m>(
                 used += need;
                 running.push(Running {
                     seq,
+                    events: work.events,
                     reply: work.reply,
                     span: work.span,
                     next: None,
@@ -226,7 +232,7 @@ fn prefill_one_chunk(model: &LoadedModel, config: &EngineConfig, running: &mut [
         Ok(logits) => {
             r.seq.mark_prefilled(chunk.len());
             if !r.seq.is_prefilling() {
-                let step = r_step(&mut r.seq, &logits);
+                let step = r_step(&mut r.seq, r.events.as_ref(), &logits);
                 apply(r, step);
             }
         }
@@ -234,8 +240,16 @@ fn prefill_one_chunk(model: &LoadedModel, config: &EngineConfig, running: &mut [
     }
 }
 
-fn r_step(seq: &mut Sequence<'_>, logits: &candle_core::Tensor) -> Result<Step, GenerateError> {
-    seq.step(logits, &mut |_text| {})
+fn r_step(
+    seq: &mut Sequence<'_>,
+    events: Option<&mpsc::UnboundedSender<String>>,
+    logits: &candle_core::Tensor,
+) -> Result<Step, GenerateError> {
+    seq.step(logits, &mut |text| {
+        if let Some(tx) = events {
+            let _ = tx.send(text.to_string());
+        }
+    })
 }
 
 fn apply(r: &mut Running<'_>, step: Result<Step, GenerateError>) {
@@ -268,7 +282,7 @@ fn decode_step(model: &LoadedModel, running: &mut [Running<'_>]) {
                 let step = logits
                     .get(i)
                     .map_err(|e| GenerateError::Model(e.into()))
-                    .and_then(|row| r_step(&mut r.seq, &row));
+                    .and_then(|row| r_step(&mut r.seq, r.events.as_ref(), &row));
                 apply(r, step);
             }
         }
@@ -294,7 +308,12 @@ fn finish_done(running: &mut Vec<Running<'_>>) {
         let _entered = r.span.clone().entered();
         let result = match r.outcome {
             Some(Ok(Step::Finished(reason))) => {
-                let g = r.seq.finish(reason, &mut |_text| {});
+                let events = r.events;
+                let g = r.seq.finish(reason, &mut |text| {
+                    if let Some(tx) = &events {
+                        let _ = tx.send(text.to_string());
+                    }
+                });
                 tracing::info!(
                     prompt_tokens = g.prompt_tokens,
                     completion_tokens = g.completion_tokens,

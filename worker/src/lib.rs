@@ -8,6 +8,7 @@
 //! - [`engine`]: the dedicated thread that owns the model, fed by a channel, so model compute
 //!   never runs on the async runtime;
 //! - [`consumer`]: the AMQP consumer: decode → start (Redis) → engine → finish (Redis) → ack;
+//! - [`stream`]: generated text into the job's Redis stream as it is produced, redacted;
 //! - [`startup`]: wiring, reconnection and graceful shutdown.
 //!
 //! A delivery is acked only after its terminal state is in Redis, so a worker that dies
@@ -20,6 +21,7 @@ pub mod model;
 pub mod qwen;
 pub mod settings;
 pub mod startup;
+pub mod stream;
 
 pub use settings::WorkerSettings;
 pub use startup::Worker;

@@ -468,8 +468,7 @@ mod tests {
             .expect("ref")
             .flatten_all()
             .expect("flat");
-        let mut pos = prompt.len();
-        for _ in 0..40 {
+        for pos in prompt.len()..prompt.len() + 40 {
             let diff = (&a - &r)
                 .expect("sub")
                 .abs()

@@ -76,6 +76,7 @@ impl Worker {
             max_tokens_limit: settings.max_tokens_limit,
             cancel_poll: Duration::from_millis(settings.cancel_poll_ms.max(10)),
             redact_output: settings.redact_output,
+            result_ttl_secs: settings.result_ttl_secs,
             preempt: preempt_rx,
         };
         Ok(Self {

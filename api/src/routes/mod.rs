@@ -2,6 +2,7 @@
 //! credentials; `/admin` requires the admin role.
 
 pub mod admin;
+pub mod events;
 pub mod health;
 pub mod jobs;
 pub mod usage;
@@ -21,6 +22,7 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/v1/jobs", axum::routing::post(jobs::submit))
         .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
+        .route("/v1/jobs/{id}/events", get(events::events))
         .route("/v1/usage", get(usage::usage))
         .route("/admin/keys", get(admin::list_keys).post(admin::create_key))
         .route(

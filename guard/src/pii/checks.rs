@@ -24,7 +24,7 @@ pub(super) fn luhn_valid(digits: &[u8]) -> bool {
         }
         sum += v;
     }
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// The number formed by the first `n` digit values (`0` if there are fewer).
@@ -109,7 +109,7 @@ pub(super) fn cn_id_valid(id: &[u8]) -> bool {
 
 /// Gregorian leap year.
 pub(super) fn is_leap(year: u32) -> bool {
-    (year % 4 == 0 && year % 100 != 0) || year % 400 == 0
+    (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400)
 }
 
 /// Whether `year-month-day` is a real calendar date.

@@ -42,10 +42,10 @@ pub(super) fn at(b: &[u8], i: usize, out: &mut Vec<Cand>) {
                 }
                 n += 1;
                 j += 1;
-                if !alnum_at(b, j) {
-                    if let Some(slot) = ends.get_mut(n) {
-                        *slot = j;
-                    }
+                if !alnum_at(b, j)
+                    && let Some(slot) = ends.get_mut(n)
+                {
+                    *slot = j;
                 }
             }
             Some(b' ')

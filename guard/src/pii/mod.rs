@@ -15,13 +15,27 @@
 //! - an alphanumeric match (IBAN, API keys) must not touch an ASCII letter or digit;
 //! - any non-ASCII character (CJK, full-width punctuation) is a valid neighbour.
 //!
-//! Then checksums and plausibility rules ([`checks`]: Luhn, MOD 11-2, mod 97, calendar dates,
-//! issuer prefixes) throw away candidates that merely look right, so order numbers,
+//! Then checksums and plausibility rules (Luhn, MOD 11-2, mod 97, calendar dates, issuer
+//! prefixes, country lengths) throw away candidates that merely look right, so order numbers,
 //! timestamps and version strings survive.
 //!
+//! Detectors, one private module per family (each documents its rules and trade-offs):
+//! - `numeric`: credit cards (13-19 digits, compact or grouped, known IIN and length, Luhn),
+//!   Chinese resident identity numbers (GB 11643-1999: MOD 11-2, birth date between 1900 and
+//!   the current year, region not starting with 0), US SSNs (`AAA-GG-SSSS`), Chinese mobiles
+//!   (`1[3-9]` + 9 digits, optional `86`), E.164 numbers (`+`, 8-15 digits, per-country
+//!   lengths for `+1`, `+7`, `+44`, `+86`);
+//! - `net`: IPv4 and IPv6 (validated by `std::net`), except loopback and unspecified;
+//! - `email`: addresses anchored on `@`;
+//! - `iban`: IBANs, compact or in groups of four, mod 97 and registered country length;
+//! - `secrets`: provider API keys, JWTs, PEM private keys, `password=...` assignments;
+//! - `entropy`: the high-entropy fallback for secrets of unknown format;
+//! - `checks`: the validators.
+//!
 //! How it runs: one pass over the bytes dispatches on the few bytes that can start or anchor a
-//! candidate (a digit, `+`, `@`, `:`, `=`, an upper-case letter) and tracks runs of
-//! base64-like characters for the entropy detector; one combined regex, compiled once, finds
+//! candidate (a digit, `+`, `@`, `:`, `=`, an upper-case letter), skipping the rest with a
+//! table lookup; a skip search finds runs of base64-like characters long enough for the
+//! entropy detector without reading most bytes; one combined regex, compiled once, finds
 //! provider key prefixes, JWTs and PEM headers with its literal prefilter. Every candidate is
 //! collected, then overlaps are resolved: specific detectors beat the high-entropy fallback,
 //! then the longer span wins (an identity number over the phone number inside it, a card over
@@ -209,27 +223,31 @@ impl Cand {
 /// Shortest run of token characters the entropy detector looks at.
 const MIN_TOKEN_LEN: usize = 24;
 
-/// The single pass over the bytes: dispatches to the detectors anchored on a byte and feeds
-/// runs of token characters to the entropy detector.
+/// Finds every candidate: anchored detectors, then runs of token characters.
 fn scan(text: &str, out: &mut Vec<Cand>) {
     let b = text.as_bytes();
+    scan_anchors(b, out);
+    scan_tokens(b, out);
+}
+
+/// The pass over the bytes that dispatches to the detectors anchored on a byte. Most bytes
+/// of prose anchor nothing and are skipped with one table lookup.
+fn scan_anchors(b: &[u8], out: &mut Vec<Cand>) {
     let mut groups = numeric::Groups::default();
     let mut numeric_until = 0;
     let mut ipv6_until = 0;
-    let mut token_start: Option<usize> = None;
-    for (i, &c) in b.iter().enumerate() {
-        if is_token_byte(c) {
-            if token_start.is_none() {
-                token_start = Some(i);
-            }
-        } else if let Some(s) = token_start.take() {
-            if i - s >= MIN_TOKEN_LEN {
-                entropy::token(b, s, i, out);
-            }
-        }
+    let mut i = 0;
+    while let Some(off) = b
+        .get(i..)
+        .and_then(|rest| rest.iter().position(|&c| is_anchor_byte(c)))
+    {
+        i += off;
+        let Some(&c) = b.get(i) else {
+            break;
+        };
         match c {
             b'0'..=b'9' => {
-                let prev_digit = i > 0 && b.get(i - 1).is_some_and(u8::is_ascii_digit);
+                let prev_digit = before(b, i).is_some_and(|p| p.is_ascii_digit());
                 if !prev_digit {
                     if i >= numeric_until {
                         numeric_until = numeric::scan_run(b, i, &mut groups, out);
@@ -253,38 +271,88 @@ fn scan(text: &str, out: &mut Vec<Cand>) {
             b'A'..=b'Z' => iban::at(b, i, out),
             _ => {}
         }
+        i += 1;
     }
-    if let Some(s) = token_start {
-        if b.len() - s >= MIN_TOKEN_LEN {
-            entropy::token(b, s, b.len(), out);
+}
+
+/// Feeds every maximal run of at least [`MIN_TOKEN_LEN`] token characters to the entropy
+/// detector, without looking at most bytes: if the byte `MIN_TOKEN_LEN - 1` ahead is not a
+/// token character, no long run can start before it (the Boyer-Moore idea), and otherwise
+/// the run through it is walked once and skipped.
+fn scan_tokens(b: &[u8], out: &mut Vec<Cand>) {
+    // Invariant: no run under consideration starts before `i` (b[i - 1] is not a token byte).
+    let mut i = 0;
+    while i + MIN_TOKEN_LEN <= b.len() {
+        let probe = i + MIN_TOKEN_LEN - 1;
+        if !b.get(probe).is_some_and(|&c| is_token_byte(c)) {
+            i = probe + 1;
+            continue;
         }
+        let mut s = probe;
+        while s > i && b.get(s - 1).is_some_and(|&c| is_token_byte(c)) {
+            s -= 1;
+        }
+        let mut e = probe + 1;
+        while b.get(e).is_some_and(|&c| is_token_byte(c)) {
+            e += 1;
+        }
+        if e - s >= MIN_TOKEN_LEN {
+            entropy::token(b, s, e, out);
+        }
+        i = e + 1;
     }
 }
 
 /// Keeps a non-overlapping subset: specific kinds before the entropy fallback, then longer
 /// before shorter, then more specific before less, then leftmost.
+///
+/// Whether a candidate is kept depends only on the candidates it overlaps, so the sorted
+/// candidates are cut into clusters of transitively overlapping ones and each cluster is
+/// resolved on its own; most clusters are a single candidate, kept as is.
 fn resolve(mut found: Vec<Cand>) -> Vec<Cand> {
-    found.sort_by(|a, b| {
+    found.retain(|c| c.start < c.end);
+    found.sort_unstable_by_key(|c| (c.start, c.end));
+    let mut chosen = Vec::with_capacity(found.len());
+    let mut i = 0;
+    while let Some(first) = found.get(i) {
+        let mut reach = first.end;
+        let mut j = i + 1;
+        while let Some(next) = found.get(j).filter(|c| c.start < reach) {
+            reach = reach.max(next.end);
+            j += 1;
+        }
+        match found.get_mut(i..j) {
+            Some([only]) => chosen.push(*only),
+            Some(cluster) => resolve_cluster(cluster, &mut chosen),
+            None => {}
+        }
+        i = j;
+    }
+    chosen
+}
+
+/// Greedy choice within one cluster of overlapping candidates, appended to `chosen` in order
+/// of start.
+fn resolve_cluster(cluster: &mut [Cand], chosen: &mut Vec<Cand>) {
+    cluster.sort_by(|a, b| {
         a.tier()
             .cmp(&b.tier())
             .then((b.end - b.start).cmp(&(a.end - a.start)))
             .then(a.rank.cmp(&b.rank))
             .then(a.start.cmp(&b.start))
     });
-    let mut chosen: BTreeMap<usize, Cand> = BTreeMap::new();
-    for cand in found {
-        if cand.start >= cand.end {
-            continue;
-        }
-        let before = chosen.range(..=cand.start).next_back();
-        let after = chosen.range(cand.start..).next();
+    // Kept candidates by start; a map keeps huge adversarial clusters O(n log n).
+    let mut kept: BTreeMap<usize, Cand> = BTreeMap::new();
+    for &cand in cluster.iter() {
+        let before = kept.range(..=cand.start).next_back();
+        let after = kept.range(cand.start..).next();
         let overlaps = before.is_some_and(|(_, c)| c.end > cand.start)
             || after.is_some_and(|(_, c)| c.start < cand.end);
         if !overlaps {
-            chosen.insert(cand.start, cand);
+            kept.insert(cand.start, cand);
         }
     }
-    chosen.into_values().collect()
+    chosen.extend(kept.into_values());
 }
 
 /// Converts sorted, non-overlapping byte spans into character spans in one pass.
@@ -360,6 +428,25 @@ const TOKEN_BYTES: [bool; 256] = {
 
 fn is_token_byte(c: u8) -> bool {
     TOKEN_BYTES[usize::from(c)]
+}
+
+/// Bytes that anchor a detector in [`scan_anchors`]: digits, `+`, `@`, `:`, `=`, upper-case
+/// letters, and the lead byte of U+FF1A.
+const ANCHOR_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        t[i] = c.is_ascii_digit()
+            || c.is_ascii_uppercase()
+            || matches!(c, b'+' | b'@' | b':' | b'=' | 0xEF);
+        i += 1;
+    }
+    t
+};
+
+fn is_anchor_byte(c: u8) -> bool {
+    ANCHOR_BYTES[usize::from(c)]
 }
 
 /// The byte before `i`, if any.

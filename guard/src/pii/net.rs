@@ -4,13 +4,18 @@
 //! a longer dotted number (`1.2.3.4.5`), not glued to a letter (`v1.2.3.4`) and not right
 //! after the word `version`/`ver`, which is how version strings usually appear.
 //!
+//! Addresses that identify no host or person are left alone: IPv4 `0.0.0.0`, `127.0.0.0/8`
+//! and `255.0.0.0/8` (broadcast and netmasks such as `255.255.255.0`), IPv6 `::` and `::1`
+//! (also IPv4-mapped). They fill technical answers (`bind to 0.0.0.0`, `open http://127.0.0.1:8080`) and redacting them only hurts.
+//! Private and documentation ranges are still reported: they describe someone's network.
+//!
 //! IPv6: a maximal run of hex digits, colons and dots around a colon, trimmed of sentence
 //! punctuation, is handed to [`std::net::Ipv6Addr`]'s parser, which knows every legal form
 //! (full, `::`-compressed, embedded IPv4). At least two colons and one hex digit are required
 //! and the run must not touch other letters, so `12:30:45`, `std::io` and MAC addresses are
 //! not addresses.
 
-use std::net::Ipv6Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use super::{Cand, PiiKind, alnum_at, before};
@@ -21,7 +26,8 @@ pub(super) fn ipv4_at(b: &[u8], start: usize, out: &mut Vec<Cand>) {
         return;
     }
     let mut i = start;
-    for octet in 0..4 {
+    let mut octets = [0u8; 4];
+    for (octet, slot) in octets.iter_mut().enumerate() {
         if octet > 0 {
             if b.get(i) != Some(&b'.') {
                 return;
@@ -38,9 +44,18 @@ pub(super) fn ipv4_at(b: &[u8], start: usize, out: &mut Vec<Cand>) {
             i += 1;
         }
         let len = i - s;
-        if len == 0 || value > 255 || (len > 1 && b.get(s) == Some(&b'0')) {
+        if len == 0 || (len > 1 && b.get(s) == Some(&b'0')) {
             return;
         }
+        let Ok(v) = u8::try_from(value) else {
+            return;
+        };
+        *slot = v;
+    }
+    let addr = Ipv4Addr::from(octets);
+    // 255.x.x.x: the broadcast address and netmasks (`255.255.255.0`), never a host.
+    if addr.is_loopback() || addr.is_unspecified() || octets[0] == 255 {
+        return;
     }
     if alnum_at(b, i) || (b.get(i) == Some(&b'.') && b.get(i + 1).is_some_and(u8::is_ascii_digit)) {
         return;
@@ -119,7 +134,13 @@ pub(super) fn ipv6_around(b: &[u8], colon: usize, out: &mut Vec<Cand>) -> usize 
     let parsed = std::str::from_utf8(cand)
         .ok()
         .and_then(|t| Ipv6Addr::from_str(t).ok());
-    if parsed.is_some() {
+    let Some(addr) = parsed else {
+        return run_end;
+    };
+    let mapped_local = addr
+        .to_ipv4_mapped()
+        .is_some_and(|v4| v4.is_loopback() || v4.is_unspecified());
+    if !(addr.is_loopback() || addr.is_unspecified() || mapped_local) {
         out.push(Cand::new(s, e, PiiKind::Ipv6));
     }
     run_end
@@ -155,10 +176,9 @@ mod tests {
     #[test]
     fn ipv4_rules() {
         assert_eq!(v4("host 192.168.1.1."), vec!["192.168.1.1"]);
-        assert_eq!(
-            v4("0.0.0.0 and 255.255.255.255"),
-            vec!["0.0.0.0", "255.255.255.255"]
-        );
+        let v4_ok = v4("10.0.0.0 and 254.255.255.255");
+        assert_eq!(v4_ok, vec!["10.0.0.0", "254.255.255.255"]);
+        assert!(v4("0.0.0.0 127.0.0.1 127.1.2.3 255.255.255.255 255.255.255.0").is_empty());
         assert!(v4("256.1.1.1").is_empty());
         assert!(v4("1.2.3.4.5").is_empty());
         assert!(v4("v1.2.3.4").is_empty());
@@ -180,6 +200,7 @@ mod tests {
         );
         assert_eq!(v6("地址fe80::1连接"), vec!["fe80::1"]);
         assert!(v6("12:30:45").is_empty());
+        assert!(v6("[::1]:80 and :: and ::ffff:127.0.0.1").is_empty());
         assert!(v6("std::io::Result").is_empty());
         assert!(v6("00:1A:2B:3C:4D:5E").is_empty());
         assert!(v6("a::b::c").is_empty());

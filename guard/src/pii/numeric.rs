@@ -149,8 +149,11 @@ impl Run<'_> {
                 out.push(Cand::new(s, e, PiiKind::Phone));
             }
             if (13..=19).contains(&d.len()) {
-                let vals: Vec<u8> = d.iter().map(|c| c - b'0').collect();
-                if card_valid(&vals) {
+                let mut vals = [0u8; 19];
+                for (v, c) in vals.iter_mut().zip(d) {
+                    *v = c - b'0';
+                }
+                if vals.get(..d.len()).is_some_and(card_valid) {
                     out.push(Cand::new(s, e, PiiKind::CreditCard));
                 }
             }
@@ -201,16 +204,20 @@ impl Run<'_> {
                 continue;
             };
             let digits = &buf[..n];
-            let ascii: Vec<u8> = digits.iter().map(|d| d + b'0').collect();
+            let mut ascii_buf = [0u8; 19];
+            for (a, d) in ascii_buf.iter_mut().zip(digits) {
+                *a = d + b'0';
+            }
+            let ascii = &ascii_buf[..n];
             let phone = match shape {
-                [3, 4, 4] => cn_mobile(&ascii),
+                [3, 4, 4] => cn_mobile(ascii),
                 [2, 3, 4, 4] | [2, 11] => ascii.starts_with(b"86") && cn_mobile(&ascii[2..]),
                 _ => false,
             };
             if phone {
                 out.push(Cand::new(s, e, PiiKind::Phone));
             }
-            if shape == [3, 2, 4] && sep == b'-' && ssn_valid(&ascii) {
+            if shape == [3, 2, 4] && sep == b'-' && ssn_valid(ascii) {
                 out.push(Cand::new(s, e, PiiKind::UsSsn));
             }
             let (body, tail) = shape.split_at(m - 1);

@@ -23,8 +23,13 @@
 //! delimiters) is reported as [`PiiKind::ApiKey`]. Plural and compound names (`max_tokens`,
 //! `token_count`, `tokenizer`) do not end with the word and are left alone, as are the special
 //! tokens of model configs (`eos_token: </s>`), template references (`$PASSWORD`, `{{token}}`,
-//! `<secret>`), placeholders and null-like values. In prose (`The secret: kindness`) a colon
-//! followed by a space and a purely alphabetic word is not taken as an assignment.
+//! `<secret>`), placeholders and null-like values. When whitespace separates the separator
+//! from an unquoted value that is a word or dotted path without digits and more text follows
+//! on its line (`The secret: kindness.`, `let token = bearer;`, `"secret": created.secret,`),
+//! or the value is followed by `(` (a call), it is prose or code, not a secret. Still
+//! reported: `password=hunter` (no space), any quoted value, and a lone word ending its line
+//! (`password: correcthorsebatterystaple`) unless it is a type name (`token: str`). So
+//! `The secret: kindness` as the last words of a text is (wrongly) redacted.
 
 use std::sync::LazyLock;
 
@@ -217,10 +222,11 @@ fn provider_key(b: &[u8], s: usize, e: usize) -> Option<usize> {
 /// hyphenated words such as `sk-learn-...` are not keys).
 fn openai_style(body: &[u8]) -> bool {
     let hex = |s: &[u8], n: usize| s.len() == n && s.iter().all(u8::is_ascii_hexdigit);
-    if let [id @ .., b'_'] = body.get(..17).unwrap_or_default() {
-        if hex(id, 16) && body.get(17..).is_some_and(|s| hex(s, 64)) {
-            return true;
-        }
+    if let [id @ .., b'_'] = body.get(..17).unwrap_or_default()
+        && hex(id, 16)
+        && body.get(17..).is_some_and(|s| hex(s, 64))
+    {
+        return true;
     }
     for label in [&b"ant-"[..], b"proj-"] {
         if let Some(rest) = body.strip_prefix(label) {
@@ -284,8 +290,8 @@ const MAX_VALUE: usize = 256;
 /// A `key=value` / `key: value` credential assignment whose separator (`sep_len` bytes) is at
 /// `sep`.
 pub(super) fn assignment_at(b: &[u8], sep: usize, sep_len: usize, out: &mut Vec<Cand>) {
-    let colon = sep_len == 3 || b.get(sep) == Some(&b':');
     if sep_len == 1 {
+        let colon = b.get(sep) == Some(&b':');
         let (prev, next) = (before(b, sep), b.get(sep + 1).copied());
         if colon {
             if prev == Some(b':')
@@ -328,6 +334,9 @@ pub(super) fn assignment_at(b: &[u8], sep: usize, sep_len: usize, out: &mut Vec<
             let mut ve = v;
             while ve - v < MAX_VALUE && b.get(ve).is_some_and(|&c| is_value_byte(c)) {
                 ve += 1;
+                if matches!(b.get(ve), Some(b'&' | b';' | b',')) && !ends_value(b, ve + 1) {
+                    ve += 1;
+                }
             }
             while ve > v && b.get(ve - 1) == Some(&b'.') {
                 ve -= 1;
@@ -349,10 +358,65 @@ pub(super) fn assignment_at(b: &[u8], sep: usize, sep_len: usize, out: &mut Vec<
     {
         return;
     }
-    if colon && spaced && !quoted && value.iter().all(u8::is_ascii_alphabetic) {
+    if !quoted && b.get(ve) == Some(&b'(') {
         return;
     }
+    if !quoted && spaced && is_identifier_path(value) {
+        // A lone word ending its line (`password: correcthorsebatterystaple`) is a config
+        // value unless it is a type name (`token: str`); followed by more text it is prose or
+        // code (`The secret: kindness.`, `let token = bearer;`).
+        let line_final = matches!(b.get(ve), None | Some(b'\n' | b'\r'));
+        if !line_final || TYPE_WORDS.iter().any(|w| value.eq_ignore_ascii_case(w)) {
+            return;
+        }
+    }
     out.push(Cand::assignment(vs, ve));
+}
+
+/// Type names that follow `token: ` in code rather than a secret.
+const TYPE_WORDS: &[&[u8]] = &[
+    b"str",
+    b"string",
+    b"bytes",
+    b"int",
+    b"integer",
+    b"bool",
+    b"boolean",
+    b"number",
+    b"any",
+    b"object",
+    b"text",
+    b"optional",
+    b"secretstr",
+    b"required",
+];
+
+/// Whether `&`, `;` or `,` just before `next` ends an unquoted value: at the end of the text,
+/// before whitespace, or before another `name=` (query strings, connection strings). Inside
+/// a password (`Tr0ub4dor&3`) it does not.
+fn ends_value(b: &[u8], next: usize) -> bool {
+    match b.get(next) {
+        None => true,
+        Some(c) if c.is_ascii_whitespace() => true,
+        Some(_) => {
+            let rest = b.get(next..(next + 33).min(b.len())).unwrap_or_default();
+            let name = rest
+                .iter()
+                .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+                .count();
+            name > 0 && rest.get(name) == Some(&b'=')
+        }
+    }
+}
+
+/// A word or dotted path of words without digits (`kindness`, `created.secret`,
+/// `os.environ`): after `key = ` or `key: ` that is code or prose, not a secret.
+fn is_identifier_path(value: &[u8]) -> bool {
+    value.split(|&c| c == b'.').all(|seg| {
+        seg.first()
+            .is_some_and(|c| c.is_ascii_alphabetic() || *c == b'_')
+            && seg.iter().all(|c| c.is_ascii_alphabetic() || *c == b'_')
+    })
 }
 
 /// Unquoted value characters: printable ASCII except quotes, brackets and the delimiters of
@@ -398,7 +462,10 @@ fn names_credential(b: &[u8], sep: usize) -> bool {
     {
         k -= 1;
     }
-    if alnum_before(b, k) || k == id_end {
+    // Every credential word ends with one of these letters: a cheap first filter.
+    let last = before(b, id_end).map(|c| c.to_ascii_lowercase());
+    if alnum_before(b, k) || k == id_end || !matches!(last, Some(b'd' | b'e' | b't' | b'n' | b'y'))
+    {
         return false;
     }
     let mut ident = [0u8; MAX_IDENT];
@@ -524,10 +591,36 @@ mod tests {
         assert!(found("eos_token: </s>").is_empty());
         assert!(found("password=$DB_PASSWORD").is_empty());
         assert!(found("token: {{ token }}").is_empty());
-        assert!(found("The secret: kindness").is_empty());
+        assert!(found("The secret: kindness.").is_empty());
+        assert!(found("A token: the unit of text").is_empty());
         assert!(found("password: null").is_empty());
         assert!(found("if password == other").is_empty());
         assert!(found("password=[API_KEY]").is_empty());
+        assert!(found("let secret = format!(\"x{y}\");").is_empty());
+        assert!(found("let token = bearer(&parts)?;").is_empty());
+        assert!(found(r#""secret": created.secret,"#).is_empty());
+        assert!(found("token = os.environ[\"TOKEN\"]").is_empty());
+        assert_eq!(
+            found("password = hunter2"),
+            vec![(PiiKind::ApiKey, "hunter2")]
+        );
+        assert_eq!(found("password=hunter"), vec![(PiiKind::ApiKey, "hunter")]);
+        assert_eq!(
+            found("password: correcthorsebatterystaple\nuser: x"),
+            vec![(PiiKind::ApiKey, "correcthorsebatterystaple")]
+        );
+        assert!(found("token: str\n").is_empty());
+        assert_eq!(
+            found("pwd=Tr0ub4dor&3 ok"),
+            vec![(PiiKind::ApiKey, "Tr0ub4dor&3")]
+        );
+        assert_eq!(
+            found("Server=db;Password=p@ss;w0rd;Database=x"),
+            vec![(PiiKind::ApiKey, "p@ss;w0rd")]
+        );
+        assert_eq!(found("?token=abc&state=1"), vec![(PiiKind::ApiKey, "abc")]);
+        assert_eq!(found("token=abc, next"), vec![(PiiKind::ApiKey, "abc")]);
+        assert_eq!(found("token = \"abc\""), vec![(PiiKind::ApiKey, "abc")]);
         assert!(found("password=").is_empty());
     }
 }

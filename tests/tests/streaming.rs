@@ -1,0 +1,133 @@
+//! Token streaming: generated text in the job's Redis stream, served as Server-Sent Events,
+//! resumable with `Last-Event-ID`, ending with the terminal job.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use sluice_tests::*;
+
+const T: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+struct SseEvent {
+    event: String,
+    id: Option<String>,
+    data: Value,
+}
+
+/// Reads a whole SSE response (it ends after the `done` event).
+async fn read_events(app: &TestApp, key: &str, id: &str, last: Option<&str>) -> Vec<SseEvent> {
+    let mut req = app
+        .http
+        .get(format!("{}/v1/jobs/{id}/events", app.base))
+        .bearer_auth(key);
+    if let Some(last) = last {
+        req = req.header("last-event-id", last);
+    }
+    let resp = req.send().await.expect("events");
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut body = String::new();
+    let mut stream = resp.bytes_stream();
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            body.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+        }
+    };
+    tokio::time::timeout(T, read).await.expect("stream ends");
+    body.split("\n\n")
+        .filter_map(|block| {
+            let mut e = SseEvent {
+                event: String::new(),
+                id: None,
+                data: Value::Null,
+            };
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    e.event = v.to_string();
+                } else if let Some(v) = line.strip_prefix("id: ") {
+                    e.id = Some(v.to_string());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    e.data = serde_json::from_str(v).expect("json data");
+                }
+            }
+            (!e.event.is_empty()).then_some(e)
+        })
+        .collect()
+}
+
+fn text_of(events: &[SseEvent]) -> String {
+    events
+        .iter()
+        .filter(|e| e.event == "text")
+        .map(|e| e.data["text"].as_str().unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_stream_the_text_then_the_terminal_job_and_resume() {
+    let ns = unique_namespace("sse");
+    let backends = Backends::connect(&ns).await;
+    let app = TestApp::spawn(&ns).await;
+    let worker =
+        InProcessWorker::spawn_with(&ns, tiny_model_dir(), &["--redact-output", "false"]).await;
+    let key = app.key("acme").await;
+
+    let body = chat(
+        "stream this",
+        json!({"temperature": 0, "max_tokens": 400, "ignore_eos": true}),
+    );
+    let id = app.submit_ok(&key, &body).await;
+    let events = read_events(&app, &key, &id, None).await;
+    let done = events.last().expect("events");
+    assert_eq!(done.event, "done");
+    assert_eq!(done.data["job"]["status"], "succeeded");
+    let content = done.data["job"]["result"]["content"]
+        .as_str()
+        .expect("content");
+    assert_eq!(
+        text_of(&events),
+        content,
+        "the stream carries exactly the result text"
+    );
+    let texts: Vec<&SseEvent> = events.iter().filter(|e| e.event == "text").collect();
+    assert!(texts.len() > 1, "streamed in pieces, got {}", texts.len());
+
+    // Resume after the first piece: the rest, and nothing twice.
+    let first_id = texts[0].id.clone().expect("id");
+    let rest = read_events(&app, &key, &id, Some(&first_id)).await;
+    assert_eq!(
+        format!("{}{}", text_of(&events[..1]), text_of(&rest)),
+        content
+    );
+    assert_eq!(rest.last().map(|e| e.event.as_str()), Some("done"));
+
+    // Another tenant cannot read it.
+    let other = app.key("other").await;
+    let r = app
+        .http
+        .get(format!("{}/v1/jobs/{id}/events", app.base))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 404);
+
+    worker.stop().await;
+    backends.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_never_ran_ends_its_stream_with_its_status() {
+    let ns = unique_namespace("sse-cancel");
+    let backends = Backends::connect(&ns).await;
+    let app = TestApp::spawn(&ns).await;
+    let key = app.key("acme").await;
+    let id = app.submit_ok(&key, &chat("never", json!({}))).await;
+    assert_eq!(app.cancel(&key, &id).await.0, 200);
+    let events = read_events(&app, &key, &id, None).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].event, "done");
+    assert_eq!(events[0].data["job"]["status"], "cancelled");
+    backends.cleanup().await;
+}
