@@ -494,7 +494,6 @@ mod tests {
                 .expect("ref")
                 .flatten_all()
                 .expect("flat");
-            pos += 1;
         }
     }
 
