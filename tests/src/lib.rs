@@ -168,6 +168,18 @@ impl TestApp {
         assert_eq!(status, 200, "{}", r.text().await.unwrap_or_default());
     }
 
+    /// The status of `GET path` with a bearer token.
+    pub async fn status_of(&self, path: &str, token: &str) -> u16 {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("send")
+            .status()
+            .as_u16()
+    }
+
     /// `GET /v1/usage`.
     pub async fn usage(&self, key: &str) -> Value {
         self.http

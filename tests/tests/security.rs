@@ -487,14 +487,7 @@ async fn jwts_hs256_rs256_es256_and_jwks() {
         claims(json!({"tenant": "a b"})),
     ] {
         let token = jwt(Algorithm::HS256, &hs, None, bad.clone());
-        let r = app
-            .http
-            .get(format!("{}/v1/usage", app.base))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.status().as_u16(), 401, "{bad}");
+        assert_eq!(app.status_of("/v1/usage", &token).await, 401, "{bad}");
     }
     let forged = jwt(
         Algorithm::HS256,
@@ -502,37 +495,16 @@ async fn jwts_hs256_rs256_es256_and_jwks() {
         None,
         claims(json!({})),
     );
-    let r = app
-        .http
-        .get(format!("{}/v1/usage", app.base))
-        .bearer_auth(&forged)
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(app.status_of("/v1/usage", &forged).await, 401);
     // A user-role JWT may not use /admin.
-    let r = app
-        .http
-        .get(format!("{}/admin/tenants/acme", app.base))
-        .bearer_auth(&good)
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(app.status_of("/admin/tenants/acme", &good).await, 403);
     let admin = jwt(
         Algorithm::HS256,
         &hs,
         None,
         claims(json!({"role": "admin"})),
     );
-    let r = app
-        .http
-        .get(format!("{}/admin/tenants/acme", app.base))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(app.status_of("/admin/tenants/acme", &admin).await, 200);
 
     for (alg, private, public) in [
         (
@@ -570,14 +542,7 @@ async fn jwts_hs256_rs256_es256_and_jwks() {
     let token = jwt(Algorithm::RS256, &key, Some("test-rsa"), claims(json!({})));
     assert_eq!(app.usage(&token).await["tenant"], "acme");
     let unknown_kid = jwt(Algorithm::RS256, &key, Some("other"), claims(json!({})));
-    let r = app
-        .http
-        .get(format!("{}/v1/usage", app.base))
-        .bearer_auth(&unknown_kid)
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(app.status_of("/v1/usage", &unknown_kid).await, 401);
     backends.cleanup().await;
 }
 
