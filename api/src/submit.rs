@@ -76,12 +76,7 @@ fn guard_and_count(
                 let categories: Vec<String> = verdict
                     .categories
                     .iter()
-                    .map(|c| {
-                        serde_json::to_value(c)
-                            .ok()
-                            .and_then(|v| v.as_str().map(String::from))
-                            .unwrap_or_default()
-                    })
+                    .map(|c| c.as_str().to_string())
                     .collect();
                 return Err((
                     ApiError::client(
@@ -96,10 +91,7 @@ fn guard_and_count(
             }
             (Action::Flag, _) => {
                 for c in &verdict.categories {
-                    let name = serde_json::to_value(c)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default();
+                    let name = c.as_str().to_string();
                     if !flags.contains(&name) {
                         flags.push(name);
                     }

@@ -65,9 +65,14 @@ pub struct ValidatedJob {
     pub timeout: Duration,
 }
 
-/// Parses a body, telling malformed JSON (`invalid_json`) from JSON of the wrong shape
-/// (`invalid_request`).
+/// Parses a submit body (see [`parse_json`]).
 pub fn parse_body(bytes: &[u8]) -> Result<SubmitRequest, ApiError> {
+    parse_json(bytes)
+}
+
+/// Parses a JSON body, telling malformed JSON (`invalid_json`) from JSON of the wrong shape
+/// (`invalid_request`).
+pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| {
         let code = match e.classify() {
             serde_json::error::Category::Data => ErrorCode::InvalidRequest,

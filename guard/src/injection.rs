@@ -84,6 +84,19 @@ pub enum Category {
     EncodedPayload,
 }
 
+impl Category {
+    /// The stable name, identical to the serde form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::InstructionOverride => "instruction_override",
+            Category::RoleHijack => "role_hijack",
+            Category::PromptExtraction => "prompt_extraction",
+            Category::DelimiterForgery => "delimiter_forgery",
+            Category::EncodedPayload => "encoded_payload",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("injection rules: {0}")]
 pub struct RulesError(pub String);
@@ -748,6 +761,22 @@ mod tests {
         Rules::builtin()
             .scan(text)
             .categories_over(DEFAULT_THRESHOLD)
+    }
+
+    #[test]
+    fn category_names_match_serde() {
+        for c in [
+            Category::InstructionOverride,
+            Category::RoleHijack,
+            Category::PromptExtraction,
+            Category::DelimiterForgery,
+            Category::EncodedPayload,
+        ] {
+            assert_eq!(
+                serde_json::to_value(c).expect("serialize"),
+                serde_json::Value::String(c.as_str().to_string())
+            );
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::audit::{self, AuditContext};
 use crate::auth::{Admin, Role};
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::validate::parse_json;
 
 fn tenant_name(tenant: &str) -> Result<(), ApiError> {
     sluice_shared::settings::parse_namespace(tenant)
@@ -25,16 +26,6 @@ fn admin_audit(state: &AppState, admin: &Admin, action: &str) {
         ip: None,
     };
     audit::record("admin_action", action, &ctx, state.anonymize_ips);
-}
-
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        let code = match e.classify() {
-            serde_json::error::Category::Data => ErrorCode::InvalidRequest,
-            _ => ErrorCode::InvalidJson,
-        };
-        ApiError::client(code, e.to_string())
-    })
 }
 
 #[derive(Debug, Deserialize)]
