@@ -5,19 +5,23 @@
 //!   and special-token-safe prompt encoding, and the tiny random test model;
 //! - [`generate`]: one job's generation loop (sampling, stop sequences, incremental UTF-8-safe
 //!   detokenization, cancellation, deadline);
+//! - [`qmm`]: the batched 8-bit CPU matmul that makes batched decode cheaper than serial;
 //! - [`engine`]: the dedicated thread that owns the model, fed by a channel, so model compute
 //!   never runs on the async runtime;
 //! - [`consumer`]: the AMQP consumer: decode → start (Redis) → engine → finish (Redis) → ack;
 //! - [`stream`]: generated text into the job's Redis stream as it is produced, redacted;
+//! - [`bench`]: `sluice-worker bench`, the forward pass measured without broker or Redis;
 //! - [`startup`]: wiring, reconnection and graceful shutdown.
 //!
 //! A delivery is acked only after its terminal state is in Redis, so a worker that dies
 //! mid-job leaves the job to be redelivered to another worker.
 
+pub mod bench;
 pub mod consumer;
 pub mod engine;
 pub mod generate;
 pub mod model;
+pub mod qmm;
 pub mod qwen;
 pub mod settings;
 pub mod startup;

@@ -1,4 +1,5 @@
-//! `sluice-worker`: consume jobs and run them on a Qwen2 model, or write the tiny test model.
+//! `sluice-worker`: consume jobs and run them on a Qwen2 model, write the tiny test model, or
+//! benchmark the forward pass.
 
 use sluice_worker::model::tiny::{TinyShape, write_tiny_model};
 use sluice_worker::settings::Invocation;
@@ -11,6 +12,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", args.out.display());
             Ok(())
         }
+        Invocation::Bench(args) => sluice_worker::bench::run(&args).map(|_| ()),
         Invocation::Run(settings) => run(settings),
     }
 }

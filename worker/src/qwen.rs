@@ -8,24 +8,80 @@
 //! once per step, which is what makes batching pay), and attention per sequence against its
 //! own cache, at its own position.
 //!
-//! Weights come from a GGUF file (quantized matmuls) or safetensors (dense); the arithmetic is
-//! the same as the reference implementations, which the tests check.
+//! Weights come from a GGUF file (on CPU, Sluice's batched 8-bit kernel, [`crate::qmm`]; on
+//! GPU, candle's quantized matmuls) or safetensors (dense); the arithmetic is the same as the
+//! reference implementations, which the tests check.
 
-use candle_core::quantized::{QMatMul, gguf_file};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
-/// A projection: quantized (GGUF) or dense (safetensors).
+use crate::qmm::Q8Matrix;
+
+/// A projection: Sluice's batched 8-bit kernel (GGUF on CPU), candle's quantized matmul (GGUF
+/// on GPU), or dense (safetensors).
 #[derive(Debug, Clone)]
 enum Proj {
+    Q8(Arc<Q8Matrix>),
     Quant(QMatMul),
     Dense(candle_nn::Linear),
 }
 
 impl Proj {
+    /// From a GGUF tensor: on CPU every type becomes Q8_0 for [`crate::qmm`] (Q8_0 tensors
+    /// are taken as they are, others are dequantised and re-quantised once at load).
+    fn from_qtensor(w: QTensor, device: &Device) -> Result<Self> {
+        if !device.is_cpu() {
+            return Ok(Proj::Quant(QMatMul::from_qtensor(w)?));
+        }
+        let (n, k) = w.shape().dims2()?;
+        let q = if w.dtype() == GgmlDType::Q8_0 {
+            Q8Matrix::from_q8_0_bytes(&w.data()?, n, k)
+        } else {
+            let dense = w
+                .dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            Q8Matrix::quantize(&dense, n, k)
+        }
+        .map_err(candle_core::Error::wrap)?;
+        Ok(Proj::Q8(Arc::new(q)))
+    }
+
+    /// The same projection on Sluice's 8-bit CPU kernel (dense weights are quantised).
+    fn to_q8(&self) -> Result<Self> {
+        match self {
+            Proj::Dense(l) if l.bias().is_none() => {
+                let w = l.weight().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                let (n, k) = w.dims2()?;
+                let q = Q8Matrix::quantize(&w.flatten_all()?.to_vec1::<f32>()?, n, k)
+                    .map_err(candle_core::Error::wrap)?;
+                Ok(Proj::Q8(Arc::new(q)))
+            }
+            other => Ok(other.clone()),
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Proj::Q8(q) => {
+                let mut dims = x.dims().to_vec();
+                let k = dims.pop().unwrap_or(0);
+                let m = dims.iter().product::<usize>();
+                let input = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                if k != q.cols() {
+                    return Err(candle_core::Error::msg(format!(
+                        "matmul: {k} inputs for a {}-input weight",
+                        q.cols()
+                    )));
+                }
+                let out = q.matmul(&input, m).map_err(candle_core::Error::wrap)?;
+                dims.push(q.rows());
+                Tensor::from_vec(out, dims, x.device())
+            }
             Proj::Quant(q) => q.forward(x),
             Proj::Dense(l) => l.forward(x),
         }
@@ -154,16 +210,14 @@ impl Qwen2 {
         let embed = t("token_embd.weight")?.dequantize(device)?;
         let norm = RmsNorm::new(t("output_norm.weight")?.dequantize(device)?, eps);
         let lm_head = match t("output.weight") {
-            Ok(w) => Proj::Quant(QMatMul::from_qtensor(w)?),
-            Err(_) => Proj::Quant(QMatMul::from_qtensor(t("token_embd.weight")?)?),
+            Ok(w) => Proj::from_qtensor(w, device)?,
+            Err(_) => Proj::from_qtensor(t("token_embd.weight")?, device)?,
         };
         let mut layers = Vec::with_capacity(layers_n);
         for i in 0..layers_n {
             let p = format!("blk.{i}");
             let mut q = |n: &str| -> Result<Proj> {
-                Ok(Proj::Quant(QMatMul::from_qtensor(t(&format!(
-                    "{p}.{n}.weight"
-                ))?)?))
+                Proj::from_qtensor(t(&format!("{p}.{n}.weight"))?, device)
             };
             let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
             let (gate, up, down) = (q("ffn_gate")?, q("ffn_up")?, q("ffn_down")?);
@@ -282,6 +336,41 @@ impl Qwen2 {
 
     pub fn dims(&self) -> Dims {
         self.dims
+    }
+
+    /// A CPU copy whose projections run on the 8-bit kernel ([`crate::qmm`]): what a GGUF
+    /// model gets at load, applied to dense (safetensors) weights.
+    pub fn to_q8(&self) -> Result<Self> {
+        if !self.device.is_cpu() {
+            return Err(candle_core::Error::msg("the 8-bit kernel runs on CPU only"));
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(Layer {
+                    q: l.q.to_q8()?,
+                    k: l.k.to_q8()?,
+                    v: l.v.to_q8()?,
+                    o: l.o.to_q8()?,
+                    gate: l.gate.to_q8()?,
+                    up: l.up.to_q8()?,
+                    down: l.down.to_q8()?,
+                    ..l.clone()
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embed: self.embed.clone(),
+            layers,
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.to_q8()?,
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            dims: self.dims,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        })
     }
 
     pub fn dtype(&self) -> DType {
@@ -498,10 +587,63 @@ mod tests {
     }
 
     #[test]
+    fn the_8_bit_kernel_tracks_the_dense_model() {
+        let (cfg, files) = tiny();
+        let (dense, _) = load(&cfg, &files);
+        let q8 = dense.to_q8().expect("q8");
+        let prompt: Vec<u32> = vec![257, 72, 101, 108, 108, 111, 258, 10, 257, 97];
+        let (mut cd, mut cq) = (dense.new_cache(16), q8.new_cache(16));
+        let mut a = dense.prefill(&prompt, &mut cd).expect("prefill");
+        let mut b = q8.prefill(&prompt, &mut cq).expect("prefill");
+        let mut same = 0;
+        for _ in 0..20 {
+            let scale = a
+                .abs()
+                .expect("abs")
+                .max(0)
+                .expect("max")
+                .to_scalar::<f32>()
+                .expect("f32");
+            let diff = (&a - &b)
+                .expect("sub")
+                .abs()
+                .expect("abs")
+                .max(0)
+                .expect("max")
+                .to_scalar::<f32>()
+                .expect("f32");
+            // 8-bit weights and activations: a few percent of the logits' range at most.
+            assert!(
+                diff <= 0.05 * scale.max(1.0),
+                "logits differ by {diff} (scale {scale})"
+            );
+            let (ta, tb) = (argmax(&a), argmax(&b));
+            if ta == tb {
+                same += 1;
+            }
+            // Both continue from the dense model's token so one near-tie cannot derail the rest.
+            a = dense
+                .decode(&[ta], &mut [&mut cd])
+                .expect("decode")
+                .squeeze(0)
+                .expect("sq");
+            b = q8
+                .decode(&[ta], &mut [&mut cq])
+                .expect("decode")
+                .squeeze(0)
+                .expect("sq");
+        }
+        assert!(
+            same >= 18,
+            "greedy tokens agree at only {same} of 20 positions"
+        );
+    }
+
+    #[test]
     fn a_sequence_decodes_the_same_alone_and_in_a_batch() {
         let (cfg, files) = tiny();
-        let (model, _) = load(&cfg, &files);
-        let greedy = |prompts: &[Vec<u32>], steps: usize| -> Vec<Vec<u32>> {
+        let (mut model, _) = load(&cfg, &files);
+        let greedy = |model: &Qwen2, prompts: &[Vec<u32>], steps: usize| -> Vec<Vec<u32>> {
             let mut caches: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache(16)).collect();
             let mut next: Vec<u32> = prompts
                 .iter()
@@ -524,11 +666,17 @@ mod tests {
         let a = vec![257u32, 10, 20, 30];
         let b = vec![257u32, 99, 98, 97, 96, 95, 94, 93, 92, 91, 90];
         let c = vec![5u32; 30];
-        let alone = greedy(std::slice::from_ref(&a), 50);
-        let batched = greedy(&[b, a, c], 50);
+        let alone = greedy(&model, std::slice::from_ref(&a), 50);
+        let batched = greedy(&model, &[b.clone(), a.clone(), c.clone()], 50);
         assert_eq!(
             alone[0], batched[1],
             "isolation: same tokens alone and in a batch"
         );
+        // The 8-bit kernel computes each activation row on its own too: batching changes
+        // nothing bit for bit.
+        model = model.to_q8().expect("q8");
+        let alone = greedy(&model, std::slice::from_ref(&a), 50);
+        let batched = greedy(&model, &[b, a, c], 50);
+        assert_eq!(alone[0], batched[1], "isolation on the 8-bit kernel");
     }
 }

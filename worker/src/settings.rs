@@ -12,13 +12,16 @@ pub enum Invocation {
     Run(WorkerSettings),
     /// `sluice-worker tiny-model --out DIR`: write the tiny random-weight test model.
     TinyModel(TinyModelArgs),
+    /// `sluice-worker bench --model ...`: measure the forward pass (no broker, no Redis).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Parser)]
 #[command(
     name = "sluice-worker",
     version,
-    about = "Sluice's Qwen2.5 worker. `sluice-worker tiny-model --help` for the test model."
+    about = "Sluice's Qwen2.5 worker. `sluice-worker tiny-model --help` for the test model, \
+             `sluice-worker bench --help` for the benchmark."
 )]
 struct RunCli {
     #[command(flatten)]
@@ -49,6 +52,10 @@ impl Invocation {
                 args.remove(0);
                 TinyModelArgs::try_parse_from(args).map(Invocation::TinyModel)
             }
+            Some("bench") => {
+                args.remove(0);
+                crate::bench::BenchArgs::try_parse_from(args).map(Invocation::Bench)
+            }
             Some("run") => {
                 args.remove(1);
                 RunCli::try_parse_from(args).map(|c| Invocation::Run(c.settings))
@@ -65,7 +72,7 @@ pub enum DeviceSpec {
     Cuda(usize),
 }
 
-fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+pub(crate) fn parse_device(s: &str) -> Result<DeviceSpec, String> {
     match s {
         "cpu" => Ok(DeviceSpec::Cpu),
         "cuda" => Ok(DeviceSpec::Cuda(0)),
@@ -172,5 +179,8 @@ mod tests {
             assert!(matches!(inv, Invocation::Run(s) if s.model == "m.gguf"));
         }
         assert!(Invocation::parse_from(["w"]).is_err());
+        let inv = Invocation::parse_from(["w", "bench", "--model", "m.gguf", "--batches", "1,32"])
+            .expect("parse");
+        assert!(matches!(inv, Invocation::Bench(b) if b.batches == [1, 32] && b.steps == 64));
     }
 }

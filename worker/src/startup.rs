@@ -27,7 +27,7 @@ pub struct Worker {
     ks: Keyspace,
 }
 
-fn device(spec: DeviceSpec) -> anyhow::Result<Device> {
+pub(crate) fn device(spec: DeviceSpec) -> anyhow::Result<Device> {
     Ok(match spec {
         DeviceSpec::Cpu => Device::Cpu,
         DeviceSpec::Cuda(n) => Device::new_cuda(n)?,

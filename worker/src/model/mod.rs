@@ -2,7 +2,8 @@
 //!
 //! - [`source`]: where a model comes from (a `.gguf` file, a safetensors directory, or a hub id
 //!   downloaded with `hf-hub`);
-//! - [`requant`]: Q5 GGUF tensors re-quantised to Q8_0 at load for candle's SIMD CPU kernels;
+//! - [`requant`]: a GGUF file with its Q5 tensors re-quantised to Q8_0, so that candle's own
+//!   quantized model (the benchmarks' reference) gets SIMD kernels too;
 //! - [`tiny`]: a deterministic random-weight Qwen2 for fast tests (not a real model).
 //!
 //! [`LoadedModel`] owns the weights (Sluice's own batched forward pass, [`crate::qwen`]) and the
@@ -103,19 +104,8 @@ impl LoadedModel {
             )));
         }
         let codec = ChatCodec::from_gguf(&content, &path.display().to_string())?;
-        let requantized = if device.is_cpu() {
-            requant::q5_to_q8(&content, &mut file)?
-        } else {
-            None
-        };
-        let model = match requantized {
-            Some(bytes) => {
-                let mut reader = std::io::Cursor::new(bytes);
-                let content = gguf_file::Content::read(&mut reader)?;
-                Qwen2::from_gguf(&content, &mut reader, device)?
-            }
-            None => Qwen2::from_gguf(&content, &mut file, device)?,
-        };
+        // On CPU every weight becomes Q8_0 for the batched kernel as it loads (`crate::qmm`).
+        let model = Qwen2::from_gguf(&content, &mut file, device)?;
         Ok(Self::new(model, codec))
     }
 

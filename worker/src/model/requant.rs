@@ -1,4 +1,8 @@
-//! Re-quantising Q5_0/Q5_1 GGUF tensors to Q8_0 at load, for CPU workers.
+//! Re-quantising Q5_0/Q5_1 GGUF tensors to Q8_0, for candle's own quantized model.
+//!
+//! The worker itself converts every weight to Q8_0 as it loads (`crate::qmm`); this rewrite is
+//! for the benchmarks' reference, candle-transformers' `quantized_qwen2`, so that it is
+//! measured with SIMD kernels rather than the scalar Q5 fallback.
 //!
 //! candle 0.11 has no SIMD CPU kernel for Q5_0/Q5_1, which is most of the Qwen2.5 Q4_K_M files
 //! (llama.cpp's Q4_K_M mixes in Q5_0), and its scalar fallback is several times slower than

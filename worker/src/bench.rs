@@ -1,0 +1,211 @@
+//! `sluice-worker bench`: the engine's forward pass measured on a real model, no broker needed.
+//!
+//! Shipped in the worker binary so a GPU machine with no Rust toolchain can run it
+//! (`benches/gpu/`), and called by `cargo bench -p sluice-worker --bench decode` on CPU. It
+//! prints one line per figure (`name: value unit`, which `benches/llama-cpp/compare.sh` reads)
+//! and, with `--json`, one JSON report at the end.
+//!
+//! Figures: prompt processing (tokens/s), time to first token of an idle engine (prefill plus
+//! the first sampled token), decode tokens/s single-stream and aggregate at each batch size,
+//! and memory per sequence (KV bytes per token, and the whole cache at prompt + steps).
+//! `--logits-out` writes the logits after the prompt (little-endian f32) and the greedy tokens
+//! of the single-stream run, so another implementation can be compared token for token.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::Serialize;
+
+use crate::qwen::Qwen2;
+
+/// Arguments of `sluice-worker bench`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "sluice-worker bench")]
+pub struct BenchArgs {
+    /// A .gguf file, or a directory with config.json and *.safetensors (no tokenizer needed).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu", value_parser = crate::settings::parse_device)]
+    pub device: crate::settings::DeviceSpec,
+    /// Prompt length in tokens (synthetic token ids, the same on every run).
+    #[arg(long, default_value_t = 64)]
+    pub prompt_tokens: usize,
+    /// Decode steps measured per batch size.
+    #[arg(long, default_value_t = 64)]
+    pub steps: usize,
+    /// Batch sizes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    pub batches: Vec<usize>,
+    /// safetensors weights in bf16 (GPU default) or f32 (CPU default).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Write the logits after the prompt (raw little-endian f32) to this file, and the greedy
+    /// tokens of the single-stream run to the same path with `.tokens.json` appended.
+    #[arg(long)]
+    pub logits_out: Option<PathBuf>,
+    /// Print a JSON report as the last line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchFigure {
+    pub batch: usize,
+    pub aggregate_tok_s: f64,
+    pub per_sequence_tok_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub device: String,
+    pub load_s: f64,
+    pub prompt_tokens: usize,
+    pub prompt_tok_s: f64,
+    pub ttft_ms: f64,
+    pub decode: Vec<BatchFigure>,
+    pub kv_bytes_per_token: usize,
+    pub kv_bytes_per_sequence: usize,
+    pub threads: usize,
+}
+
+/// The token ids every run uses (also what `benches/` scripts feed the other implementations).
+pub fn prompt_ids(n: usize, shift: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| 100 + i * 7 + shift).collect()
+}
+
+fn load(args: &BenchArgs, device: &Device) -> anyhow::Result<Qwen2> {
+    if args.model.is_file() {
+        let mut file = std::fs::File::open(&args.model)?;
+        let content = gguf_file::Content::read(&mut file)?;
+        return Ok(Qwen2::from_gguf(&content, &mut file, device)?);
+    }
+    let config: candle_transformers::models::qwen2::Config =
+        serde_json::from_str(&std::fs::read_to_string(args.model.join("config.json"))?)?;
+    let mut weights: Vec<PathBuf> = std::fs::read_dir(&args.model)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    weights.sort();
+    let dtype = match args.dtype.as_deref() {
+        Some("bf16") => DType::BF16,
+        Some("f16") => DType::F16,
+        Some("f32") => DType::F32,
+        Some(other) => anyhow::bail!("dtype must be bf16, f16 or f32, got {other}"),
+        None if device.is_cuda() => DType::BF16,
+        None => DType::F32,
+    };
+    // SAFETY: read-only mapping of files nothing writes while the benchmark runs.
+    #[allow(unsafe_code)]
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, dtype, device)? };
+    Ok(Qwen2::from_safetensors(&config, vb)?)
+}
+
+fn argmax_rows(logits: &Tensor) -> anyhow::Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}
+
+/// Runs the benchmark, printing each figure as it is measured.
+pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    let device = crate::startup::device(args.device)?;
+    let started = Instant::now();
+    let model = load(args, &device)?;
+    let load_s = started.elapsed().as_secs_f64();
+    println!("model {} loaded in {load_s:.1}s", args.model.display());
+    let prompt = prompt_ids(args.prompt_tokens, 0);
+    let chunk = args.prompt_tokens + args.steps + 16;
+
+    // Warm-up: one prefill and a few decode steps (page in weights, compile kernels).
+    let mut warm = model.new_cache(chunk);
+    let logits = model.prefill(&prompt, &mut warm)?;
+    let mut tok = argmax_rows(&logits.unsqueeze(0)?)?[0];
+    for _ in 0..4 {
+        tok = argmax_rows(&model.decode(&[tok], &mut [&mut warm])?)?[0];
+    }
+    drop(warm);
+
+    // Prompt processing and time to first token: prefill plus sampling the first token.
+    let mut cache = model.new_cache(chunk);
+    let t = Instant::now();
+    let logits = model.prefill(&prompt, &mut cache)?;
+    argmax_rows(&logits.unsqueeze(0)?)?;
+    let ttft = t.elapsed().as_secs_f64();
+    let prompt_tok_s = prompt.len() as f64 / ttft;
+    println!(
+        "prompt processing ({} tokens): {prompt_tok_s:.1} tok/s",
+        prompt.len()
+    );
+    println!(
+        "time to first token ({} tokens): {:.1} ms",
+        prompt.len(),
+        ttft * 1e3
+    );
+    if let Some(path) = &args.logits_out {
+        let values = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(path, bytes)?;
+    }
+    drop(cache);
+
+    let mut decode = Vec::new();
+    for &batch in &args.batches {
+        let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache(chunk)).collect();
+        let mut next = Vec::with_capacity(batch);
+        for (i, c) in caches.iter_mut().enumerate() {
+            let p = prompt_ids(args.prompt_tokens, i as u32);
+            next.push(argmax_rows(&model.prefill(&p, c)?.unsqueeze(0)?)?[0]);
+        }
+        let mut greedy = vec![next[0]];
+        let t = Instant::now();
+        for _ in 0..args.steps {
+            let mut refs: Vec<_> = caches.iter_mut().collect();
+            next = argmax_rows(&model.decode(&next, &mut refs)?)?;
+            greedy.push(next[0]);
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let figure = BatchFigure {
+            batch,
+            aggregate_tok_s: (batch * args.steps) as f64 / secs,
+            per_sequence_tok_s: args.steps as f64 / secs,
+        };
+        println!(
+            "decode batch {batch}: {:.1} tok/s aggregate ({:.1} per sequence, {} steps)",
+            figure.aggregate_tok_s, figure.per_sequence_tok_s, args.steps
+        );
+        decode.push(figure);
+        if let (1, Some(path)) = (batch, &args.logits_out) {
+            let mut p = path.clone().into_os_string();
+            p.push(".tokens.json");
+            std::fs::write(p, serde_json::to_vec(&greedy)?)?;
+        }
+    }
+
+    let dims = model.dims();
+    let kv_bytes_per_token = dims.kv_bytes_per_token(model.dtype());
+    let kv_bytes_per_sequence = kv_bytes_per_token * (args.prompt_tokens + args.steps);
+    println!(
+        "memory per sequence: {kv_bytes_per_token} B/token KV, {:.2} MiB at {} tokens",
+        kv_bytes_per_sequence as f64 / (1 << 20) as f64,
+        args.prompt_tokens + args.steps
+    );
+    let report = BenchReport {
+        model: args.model.display().to_string(),
+        device: format!("{:?}", args.device),
+        load_s,
+        prompt_tokens: args.prompt_tokens,
+        prompt_tok_s,
+        ttft_ms: ttft * 1e3,
+        decode,
+        kv_bytes_per_token,
+        kv_bytes_per_sequence,
+        threads: rayon::current_num_threads(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(report)
+}
