@@ -244,6 +244,11 @@ pub struct ApiSettings {
     #[arg(long, env = "SLUICE_MAX_JOB_TIMEOUT_SECS", default_value_t = 3600)]
     pub max_job_timeout_secs: u64,
 
+    /// How long `POST /v1/chat/completions` (not streaming) waits for its job before it
+    /// answers 202 with the job's id to poll, in seconds.
+    #[arg(long, env = "SLUICE_COMPLETION_WAIT_SECS", default_value_t = 120)]
+    pub completion_wait_secs: u64,
+
     /// How long finished jobs stay readable, in seconds.
     #[arg(long, env = "SLUICE_RESULT_TTL_SECS", default_value_t = 24 * 3600)]
     pub result_ttl_secs: u64,

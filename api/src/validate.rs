@@ -16,6 +16,8 @@ pub struct Limits {
     pub max_message_chars: usize,
     pub default_timeout: Duration,
     pub max_timeout: Duration,
+    /// How long a non-streaming chat completion waits for its job.
+    pub completion_wait: Duration,
 }
 
 impl Limits {
@@ -26,6 +28,7 @@ impl Limits {
             max_message_chars: s.max_message_chars,
             default_timeout: Duration::from_secs(s.job_timeout_secs),
             max_timeout: Duration::from_secs(s.max_job_timeout_secs),
+            completion_wait: Duration::from_secs(s.completion_wait_secs),
         }
     }
 }
@@ -33,7 +36,7 @@ impl Limits {
 /// `stop` may be one string or a list, as in the OpenAI API.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-enum StopField {
+pub(crate) enum StopField {
     One(String),
     Many(Vec<String>),
 }
@@ -42,18 +45,18 @@ enum StopField {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
-    messages: Vec<Message>,
-    max_tokens: Option<u32>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<u32>,
-    seed: Option<u64>,
-    stop: Option<StopField>,
-    repetition_penalty: Option<f32>,
-    ignore_eos: Option<bool>,
-    session_id: Option<String>,
+    pub(crate) messages: Vec<Message>,
+    pub(crate) max_tokens: Option<u32>,
+    pub(crate) temperature: Option<f32>,
+    pub(crate) top_p: Option<f32>,
+    pub(crate) top_k: Option<u32>,
+    pub(crate) seed: Option<u64>,
+    pub(crate) stop: Option<StopField>,
+    pub(crate) repetition_penalty: Option<f32>,
+    pub(crate) ignore_eos: Option<bool>,
+    pub(crate) session_id: Option<String>,
     /// Deadline for queue plus run, in seconds.
-    timeout_secs: Option<u64>,
+    pub(crate) timeout_secs: Option<u64>,
 }
 
 /// A job that passed every check; the only way to get one is [`validate`].
@@ -162,6 +165,7 @@ mod tests {
             max_message_chars: 1000,
             default_timeout: Duration::from_secs(600),
             max_timeout: Duration::from_secs(3600),
+            completion_wait: Duration::from_secs(60),
         }
     }
 

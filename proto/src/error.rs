@@ -26,6 +26,10 @@ pub enum ErrorCode {
     PiiDetected,
     /// A `system` message from a client whose tenant does not allow them.
     SystemMessageNotAllowed,
+    /// A request parameter this server does not implement (named in the message).
+    UnsupportedParameter,
+    /// The request names a model this deployment does not serve.
+    ModelNotFound,
     // Auth.
     /// Missing, malformed, unknown, expired or revoked credentials.
     Unauthorized,
@@ -71,10 +75,11 @@ impl ErrorCode {
             | InvalidParameter
             | PromptInjectionDetected
             | PiiDetected
-            | SystemMessageNotAllowed => 400,
+            | SystemMessageNotAllowed
+            | UnsupportedParameter => 400,
             Unauthorized => 401,
             Forbidden => 403,
-            NotFound => 404,
+            NotFound | ModelNotFound => 404,
             MethodNotAllowed => 405,
             JobAlreadyFinished => 409,
             PayloadTooLarge | ContextLengthExceeded => 413,
@@ -100,6 +105,8 @@ impl ErrorCode {
             PromptInjectionDetected => "prompt_injection_detected",
             PiiDetected => "pii_detected",
             SystemMessageNotAllowed => "system_message_not_allowed",
+            UnsupportedParameter => "unsupported_parameter",
+            ModelNotFound => "model_not_found",
             Unauthorized => "unauthorized",
             Forbidden => "forbidden",
             NotFound => "not_found",
@@ -156,6 +163,8 @@ mod tests {
         ErrorCode::PromptInjectionDetected,
         ErrorCode::PiiDetected,
         ErrorCode::SystemMessageNotAllowed,
+        ErrorCode::UnsupportedParameter,
+        ErrorCode::ModelNotFound,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
         ErrorCode::NotFound,

@@ -8,9 +8,8 @@
 //! once per step, which is what makes batching pay), and attention per sequence against its
 //! own cache, at its own position.
 //!
-//! Weights come from a GGUF file (on CPU, Sluice's batched 8-bit kernel, [`crate::qmm`]; on
-//! GPU, candle's quantized matmuls) or safetensors (dense); the arithmetic is the same as the
-//! reference implementations, which the tests check.
+//! Weights come from a GGUF file (candle's quantized matmuls) or safetensors (dense); the
+//! arithmetic is the same as the reference implementations, which the tests check.
 
 use std::sync::Arc;
 
@@ -21,8 +20,8 @@ use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use crate::qmm::Q8Matrix;
 
-/// A projection: Sluice's batched 8-bit kernel (GGUF on CPU), candle's quantized matmul (GGUF
-/// on GPU), or dense (safetensors).
+/// A projection: candle's quantized matmul (GGUF), dense (safetensors), or Sluice's batched
+/// 8-bit CPU kernel ([`Qwen2::to_q8`]).
 #[derive(Debug, Clone)]
 enum Proj {
     Q8(Arc<Q8Matrix>),
@@ -31,29 +30,36 @@ enum Proj {
 }
 
 impl Proj {
-    /// From a GGUF tensor: on CPU every type becomes Q8_0 for [`crate::qmm`] (Q8_0 tensors
-    /// are taken as they are, others are dequantised and re-quantised once at load).
+    /// From a GGUF tensor, for candle's quantized matmul. On CPU, Q5_0/Q5_1 tensors are
+    /// re-quantised to Q8_0 once at load: candle 0.11 has no SIMD CPU kernel for Q5 (most of
+    /// a Qwen2.5 Q4_K_M file), and Q8_0 holds every Q5 value exactly. GPUs keep Q5.
     fn from_qtensor(w: QTensor, device: &Device) -> Result<Self> {
-        if !device.is_cpu() {
-            return Ok(Proj::Quant(QMatMul::from_qtensor(w)?));
-        }
-        let (n, k) = w.shape().dims2()?;
-        let q = if w.dtype() == GgmlDType::Q8_0 {
-            Q8Matrix::from_q8_0_bytes(&w.data()?, n, k)
+        let w = if device.is_cpu() && matches!(w.dtype(), GgmlDType::Q5_0 | GgmlDType::Q5_1) {
+            QTensor::quantize(&w.dequantize(device)?, GgmlDType::Q8_0)?
         } else {
-            let dense = w
-                .dequantize(&Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            Q8Matrix::quantize(&dense, n, k)
-        }
-        .map_err(candle_core::Error::wrap)?;
-        Ok(Proj::Q8(Arc::new(q)))
+            w
+        };
+        Ok(Proj::Quant(QMatMul::from_qtensor(w)?))
     }
 
-    /// The same projection on Sluice's 8-bit CPU kernel (dense weights are quantised).
+    /// The same projection on Sluice's 8-bit CPU kernel (Q8_0 weights taken as they are,
+    /// others dequantised and quantised).
     fn to_q8(&self) -> Result<Self> {
         match self {
+            Proj::Quant(QMatMul::QTensor(w)) => {
+                let (n, k) = w.shape().dims2()?;
+                let q = if w.dtype() == GgmlDType::Q8_0 {
+                    Q8Matrix::from_q8_0_bytes(&w.data()?, n, k)
+                } else {
+                    let dense = w
+                        .dequantize(&Device::Cpu)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    Q8Matrix::quantize(&dense, n, k)
+                }
+                .map_err(candle_core::Error::wrap)?;
+                Ok(Proj::Q8(Arc::new(q)))
+            }
             Proj::Dense(l) if l.bias().is_none() => {
                 let w = l.weight().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
                 let (n, k) = w.dims2()?;
@@ -338,8 +344,8 @@ impl Qwen2 {
         self.dims
     }
 
-    /// A CPU copy whose projections run on the 8-bit kernel ([`crate::qmm`]): what a GGUF
-    /// model gets at load, applied to dense (safetensors) weights.
+    /// A CPU copy whose projections run on Sluice's batched 8-bit kernel ([`crate::qmm`])
+    /// instead of candle's: what CPU workers run (see `LoadedModel::load`).
     pub fn to_q8(&self) -> Result<Self> {
         if !self.device.is_cpu() {
             return Err(candle_core::Error::msg("the 8-bit kernel runs on CPU only"));

@@ -16,6 +16,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::Stream;
 use futures_util::stream::{self, StreamExt};
 use serde_json::json;
+use sluice_proto::JobView;
 use uuid::Uuid;
 
 use crate::auth::Principal;
@@ -41,20 +42,29 @@ fn valid_stream_id(s: &str) -> bool {
     ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
 }
 
-async fn done_event(c: &Cursor, id: Option<&str>) -> Event {
+/// What happens to a job, in order: pieces of text, then its end.
+#[derive(Debug, Clone)]
+pub enum JobEvent {
+    /// Generated text (already redacted by the worker), with its stream entry id.
+    Text { entry: String, text: String },
+    /// The job ended; `job` is its terminal record (`None` if it has expired from the store).
+    Done {
+        entry: Option<String>,
+        job: Option<Box<JobView>>,
+    },
+}
+
+async fn done_event(c: &Cursor, entry: Option<&str>) -> JobEvent {
     let view = c.state.store.get(&c.tenant, &c.id).await.ok().flatten();
-    let event = Event::default()
-        .event("done")
-        .data(json!({ "job": view }).to_string());
-    match id {
-        Some(id) => event.id(id),
-        None => event,
+    JobEvent::Done {
+        entry: entry.map(str::to_string),
+        job: view.map(Box::new),
     }
 }
 
 /// One round: read what is new (waiting up to a second), or check whether the job ended
 /// without a stream.
-async fn next_events(mut c: Cursor) -> Option<(Vec<Event>, Cursor)> {
+async fn next_events(mut c: Cursor) -> Option<(Vec<JobEvent>, Cursor)> {
     if c.finished {
         return None;
     }
@@ -87,12 +97,10 @@ async fn next_events(mut c: Cursor) -> Option<(Vec<Event>, Cursor)> {
                         break;
                     }
                     let text = get("text").unwrap_or_default();
-                    events.push(
-                        Event::default()
-                            .event("text")
-                            .id(entry_id)
-                            .data(json!({ "text": text }).to_string()),
-                    );
+                    events.push(JobEvent::Text {
+                        entry: entry_id,
+                        text,
+                    });
                 }
             }
         }
@@ -118,24 +126,19 @@ async fn next_events(mut c: Cursor) -> Option<(Vec<Event>, Cursor)> {
     Some((events, c))
 }
 
-pub async fn events(
-    principal: Principal,
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+/// A job's events from stream entry `last` on (`"0-0"`: from the start), after checking that
+/// the job belongs to `tenant`. Shared by this route and the OpenAI-compatible stream.
+pub async fn job_events(
+    state: AppState,
+    tenant: String,
+    id: Uuid,
+    last: String,
+) -> Result<impl Stream<Item = JobEvent>, ApiError> {
     state
         .store
-        .get(&principal.tenant, &id)
+        .get(&tenant, &id)
         .await?
         .ok_or(ApiError::NotFound)?;
-    let last = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| valid_stream_id(v))
-        .unwrap_or("0-0")
-        .to_string();
     let mut conn = state
         .stream_client
         .get_multiplexed_async_connection()
@@ -147,13 +150,45 @@ pub async fn events(
         conn,
         key: state.store.keyspace().job_events(&id),
         state,
-        tenant: principal.tenant,
+        tenant,
         id,
         last,
         finished: false,
     };
-    let stream = stream::unfold(cursor, next_events)
-        .flat_map(|events| stream::iter(events.into_iter().map(Ok)));
+    Ok(stream::unfold(cursor, next_events).flat_map(stream::iter))
+}
+
+pub async fn events(
+    principal: Principal,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| valid_stream_id(v))
+        .unwrap_or("0-0")
+        .to_string();
+    let events = job_events(state, principal.tenant, id, last).await?;
+    let stream = events.map(|event| {
+        Ok(match event {
+            JobEvent::Text { entry, text } => Event::default()
+                .event("text")
+                .id(entry)
+                .data(json!({ "text": text }).to_string()),
+            JobEvent::Done { entry, job } => {
+                let event = Event::default()
+                    .event("done")
+                    .data(json!({ "job": job }).to_string());
+                match entry {
+                    Some(id) => event.id(id),
+                    None => event,
+                }
+            }
+        })
+    });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 

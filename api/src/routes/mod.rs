@@ -5,6 +5,7 @@ pub mod admin;
 pub mod events;
 pub mod health;
 pub mod jobs;
+pub mod openai;
 pub mod usage;
 
 use axum::Router;
@@ -24,6 +25,11 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(events::events))
         .route("/v1/usage", get(usage::usage))
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(openai::chat_completions),
+        )
+        .route("/v1/models", get(openai::models))
         .route("/admin/keys", get(admin::list_keys).post(admin::create_key))
         .route(
             "/admin/keys/{key_id}",

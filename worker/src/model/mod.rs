@@ -104,8 +104,15 @@ impl LoadedModel {
             )));
         }
         let codec = ChatCodec::from_gguf(&content, &path.display().to_string())?;
-        // On CPU every weight becomes Q8_0 for the batched kernel as it loads (`crate::qmm`).
         let model = Qwen2::from_gguf(&content, &mut file, device)?;
+        // On CPU, Sluice's batched 8-bit kernel: measured in the same run as candle's kernels
+        // (benches/llama-cpp/compare.sh) it is faster for prompt, single-stream and batched
+        // decode. Every weight becomes Q8_0 once, here.
+        let model = if device.is_cpu() {
+            model.to_q8()?
+        } else {
+            model
+        };
         Ok(Self::new(model, codec))
     }
 
