@@ -2,6 +2,7 @@
 //! Redis), publish. Every rejection happens before anything is written; a failed publish
 //! rolls the admission back.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::http::HeaderMap;
@@ -116,14 +117,24 @@ fn guard_and_count(
 }
 
 /// Runs a validated job through the guard, the context check and admission, then publishes
-/// it. Returns the new job's id.
+/// it. Returns the new job's id. `peer` and `headers` give the client address for the audit
+/// log and the caller's trace context.
 pub async fn submit(
     state: &AppState,
     principal: Principal,
-    ctx: AuditContext,
+    peer: SocketAddr,
     job: ValidatedJob,
     headers: &HeaderMap,
 ) -> Result<Uuid, ApiError> {
+    let ctx = AuditContext {
+        tenant: Some(principal.tenant.clone()),
+        key_id: Some(principal.key_id.clone()),
+        ip: Some(crate::client_ip::client_ip(
+            peer,
+            headers,
+            &state.trusted_proxies,
+        )),
+    };
     let policy = state.tenants.policy(&principal.tenant).await?;
     let guard = Arc::clone(&state.guard);
     let codec = Arc::clone(&state.codec);

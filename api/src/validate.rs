@@ -68,6 +68,22 @@ pub struct ValidatedJob {
     pub timeout: Duration,
 }
 
+/// The request body, or the 4xx for a body axum could not read (too large, or not readable).
+pub fn body_bytes(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<axum::body::Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::client(
+                ErrorCode::PayloadTooLarge,
+                "the request body is larger than the limit",
+            )
+        } else {
+            ApiError::client(ErrorCode::InvalidRequest, rejection.body_text())
+        }
+    })
+}
+
 /// Parses a submit body (see [`parse_json`]).
 pub fn parse_body(bytes: &[u8]) -> Result<SubmitRequest, ApiError> {
     parse_json(bytes)

@@ -90,6 +90,23 @@ where
     }
 }
 
+/// Reads a streamed response (SSE) to its end, failing if it does not end within `timeout`.
+/// Bytes are decoded once at the end, so a character split across chunks stays whole.
+pub async fn read_to_end(resp: reqwest::Response, timeout: Duration) -> String {
+    use futures_util::StreamExt;
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            body.extend_from_slice(&chunk.expect("chunk"));
+        }
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .expect("stream ends");
+    String::from_utf8(body).expect("utf-8 body")
+}
+
 /// An API server running in this process on a free port.
 pub struct TestApp {
     pub base: String,

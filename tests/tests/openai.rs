@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 use sluice_tests::*;
 
@@ -38,14 +37,7 @@ async fn model_id(app: &TestApp, key: &str) -> String {
 
 /// The `data:` payloads of an SSE response, in order.
 async fn sse_data(resp: reqwest::Response) -> Vec<String> {
-    let mut body = String::new();
-    let mut stream = resp.bytes_stream();
-    let read = async {
-        while let Some(chunk) = stream.next().await {
-            body.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
-        }
-    };
-    tokio::time::timeout(T, read).await.expect("stream ends");
+    let body = read_to_end(resp, T).await;
     body.split("\n\n")
         .flat_map(|block| {
             block

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 use sluice_tests::*;
 
@@ -27,14 +26,7 @@ async fn read_events(app: &TestApp, key: &str, id: &str, last: Option<&str>) -> 
     }
     let resp = req.send().await.expect("events");
     assert_eq!(resp.status().as_u16(), 200);
-    let mut body = String::new();
-    let mut stream = resp.bytes_stream();
-    let read = async {
-        while let Some(chunk) = stream.next().await {
-            body.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
-        }
-    };
-    tokio::time::timeout(T, read).await.expect("stream ends");
+    let body = read_to_end(resp, T).await;
     body.split("\n\n")
         .filter_map(|block| {
             let mut e = SseEvent {

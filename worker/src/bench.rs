@@ -16,9 +16,10 @@ use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{D, DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use serde::Serialize;
 
+use crate::model::source::safetensors_in;
+use crate::model::{compute_dtype, qwen2_from_safetensors};
 use crate::qwen::Qwen2;
 
 /// Arguments of `sluice-worker bench`.
@@ -88,25 +89,20 @@ fn load(args: &BenchArgs, device: &Device) -> anyhow::Result<Qwen2> {
         let content = gguf_file::Content::read(&mut file)?;
         return Ok(Qwen2::from_gguf(&content, &mut file, device)?);
     }
-    let config: candle_transformers::models::qwen2::Config =
-        serde_json::from_str(&std::fs::read_to_string(args.model.join("config.json"))?)?;
-    let mut weights: Vec<PathBuf> = std::fs::read_dir(&args.model)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    weights.sort();
     let dtype = match args.dtype.as_deref() {
         Some("bf16") => DType::BF16,
         Some("f16") => DType::F16,
         Some("f32") => DType::F32,
         Some(other) => anyhow::bail!("dtype must be bf16, f16 or f32, got {other}"),
-        None if device.is_cuda() => DType::BF16,
-        None => DType::F32,
+        None => compute_dtype(device),
     };
-    // SAFETY: read-only mapping of files nothing writes while the benchmark runs.
-    #[allow(unsafe_code)]
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, dtype, device)? };
-    Ok(Qwen2::from_safetensors(&config, vb)?)
+    let weights = safetensors_in(&args.model)?;
+    Ok(qwen2_from_safetensors(
+        &args.model.join("config.json"),
+        &weights,
+        dtype,
+        device,
+    )?)
 }
 
 fn argmax_rows(logits: &Tensor) -> anyhow::Result<Vec<u32>> {
@@ -173,7 +169,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         // One untimed step per batch size (GPU kernels and buffers of this shape get set up),
         // on clones of the caches: it writes only past their current length, which the timed
         // steps then overwrite, so they start from the same state.
-        let mut warm: Vec<_> = caches.iter().map(|c| c.clone()).collect();
+        let mut warm = caches.clone();
         let mut refs: Vec<_> = warm.iter_mut().collect();
         model.decode(&next, &mut refs)?;
         drop(warm);

@@ -131,11 +131,6 @@ impl Q8Matrix {
         self.k
     }
 
-    /// Bytes held (weights and scales).
-    pub fn size_in_bytes(&self) -> usize {
-        self.blocks.len() * std::mem::size_of::<Block>()
-    }
-
     /// `x` is `m x k` row-major; returns `m x n` row-major (`x · Wᵀ`).
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>, QmmError> {
         if x.len() != m * self.k {

@@ -34,8 +34,8 @@ impl Proj {
     /// re-quantised to Q8_0 once at load: candle 0.11 has no SIMD CPU kernel for Q5 (most of
     /// a Qwen2.5 Q4_K_M file), and Q8_0 holds every Q5 value exactly. GPUs keep Q5.
     fn from_qtensor(w: QTensor, device: &Device) -> Result<Self> {
-        let w = if device.is_cpu() && matches!(w.dtype(), GgmlDType::Q5_0 | GgmlDType::Q5_1) {
-            QTensor::quantize(&w.dequantize(device)?, GgmlDType::Q8_0)?
+        let w = if device.is_cpu() {
+            crate::model::requant::q5_tensor_to_q8(w)?
         } else {
             w
         };
@@ -539,6 +539,16 @@ mod tests {
         )
     }
 
+    /// The largest absolute value of a vector.
+    fn max_abs(v: &Tensor) -> f32 {
+        v.abs()
+            .expect("abs")
+            .max(0)
+            .expect("max")
+            .to_scalar::<f32>()
+            .expect("f32")
+    }
+
     fn argmax(logits: &Tensor) -> u32 {
         logits
             .argmax(candle_core::D::Minus1)
@@ -564,14 +574,7 @@ mod tests {
             .flatten_all()
             .expect("flat");
         for pos in prompt.len()..prompt.len() + 40 {
-            let diff = (&a - &r)
-                .expect("sub")
-                .abs()
-                .expect("abs")
-                .max(0)
-                .expect("max")
-                .to_scalar::<f32>()
-                .expect("f32");
+            let diff = max_abs(&(&a - &r).expect("sub"));
             assert!(diff < 1e-3, "logits differ by {diff}");
             let (ta, tr) = (argmax(&a), argmax(&r));
             assert_eq!(ta, tr, "greedy tokens differ at position {pos}");
@@ -603,21 +606,8 @@ mod tests {
         let mut b = q8.prefill(&prompt, &mut cq).expect("prefill");
         let mut same = 0;
         for _ in 0..20 {
-            let scale = a
-                .abs()
-                .expect("abs")
-                .max(0)
-                .expect("max")
-                .to_scalar::<f32>()
-                .expect("f32");
-            let diff = (&a - &b)
-                .expect("sub")
-                .abs()
-                .expect("abs")
-                .max(0)
-                .expect("max")
-                .to_scalar::<f32>()
-                .expect("f32");
+            let scale = max_abs(&a);
+            let diff = max_abs(&(&a - &b).expect("sub"));
             // 8-bit weights and activations: a few percent of the logits' range at most.
             assert!(
                 diff <= 0.05 * scale.max(1.0),

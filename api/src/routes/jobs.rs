@@ -13,11 +13,10 @@ use sluice_proto::{ErrorCode, TraceContext};
 use sluice_shared::store::CancelOutcome;
 use uuid::Uuid;
 
-use crate::audit::AuditContext;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::validate::{parse_body, validate};
+use crate::validate::{body_bytes, parse_body, validate};
 
 /// `POST /v1/jobs` → 202 `{"id", "status": "queued"}`.
 #[tracing::instrument(skip_all, fields(tenant = %principal.tenant, job_id))]
@@ -28,27 +27,9 @@ pub async fn submit(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::client(
-                ErrorCode::PayloadTooLarge,
-                "the request body is larger than the limit",
-            )
-        } else {
-            ApiError::client(ErrorCode::InvalidRequest, rejection.body_text())
-        }
-    })?;
+    let body = body_bytes(body)?;
     let job = validate(parse_body(&body)?, &state.limits)?;
-    let ctx = AuditContext {
-        tenant: Some(principal.tenant.clone()),
-        key_id: Some(principal.key_id.clone()),
-        ip: Some(crate::client_ip::client_ip(
-            peer,
-            &headers,
-            &state.trusted_proxies,
-        )),
-    };
-    let id = crate::submit::submit(&state, principal, ctx, job, &headers).await?;
+    let id = crate::submit::submit(&state, principal, peer, job, &headers).await?;
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/v1/jobs/{id}"))],

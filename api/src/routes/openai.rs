@@ -22,15 +22,14 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sluice_proto::{ErrorCode, FinishReason, JobStatus, JobView, Message, Role};
+use sluice_proto::{ErrorBody, ErrorCode, FinishReason, JobStatus, JobView, Message, Role, Usage};
 use uuid::Uuid;
 
 use super::events::{JobEvent, job_events};
-use crate::audit::AuditContext;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::validate::{StopField, SubmitRequest, parse_json, validate};
+use crate::validate::{StopField, SubmitRequest, body_bytes, parse_json, validate};
 
 /// An [`ApiError`] rendered in OpenAI's error shape (same status and headers).
 pub struct OpenAiError(pub ApiError);
@@ -53,19 +52,25 @@ fn error_type(status: StatusCode) -> &'static str {
     }
 }
 
+/// An error body in OpenAI's shape (its `type` follows the code's HTTP status).
+fn error_json(body: &ErrorBody) -> Value {
+    let status =
+        StatusCode::from_u16(body.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json!({
+        "error": {
+            "message": body.message,
+            "type": error_type(status),
+            "param": Value::Null,
+            "code": body.code,
+        }
+    })
+}
+
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
-        let body = self.0.body();
+        let shaped = error_json(&self.0.body());
+        // Status and headers (Retry-After, RateLimit-*) stay those of Sluice's own response.
         let mut response = self.0.into_response();
-        let status = response.status();
-        let shaped = json!({
-            "error": {
-                "message": body.message,
-                "type": error_type(status),
-                "param": Value::Null,
-                "code": body.code,
-            }
-        });
         *response.body_mut() = axum::body::Body::from(shaped.to_string());
         response
             .headers_mut()
@@ -249,6 +254,24 @@ fn created(view: &JobView) -> u64 {
     view.created_at / 1000
 }
 
+fn usage_json(usage: Usage) -> Value {
+    json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    })
+}
+
+/// Why a terminal job has no completion to show: its error, or its status.
+fn job_error(view: &JobView) -> ErrorBody {
+    view.error.clone().unwrap_or_else(|| {
+        ErrorBody::new(
+            ErrorCode::JobAlreadyFinished,
+            format!("the job ended with status {}", view.status.as_str()),
+        )
+    })
+}
+
 /// A terminal job as a `chat.completion`, or the job's error in OpenAI's shape.
 fn completion(view: &JobView, model: &str) -> Result<Value, ApiError> {
     match (&view.status, &view.result) {
@@ -264,19 +287,9 @@ fn completion(view: &JobView, model: &str) -> Result<Value, ApiError> {
                 "logprobs": Value::Null,
                 "finish_reason": finish_reason(result.finish_reason),
             }],
-            "usage": {
-                "prompt_tokens": result.usage.prompt_tokens,
-                "completion_tokens": result.usage.completion_tokens,
-                "total_tokens": result.usage.prompt_tokens + result.usage.completion_tokens,
-            },
+            "usage": usage_json(result.usage),
         })),
-        _ => Err(match &view.error {
-            Some(body) => ApiError::Client(body.clone()),
-            None => ApiError::client(
-                ErrorCode::JobAlreadyFinished,
-                format!("the job ended with status {}", view.status.as_str()),
-            ),
-        }),
+        _ => Err(ApiError::Client(job_error(view))),
     }
 }
 
@@ -291,31 +304,13 @@ pub async fn chat_completions(
 ) -> Result<Response, OpenAiError> {
     let principal = principal?;
     tracing::Span::current().record("tenant", principal.tenant.as_str());
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::client(
-                ErrorCode::PayloadTooLarge,
-                "the request body is larger than the limit",
-            )
-        } else {
-            ApiError::client(ErrorCode::InvalidRequest, rejection.body_text())
-        }
-    })?;
+    let body = body_bytes(body)?;
     let request: ChatCompletionRequest = parse_json(&body)?;
     let model = state.codec.name.clone();
     let (submit, stream, include_usage) = request.into_submit(&model)?;
     let job = validate(submit, &state.limits)?;
-    let ctx = AuditContext {
-        tenant: Some(principal.tenant.clone()),
-        key_id: Some(principal.key_id.clone()),
-        ip: Some(crate::client_ip::client_ip(
-            peer,
-            &headers,
-            &state.trusted_proxies,
-        )),
-    };
     let tenant = principal.tenant.clone();
-    let id = crate::submit::submit(&state, principal, ctx, job, &headers).await?;
+    let id = crate::submit::submit(&state, principal, peer, job, &headers).await?;
     if stream {
         return Ok(relay(state, tenant, id, model, include_usage)
             .await?
@@ -392,48 +387,22 @@ async fn relay(
             JobEvent::Text { text, .. } => {
                 vec![chunk(id, created, &model, json!({ "content": text }), None)]
             }
-            JobEvent::Done { job, .. } => match job.as_deref() {
-                Some(view) if view.result.is_some() => {
-                    let result = view.result.as_ref().map(|r| (r.finish_reason, r.usage));
-                    let mut out = Vec::new();
-                    if let Some((reason, usage)) = result {
-                        out.push(chunk(
-                            id,
-                            created,
-                            &model,
-                            json!({}),
-                            Some(finish_reason(reason)),
-                        ));
-                        if include_usage {
-                            let mut last = chunk(id, created, &model, json!({}), None);
-                            last["choices"] = json!([]);
-                            last["usage"] = json!({
-                                "prompt_tokens": usage.prompt_tokens,
-                                "completion_tokens": usage.completion_tokens,
-                                "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-                            });
-                            out.push(last);
-                        }
+            JobEvent::Done { job: None, .. } => Vec::new(),
+            JobEvent::Done {
+                job: Some(view), ..
+            } => match &view.result {
+                Some(result) => {
+                    let reason = finish_reason(result.finish_reason);
+                    let mut out = vec![chunk(id, created, &model, json!({}), Some(reason))];
+                    if include_usage {
+                        let mut last = chunk(id, created, &model, json!({}), None);
+                        last["choices"] = json!([]);
+                        last["usage"] = usage_json(result.usage);
+                        out.push(last);
                     }
                     out
                 }
-                Some(view) => {
-                    let body = view.error.clone().unwrap_or_else(|| {
-                        sluice_proto::ErrorBody::new(
-                            ErrorCode::JobAlreadyFinished,
-                            format!("the job ended with status {}", view.status.as_str()),
-                        )
-                    });
-                    let status = StatusCode::from_u16(body.code.http_status())
-                        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                    vec![json!({ "error": {
-                        "message": body.message,
-                        "type": error_type(status),
-                        "param": Value::Null,
-                        "code": body.code,
-                    }})]
-                }
-                None => Vec::new(),
+                None => vec![error_json(&job_error(&view))],
             },
         };
         futures_util::stream::iter(out)

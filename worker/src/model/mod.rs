@@ -2,8 +2,8 @@
 //!
 //! - [`source`]: where a model comes from (a `.gguf` file, a safetensors directory, or a hub id
 //!   downloaded with `hf-hub`);
-//! - [`requant`]: a GGUF file with its Q5 tensors re-quantised to Q8_0, so that candle's own
-//!   quantized model (the benchmarks' reference) gets SIMD kernels too;
+//! - [`requant`]: Q5 GGUF tensors re-quantised to Q8_0 on CPU (candle has no SIMD Q5 kernel),
+//!   per tensor at load or as a rewritten file for the benchmarks' candle reference;
 //! - [`tiny`]: a deterministic random-weight Qwen2 for fast tests (not a real model).
 //!
 //! [`LoadedModel`] owns the weights (Sluice's own batched forward pass, [`crate::qwen`]) and the
@@ -70,6 +70,34 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     }
 }
 
+/// The dtype safetensors weights are computed in: bf16 on GPUs; f32 on CPUs, which have no
+/// fast bf16 matmul in candle.
+pub fn compute_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// The network alone (no tokenizer) from a `config.json` and its safetensors files.
+pub fn qwen2_from_safetensors(
+    config: &Path,
+    weights: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<Qwen2, ModelError> {
+    let config: qwen2::Config =
+        serde_json::from_str(&std::fs::read_to_string(config).map_err(io_err(config))?)
+            .map_err(|e| ModelError::Format(format!("config.json: {e}")))?;
+    // SAFETY: the files are memory-mapped read-only; Sluice never writes them while the
+    // worker runs, and an operator replacing model files under a live worker is outside
+    // what any inference server supports.
+    #[allow(unsafe_code)]
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device)? };
+    Ok(Qwen2::from_safetensors(&config, vb)?)
+}
+
 impl LoadedModel {
     /// Loads a model resolved to local files.
     pub fn load(local: &LocalModel, device: &Device) -> Result<Self, ModelError> {
@@ -117,28 +145,14 @@ impl LoadedModel {
     }
 
     fn load_safetensors(files: &source::ModelFiles, device: &Device) -> Result<Self, ModelError> {
-        let config: qwen2::Config = serde_json::from_str(
-            &std::fs::read_to_string(&files.config).map_err(io_err(&files.config))?,
-        )
-        .map_err(|e| ModelError::Format(format!("config.json: {e}")))?;
         let codec = ChatCodec::from_files(
             &files.tokenizer,
             files.tokenizer_config.as_deref(),
             &files.config,
             &files.name,
         )?;
-        // GPUs run bf16; CPUs have no fast bf16 matmul in candle, so they compute in f32.
-        let dtype = if device.is_cuda() {
-            DType::BF16
-        } else {
-            DType::F32
-        };
-        // SAFETY: the files are memory-mapped read-only; Sluice never writes them while the
-        // worker runs, and an operator replacing model files under a live worker is outside
-        // what any inference server supports.
-        #[allow(unsafe_code)]
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device)? };
-        let model = Qwen2::from_safetensors(&config, vb)?;
+        let model =
+            qwen2_from_safetensors(&files.config, &files.weights, compute_dtype(device), device)?;
         Ok(Self::new(model, codec))
     }
 

@@ -1,8 +1,7 @@
-//! Re-quantising Q5_0/Q5_1 GGUF tensors to Q8_0, for candle's own quantized model.
-//!
-//! The worker itself converts every weight to Q8_0 as it loads (`crate::qmm`); this rewrite is
-//! for the benchmarks' reference, candle-transformers' `quantized_qwen2`, so that it is
-//! measured with SIMD kernels rather than the scalar Q5 fallback.
+//! Re-quantising Q5_0/Q5_1 GGUF tensors to Q8_0 on CPU: one tensor at a time as the worker
+//! loads ([`q5_tensor_to_q8`]), or a whole rewritten file for the benchmarks' reference,
+//! candle-transformers' `quantized_qwen2` ([`q5_to_q8`]), so that it is measured with SIMD
+//! kernels rather than the scalar Q5 fallback.
 //!
 //! candle 0.11 has no SIMD CPU kernel for Q5_0/Q5_1, which is most of the Qwen2.5 Q4_K_M files
 //! (llama.cpp's Q4_K_M mixes in Q5_0), and its scalar fallback is several times slower than
@@ -21,6 +20,20 @@ fn is_q5(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q5_1)
 }
 
+/// A Q5 tensor (whose rows hold whole Q8_0 blocks) as Q8_0; any other tensor unchanged.
+pub fn q5_tensor_to_q8(tensor: QTensor) -> candle_core::Result<QTensor> {
+    let fits_q8 = tensor
+        .shape()
+        .dims()
+        .last()
+        .is_some_and(|d| d % GgmlDType::Q8_0.block_size() == 0);
+    if is_q5(tensor.dtype()) && fits_q8 {
+        QTensor::quantize(&tensor.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)
+    } else {
+        Ok(tensor)
+    }
+}
+
 /// A rewritten GGUF file (in memory) with every Q5 tensor as Q8_0, or `None` if the file has
 /// no Q5 tensor.
 pub fn q5_to_q8<R: Read + Seek>(
@@ -30,18 +43,11 @@ pub fn q5_to_q8<R: Read + Seek>(
     if !content.tensor_infos.values().any(|t| is_q5(t.ggml_dtype)) {
         return Ok(None);
     }
-    let block = GgmlDType::Q8_0.block_size();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort_by_key(|n| content.tensor_infos[*n].offset);
     let mut tensors: Vec<(&str, QTensor)> = Vec::with_capacity(names.len());
     for name in names {
-        let tensor = content.tensor(reader, name, &Device::Cpu)?;
-        let fits_q8 = tensor.shape().dims().last().is_some_and(|d| d % block == 0);
-        let tensor = if is_q5(tensor.dtype()) && fits_q8 {
-            QTensor::quantize(&tensor.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
-        } else {
-            tensor
-        };
+        let tensor = q5_tensor_to_q8(content.tensor(reader, name, &Device::Cpu)?)?;
         tensors.push((name.as_str(), tensor));
     }
     let metadata: Vec<(&str, &gguf_file::Value)> = content

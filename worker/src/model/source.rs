@@ -77,18 +77,8 @@ impl ModelSource {
     }
 }
 
-fn files_in_dir(dir: &Path) -> Result<ModelFiles, ModelError> {
-    let need = |name: &str| {
-        let p = dir.join(name);
-        if p.is_file() {
-            Ok(p)
-        } else {
-            Err(ModelError::Format(format!(
-                "{} has no {name}",
-                dir.display()
-            )))
-        }
-    };
+/// The `*.safetensors` files of a directory, sorted; an error if there are none.
+pub fn safetensors_in(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let mut weights: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|source| ModelError::Io {
             path: dir.to_path_buf(),
@@ -104,6 +94,22 @@ fn files_in_dir(dir: &Path) -> Result<ModelFiles, ModelError> {
             dir.display()
         )));
     }
+    Ok(weights)
+}
+
+fn files_in_dir(dir: &Path) -> Result<ModelFiles, ModelError> {
+    let need = |name: &str| {
+        let p = dir.join(name);
+        if p.is_file() {
+            Ok(p)
+        } else {
+            Err(ModelError::Format(format!(
+                "{} has no {name}",
+                dir.display()
+            )))
+        }
+    };
+    let weights = safetensors_in(dir)?;
     let tokenizer_config = dir.join("tokenizer_config.json");
     Ok(ModelFiles {
         name: dir
