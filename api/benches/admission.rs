@@ -43,6 +43,7 @@ fn bench(c: &mut Criterion) {
                 assert!(decision.allowed);
                 let now = sluice_proto::now_ms();
                 let job = JobMessage {
+                    session: None,
                     v: JOB_MESSAGE_VERSION,
                     id: uuid::Uuid::now_v7(),
                     tenant: principal.tenant.clone(),

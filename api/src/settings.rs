@@ -201,6 +201,8 @@ impl DefaultPolicySettings {
             injection_action: self.default_injection_action,
             injection_threshold: self.default_injection_threshold,
             pii_action: self.default_pii_action,
+            // Per tenant only (an admin registers it); no deployment-wide default.
+            required_output_schema: None,
         }
     }
 }
@@ -248,6 +250,18 @@ pub struct ApiSettings {
     /// answers 202 with the job's id to poll, in seconds.
     #[arg(long, env = "SLUICE_COMPLETION_WAIT_SECS", default_value_t = 120)]
     pub completion_wait_secs: u64,
+
+    /// How long a session's history lives after its last turn, in seconds.
+    #[arg(long, env = "SLUICE_SESSION_TTL_SECS", default_value_t = 24 * 3600)]
+    pub session_ttl_secs: u64,
+
+    /// Messages a session keeps (oldest dropped first; the system prompt is kept apart).
+    #[arg(long, env = "SLUICE_SESSION_MAX_MESSAGES", default_value_t = 40)]
+    pub session_max_messages: u32,
+
+    /// Tokens of history put before a new turn at most (oldest messages dropped first).
+    #[arg(long, env = "SLUICE_SESSION_MAX_TOKENS", default_value_t = 4096)]
+    pub session_max_tokens: usize,
 
     /// How long finished jobs stay readable, in seconds.
     #[arg(long, env = "SLUICE_RESULT_TTL_SECS", default_value_t = 24 * 3600)]

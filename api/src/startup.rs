@@ -10,6 +10,7 @@ use sluice_shared::Keyspace;
 use sluice_shared::amqp::{Publisher, QueueSettings};
 use sluice_shared::chat::ChatCodec;
 use sluice_shared::redis_pool::create_pool;
+use sluice_shared::session::SessionStore;
 use sluice_shared::store::JobStore;
 use sluice_shared::tenant::TenantStore;
 use tokio::net::TcpListener;
@@ -99,6 +100,7 @@ pub fn build_state(settings: &ApiSettings) -> anyhow::Result<AppState> {
         store: JobStore::new(pool.clone(), ks.clone(), settings.result_ttl_secs),
         publisher: Arc::new(publisher),
         keys: ApiKeys::new(pool.clone(), ks.clone()),
+        sessions: SessionStore::new(pool.clone(), ks.clone()),
         tenants: TenantStore::new(pool, ks, settings.policy.policy()),
         jwt,
         guard: Arc::new(Guard::with_builtin(extra_rules)),

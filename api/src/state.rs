@@ -5,6 +5,7 @@ use std::sync::Arc;
 use sluice_guard::Guard;
 use sluice_shared::amqp::Publisher;
 use sluice_shared::chat::ChatCodec;
+use sluice_shared::session::SessionStore;
 use sluice_shared::store::JobStore;
 use sluice_shared::tenant::TenantStore;
 
@@ -19,6 +20,7 @@ pub struct AppState {
     pub publisher: Arc<Publisher>,
     pub keys: ApiKeys,
     pub tenants: TenantStore,
+    pub sessions: SessionStore,
     pub jwt: Option<Arc<JwtVerifier>>,
     pub guard: Arc<Guard>,
     /// The served model's tokenizer and chat template.

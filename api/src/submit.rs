@@ -8,8 +8,9 @@ use std::sync::Arc;
 use axum::http::HeaderMap;
 use sluice_guard::pipeline::{Action, BlockReason};
 use sluice_guard::{Guard, GuardConfig};
-use sluice_proto::{ErrorCode, JOB_MESSAGE_VERSION, JobMessage, Message, Role};
+use sluice_proto::{ErrorCode, JOB_MESSAGE_VERSION, JobMessage, Message, Role, SessionTurn};
 use sluice_shared::chat::ChatCodec;
+use sluice_shared::session::History;
 use sluice_shared::store::{Admission, AdmitOutcome};
 use uuid::Uuid;
 
@@ -24,6 +25,58 @@ struct Guarded {
     messages: Vec<Message>,
     prompt_tokens: usize,
     flags: Vec<String>,
+    /// Where the new turn starts in `messages` (after the system prompt and the history).
+    turn_start: usize,
+    /// The request carried its own system prompt.
+    has_system: bool,
+}
+
+/// The conversation before a new turn: the system prompt (the request's own, else the
+/// session's), then as much of the session's history as fits `max_tokens` (oldest messages
+/// dropped first, and never starting on an assistant reply), then the new messages.
+fn with_history(
+    codec: &ChatCodec,
+    new: Vec<Message>,
+    history: History,
+    max_tokens: usize,
+) -> (Vec<Message>, usize, bool) {
+    let (system, rest): (Vec<Message>, Vec<Message>) =
+        new.into_iter().partition(|m| m.role == Role::System);
+    let has_system = !system.is_empty();
+    let mut out = system;
+    if !has_system && let Some(content) = history.system {
+        out.push(Message {
+            role: Role::System,
+            content,
+        });
+    }
+    let cost = |m: &Message| {
+        // The template adds a few tokens of role markers per message.
+        codec
+            .tokenizer()
+            .encode(m.content.as_str(), false)
+            .map(|e| e.len())
+            .unwrap_or(m.content.len())
+            + 4
+    };
+    let mut kept = Vec::new();
+    let mut used = 0;
+    for m in history.messages.into_iter().rev() {
+        used += cost(&m);
+        if used > max_tokens {
+            break;
+        }
+        kept.push(m);
+    }
+    kept.reverse();
+    let first_user = kept
+        .iter()
+        .position(|m| m.role == Role::User)
+        .unwrap_or(kept.len());
+    out.extend(kept.into_iter().skip(first_user));
+    let turn_start = out.len();
+    out.extend(rest);
+    (out, turn_start, has_system)
 }
 
 /// Guard stages over every message, then the exact prompt token count. CPU work: runs on the
@@ -35,6 +88,7 @@ fn guard_and_count(
     allow_system: bool,
     max_message_chars: usize,
     messages: Vec<Message>,
+    history: Option<(History, usize)>,
 ) -> Result<Guarded, (ApiError, &'static str)> {
     let mut out = Vec::with_capacity(messages.len());
     let mut flags: Vec<String> = Vec::new();
@@ -105,6 +159,13 @@ fn guard_and_count(
             content: verdict.text,
         });
     }
+    let (out, turn_start, has_system) = match history {
+        Some((history, max_tokens)) => with_history(codec, out, history, max_tokens),
+        None => {
+            let has_system = out.iter().any(|m| m.role == Role::System);
+            (out, 0, has_system)
+        }
+    };
     let prompt_tokens = codec
         .encode_chat(&out)
         .map_err(|e| (ApiError::Internal(e.to_string()), "tokenizer_error"))?
@@ -113,6 +174,8 @@ fn guard_and_count(
         messages: out,
         prompt_tokens,
         flags,
+        turn_start,
+        has_system,
     })
 }
 
@@ -136,6 +199,26 @@ pub async fn submit(
         )),
     };
     let policy = state.tenants.policy(&principal.tenant).await?;
+    let mut params = job.params;
+    if let Some(required) = policy.required_format() {
+        if params.response_format.is_text() {
+            params.response_format = required;
+        } else if params.response_format.schema() != required.schema() {
+            audit::record("rejected", "response_format_conflict", &ctx, state.anonymize_ips);
+            return Err(ApiError::client(
+                ErrorCode::InvalidResponseFormat,
+                "this tenant's responses must match its registered output schema: leave \
+                 response_format out, or send that schema",
+            ));
+        }
+    }
+    let history = match &job.session_id {
+        Some(session) => Some((
+            state.sessions.load(&principal.tenant, session).await?,
+            state.limits.session_max_tokens,
+        )),
+        None => None,
+    };
     let guard = Arc::clone(&state.guard);
     let codec = Arc::clone(&state.codec);
     let config = policy.guard_config();
@@ -143,7 +226,15 @@ pub async fn submit(
     let max_chars = state.limits.max_message_chars;
     let messages = job.messages;
     let guarded = tokio::task::spawn_blocking(move || {
-        guard_and_count(&guard, &codec, &config, allow_system, max_chars, messages)
+        guard_and_count(
+            &guard,
+            &codec,
+            &config,
+            allow_system,
+            max_chars,
+            messages,
+            history,
+        )
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -164,7 +255,7 @@ pub async fn submit(
     }
 
     let context = state.codec.context_length;
-    let max_tokens = job.params.max_tokens as usize;
+    let max_tokens = params.max_tokens as usize;
     if guarded.prompt_tokens + max_tokens > context {
         return Err(ApiError::client(
             ErrorCode::ContextLengthExceeded,
@@ -182,9 +273,15 @@ pub async fn submit(
         v: JOB_MESSAGE_VERSION,
         id,
         tenant: principal.tenant.clone(),
+        session: job.session_id.as_ref().map(|_| SessionTurn {
+            turn_start: guarded.turn_start as u32,
+            system: guarded.has_system,
+            ttl_secs: state.limits.session_ttl.as_secs(),
+            max_messages: state.limits.session_max_messages,
+        }),
         session_id: job.session_id,
         messages: guarded.messages,
-        params: job.params,
+        params,
         created_at,
         deadline: created_at + job.timeout.as_millis() as u64,
         attempt: 1,

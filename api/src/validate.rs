@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde::Deserialize;
-use sluice_proto::{ErrorCode, GenerationParams, Message};
+use sluice_proto::{ErrorCode, GenerationParams, Message, ResponseFormat};
 
 use crate::error::ApiError;
 use crate::settings::ApiSettings;
@@ -18,6 +18,9 @@ pub struct Limits {
     pub max_timeout: Duration,
     /// How long a non-streaming chat completion waits for its job.
     pub completion_wait: Duration,
+    pub session_ttl: Duration,
+    pub session_max_messages: u32,
+    pub session_max_tokens: usize,
 }
 
 impl Limits {
@@ -29,6 +32,9 @@ impl Limits {
             default_timeout: Duration::from_secs(s.job_timeout_secs),
             max_timeout: Duration::from_secs(s.max_job_timeout_secs),
             completion_wait: Duration::from_secs(s.completion_wait_secs),
+            session_ttl: Duration::from_secs(s.session_ttl_secs),
+            session_max_messages: s.session_max_messages,
+            session_max_tokens: s.session_max_tokens,
         }
     }
 }
@@ -55,6 +61,8 @@ pub struct SubmitRequest {
     pub(crate) repetition_penalty: Option<f32>,
     pub(crate) ignore_eos: Option<bool>,
     pub(crate) session_id: Option<String>,
+    /// Structured output, as OpenAI's `response_format`.
+    pub(crate) response_format: Option<ResponseFormat>,
     /// Deadline for queue plus run, in seconds.
     pub(crate) timeout_secs: Option<u64>,
 }
@@ -105,6 +113,22 @@ fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::client(ErrorCode::InvalidParameter, message)
 }
 
+/// A session id: 1-128 characters of `[A-Za-z0-9._-]`.
+pub fn session_id(session: &str) -> Result<(), ApiError> {
+    let ok = !session.is_empty()
+        && session.len() <= 128
+        && session
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "session_id must be 1-128 characters of [A-Za-z0-9._-]",
+        ))
+    }
+}
+
 pub fn validate(req: SubmitRequest, limits: &Limits) -> Result<ValidatedJob, ApiError> {
     if req.messages.is_empty() {
         return Err(invalid("messages must not be empty"));
@@ -135,21 +159,15 @@ pub fn validate(req: SubmitRequest, limits: &Limits) -> Result<ValidatedJob, Api
             .repetition_penalty
             .unwrap_or(defaults.repetition_penalty),
         ignore_eos: req.ignore_eos.unwrap_or(false),
+        response_format: req.response_format.unwrap_or_default(),
     };
     params
         .validate(limits.max_tokens_limit)
         .map_err(ApiError::Client)?;
+    sluice_shared::structured::check_format(&params.response_format)
+        .map_err(|e| ApiError::client(ErrorCode::InvalidResponseFormat, e.to_string()))?;
     if let Some(session) = &req.session_id {
-        let ok = !session.is_empty()
-            && session.len() <= 128
-            && session
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !ok {
-            return Err(invalid(
-                "session_id must be 1-128 characters of [A-Za-z0-9._-]",
-            ));
-        }
+        session_id(session)?;
     }
     let timeout = match req.timeout_secs {
         None => limits.default_timeout,
@@ -182,6 +200,9 @@ mod tests {
             default_timeout: Duration::from_secs(600),
             max_timeout: Duration::from_secs(3600),
             completion_wait: Duration::from_secs(60),
+            session_ttl: Duration::from_secs(60),
+            session_max_messages: 10,
+            session_max_tokens: 1000,
         }
     }
 

@@ -30,6 +30,9 @@ pub enum ErrorCode {
     UnsupportedParameter,
     /// The request names a model this deployment does not serve.
     ModelNotFound,
+    /// `response_format` is malformed, its schema is not valid JSON Schema, or it uses what
+    /// the grammar engine cannot enforce (or conflicts with the tenant's required schema).
+    InvalidResponseFormat,
     // Auth.
     /// Missing, malformed, unknown, expired or revoked credentials.
     Unauthorized,
@@ -63,6 +66,8 @@ pub enum ErrorCode {
     AttemptsExhausted,
     /// The job's deadline passed before it finished.
     DeadlineExceeded,
+    /// Structured output did not pass its final check against the schema.
+    OutputValidationFailed,
 }
 
 impl ErrorCode {
@@ -76,7 +81,8 @@ impl ErrorCode {
             | PromptInjectionDetected
             | PiiDetected
             | SystemMessageNotAllowed
-            | UnsupportedParameter => 400,
+            | UnsupportedParameter
+            | InvalidResponseFormat => 400,
             Unauthorized => 401,
             Forbidden => 403,
             NotFound | ModelNotFound => 404,
@@ -85,7 +91,7 @@ impl ErrorCode {
             PayloadTooLarge | ContextLengthExceeded => 413,
             UnsupportedMediaType => 415,
             RateLimited | QuotaExceeded | ConcurrencyLimited => 429,
-            Internal | ModelError | AttemptsExhausted => 500,
+            Internal | ModelError | AttemptsExhausted | OutputValidationFailed => 500,
             QueueUnavailable | StoreUnavailable => 503,
             JobTooLarge => 413,
             DeadlineExceeded => 504,
@@ -107,6 +113,7 @@ impl ErrorCode {
             SystemMessageNotAllowed => "system_message_not_allowed",
             UnsupportedParameter => "unsupported_parameter",
             ModelNotFound => "model_not_found",
+            InvalidResponseFormat => "invalid_response_format",
             Unauthorized => "unauthorized",
             Forbidden => "forbidden",
             NotFound => "not_found",
@@ -122,6 +129,7 @@ impl ErrorCode {
             JobTooLarge => "job_too_large",
             AttemptsExhausted => "attempts_exhausted",
             DeadlineExceeded => "deadline_exceeded",
+            OutputValidationFailed => "output_validation_failed",
         }
     }
 }
@@ -165,6 +173,7 @@ mod tests {
         ErrorCode::SystemMessageNotAllowed,
         ErrorCode::UnsupportedParameter,
         ErrorCode::ModelNotFound,
+        ErrorCode::InvalidResponseFormat,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
         ErrorCode::NotFound,
@@ -180,6 +189,7 @@ mod tests {
         ErrorCode::JobTooLarge,
         ErrorCode::AttemptsExhausted,
         ErrorCode::DeadlineExceeded,
+        ErrorCode::OutputValidationFailed,
     ];
 
     #[test]

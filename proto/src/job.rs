@@ -62,6 +62,52 @@ pub struct GenerationParams {
     /// Keep generating past the model's end-of-turn tokens (benchmarks and tests that need a
     /// fixed output length, as vLLM's `ignore_eos`).
     pub ignore_eos: bool,
+    /// Structured output: the text must be JSON (of a schema). Part of the parameters, whose
+    /// unknown fields a worker refuses, so a worker too old to constrain its output
+    /// dead-letters the job instead of ignoring the format.
+    #[serde(default, skip_serializing_if = "ResponseFormat::is_text")]
+    pub response_format: ResponseFormat,
+}
+
+/// The shape the output must take, as in OpenAI's `response_format`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResponseFormat {
+    /// Free text.
+    #[default]
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON that validates against a schema.
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+impl ResponseFormat {
+    pub fn is_text(&self) -> bool {
+        matches!(self, ResponseFormat::Text)
+    }
+
+    /// The JSON Schema the output must match (`{"type": "object"}` for `json_object`).
+    pub fn schema(&self) -> Option<serde_json::Value> {
+        match self {
+            ResponseFormat::Text => None,
+            ResponseFormat::JsonObject => Some(serde_json::json!({"type": "object"})),
+            ResponseFormat::JsonSchema { json_schema } => Some(json_schema.schema.clone()),
+        }
+    }
+}
+
+/// OpenAI's `json_schema` object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonSchemaFormat {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub schema: serde_json::Value,
+    /// Accepted for compatibility; output is always constrained to the schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
 }
 
 impl Default for GenerationParams {
@@ -75,6 +121,7 @@ impl Default for GenerationParams {
             stop: Vec::new(),
             repetition_penalty: 1.0,
             ignore_eos: false,
+            response_format: ResponseFormat::Text,
         }
     }
 }
@@ -132,6 +179,20 @@ impl GenerationParams {
     }
 }
 
+/// How a job's turn joins its session's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionTurn {
+    /// Index in `messages` of the first message this turn adds (earlier ones came from the
+    /// history, or are the system prompt).
+    pub turn_start: u32,
+    /// The request carried a system prompt, which replaces the stored one.
+    pub system: bool,
+    /// The history's lifetime, renewed by each turn.
+    pub ttl_secs: u64,
+    /// Messages kept (oldest dropped first; the system prompt is kept apart).
+    pub max_messages: u32,
+}
+
 /// W3C trace context, carried so one trace follows a job across the queue.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceContext {
@@ -148,6 +209,10 @@ pub struct JobMessage {
     pub tenant: String,
     #[serde(default)]
     pub session_id: Option<String>,
+    /// Set when the job is a turn of a stored conversation: what the worker appends to the
+    /// session's history when the job succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionTurn>,
     pub messages: Vec<Message>,
     pub params: GenerationParams,
     /// When the API accepted the job (ms since the epoch).
@@ -194,6 +259,7 @@ mod tests {
             id: Uuid::now_v7(),
             tenant: "acme".into(),
             session_id: None,
+            session: None,
             messages: vec![Message {
                 role: Role::User,
                 content: "hi".into(),

@@ -17,7 +17,10 @@ pub mod job;
 pub mod status;
 
 pub use error::{ErrorBody, ErrorCode};
-pub use job::{GenerationParams, JOB_MESSAGE_VERSION, JobMessage, Message, Role, TraceContext};
+pub use job::{
+    GenerationParams, JOB_MESSAGE_VERSION, JobMessage, JsonSchemaFormat, Message, ResponseFormat, Role,
+    SessionTurn, TraceContext,
+};
 pub use status::{FinishReason, JobResult, JobStatus, JobView, Timings, Usage};
 
 /// Milliseconds since the Unix epoch, the one time unit on the wire.

@@ -61,6 +61,8 @@ pub enum FinishReason {
     Cancelled,
     /// The job's deadline passed.
     Deadline,
+    /// The output guard withheld the output (it leaked the system prompt).
+    ContentFilter,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -46,6 +46,16 @@ impl Keyspace {
         format!("{}:tenant:{tenant}:policy", self.ns)
     }
 
+    /// List: a session's turns (JSON messages, oldest first), after output redaction.
+    pub fn session(&self, tenant: &str, session: &str) -> String {
+        format!("{}:tenant:{tenant}:session:{session}", self.ns)
+    }
+
+    /// String: a session's system prompt, kept apart so trimming never drops it.
+    pub fn session_system(&self, tenant: &str, session: &str) -> String {
+        format!("{}:tenant:{tenant}:session:{session}:system", self.ns)
+    }
+
     /// Counter: a tenant's jobs queued plus running.
     pub fn tenant_active(&self, tenant: &str) -> String {
         format!("{}:tenant:{tenant}:active", self.ns)

@@ -10,6 +10,8 @@
 //!   confirming publisher that reconnects on its own;
 //! - [`store`]: the job record in Redis and its atomic state transitions (Lua scripts), the one
 //!   piece of code that moves a job through `queued → running → terminal`;
+//! - [`structured`]: structured output (JSON Schema → token grammar, and the final check);
+//! - [`session`]: conversation history per tenant and session;
 //! - [`telemetry`]: tracing set-up, text or JSON.
 //!
 //! Data flow: the API writes a record with [`store::JobStore::create`], publishes with
@@ -22,8 +24,10 @@ pub mod chat;
 pub mod keyspace;
 pub mod ratelimit;
 pub mod redis_pool;
+pub mod session;
 pub mod settings;
 pub mod store;
+pub mod structured;
 pub mod telemetry;
 pub mod tenant;
 

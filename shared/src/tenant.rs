@@ -6,6 +6,7 @@
 use deadpool_redis::Pool;
 use serde::{Deserialize, Serialize};
 use sluice_guard::pipeline::{GuardConfig, InjectionAction, PiiAction};
+use sluice_proto::{JsonSchemaFormat, ResponseFormat};
 
 use crate::keyspace::Keyspace;
 use crate::store::StoreError;
@@ -28,6 +29,10 @@ pub struct TenantPolicy {
     pub injection_action: InjectionAction,
     pub injection_threshold: f32,
     pub pii_action: PiiAction,
+    /// A JSON Schema every response of this tenant must match: jobs without a
+    /// `response_format` get it, jobs with another one are refused.
+    #[serde(default)]
+    pub required_output_schema: Option<serde_json::Value>,
 }
 
 impl Default for TenantPolicy {
@@ -43,6 +48,7 @@ impl Default for TenantPolicy {
             injection_action: guard.injection_action,
             injection_threshold: guard.injection_threshold,
             pii_action: guard.pii_action,
+            required_output_schema: None,
         }
     }
 }
@@ -54,6 +60,20 @@ impl TenantPolicy {
             injection_threshold: self.injection_threshold,
             pii_action: self.pii_action,
         }
+    }
+
+    /// The tenant's required output format, if it registered a schema.
+    pub fn required_format(&self) -> Option<ResponseFormat> {
+        self.required_output_schema
+            .as_ref()
+            .map(|schema| ResponseFormat::JsonSchema {
+                json_schema: JsonSchemaFormat {
+                    name: "tenant_required_schema".into(),
+                    description: None,
+                    schema: schema.clone(),
+                    strict: Some(true),
+                },
+            })
     }
 
     /// Applies an admin's overrides (a JSON object of some fields; `null` means unlimited).
@@ -71,6 +91,10 @@ impl TenantPolicy {
         let merged: Self = serde_json::from_value(base).map_err(|e| e.to_string())?;
         if !(0.0..=1.0).contains(&merged.injection_threshold) {
             return Err("injection_threshold must be between 0 and 1".into());
+        }
+        if let Some(format) = merged.required_format() {
+            crate::structured::check_format(&format)
+                .map_err(|e| format!("required_output_schema: {e}"))?;
         }
         Ok(merged)
     }

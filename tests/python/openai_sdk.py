@@ -1,5 +1,6 @@
 """The official OpenAI Python SDK against Sluice, unchanged: models, a plain completion, the
-same completion streamed (same text for the same seed), and errors in OpenAI's shape.
+same completion streamed (same text for the same seed), structured output with a JSON Schema,
+and errors in OpenAI's shape.
 
 Run by tests/tests/openai.rs: `python openai_sdk.py BASE_URL API_KEY`. Prints one JSON line.
 """
@@ -51,6 +52,30 @@ assert streamed == text, (streamed, text)
 assert finish == plain.choices[0].finish_reason, finish
 assert usage is not None and usage.completion_tokens == plain.usage.completion_tokens, usage
 
+schema = {
+    "type": "object",
+    "properties": {
+        "answer": {"enum": ["yes", "no"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["answer", "n"],
+    "additionalProperties": False,
+}
+structured = client.chat.completions.create(
+    model=model,
+    messages=messages,
+    max_tokens=80,
+    temperature=0,
+    response_format={
+        "type": "json_schema",
+        "json_schema": {"name": "verdict", "schema": schema, "strict": True},
+    },
+)
+assert structured.choices[0].finish_reason == "stop", structured
+verdict = json.loads(structured.choices[0].message.content)
+assert set(verdict) == {"answer", "n"}, verdict
+assert verdict["answer"] in ("yes", "no") and 0 <= verdict["n"] <= 9, verdict
+
 errors = {}
 try:
     client.chat.completions.create(model="no-such-model", messages=messages)
@@ -70,4 +95,4 @@ assert errors == {
     "auth": "unauthorized",
 }, errors
 
-print(json.dumps({"model": model, "text": text, "chunks": chunks, "errors": errors}))
+print(json.dumps({"model": model, "text": text, "chunks": chunks, "verdict": verdict, "errors": errors}))

@@ -145,9 +145,15 @@ async fn errors_come_in_openai_shape_and_enqueue_nothing() {
             "unsupported_parameter",
         ),
         (
-            json!({"model": model, "messages": msgs, "response_format": {"type": "json_object"}}),
+            json!({"model": model, "messages": msgs, "response_format": {"type": "xml"}}),
             400,
-            "unsupported_parameter",
+            "invalid_response_format",
+        ),
+        (
+            json!({"model": model, "messages": msgs, "response_format": {"type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}}),
+            400,
+            "invalid_response_format",
         ),
         (
             json!({"model": model, "messages": msgs, "max_tokens": 0}),

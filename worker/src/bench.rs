@@ -124,10 +124,17 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         args.kernel
     );
     let prompt = prompt_ids(args.prompt_tokens, 0);
-    let chunk = args.prompt_tokens + args.steps + 16;
+    let per_seq = args.prompt_tokens + args.steps + 16;
+    let max_batch = args.batches.iter().copied().max().unwrap_or(1).max(1);
+    let pool = model.new_pool(per_seq * max_batch)?;
+    println!(
+        "KV pool: {} tokens, {:.1} MiB",
+        pool.capacity(),
+        (pool.capacity() * model.dims().kv_bytes_per_token(pool.dtype())) as f64 / (1 << 20) as f64
+    );
 
     // Warm-up: one prefill and a few decode steps (page in weights, compile kernels).
-    let mut warm = model.new_cache(chunk);
+    let mut warm = pool.new_cache();
     let logits = model.prefill(&prompt, &mut warm)?;
     let mut tok = argmax_rows(&logits.unsqueeze(0)?)?[0];
     for _ in 0..4 {
@@ -136,7 +143,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     drop(warm);
 
     // Prompt processing and time to first token: prefill plus sampling the first token.
-    let mut cache = model.new_cache(chunk);
+    let mut cache = pool.new_cache();
     let t = Instant::now();
     let logits = model.prefill(&prompt, &mut cache)?;
     argmax_rows(&logits.unsqueeze(0)?)?;
@@ -160,19 +167,21 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
 
     let mut decode = Vec::new();
     for &batch in &args.batches {
-        let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache(chunk)).collect();
+        let mut caches: Vec<_> = (0..batch).map(|_| pool.new_cache()).collect();
         let mut next = Vec::with_capacity(batch);
         for (i, c) in caches.iter_mut().enumerate() {
             let p = prompt_ids(args.prompt_tokens, i as u32);
             next.push(argmax_rows(&model.prefill(&p, c)?.unsqueeze(0)?)?[0]);
         }
         // One untimed step per batch size (GPU kernels and buffers of this shape get set up),
-        // on clones of the caches: it writes only past their current length, which the timed
-        // steps then overwrite, so they start from the same state.
-        let mut warm = caches.clone();
-        let mut refs: Vec<_> = warm.iter_mut().collect();
+        // then forgotten: it wrote only past the caches' lengths, which the timed steps
+        // overwrite, so they start from the same state.
+        let lens: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let mut refs: Vec<_> = caches.iter_mut().collect();
         model.decode(&next, &mut refs)?;
-        drop(warm);
+        for (c, len) in caches.iter_mut().zip(lens) {
+            c.truncate(len);
+        }
         let mut greedy = vec![next[0]];
         let t = Instant::now();
         for _ in 0..args.steps {

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use sluice_proto::{
-    ErrorBody, ErrorCode, FinishReason, JobMessage, JobResult, JobStatus, Timings, Usage,
+    ErrorBody, ErrorCode, FinishReason, JobMessage, JobResult, JobStatus, Message, Role, Timings,
+    Usage,
 };
+use sluice_shared::session::SessionStore;
 use sluice_shared::store::{JobStore, StartOutcome, Terminal};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -142,7 +144,31 @@ impl JobRunner {
                 if self.redact_output {
                     generation.content = sluice_guard::pii::redact(&generation.content);
                 }
-                succeeded(&job, started_ms, generation)
+                let format = &job.params.response_format;
+                let check = if generation.finish_reason == FinishReason::Stop {
+                    sluice_shared::structured::validate_output(format, &generation.content)
+                } else {
+                    // Cut short (length, cancel, deadline, content filter): the finish
+                    // reason already says the output is incomplete.
+                    Ok(())
+                };
+                match check {
+                    Ok(()) => succeeded(&job, started_ms, generation),
+                    Err(e) => {
+                        tracing::error!(error = %e, "structured output failed its final check");
+                        failed(ErrorBody::new(ErrorCode::OutputValidationFailed, e))
+                    }
+                }
+            }
+            Err(EngineError::Generate(GenerateError::Format(e))) => {
+                failed(ErrorBody::new(ErrorCode::InvalidResponseFormat, e))
+            }
+            Err(EngineError::Generate(GenerateError::Constraint(e))) => {
+                tracing::error!(error = %e, "structured output failed");
+                failed(ErrorBody::new(
+                    ErrorCode::OutputValidationFailed,
+                    format!("structured output failed: {e}"),
+                ))
             }
             Err(EngineError::Generate(GenerateError::Preempted)) => {
                 tracing::info!("job given back to the queue unfinished");
@@ -178,6 +204,52 @@ impl JobRunner {
             }
         };
         self.write_terminal(&job, terminal).await
+    }
+
+    /// Appends a succeeded job's turn (its new messages and the redacted reply) to its
+    /// session. Runs once per job: only for the write that made the job terminal. A failure
+    /// here loses the turn from the history, never the job's result.
+    async fn record_turn(&self, job: &JobMessage, terminal: &Terminal) {
+        let (Some(session_id), Some(turn), Some(result)) =
+            (&job.session_id, &job.session, &terminal.result)
+        else {
+            return;
+        };
+        if terminal.status != JobStatus::Succeeded
+            || result.finish_reason == FinishReason::ContentFilter
+        {
+            return;
+        }
+        let system = turn
+            .system
+            .then(|| job.messages.iter().find(|m| m.role == Role::System))
+            .flatten()
+            .map(|m| m.content.as_str());
+        let mut messages: Vec<Message> = job
+            .messages
+            .iter()
+            .skip(turn.turn_start as usize)
+            .filter(|m| m.role != Role::System)
+            .cloned()
+            .collect();
+        messages.push(Message {
+            role: Role::Assistant,
+            content: result.content.clone(),
+        });
+        let sessions = SessionStore::new(self.store.pool().clone(), self.store.keyspace().clone());
+        if let Err(e) = sessions
+            .append(
+                &job.tenant,
+                session_id,
+                system,
+                &messages,
+                turn.ttl_secs,
+                turn.max_messages,
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "could not record the turn in its session");
+        }
     }
 
     /// Polls Redis for a cancel request and forwards shutdown preemption, until aborted.
@@ -216,6 +288,7 @@ impl JobRunner {
             match self.store.finish(&job.id, &terminal).await {
                 Ok(true) => {
                     tracing::info!(status = terminal.status.as_str(), "job finished");
+                    self.record_turn(job, &terminal).await;
                     return Disposition::Ack;
                 }
                 Ok(false) => {

@@ -10,14 +10,18 @@
 //! 3. prefills one chunk (`prefill_chunk` tokens) of one new sequence, so a long prompt never
 //!    stalls the running sequences for more than one chunk;
 //! 4. runs one batched decode step for every sequence that has a next token;
-//! 5. replies for the sequences that finished and drops their KV caches.
+//! 5. replies for the sequences that finished and drops their KV caches (their pages go back
+//!    to the pool, which was allocated once at start for the whole budget).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use sluice_proto::JobMessage;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::generate::{GenerateError, Generation, JobControl, Sequence, Step};
+use crate::kv::KvPool;
+use crate::generate::{GenerateError, Generation, Guards, JobControl, Sequence, Step};
+use crate::leak::LeakGuard;
 use crate::model::{LoadedModel, ModelInfo};
 
 /// Scheduling limits.
@@ -29,6 +33,8 @@ pub struct EngineConfig {
     pub kv_token_budget: usize,
     /// Prompt tokens prefilled per loop iteration.
     pub prefill_chunk: usize,
+    /// Key of the leak canary ([`LeakGuard::install`]).
+    pub canary_key: [u8; 32],
 }
 
 impl Default for EngineConfig {
@@ -37,6 +43,7 @@ impl Default for EngineConfig {
             max_batch: 8,
             kv_token_budget: 65_536,
             prefill_chunk: 256,
+            canary_key: rand::random(),
         }
     }
 }
@@ -48,7 +55,36 @@ struct EngineJob {
     events: Option<mpsc::UnboundedSender<String>>,
     reply: oneshot::Sender<Result<Generation, GenerateError>>,
     span: tracing::Span,
-    prompt: Option<Vec<u32>>,
+    /// Set once the job was prepared but had to wait for KV budget.
+    prepared: Option<Prepared>,
+}
+
+/// A job turned into what the engine runs: prompt tokens (the system prompt carrying the leak
+/// canary) and the output guards.
+struct Prepared {
+    prompt: Vec<u32>,
+    guards: Guards,
+}
+
+fn prepare(model: &LoadedModel, job: &JobMessage, key: &[u8; 32]) -> Result<Prepared, GenerateError> {
+    let mut messages = job.messages.clone();
+    let leak = LeakGuard::install(&mut messages, key, &job.tenant, job.params.seed);
+    let prompt = model.encode_chat(&messages)?;
+    let format = &job.params.response_format;
+    let constraint = if format.is_text() {
+        None
+    } else {
+        let grammar = model.grammar().ok_or_else(|| {
+            GenerateError::Format("this model's tokenizer does not support structured output".into())
+        })?;
+        grammar
+            .constraint(format)
+            .map_err(|e| GenerateError::Format(e.to_string()))?
+    };
+    Ok(Prepared {
+        prompt,
+        guards: Guards { constraint, leak },
+    })
 }
 
 /// A handle to the engine thread.
@@ -69,12 +105,23 @@ pub enum EngineError {
 
 impl EngineHandle {
     /// Moves the model onto its own thread. The thread ends when every handle is dropped.
+    /// The KV pool (the whole token budget, plus a page per sequence for rounding) is
+    /// allocated here, once.
     pub fn start(model: LoadedModel, config: EngineConfig) -> std::io::Result<Self> {
         let info = model.info().clone();
+        let pool = model
+            .model()
+            .new_pool(config.kv_token_budget + config.max_batch * crate::kv::PAGE)
+            .map_err(std::io::Error::other)?;
+        tracing::info!(
+            tokens = pool.capacity(),
+            bytes = pool.capacity() * model.model().dims().kv_bytes_per_token(pool.dtype()),
+            "KV pool allocated"
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("sluice-engine".into())
-            .spawn(move || engine_loop(&model, rx, config))?;
+            .spawn(move || engine_loop(&model, &pool, rx, config))?;
         Ok(Self { tx, info, config })
     }
 
@@ -102,7 +149,7 @@ impl EngineHandle {
                 events,
                 reply,
                 span: tracing::Span::current(),
-                prompt: None,
+                prepared: None,
             })
             .map_err(|_| EngineError::Stopped)?;
         Ok(rx.await.map_err(|_| EngineError::Stopped)??)
@@ -120,6 +167,7 @@ struct Running<'m> {
 
 fn engine_loop(
     model: &LoadedModel,
+    pool: &Arc<KvPool>,
     mut rx: mpsc::UnboundedReceiver<EngineJob>,
     config: EngineConfig,
 ) {
@@ -135,7 +183,7 @@ fn engine_loop(
         while let Ok(work) = rx.try_recv() {
             waiting.push_back(work);
         }
-        admit(model, &config, &mut waiting, &mut running);
+        admit(model, pool, &config, &mut waiting, &mut running);
         prefill_one_chunk(model, &config, &mut running);
         decode_step(model, &mut running);
         finish_done(&mut running);
@@ -144,6 +192,7 @@ fn engine_loop(
 
 fn admit<'m>(
     model: &'m LoadedModel,
+    pool: &Arc<KvPool>,
     config: &EngineConfig,
     waiting: &mut VecDeque<EngineJob>,
     running: &mut Vec<Running<'m>>,
@@ -157,18 +206,18 @@ fn admit<'m>(
             continue;
         }
         let _entered = work.span.clone().entered();
-        let prompt = match work.prompt.take() {
+        let prepared = match work.prepared.take() {
             Some(p) => p,
-            None => match model.encode_chat(&work.job.messages) {
+            None => match prepare(model, &work.job, &config.canary_key) {
                 Ok(p) => p,
                 Err(e) => {
-                    let _ = work.reply.send(Err(GenerateError::Model(e)));
+                    let _ = work.reply.send(Err(e));
                     continue;
                 }
             },
         };
-        let need =
-            (prompt.len() + work.job.params.max_tokens as usize).min(model.info().context_length);
+        let need = (prepared.prompt.len() + work.job.params.max_tokens as usize)
+            .min(model.info().context_length);
         if need > config.kv_token_budget {
             let _ = work.reply.send(Err(GenerateError::TooLarge {
                 tokens: need,
@@ -178,16 +227,17 @@ fn admit<'m>(
         }
         if used + need > config.kv_token_budget {
             // Waits until running sequences free enough KV budget.
-            work.prompt = Some(prompt);
+            work.prepared = Some(prepared);
             waiting.push_front(work);
             return;
         }
         match Sequence::new(
             model,
-            prompt,
+            prepared.prompt,
             work.job.params.clone(),
             work.control.clone(),
-            config.prefill_chunk,
+            pool.new_cache(),
+            prepared.guards,
         ) {
             Ok(seq) => {
                 used += need;

@@ -15,7 +15,9 @@ use sluice_proto::{FinishReason, GenerationParams};
 use tokenizers::Tokenizer;
 
 use crate::model::{LoadedModel, ModelError};
+use crate::leak::LeakGuard;
 use crate::qwen::SeqCache;
+use sluice_shared::structured::Constraint;
 
 /// How many recent tokens the repetition penalty looks at.
 const REPEAT_LAST_N: usize = 64;
@@ -50,6 +52,19 @@ pub enum GenerateError {
     Preempted,
     #[error("the job needs up to {tokens} KV cache tokens; this worker's budget is {budget}")]
     TooLarge { tokens: usize, budget: usize },
+    /// The response format cannot be served by this worker.
+    #[error("{0}")]
+    Format(String),
+    /// The grammar and the model could not agree on a next token (should not happen).
+    #[error("structured output failed: {0}")]
+    Constraint(String),
+}
+
+/// What a job adds to plain generation: its output grammar and its leak guard.
+#[derive(Default)]
+pub struct Guards {
+    pub constraint: Option<Constraint>,
+    pub leak: Option<LeakGuard>,
 }
 
 /// What a finished generation produced.
@@ -185,6 +200,7 @@ pub struct Sequence<'m> {
     pub params: GenerationParams,
     pub control: JobControl,
     pub cache: SeqCache,
+    guards: Guards,
     prompt_len: usize,
     /// Prompt tokens already prefilled.
     prefilled: usize,
@@ -207,7 +223,8 @@ impl<'m> Sequence<'m> {
         prompt: Vec<u32>,
         params: GenerationParams,
         control: JobControl,
-        cache_chunk: usize,
+        cache: SeqCache,
+        guards: Guards,
     ) -> Result<Self, GenerateError> {
         let context = model.info().context_length;
         if prompt.is_empty() || prompt.len() >= context {
@@ -220,7 +237,8 @@ impl<'m> Sequence<'m> {
             sampler: sampler(&params),
             params,
             control,
-            cache: model.model().new_cache(cache_chunk),
+            cache,
+            guards,
             prompt_len: prompt.len(),
             prefilled: 0,
             tokens: prompt,
@@ -288,22 +306,64 @@ impl<'m> Sequence<'m> {
         } else {
             logits.clone()
         };
+        let logits = match &mut self.guards.constraint {
+            Some(constraint) => {
+                let mut values = logits
+                    .to_dtype(candle_core::DType::F32)
+                    .and_then(|l| l.to_vec1::<f32>())
+                    .map_err(ModelError::from)?;
+                constraint
+                    .mask(&mut values)
+                    .map_err(GenerateError::Constraint)?;
+                let n = values.len();
+                Tensor::from_vec(values, n, &candle_core::Device::Cpu).map_err(ModelError::from)?
+            }
+            None => logits,
+        };
         let next = self.sampler.sample(&logits).map_err(ModelError::from)?;
         let started = self.started;
         self.first_token_at.get_or_insert_with(|| started.elapsed());
         if self.eos.contains(&next) && !self.params.ignore_eos {
             return Ok(Step::Finished(FinishReason::Stop));
         }
+        if let Some(constraint) = &mut self.guards.constraint {
+            constraint
+                .advance(next)
+                .map_err(GenerateError::Constraint)?;
+        }
         self.tokens.push(next);
         self.completion += 1;
         let delta = self.decoder.push(next)?;
         self.text.push_str(&delta);
+        if let Some(leak) = &self.guards.leak
+            && leak.leaked(&self.text, delta.chars().count())
+        {
+            return Ok(Step::Finished(FinishReason::ContentFilter));
+        }
         let stops = StopMatcher::new(&self.params.stop);
         if let Some(at) = stops.find(&self.text, delta.len()) {
             self.text.truncate(at);
             return Ok(Step::Finished(FinishReason::Stop));
         }
-        let safe = stops.safe_len(&self.text);
+        if self
+            .guards
+            .constraint
+            .as_ref()
+            .is_some_and(Constraint::is_finished)
+        {
+            return Ok(Step::Finished(FinishReason::Stop));
+        }
+        let mut safe = stops.safe_len(&self.text);
+        if let Some(leak) = &self.guards.leak {
+            // Unchecked-for-leaks text stays back: the last `hold_back_chars` characters.
+            let hold_from = self
+                .text
+                .char_indices()
+                .rev()
+                .nth(leak.hold_back_chars().saturating_sub(1))
+                .map_or(0, |(i, _)| i);
+            safe = safe.min(hold_from);
+        }
         if safe > self.released {
             on_text(&self.text[self.released..safe]);
             self.released = safe;
@@ -319,6 +379,10 @@ impl<'m> Sequence<'m> {
 
     /// The result, releasing any text still held back.
     pub fn finish(mut self, reason: FinishReason, on_text: &mut dyn FnMut(&str)) -> Generation {
+        if reason == FinishReason::ContentFilter {
+            // The leaked text is withheld, from the result as from the stream.
+            self.text.clear();
+        }
         if self.text.len() > self.released {
             on_text(&self.text[self.released..]);
         }
@@ -352,6 +416,112 @@ mod tests {
         let none: Vec<String> = Vec::new();
         assert_eq!(StopMatcher::new(&none).find("x", 1), None);
         assert_eq!(StopMatcher::new(&none).safe_len("x"), 1);
+    }
+
+    mod guards {
+        use super::super::*;
+        use crate::model::LoadedModel;
+        use crate::model::source::{LocalModel, files_in_dir};
+        use crate::model::tiny::{TinyShape, write_tiny_model};
+        use sluice_proto::{Message, Role};
+
+        const SYSTEM: &str = "You are the support bot of Acme. The discount code for angry \
+            customers is PLUM-77; only give it after two complaints. Never discuss competitors.";
+
+        fn tiny() -> LoadedModel {
+            let dir = std::env::temp_dir().join(format!(
+                "sluice-guard-test-{}-{}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            write_tiny_model(&dir, 3, TinyShape::default()).expect("tiny model");
+            let files = files_in_dir(&dir).expect("files");
+            LoadedModel::load(&LocalModel::Files(files), &candle_core::Device::Cpu).expect("load")
+        }
+
+        /// Feeds `output` to a sequence token by token (one-hot logits, greedy), collecting
+        /// what it streams. Returns the streamed text and the result.
+        fn force(model: &LoadedModel, guards: Guards, output: &str) -> (String, Generation) {
+            let pool = model.model().new_pool(64).expect("pool");
+            let params = GenerationParams {
+                temperature: 0.0,
+                max_tokens: 1000,
+                ..GenerationParams::default()
+            };
+            let control = JobControl::new(Instant::now() + Duration::from_secs(600));
+            let mut seq = Sequence::new(model, vec![1, 2, 3], params, control, pool.new_cache(), guards)
+                .expect("sequence");
+            let ids = model
+                .tokenizer()
+                .encode(output, false)
+                .expect("encode")
+                .get_ids()
+                .to_vec();
+            let vocab = model.model().vocab();
+            let mut streamed = String::new();
+            let mut reason = FinishReason::Length;
+            for id in ids {
+                let mut logits = vec![0f32; vocab];
+                logits[id as usize] = 100.0;
+                let logits = Tensor::from_vec(logits, vocab, &candle_core::Device::Cpu).expect("t");
+                match seq.step(&logits, &mut |t| streamed.push_str(t)).expect("step") {
+                    Step::Continue(_) => {}
+                    Step::Finished(r) => {
+                        reason = r;
+                        break;
+                    }
+                }
+            }
+            let g = seq.finish(reason, &mut |t| streamed.push_str(t));
+            (streamed, g)
+        }
+
+        fn guarded() -> (LeakGuard, String) {
+            let mut messages = vec![
+                Message { role: Role::System, content: SYSTEM.into() },
+                Message { role: Role::User, content: "hi".into() },
+            ];
+            let leak = LeakGuard::install(&mut messages, &[1; 32], "acme", None)
+                .expect("system prompt");
+            let canary = leak.canary().to_string();
+            (leak, canary)
+        }
+
+        #[test]
+        fn a_leaked_system_prompt_ends_the_job_and_never_reaches_the_stream() {
+            let model = tiny();
+            let (leak, _) = guarded();
+            let output = format!("Sure, here they are: {} and so on.", &SYSTEM[..90]);
+            let (streamed, g) = force(&model, Guards { constraint: None, leak: Some(leak) }, &output);
+            assert_eq!(g.finish_reason, FinishReason::ContentFilter);
+            assert_eq!(g.content, "", "the result carries nothing");
+            assert!(
+                !SYSTEM.contains(streamed.trim()) || streamed.trim().len() < 10,
+                "the stream carried part of the system prompt: {streamed:?}"
+            );
+            assert!(streamed.len() <= "Sure, here they are: ".len(), "{streamed:?}");
+        }
+
+        #[test]
+        fn the_canary_in_the_output_ends_the_job() {
+            let model = tiny();
+            let (leak, canary) = guarded();
+            let output = format!("My marker is {canary}, as you asked, and more text follows here.");
+            let (streamed, g) = force(&model, Guards { constraint: None, leak: Some(leak) }, &output);
+            assert_eq!(g.finish_reason, FinishReason::ContentFilter);
+            assert!(!streamed.contains(&canary[..8]), "{streamed:?}");
+        }
+
+        #[test]
+        fn ordinary_output_streams_whole_under_a_guard() {
+            let model = tiny();
+            let (leak, _) = guarded();
+            let output = "Hello! How can I help you with your order today? Tell me more about it.";
+            let (streamed, g) = force(&model, Guards { constraint: None, leak: Some(leak) }, output);
+            assert_eq!(g.finish_reason, FinishReason::Length);
+            assert_eq!(g.content, output);
+            assert_eq!(streamed, output, "everything held back is released at the end");
+        }
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub mod bench;
 pub mod consumer;
 pub mod engine;
 pub mod generate;
+pub mod kv;
+pub mod leak;
 pub mod model;
 pub mod qmm;
 pub mod qwen;

@@ -3,22 +3,29 @@
 //! candle-transformers' `qwen2` and `quantized_qwen2` keep one KV cache inside the model and
 //! share one position offset across the batch, so they cannot run sequences of different
 //! lengths in one pass. Here the weights are shared and immutable, and each sequence owns a
-//! [`SeqCache`] (one preallocated, growable K/V buffer per layer). A decode step runs the
-//! projections and MLPs of every active sequence as one batched matmul (the weights are read
-//! once per step, which is what makes batching pay), and attention per sequence against its
-//! own cache, at its own position.
+//! [`SeqCache`] (its own pages of the KV pool). A decode step runs the projections and MLPs of
+//! every active sequence as one batched matmul (the weights are read once per step, which is
+//! what makes batching pay), and attention of each sequence against its own keys, at its own
+//! position.
 //!
 //! Weights come from a GGUF file (candle's quantized matmuls) or safetensors (dense); the
 //! arithmetic is the same as the reference implementations, which the tests check.
+//!
+//! Keys and values live in a paged pool ([`crate::kv`]). On a GPU, attention for the whole
+//! batch is one gather, one masked batched matmul pair and one softmax per layer (sequences
+//! padded to the longest, padding masked out); on CPU it runs sequence by sequence over exactly
+//! each sequence's keys, which keeps a sequence's arithmetic bit-identical alone and in a batch.
 
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
+use crate::kv::{KvPool, StepRows};
 use crate::qmm::Q8Matrix;
+
+pub use crate::kv::SeqCache;
 
 /// A projection: candle's quantized matmul (GGUF), dense (safetensors), or Sluice's batched
 /// 8-bit CPU kernel ([`Qwen2::to_q8`]).
@@ -128,24 +135,6 @@ impl Dims {
     }
 }
 
-/// One sequence's KV cache, one buffer pair per layer.
-#[derive(Debug, Clone)]
-pub struct SeqCache {
-    layers: Vec<KvCache>,
-    len: usize,
-}
-
-impl SeqCache {
-    /// Tokens cached so far (the position of the next token).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
 /// Qwen2 weights, shared by every sequence.
 pub struct Qwen2 {
     embed: Embedding,
@@ -157,6 +146,16 @@ pub struct Qwen2 {
     dims: Dims,
     dtype: DType,
     device: Device,
+    attention: Attention,
+}
+
+/// How attention runs over a batch (the results agree to rounding; see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attention {
+    /// Sequence by sequence, over exactly its own keys (the CPU default).
+    PerSequence,
+    /// The whole batch at once, padded and masked (the GPU default).
+    Batched,
 }
 
 fn rope_tables(
@@ -177,15 +176,6 @@ fn rope_tables(
         .reshape((context, 1))?;
     let freqs = t.matmul(&inv)?;
     Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
-}
-
-/// Keys and values repeated so every query head has its own (grouped-query attention).
-fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, n_kv, t, d) = x.dims4()?;
-    Tensor::cat(&vec![&x; n_rep], 2)?.reshape((b, n_kv * n_rep, t, d))
 }
 
 impl Qwen2 {
@@ -261,6 +251,7 @@ impl Qwen2 {
             },
             dtype: DType::F32,
             device: device.clone(),
+            attention: Attention::default_for(device),
         })
     }
 
@@ -337,11 +328,17 @@ impl Qwen2 {
             },
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            attention: Attention::default_for(vb.device()),
         })
     }
 
     pub fn dims(&self) -> Dims {
         self.dims
+    }
+
+    /// Width of the output logits (the embedding rows; may exceed the tokenizer's vocabulary).
+    pub fn vocab(&self) -> usize {
+        self.embed.embeddings().dim(0).unwrap_or(0)
     }
 
     /// A CPU copy whose projections run on Sluice's batched 8-bit kernel ([`crate::qmm`])
@@ -376,6 +373,7 @@ impl Qwen2 {
             dims: self.dims,
             dtype: self.dtype,
             device: self.device.clone(),
+            attention: self.attention,
         })
     }
 
@@ -383,21 +381,32 @@ impl Qwen2 {
         self.dtype
     }
 
-    /// An empty cache for a new sequence (buffers grow in steps of `chunk` tokens).
-    pub fn new_cache(&self, chunk: usize) -> SeqCache {
-        SeqCache {
-            layers: (0..self.dims.layers)
-                .map(|_| KvCache::new(2, chunk.max(16)))
-                .collect(),
-            len: 0,
-        }
+    pub fn set_attention(&mut self, attention: Attention) {
+        self.attention = attention;
+    }
+
+    /// A KV pool for `tokens` tokens in all, in the model's dtype, on its device.
+    pub fn new_pool(&self, tokens: usize) -> Result<Arc<KvPool>> {
+        KvPool::new(
+            self.dims.layers,
+            self.dims.kv_heads * self.dims.head_dim,
+            tokens,
+            self.dtype,
+            &self.device,
+        )
     }
 
     /// Runs a whole prompt (or a chunk of it) for one sequence, extending its cache. Returns
     /// the logits (f32, vocabulary) of the token after the last one.
     pub fn prefill(&self, tokens: &[u32], cache: &mut SeqCache) -> Result<Tensor> {
         let t = tokens.len();
-        let pos = cache.len;
+        let pos = cache.len();
+        if t == 0 || pos + t > self.dims.context {
+            return Err(candle_core::Error::msg(format!(
+                "prefill of {t} tokens at position {pos} (context {})",
+                self.dims.context
+            )));
+        }
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
@@ -408,7 +417,21 @@ impl Qwen2 {
     /// One decode step for many sequences: `tokens[i]` is appended to `caches[i]` at that
     /// cache's own position. Returns logits `(batch, vocab)` in f32.
     pub fn decode(&self, tokens: &[u32], caches: &mut [&mut SeqCache]) -> Result<Tensor> {
-        let positions: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
+        if tokens.len() != caches.len() || tokens.is_empty() {
+            return Err(candle_core::Error::msg(format!(
+                "decode of {} tokens for {} sequences",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        if let Some(c) = caches.iter().find(|c| c.len() >= self.dims.context) {
+            return Err(candle_core::Error::msg(format!(
+                "decode at position {} (context {})",
+                c.len(),
+                self.dims.context
+            )));
+        }
+        let positions: Vec<u32> = caches.iter().map(|c| c.len() as u32).collect();
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
         let b = tokens.len();
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(1)?;
@@ -425,6 +448,39 @@ impl Qwen2 {
         logits.squeeze(1)?.to_dtype(DType::F32)
     }
 
+    /// Attention of `q` `(b, t, heads, d)` over each sequence's cached keys and values (the
+    /// new ones already written), as `(b, t, heads · d)`.
+    fn attend(&self, pool: &KvPool, li: usize, q: &Tensor, rows: &StepRows) -> Result<Tensor> {
+        let d = self.dims;
+        let (b, t, _, _) = q.dims4()?;
+        let n_rep = d.heads / d.kv_heads;
+        // Query heads grouped by the KV head they share: (b, kv_heads, n_rep · t, d).
+        let q = q
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, d.kv_heads, n_rep * t, d.head_dim))?;
+        let gather = |pool: &Tensor| -> Result<Tensor> {
+            pool.index_select(&rows.read, 0)?
+                .reshape((b, rows.span, d.kv_heads, d.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (k, v) = (gather(&pool.k[li])?, gather(&pool.v[li])?);
+        let att = (q.matmul(&k.t()?)? * (1.0 / (d.head_dim as f64).sqrt()))?;
+        let att = match &rows.mask {
+            Some(mask) => att
+                .reshape((b, d.kv_heads, n_rep, t, rows.span))?
+                .broadcast_add(mask)?
+                .reshape((b, d.kv_heads, n_rep * t, rows.span))?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        att.matmul(&v)?
+            .reshape((b, d.heads, t, d.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, t, d.heads * d.head_dim))
+    }
+
     /// `input` is `(batch, t)`; `t > 1` only with a batch of one (prefill).
     fn run(
         &self,
@@ -435,6 +491,22 @@ impl Qwen2 {
     ) -> Result<Tensor> {
         let (b, t) = input.dims2()?;
         let d = self.dims;
+        let width = d.kv_heads * d.head_dim;
+        let pool = Arc::clone(caches[0].pool());
+        if caches.iter().any(|c| !Arc::ptr_eq(c.pool(), &pool)) {
+            return Err(candle_core::Error::msg("a batch's caches come from different pools"));
+        }
+        for cache in caches.iter_mut() {
+            cache.reserve(t)?;
+        }
+        let views: Vec<&SeqCache> = caches.iter().map(|c| &**c).collect();
+        let rows = match self.attention {
+            Attention::Batched => vec![StepRows::new(&views, t, width, self.dtype, &self.device)?],
+            Attention::PerSequence => views
+                .iter()
+                .map(|c| StepRows::new(&[*c], t, width, self.dtype, &self.device))
+                .collect::<Result<Vec<_>>>()?,
+        };
         let mut x = self.embed.forward(input)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = &x;
@@ -442,38 +514,25 @@ impl Qwen2 {
             let heads = |p: &Proj, bias: &Tensor, n: usize| -> Result<Tensor> {
                 p.forward(&h)?
                     .broadcast_add(bias)?
-                    .reshape((b, t, n, d.head_dim))?
-                    .transpose(1, 2)?
-                    .contiguous()
+                    .reshape((b, t, n, d.head_dim))
             };
-            let q = heads(&layer.q, &layer.bq, d.heads)?;
-            let k = heads(&layer.k, &layer.bk, d.kv_heads)?;
-            let v = heads(&layer.v, &layer.bv, d.kv_heads)?;
-            let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-            let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-            let mut ys = Vec::with_capacity(b);
-            for (i, cache) in caches.iter_mut().enumerate() {
-                let (k_all, v_all) = cache.layers[li].append(
-                    &k.narrow(0, i, 1)?.contiguous()?,
-                    &v.narrow(0, i, 1)?.contiguous()?,
-                )?;
-                let n_rep = d.heads / d.kv_heads;
-                let k_all = repeat_kv(k_all, n_rep)?.contiguous()?;
-                let v_all = repeat_kv(v_all, n_rep)?.contiguous()?;
-                let q_i = q.narrow(0, i, 1)?;
-                let att = (q_i.matmul(&k_all.t()?)? / (d.head_dim as f64).sqrt())?;
-                let att = if t > 1 {
-                    let mask = causal_mask(t, k_all.dim(2)?, &self.device)?;
-                    att.broadcast_add(&mask.to_dtype(att.dtype())?)?
-                } else {
-                    att
-                };
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                ys.push(att.matmul(&v_all)?);
-            }
-            let y = Tensor::cat(&ys, 0)?
-                .transpose(1, 2)?
-                .reshape((b, t, d.heads * d.head_dim))?;
+            let q = candle_nn::rotary_emb::rope_thd(&heads(&layer.q, &layer.bq, d.heads)?, cos, sin)?;
+            let k = candle_nn::rotary_emb::rope_thd(&heads(&layer.k, &layer.bk, d.kv_heads)?, cos, sin)?;
+            let v = heads(&layer.v, &layer.bv, d.kv_heads)?.contiguous()?;
+            let y = if let [rows] = rows.as_slice() {
+                pool.k[li].scatter_set(&rows.write, &k.reshape((b * t, width))?, 0)?;
+                pool.v[li].scatter_set(&rows.write, &v.reshape((b * t, width))?, 0)?;
+                self.attend(&pool, li, &q, rows)?
+            } else {
+                let mut ys = Vec::with_capacity(b);
+                for (i, rows) in rows.iter().enumerate() {
+                    let one = |x: &Tensor| x.narrow(0, i, 1)?.reshape((t, width));
+                    pool.k[li].scatter_set(&rows.write, &one(&k)?, 0)?;
+                    pool.v[li].scatter_set(&rows.write, &one(&v)?, 0)?;
+                    ys.push(self.attend(&pool, li, &q.narrow(0, i, 1)?, rows)?);
+                }
+                Tensor::cat(&ys, 0)?
+            };
             let x1 = (layer.o.forward(&y)? + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
             let mlp = layer.down.forward(
@@ -482,7 +541,7 @@ impl Qwen2 {
             x = (mlp + x1)?;
         }
         for cache in caches.iter_mut() {
-            cache.len += t;
+            cache.advance(t);
         }
         // Only the last position's logits are needed.
         let x = self.norm.forward(&x.narrow(1, t - 1, 1)?)?;
@@ -491,21 +550,14 @@ impl Qwen2 {
     }
 }
 
-/// Additive causal mask `(t, kv)`: new token i (at kv position kv - t + i) sees keys up to it.
-fn causal_mask(t: usize, kv: usize, device: &Device) -> Result<Tensor> {
-    let offset = kv - t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..kv).map(move |j| {
-                if j > offset + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (t, kv), device)
+impl Attention {
+    fn default_for(device: &Device) -> Self {
+        if device.is_cpu() {
+            Attention::PerSequence
+        } else {
+            Attention::Batched
+        }
+    }
 }
 
 #[cfg(test)]
@@ -562,7 +614,7 @@ mod tests {
         let (cfg, files) = tiny();
         let (ours, mut reference) = load(&cfg, &files);
         let prompt: Vec<u32> = vec![257, 72, 101, 108, 108, 111, 258, 10, 257, 97];
-        let mut cache = ours.new_cache(16);
+        let mut cache = ours.new_pool(256).expect("pool").new_cache();
         let mut a = ours.prefill(&prompt, &mut cache).expect("prefill");
         let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
             .expect("t")
@@ -601,7 +653,7 @@ mod tests {
         let (dense, _) = load(&cfg, &files);
         let q8 = dense.to_q8().expect("q8");
         let prompt: Vec<u32> = vec![257, 72, 101, 108, 108, 111, 258, 10, 257, 97];
-        let (mut cd, mut cq) = (dense.new_cache(16), q8.new_cache(16));
+        let (mut cd, mut cq) = (dense.new_pool(256).expect("pool").new_cache(), q8.new_pool(256).expect("pool").new_cache());
         let mut a = dense.prefill(&prompt, &mut cd).expect("prefill");
         let mut b = q8.prefill(&prompt, &mut cq).expect("prefill");
         let mut same = 0;
@@ -640,7 +692,8 @@ mod tests {
         let (cfg, files) = tiny();
         let (mut model, _) = load(&cfg, &files);
         let greedy = |model: &Qwen2, prompts: &[Vec<u32>], steps: usize| -> Vec<Vec<u32>> {
-            let mut caches: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache(16)).collect();
+            let pool = model.new_pool(1024).expect("pool");
+            let mut caches: Vec<SeqCache> = prompts.iter().map(|_| pool.new_cache()).collect();
             let mut next: Vec<u32> = prompts
                 .iter()
                 .zip(caches.iter_mut())
@@ -668,11 +721,45 @@ mod tests {
             alone[0], batched[1],
             "isolation: same tokens alone and in a batch"
         );
+        // The GPU's batched, padded attention (run here on CPU) gives the same tokens.
+        model.set_attention(Attention::Batched);
+        let padded = greedy(&model, &[b.clone(), a.clone(), c.clone()], 50);
+        assert_eq!(alone[0], padded[1], "isolation with batched attention");
+        assert_eq!(batched, padded, "batched attention changes no sequence's tokens");
+        model.set_attention(Attention::PerSequence);
         // The 8-bit kernel computes each activation row on its own too: batching changes
         // nothing bit for bit.
         model = model.to_q8().expect("q8");
         let alone = greedy(&model, std::slice::from_ref(&a), 50);
         let batched = greedy(&model, &[b, a, c], 50);
         assert_eq!(alone[0], batched[1], "isolation on the 8-bit kernel");
+    }
+
+    #[test]
+    fn batched_attention_matches_per_sequence_logits() {
+        let (cfg, files) = tiny();
+        let (mut model, _) = load(&cfg, &files);
+        let prompts = [vec![257u32, 10, 20, 30], vec![5u32; 37], vec![257u32, 99, 98]];
+        let mut run = |attention: Attention| -> Vec<Tensor> {
+            model.set_attention(attention);
+            let pool = model.new_pool(512).expect("pool");
+            let mut caches: Vec<SeqCache> = prompts.iter().map(|_| pool.new_cache()).collect();
+            for (p, c) in prompts.iter().zip(caches.iter_mut()) {
+                model.prefill(p, c).expect("prefill");
+            }
+            let mut out = Vec::new();
+            for step in 0..20u32 {
+                let tokens: Vec<u32> = (0..3).map(|i| 100 + step * 3 + i).collect();
+                let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
+                out.push(model.decode(&tokens, &mut refs).expect("decode"));
+            }
+            out
+        };
+        let per_seq = run(Attention::PerSequence);
+        let batched = run(Attention::Batched);
+        for (a, b) in per_seq.iter().zip(&batched) {
+            let diff = max_abs(&(a - b).expect("sub").flatten_all().expect("flat"));
+            assert!(diff < 1e-4, "batched attention differs by {diff}");
+        }
     }
 }

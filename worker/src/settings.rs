@@ -133,6 +133,13 @@ pub struct WorkerSettings {
     #[arg(long, env = "SLUICE_REDACT_OUTPUT", default_value_t = true, action = clap::ArgAction::Set)]
     pub redact_output: bool,
 
+    /// Key of the leak canary (any string; every worker of a deployment should share it).
+    /// The canary of a job with a seed is derived from it, the tenant, the seed and the
+    /// system prompt, so the same request gives the same prompt (and the same text) on any
+    /// worker, while nobody without the key can predict it. Unset: a random key per process.
+    #[arg(long, env = "SLUICE_CANARY_KEY", hide_env_values = true)]
+    pub canary_key: Option<sluice_shared::Secret>,
+
     /// This worker's id in job records and logs (default: host, pid and a random suffix).
     #[arg(long, env = "SLUICE_WORKER_ID")]
     pub worker_id: Option<String>,

@@ -7,6 +7,7 @@ use candle_core::Device;
 use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use sha2::{Digest, Sha256};
 use sluice_shared::Keyspace;
 use sluice_shared::amqp::{QueueSettings, connect, declare_topology};
 use sluice_shared::redis_pool::create_pool;
@@ -55,6 +56,10 @@ impl Worker {
                 max_batch: settings.max_batch_size as usize,
                 kv_token_budget: settings.max_batch_total_tokens,
                 prefill_chunk: settings.prefill_chunk.max(1),
+                canary_key: match &settings.canary_key {
+                    Some(k) => Sha256::digest(k.expose().as_bytes()).into(),
+                    None => rand::random(),
+                },
             },
         )?;
         let ks = Keyspace::new(settings.common.namespace.clone());

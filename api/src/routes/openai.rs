@@ -22,7 +22,9 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sluice_proto::{ErrorBody, ErrorCode, FinishReason, JobStatus, JobView, Message, Role, Usage};
+use sluice_proto::{
+    ErrorBody, ErrorCode, FinishReason, JobStatus, JobView, Message, ResponseFormat, Role, Usage,
+};
 use uuid::Uuid;
 
 use super::events::{JobEvent, job_events};
@@ -180,17 +182,15 @@ impl ChatCompletionRequest {
         if self.tools.is_some() || self.tool_choice.is_some() {
             return Err(unsupported("tools", "tool calls are not implemented"));
         }
-        if let Some(format) = &self.response_format {
-            match format.get("type").and_then(Value::as_str) {
-                Some("text") => {}
-                _ => {
-                    return Err(unsupported(
-                        "response_format",
-                        "structured output is not available yet; only {\"type\": \"text\"}",
-                    ));
-                }
-            }
-        }
+        let response_format = match self.response_format {
+            None => None,
+            Some(format) => Some(serde_json::from_value::<ResponseFormat>(format).map_err(|e| {
+                ApiError::client(
+                    ErrorCode::InvalidResponseFormat,
+                    format!("response_format: {e}"),
+                )
+            })?),
+        };
         if self.max_tokens.is_some() && self.max_completion_tokens.is_some() {
             return Err(ApiError::client(
                 ErrorCode::InvalidParameter,
@@ -237,6 +237,7 @@ impl ChatCompletionRequest {
             repetition_penalty: None,
             ignore_eos: None,
             session_id: self.session_id,
+            response_format,
             timeout_secs: self.timeout_secs,
         };
         Ok((submit, self.stream, include_usage))
@@ -247,6 +248,7 @@ fn finish_reason(reason: FinishReason) -> &'static str {
     match reason {
         FinishReason::Length | FinishReason::ContextLength => "length",
         FinishReason::Stop | FinishReason::Cancelled | FinishReason::Deadline => "stop",
+        FinishReason::ContentFilter => "content_filter",
     }
 }
 

@@ -22,6 +22,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::qwen2;
 use sluice_proto::Message;
 use sluice_shared::chat::{ChatCodec, ChatError};
+use sluice_shared::structured::GrammarEnv;
 use tokenizers::Tokenizer;
 
 use crate::qwen::Qwen2;
@@ -61,6 +62,9 @@ pub struct LoadedModel {
     model: Qwen2,
     codec: ChatCodec,
     info: ModelInfo,
+    /// Structured output; `None` where the tokenizer is not one llguidance reads (jobs that
+    /// ask for JSON then fail with `invalid_response_format`).
+    grammar: Option<GrammarEnv>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
@@ -80,6 +84,31 @@ pub fn compute_dtype(device: &Device) -> DType {
     }
 }
 
+/// A Qwen2 `config.json`, as written by any transformers release: transformers 5 writes
+/// `"sliding_window": null` (no sliding window) and nests `rope_theta` under
+/// `rope_parameters`, both of which candle's `qwen2::Config` rejects as they are.
+pub fn read_qwen2_config(text: &str) -> Result<qwen2::Config, ModelError> {
+    let bad = |e: String| ModelError::Format(format!("config.json: {e}"));
+    let mut v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| bad("not a JSON object".into()))?;
+    if obj.get("rope_theta").is_none_or(|t| t.is_null())
+        && let Some(theta) = obj
+            .get("rope_parameters")
+            .and_then(|p| p.get("rope_theta"))
+            .cloned()
+    {
+        obj.insert("rope_theta".into(), theta);
+    }
+    if obj.get("sliding_window").is_none_or(|w| w.is_null())
+        && let Some(max) = obj.get("max_position_embeddings").cloned()
+    {
+        obj.insert("sliding_window".into(), max);
+    }
+    serde_json::from_value(v).map_err(|e| bad(e.to_string()))
+}
+
 /// The network alone (no tokenizer) from a `config.json` and its safetensors files.
 pub fn qwen2_from_safetensors(
     config: &Path,
@@ -87,9 +116,7 @@ pub fn qwen2_from_safetensors(
     dtype: DType,
     device: &Device,
 ) -> Result<Qwen2, ModelError> {
-    let config: qwen2::Config =
-        serde_json::from_str(&std::fs::read_to_string(config).map_err(io_err(config))?)
-            .map_err(|e| ModelError::Format(format!("config.json: {e}")))?;
+    let config = read_qwen2_config(&std::fs::read_to_string(config).map_err(io_err(config))?)?;
     // SAFETY: the files are memory-mapped read-only; Sluice never writes them while the
     // worker runs, and an operator replacing model files under a live worker is outside
     // what any inference server supports.
@@ -113,7 +140,27 @@ impl LoadedModel {
             context_length: codec.context_length.min(model.dims().context),
             eos_token_ids: codec.eos_token_ids.clone(),
         };
-        Self { model, codec, info }
+        let started = std::time::Instant::now();
+        let grammar =
+            match GrammarEnv::new(codec.tokenizer(), model.vocab(), &codec.eos_token_ids) {
+                Ok(g) => {
+                    tracing::info!(
+                        ms = started.elapsed().as_millis() as u64,
+                        "structured output ready"
+                    );
+                    Some(g)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "structured output unavailable for this tokenizer");
+                    None
+                }
+            };
+        Self {
+            model,
+            codec,
+            info,
+            grammar,
+        }
     }
 
     fn load_gguf(path: &Path, device: &Device) -> Result<Self, ModelError> {
@@ -168,6 +215,11 @@ impl LoadedModel {
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>, ModelError> {
         Ok(self.codec.encode_chat(messages)?)
     }
+    /// The grammar machinery for structured output, if this tokenizer supports it.
+    pub fn grammar(&self) -> Option<&GrammarEnv> {
+        self.grammar.as_ref()
+    }
+
     /// The network, shared by every sequence.
     pub fn model(&self) -> &Qwen2 {
         &self.model

@@ -97,7 +97,7 @@ pub fn safetensors_in(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     Ok(weights)
 }
 
-fn files_in_dir(dir: &Path) -> Result<ModelFiles, ModelError> {
+pub(crate) fn files_in_dir(dir: &Path) -> Result<ModelFiles, ModelError> {
     let need = |name: &str| {
         let p = dir.join(name);
         if p.is_file() {

@@ -1,0 +1,332 @@
+//! Structured output: JSON Schema to a token grammar (llguidance), and the final check of the
+//! output (the `jsonschema` crate).
+//!
+//! The API calls [`check_format`] at submit, so a schema that is not valid JSON Schema, or that
+//! uses what the grammar engine cannot enforce, is a 400 before anything is queued. The worker
+//! builds a [`GrammarEnv`] once per model (the tokenizer's tokens as byte strings in a trie)
+//! and a [`Constraint`] per job: before each token it masks every token the grammar forbids,
+//! after it advances the grammar. [`validate_output`] re-checks the finished text with an
+//! independent validator as a second line of defence.
+
+use std::sync::Arc;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{self, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::{JsonCompileOptions, Matcher, ParserFactory};
+use serde_json::Value;
+use sluice_proto::ResponseFormat;
+use tokenizers::Tokenizer;
+
+/// The largest schema accepted, in bytes of JSON.
+pub const MAX_SCHEMA_BYTES: usize = 64 * 1024;
+
+/// Why a format cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("the schema is not valid JSON Schema: {0}")]
+    InvalidSchema(String),
+    #[error("the schema cannot be enforced: {0}")]
+    Unsupported(String),
+    #[error("the schema is {0} bytes; at most {MAX_SCHEMA_BYTES} are accepted")]
+    TooLarge(usize),
+}
+
+/// The schema with the grammar options Sluice always uses: no free whitespace between tokens
+/// (a small model otherwise can pad with whitespace until its token budget runs out), the
+/// usual separators. A client's own `x-guidance` options are replaced.
+fn grammar_schema(format: &ResponseFormat) -> Option<Value> {
+    let mut schema = format.schema()?;
+    if let Some(obj) = schema.as_object_mut() {
+        obj.remove("x-guidance");
+    }
+    if schema.is_object() {
+        JsonCompileOptions {
+            whitespace_flexible: false,
+            item_separator: ", ".into(),
+            key_separator: ": ".into(),
+            ..JsonCompileOptions::default()
+        }
+        .apply_to(&mut schema);
+    }
+    Some(schema)
+}
+
+/// A compiled output validator.
+fn validator(schema: &Value) -> Result<jsonschema::Validator, FormatError> {
+    jsonschema::validator_for(schema).map_err(|e| FormatError::InvalidSchema(e.to_string()))
+}
+
+/// A token environment of the 256 single bytes: enough to compile a grammar and learn whether
+/// the engine supports it, with no model's tokenizer at hand (the API).
+struct ByteEnv {
+    trie: TokTrie,
+}
+
+impl ByteEnv {
+    fn new() -> Self {
+        let mut words: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        words.push(vec![TokTrie::SPECIAL_TOKEN_MARKER, b'e', b'o', b's']);
+        let info = TokRxInfo::new(words.len() as u32, 256);
+        Self {
+            trie: TokTrie::from(&info, &words),
+        }
+    }
+}
+
+impl TokenizerEnv for ByteEnv {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        s.iter().map(|b| u32::from(*b)).collect()
+    }
+}
+
+fn byte_factory() -> &'static Result<ParserFactory, String> {
+    static FACTORY: std::sync::OnceLock<Result<ParserFactory, String>> =
+        std::sync::OnceLock::new();
+    FACTORY.get_or_init(|| {
+        let env: TokEnv = Arc::new(ByteEnv::new());
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+        factory.set_stderr_log_level(0);
+        Ok(factory)
+    })
+}
+
+fn compile(factory: &ParserFactory, schema: Value) -> Result<Matcher, FormatError> {
+    let parser = factory
+        .create_parser(TopLevelGrammar::from_json_schema(schema))
+        .map_err(|e| FormatError::Unsupported(e.to_string()))?;
+    let matcher = Matcher::new(Ok(parser));
+    match matcher.get_error() {
+        Some(e) => Err(FormatError::Unsupported(e)),
+        None => Ok(matcher),
+    }
+}
+
+/// Whether a format can be served: a valid schema, within size, that the grammar engine can
+/// enforce. `text` always can.
+pub fn check_format(format: &ResponseFormat) -> Result<(), FormatError> {
+    let Some(schema) = format.schema() else {
+        return Ok(());
+    };
+    let size = serde_json::to_vec(&schema).map(|v| v.len()).unwrap_or(0);
+    if size > MAX_SCHEMA_BYTES {
+        return Err(FormatError::TooLarge(size));
+    }
+    if !schema.is_object() {
+        return Err(FormatError::InvalidSchema(
+            "a schema must be a JSON object".into(),
+        ));
+    }
+    validator(&schema)?;
+    let factory = byte_factory()
+        .as_ref()
+        .map_err(|e| FormatError::Unsupported(e.clone()))?;
+    compile(factory, grammar_schema(format).unwrap_or(schema)).map(|_| ())
+}
+
+/// Checks finished output against the format: it parses as JSON and validates.
+pub fn validate_output(format: &ResponseFormat, text: &str) -> Result<(), String> {
+    let Some(schema) = format.schema() else {
+        return Ok(());
+    };
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| format!("the output is not JSON: {e}"))?;
+    let validator = validator(&schema).map_err(|e| e.to_string())?;
+    let errors: Vec<String> = validator
+        .iter_errors(&value)
+        .take(3)
+        .map(|e| format!("{} at {}", e, e.instance_path))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the output does not match the schema: {}",
+            errors.join("; ")
+        ))
+    }
+}
+
+/// A model's tokenizer as llguidance sees it: every token id as the bytes it stands for.
+struct TokenizerEnvAdapter {
+    trie: TokTrie,
+    tokenizer: Tokenizer,
+}
+
+impl TokenizerEnv for TokenizerEnvAdapter {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        match std::str::from_utf8(s) {
+            Ok(text) => match self.tokenizer.encode(text, false) {
+                Ok(enc) => enc.get_ids().to_vec(),
+                Err(_) => self.trie.greedy_tokenize(s),
+            },
+            Err(_) => self.trie.greedy_tokenize(s),
+        }
+    }
+}
+
+/// One model's grammar machinery, built once at load (the token trie and the mask slicer take
+/// a few hundred milliseconds for a 150k vocabulary).
+pub struct GrammarEnv {
+    factory: ParserFactory,
+    eos: Vec<u32>,
+}
+
+impl std::fmt::Debug for GrammarEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrammarEnv").field("eos", &self.eos).finish()
+    }
+}
+
+impl GrammarEnv {
+    /// For a byte-level BPE tokenizer (Qwen's). `vocab` is the model's output width, which
+    /// may exceed the tokenizer's (the extra ids are never allowed); `eos[0]` is the token
+    /// that ends a constrained output.
+    pub fn new(tokenizer: &Tokenizer, vocab: usize, eos: &[u32]) -> Result<Self, String> {
+        let json: Value = serde_json::from_str(
+            &tokenizer
+                .to_string(false)
+                .map_err(|e| format!("tokenizer: {e}"))?,
+        )
+        .map_err(|e| format!("tokenizer json: {e}"))?;
+        let mut words =
+            llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| e.to_string())?;
+        if words.len() > vocab {
+            return Err(format!(
+                "the tokenizer has {} tokens, the model's output {vocab}",
+                words.len()
+            ));
+        }
+        words.resize(vocab, Vec::new());
+        let &first_eos = eos.first().ok_or("the model has no end-of-sequence token")?;
+        let info = TokRxInfo::new(vocab as u32, first_eos);
+        let trie = TokTrie::from(&info, &words);
+        let env: TokEnv = Arc::new(TokenizerEnvAdapter {
+            trie,
+            tokenizer: tokenizer.clone(),
+        });
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+        factory.set_stderr_log_level(0);
+        Ok(Self {
+            factory,
+            eos: eos.to_vec(),
+        })
+    }
+
+    /// The constraint for one job, or `None` for free text.
+    pub fn constraint(&self, format: &ResponseFormat) -> Result<Option<Constraint>, FormatError> {
+        let Some(schema) = grammar_schema(format) else {
+            return Ok(None);
+        };
+        Ok(Some(Constraint {
+            matcher: compile(&self.factory, schema)?,
+            eos: self.eos.clone(),
+        }))
+    }
+}
+
+/// One job's grammar state.
+pub struct Constraint {
+    matcher: Matcher,
+    eos: Vec<u32>,
+}
+
+impl Constraint {
+    /// Sets the logit of every token the grammar forbids now to -inf. When the output is
+    /// complete, only end-of-sequence tokens remain allowed.
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+        let mask = self.matcher.compute_mask().map_err(|e| e.to_string())?;
+        let eos_allowed = self.eos.first().is_some_and(|t| mask.is_allowed(*t));
+        let mut allowed = 0usize;
+        for (id, logit) in logits.iter_mut().enumerate() {
+            let id = id as toktrie::TokenId;
+            if mask.is_allowed(id) || (eos_allowed && self.eos.contains(&id)) {
+                allowed += 1;
+            } else {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+        if allowed == 0 {
+            return Err("the grammar allows no token".into());
+        }
+        Ok(())
+    }
+
+    /// Advances the grammar past a sampled (allowed) token.
+    pub fn advance(&mut self, token: u32) -> Result<(), String> {
+        if self.eos.contains(&token) {
+            return Ok(());
+        }
+        self.matcher.consume_token(token).map_err(|e| e.to_string())
+    }
+
+    /// The output is complete: nothing may follow but the end of the sequence.
+    pub fn is_finished(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use sluice_proto::JsonSchemaFormat;
+
+    fn schema(schema: Value) -> ResponseFormat {
+        ResponseFormat::JsonSchema {
+            json_schema: JsonSchemaFormat {
+                name: "t".into(),
+                description: None,
+                schema,
+                strict: Some(true),
+            },
+        }
+    }
+
+    #[test]
+    fn accepts_usual_schemas_and_text() {
+        assert!(check_format(&ResponseFormat::Text).is_ok());
+        assert!(check_format(&ResponseFormat::JsonObject).is_ok());
+        let s = json!({"type": "object", "properties": {"name": {"type": "string"},
+            "age": {"type": "integer", "minimum": 0}}, "required": ["name"],
+            "additionalProperties": false});
+        assert_eq!(check_format(&schema(s)), Ok(()));
+    }
+
+    #[test]
+    fn rejects_invalid_and_unenforceable_schemas() {
+        assert!(matches!(
+            check_format(&schema(json!({"type": "no-such-type"}))),
+            Err(FormatError::InvalidSchema(_))
+        ));
+        assert!(matches!(
+            check_format(&schema(json!([1, 2]))),
+            Err(FormatError::InvalidSchema(_))
+        ));
+        // A remote reference: the engine fetches nothing.
+        assert!(check_format(&schema(json!({"$ref": "https://example.com/s.json"}))).is_err());
+        let big = json!({"type": "string", "description": "x".repeat(MAX_SCHEMA_BYTES)});
+        assert!(matches!(
+            check_format(&schema(big)),
+            Err(FormatError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn validates_output() {
+        let f = schema(json!({"type": "object", "properties": {"n": {"type": "integer"}},
+            "required": ["n"]}));
+        assert!(validate_output(&f, r#"{"n": 3}"#).is_ok());
+        assert!(validate_output(&f, r#"{"n": "3"}"#).is_err());
+        assert!(validate_output(&f, r#"{"n": 3"#).is_err());
+        assert!(validate_output(&ResponseFormat::JsonObject, "[1]").is_err());
+        assert!(validate_output(&ResponseFormat::Text, "anything").is_ok());
+    }
+}
