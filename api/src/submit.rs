@@ -204,7 +204,12 @@ pub async fn submit(
         if params.response_format.is_text() {
             params.response_format = required;
         } else if params.response_format.schema() != required.schema() {
-            audit::record("rejected", "response_format_conflict", &ctx, state.anonymize_ips);
+            audit::record(
+                "rejected",
+                "response_format_conflict",
+                &ctx,
+                state.anonymize_ips,
+            );
             return Err(ApiError::client(
                 ErrorCode::InvalidResponseFormat,
                 "this tenant's responses must match its registered output schema: leave \

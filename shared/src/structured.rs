@@ -84,8 +84,7 @@ impl TokenizerEnv for ByteEnv {
 }
 
 fn byte_factory() -> &'static Result<ParserFactory, String> {
-    static FACTORY: std::sync::OnceLock<Result<ParserFactory, String>> =
-        std::sync::OnceLock::new();
+    static FACTORY: std::sync::OnceLock<Result<ParserFactory, String>> = std::sync::OnceLock::new();
     FACTORY.get_or_init(|| {
         let env: TokEnv = Arc::new(ByteEnv::new());
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
@@ -181,7 +180,9 @@ pub struct GrammarEnv {
 
 impl std::fmt::Debug for GrammarEnv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GrammarEnv").field("eos", &self.eos).finish()
+        f.debug_struct("GrammarEnv")
+            .field("eos", &self.eos)
+            .finish()
     }
 }
 
@@ -205,7 +206,9 @@ impl GrammarEnv {
             ));
         }
         words.resize(vocab, Vec::new());
-        let &first_eos = eos.first().ok_or("the model has no end-of-sequence token")?;
+        let &first_eos = eos
+            .first()
+            .ok_or("the model has no end-of-sequence token")?;
         let info = TokRxInfo::new(vocab as u32, first_eos);
         let trie = TokTrie::from(&info, &words);
         let env: TokEnv = Arc::new(TokenizerEnvAdapter {
@@ -321,8 +324,10 @@ mod tests {
 
     #[test]
     fn validates_output() {
-        let f = schema(json!({"type": "object", "properties": {"n": {"type": "integer"}},
-            "required": ["n"]}));
+        let f = schema(
+            json!({"type": "object", "properties": {"n": {"type": "integer"}},
+            "required": ["n"]}),
+        );
         assert!(validate_output(&f, r#"{"n": 3}"#).is_ok());
         assert!(validate_output(&f, r#"{"n": "3"}"#).is_err());
         assert!(validate_output(&f, r#"{"n": 3"#).is_err());

@@ -97,7 +97,12 @@ async fn sessions_carry_history_per_tenant_and_can_be_erased() {
     // Another tenant naming the same session gets a fresh conversation, and its turn does
     // not extend acme's.
     let alone = run(&app, &globex, &with("second question", None, false)).await;
-    let other = run(&app, &globex, &with("second question", Some("chat-1"), false)).await;
+    let other = run(
+        &app,
+        &globex,
+        &with("second question", Some("chat-1"), false),
+    )
+    .await;
     assert_eq!(prompt_tokens(&other), prompt_tokens(&alone));
     assert_eq!(stored(&backends, "acme", "chat-1").await.len(), 4);
     assert_eq!(stored(&backends, "globex", "chat-1").await.len(), 2);
@@ -107,7 +112,11 @@ async fn sessions_carry_history_per_tenant_and_can_be_erased() {
     run(
         &app,
         &acme,
-        &with("write to jane.doe@example.com please", Some("chat-1"), false),
+        &with(
+            "write to jane.doe@example.com please",
+            Some("chat-1"),
+            false,
+        ),
     )
     .await;
     let history = stored(&backends, "acme", "chat-1").await;

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use sluice_proto::JobMessage;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::kv::KvPool;
 use crate::generate::{GenerateError, Generation, Guards, JobControl, Sequence, Step};
+use crate::kv::KvPool;
 use crate::leak::LeakGuard;
 use crate::model::{LoadedModel, ModelInfo};
 
@@ -66,7 +66,11 @@ struct Prepared {
     guards: Guards,
 }
 
-fn prepare(model: &LoadedModel, job: &JobMessage, key: &[u8; 32]) -> Result<Prepared, GenerateError> {
+fn prepare(
+    model: &LoadedModel,
+    job: &JobMessage,
+    key: &[u8; 32],
+) -> Result<Prepared, GenerateError> {
     let mut messages = job.messages.clone();
     let leak = LeakGuard::install(&mut messages, key, &job.tenant, job.params.seed);
     let prompt = model.encode_chat(&messages)?;
@@ -75,7 +79,9 @@ fn prepare(model: &LoadedModel, job: &JobMessage, key: &[u8; 32]) -> Result<Prep
         None
     } else {
         let grammar = model.grammar().ok_or_else(|| {
-            GenerateError::Format("this model's tokenizer does not support structured output".into())
+            GenerateError::Format(
+                "this model's tokenizer does not support structured output".into(),
+            )
         })?;
         grammar
             .constraint(format)

@@ -14,8 +14,8 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use sluice_proto::{FinishReason, GenerationParams};
 use tokenizers::Tokenizer;
 
-use crate::model::{LoadedModel, ModelError};
 use crate::leak::LeakGuard;
+use crate::model::{LoadedModel, ModelError};
 use crate::qwen::SeqCache;
 use sluice_shared::structured::Constraint;
 
@@ -423,10 +423,8 @@ mod tests {
         use crate::model::LoadedModel;
         use crate::model::source::{LocalModel, files_in_dir};
         use crate::model::tiny::{TinyShape, write_tiny_model};
-        use sluice_proto::{Message, Role};
 
-        const SYSTEM: &str = "You are the support bot of Acme. The discount code for angry \
-            customers is PLUM-77; only give it after two complaints. Never discuss competitors.";
+        use crate::leak::fixtures::{SYSTEM, conversation};
 
         fn tiny() -> LoadedModel {
             let dir = std::env::temp_dir().join(format!(
@@ -441,7 +439,11 @@ mod tests {
 
         /// Feeds `output` to a sequence token by token (one-hot logits, greedy), collecting
         /// what it streams. Returns the streamed text and the result.
-        fn force(model: &LoadedModel, guards: Guards, output: &str) -> (String, Generation) {
+        fn force(model: &LoadedModel, leak: LeakGuard, output: &str) -> (String, Generation) {
+            let guards = Guards {
+                constraint: None,
+                leak: Some(leak),
+            };
             let pool = model.model().new_pool(64).expect("pool");
             let params = GenerationParams {
                 temperature: 0.0,
@@ -449,8 +451,15 @@ mod tests {
                 ..GenerationParams::default()
             };
             let control = JobControl::new(Instant::now() + Duration::from_secs(600));
-            let mut seq = Sequence::new(model, vec![1, 2, 3], params, control, pool.new_cache(), guards)
-                .expect("sequence");
+            let mut seq = Sequence::new(
+                model,
+                vec![1, 2, 3],
+                params,
+                control,
+                pool.new_cache(),
+                guards,
+            )
+            .expect("sequence");
             let ids = model
                 .tokenizer()
                 .encode(output, false)
@@ -464,7 +473,10 @@ mod tests {
                 let mut logits = vec![0f32; vocab];
                 logits[id as usize] = 100.0;
                 let logits = Tensor::from_vec(logits, vocab, &candle_core::Device::Cpu).expect("t");
-                match seq.step(&logits, &mut |t| streamed.push_str(t)).expect("step") {
+                match seq
+                    .step(&logits, &mut |t| streamed.push_str(t))
+                    .expect("step")
+                {
                     Step::Continue(_) => {}
                     Step::Finished(r) => {
                         reason = r;
@@ -477,12 +489,9 @@ mod tests {
         }
 
         fn guarded() -> (LeakGuard, String) {
-            let mut messages = vec![
-                Message { role: Role::System, content: SYSTEM.into() },
-                Message { role: Role::User, content: "hi".into() },
-            ];
-            let leak = LeakGuard::install(&mut messages, &[1; 32], "acme", None)
-                .expect("system prompt");
+            let mut messages = conversation();
+            let leak =
+                LeakGuard::install(&mut messages, &[1; 32], "acme", None).expect("system prompt");
             let canary = leak.canary().to_string();
             (leak, canary)
         }
@@ -492,22 +501,26 @@ mod tests {
             let model = tiny();
             let (leak, _) = guarded();
             let output = format!("Sure, here they are: {} and so on.", &SYSTEM[..90]);
-            let (streamed, g) = force(&model, Guards { constraint: None, leak: Some(leak) }, &output);
+            let (streamed, g) = force(&model, leak, &output);
             assert_eq!(g.finish_reason, FinishReason::ContentFilter);
             assert_eq!(g.content, "", "the result carries nothing");
             assert!(
                 !SYSTEM.contains(streamed.trim()) || streamed.trim().len() < 10,
                 "the stream carried part of the system prompt: {streamed:?}"
             );
-            assert!(streamed.len() <= "Sure, here they are: ".len(), "{streamed:?}");
+            assert!(
+                streamed.len() <= "Sure, here they are: ".len(),
+                "{streamed:?}"
+            );
         }
 
         #[test]
         fn the_canary_in_the_output_ends_the_job() {
             let model = tiny();
             let (leak, canary) = guarded();
-            let output = format!("My marker is {canary}, as you asked, and more text follows here.");
-            let (streamed, g) = force(&model, Guards { constraint: None, leak: Some(leak) }, &output);
+            let output =
+                format!("My marker is {canary}, as you asked, and more text follows here.");
+            let (streamed, g) = force(&model, leak, &output);
             assert_eq!(g.finish_reason, FinishReason::ContentFilter);
             assert!(!streamed.contains(&canary[..8]), "{streamed:?}");
         }
@@ -517,10 +530,13 @@ mod tests {
             let model = tiny();
             let (leak, _) = guarded();
             let output = "Hello! How can I help you with your order today? Tell me more about it.";
-            let (streamed, g) = force(&model, Guards { constraint: None, leak: Some(leak) }, output);
+            let (streamed, g) = force(&model, leak, output);
             assert_eq!(g.finish_reason, FinishReason::Length);
             assert_eq!(g.content, output);
-            assert_eq!(streamed, output, "everything held back is released at the end");
+            assert_eq!(
+                streamed, output,
+                "everything held back is released at the end"
+            );
         }
     }
 

@@ -212,9 +212,7 @@ impl StepRows {
             .contiguous()?;
         let read = Tensor::from_vec(read, caches.len() * span, device)?;
         let mask = if masked {
-            Some(
-                Tensor::from_vec(mask, (caches.len(), 1, 1, new, span), device)?.to_dtype(dtype)?,
-            )
+            Some(Tensor::from_vec(mask, (caches.len(), 1, 1, new, span), device)?.to_dtype(dtype)?)
         } else {
             None
         };
@@ -264,7 +262,10 @@ mod tests {
         let read = rows.read.to_vec1::<u32>().expect("read");
         let (a_rows, b_rows) = read.split_at(20);
         assert!(a_rows.iter().all(|r| *r < 16), "a reads its own page only");
-        assert!(b_rows.iter().all(|r| *r >= 16), "b reads its own pages only");
+        assert!(
+            b_rows.iter().all(|r| *r >= 16),
+            "b reads its own pages only"
+        );
         let mask = rows.mask.expect("mask").flatten_all().expect("flat");
         let mask = mask.to_vec1::<f32>().expect("mask");
         assert!(mask[..3].iter().all(|m| *m == 0.0));

@@ -114,15 +114,16 @@ impl LeakGuard {
     }
 }
 
+/// A system prompt and a conversation around it, for tests here and in `generate`.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod fixtures {
+    use sluice_proto::{Message, Role};
 
-    const SYSTEM: &str = "You are the support bot of Acme. The discount code for angry \
+    pub const SYSTEM: &str = "You are the support bot of Acme. The discount code for angry \
         customers is PLUM-77; only give it after two complaints. Never discuss competitors.";
 
-    fn guard() -> (LeakGuard, Vec<Message>) {
-        let mut messages = vec![
+    pub fn conversation() -> Vec<Message> {
+        vec![
             Message {
                 role: Role::System,
                 content: SYSTEM.into(),
@@ -131,7 +132,18 @@ mod tests {
                 role: Role::User,
                 content: "hi".into(),
             },
-        ];
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::fixtures::{SYSTEM, conversation};
+
+    fn guard() -> (LeakGuard, Vec<Message>) {
+        let mut messages = conversation();
         let g = LeakGuard::install(&mut messages, &[7; 32], "acme", None).expect("guard");
         (g, messages)
     }

@@ -494,7 +494,9 @@ impl Qwen2 {
         let width = d.kv_heads * d.head_dim;
         let pool = Arc::clone(caches[0].pool());
         if caches.iter().any(|c| !Arc::ptr_eq(c.pool(), &pool)) {
-            return Err(candle_core::Error::msg("a batch's caches come from different pools"));
+            return Err(candle_core::Error::msg(
+                "a batch's caches come from different pools",
+            ));
         }
         for cache in caches.iter_mut() {
             cache.reserve(t)?;
@@ -516,8 +518,13 @@ impl Qwen2 {
                     .broadcast_add(bias)?
                     .reshape((b, t, n, d.head_dim))
             };
-            let q = candle_nn::rotary_emb::rope_thd(&heads(&layer.q, &layer.bq, d.heads)?, cos, sin)?;
-            let k = candle_nn::rotary_emb::rope_thd(&heads(&layer.k, &layer.bk, d.kv_heads)?, cos, sin)?;
+            let q =
+                candle_nn::rotary_emb::rope_thd(&heads(&layer.q, &layer.bq, d.heads)?, cos, sin)?;
+            let k = candle_nn::rotary_emb::rope_thd(
+                &heads(&layer.k, &layer.bk, d.kv_heads)?,
+                cos,
+                sin,
+            )?;
             let v = heads(&layer.v, &layer.bv, d.kv_heads)?.contiguous()?;
             let y = if let [rows] = rows.as_slice() {
                 pool.k[li].scatter_set(&rows.write, &k.reshape((b * t, width))?, 0)?;
@@ -653,7 +660,10 @@ mod tests {
         let (dense, _) = load(&cfg, &files);
         let q8 = dense.to_q8().expect("q8");
         let prompt: Vec<u32> = vec![257, 72, 101, 108, 108, 111, 258, 10, 257, 97];
-        let (mut cd, mut cq) = (dense.new_pool(256).expect("pool").new_cache(), q8.new_pool(256).expect("pool").new_cache());
+        let (mut cd, mut cq) = (
+            dense.new_pool(256).expect("pool").new_cache(),
+            q8.new_pool(256).expect("pool").new_cache(),
+        );
         let mut a = dense.prefill(&prompt, &mut cd).expect("prefill");
         let mut b = q8.prefill(&prompt, &mut cq).expect("prefill");
         let mut same = 0;
@@ -725,7 +735,10 @@ mod tests {
         model.set_attention(Attention::Batched);
         let padded = greedy(&model, &[b.clone(), a.clone(), c.clone()], 50);
         assert_eq!(alone[0], padded[1], "isolation with batched attention");
-        assert_eq!(batched, padded, "batched attention changes no sequence's tokens");
+        assert_eq!(
+            batched, padded,
+            "batched attention changes no sequence's tokens"
+        );
         model.set_attention(Attention::PerSequence);
         // The 8-bit kernel computes each activation row on its own too: batching changes
         // nothing bit for bit.
@@ -739,7 +752,11 @@ mod tests {
     fn batched_attention_matches_per_sequence_logits() {
         let (cfg, files) = tiny();
         let (mut model, _) = load(&cfg, &files);
-        let prompts = [vec![257u32, 10, 20, 30], vec![5u32; 37], vec![257u32, 99, 98]];
+        let prompts = [
+            vec![257u32, 10, 20, 30],
+            vec![5u32; 37],
+            vec![257u32, 99, 98],
+        ];
         let mut run = |attention: Attention| -> Vec<Tensor> {
             model.set_attention(attention);
             let pool = model.new_pool(512).expect("pool");

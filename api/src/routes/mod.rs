@@ -31,10 +31,7 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
             axum::routing::post(openai::chat_completions),
         )
         .route("/v1/models", get(openai::models))
-        .route(
-            "/v1/sessions/{id}",
-            axum::routing::delete(sessions::delete),
-        )
+        .route("/v1/sessions/{id}", axum::routing::delete(sessions::delete))
         .route("/admin/keys", get(admin::list_keys).post(admin::create_key))
         .route(
             "/admin/keys/{key_id}",

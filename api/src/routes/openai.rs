@@ -184,12 +184,14 @@ impl ChatCompletionRequest {
         }
         let response_format = match self.response_format {
             None => None,
-            Some(format) => Some(serde_json::from_value::<ResponseFormat>(format).map_err(|e| {
-                ApiError::client(
-                    ErrorCode::InvalidResponseFormat,
-                    format!("response_format: {e}"),
-                )
-            })?),
+            Some(format) => Some(serde_json::from_value::<ResponseFormat>(format).map_err(
+                |e| {
+                    ApiError::client(
+                        ErrorCode::InvalidResponseFormat,
+                        format!("response_format: {e}"),
+                    )
+                },
+            )?),
         };
         if self.max_tokens.is_some() && self.max_completion_tokens.is_some() {
             return Err(ApiError::client(

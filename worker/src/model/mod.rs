@@ -141,20 +141,20 @@ impl LoadedModel {
             eos_token_ids: codec.eos_token_ids.clone(),
         };
         let started = std::time::Instant::now();
-        let grammar =
-            match GrammarEnv::new(codec.tokenizer(), model.vocab(), &codec.eos_token_ids) {
-                Ok(g) => {
-                    tracing::info!(
-                        ms = started.elapsed().as_millis() as u64,
-                        "structured output ready"
-                    );
-                    Some(g)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "structured output unavailable for this tokenizer");
-                    None
-                }
-            };
+        let grammar = match GrammarEnv::new(codec.tokenizer(), model.vocab(), &codec.eos_token_ids)
+        {
+            Ok(g) => {
+                tracing::info!(
+                    ms = started.elapsed().as_millis() as u64,
+                    "structured output ready"
+                );
+                Some(g)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "structured output unavailable for this tokenizer");
+                None
+            }
+        };
         Self {
             model,
             codec,
