@@ -64,6 +64,7 @@ fn bench(c: &mut Criterion) {
                     tokens_per_day: policy.tokens_per_day.map(|_| u64::MAX / 4),
                     tokens_per_month: None,
                     flags: Vec::new(),
+                    idempotency: None,
                 };
                 store.admit(&job, &admission).await.expect("admit");
                 store.rollback(&job.id).await.expect("rollback");

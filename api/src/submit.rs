@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::http::HeaderMap;
+use sha2::{Digest, Sha256};
 use sluice_guard::pipeline::{Action, BlockReason};
 use sluice_guard::{Guard, GuardConfig};
 use sluice_proto::{ErrorCode, JOB_MESSAGE_VERSION, JobMessage, Message, Role, SessionTurn};
@@ -179,8 +180,49 @@ fn guard_and_count(
     })
 }
 
+/// What a submit produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submitted {
+    pub id: Uuid,
+    /// An `Idempotency-Key` seen before with the same request: `id` is the job that request
+    /// created, and nothing new was queued or reserved.
+    pub replayed: bool,
+}
+
+/// The header a client retries a submit with.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The `Idempotency-Key` of a request, if any: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(k) if (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(k))
+        }
+        _ => Err(ApiError::client(
+            ErrorCode::InvalidParameter,
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        )),
+    }
+}
+
+/// The SHA-256 (hex) of what a request asks for, to tell a retry from a different request
+/// under the same key.
+fn fingerprint(job: &ValidatedJob) -> String {
+    let canonical = serde_json::to_vec(&(
+        &job.messages,
+        &job.params,
+        &job.session_id,
+        job.timeout.as_secs(),
+    ))
+    .unwrap_or_default();
+    hex::encode(Sha256::digest(&canonical))
+}
+
 /// Runs a validated job through the guard, the context check and admission, then publishes
-/// it. Returns the new job's id. `peer` and `headers` give the client address for the audit
+/// it. Returns the new job's id (or, for a retried `Idempotency-Key`, the earlier one's). `peer` and `headers` give the client address for the audit
 /// log and the caller's trace context.
 pub async fn submit(
     state: &AppState,
@@ -188,7 +230,16 @@ pub async fn submit(
     peer: SocketAddr,
     job: ValidatedJob,
     headers: &HeaderMap,
-) -> Result<Uuid, ApiError> {
+) -> Result<Submitted, ApiError> {
+    let idempotency = idempotency_key(headers)?.map(|key| {
+        (
+            state.store.keyspace().idempotency(
+                &principal.tenant,
+                &hex::encode(Sha256::digest(key.as_bytes())),
+            ),
+            fingerprint(&job),
+        )
+    });
     let ctx = AuditContext {
         tenant: Some(principal.tenant.clone()),
         key_id: Some(principal.key_id.clone()),
@@ -299,9 +350,29 @@ pub async fn submit(
         tokens_per_day: policy.tokens_per_day,
         tokens_per_month: policy.tokens_per_month,
         flags: guarded.flags,
+        idempotency,
     };
     match state.store.admit(&message, &admission).await? {
         AdmitOutcome::Admitted => {}
+        AdmitOutcome::Duplicate(existing) => {
+            tracing::info!(job_id = %existing, "idempotent retry: the earlier job is returned");
+            return Ok(Submitted {
+                id: existing,
+                replayed: true,
+            });
+        }
+        AdmitOutcome::IdempotencyMismatch => {
+            audit::record(
+                "rejected",
+                "idempotency_key_reused",
+                &ctx,
+                state.anonymize_ips,
+            );
+            return Err(ApiError::client(
+                ErrorCode::IdempotencyKeyReused,
+                "this Idempotency-Key was used in the last 24 hours for a different request",
+            ));
+        }
         AdmitOutcome::ConcurrencyLimited { active, limit } => {
             audit::record("rejected", "concurrency_limited", &ctx, state.anonymize_ips);
             return Err(ApiError::ConcurrencyLimited { active, limit });
@@ -330,5 +401,8 @@ pub async fn submit(
         return Err(publish_error.into());
     }
     tracing::info!(prompt_tokens = guarded.prompt_tokens, "job accepted");
-    Ok(id)
+    Ok(Submitted {
+        id,
+        replayed: false,
+    })
 }

@@ -50,6 +50,8 @@ pub enum ErrorCode {
     // Job state conflicts.
     /// The job is already terminal, so it cannot be cancelled.
     JobAlreadyFinished,
+    /// The `Idempotency-Key` was used within 24 hours for a different request.
+    IdempotencyKeyReused,
     // Infrastructure.
     /// RabbitMQ refused the job or could not be reached; nothing was enqueued.
     QueueUnavailable,
@@ -88,6 +90,7 @@ impl ErrorCode {
             NotFound | ModelNotFound => 404,
             MethodNotAllowed => 405,
             JobAlreadyFinished => 409,
+            IdempotencyKeyReused => 422,
             PayloadTooLarge | ContextLengthExceeded => 413,
             UnsupportedMediaType => 415,
             RateLimited | QuotaExceeded | ConcurrencyLimited => 429,
@@ -122,6 +125,7 @@ impl ErrorCode {
             QuotaExceeded => "quota_exceeded",
             ConcurrencyLimited => "concurrency_limited",
             JobAlreadyFinished => "job_already_finished",
+            IdempotencyKeyReused => "idempotency_key_reused",
             QueueUnavailable => "queue_unavailable",
             StoreUnavailable => "store_unavailable",
             Internal => "internal",
@@ -182,6 +186,7 @@ mod tests {
         ErrorCode::QuotaExceeded,
         ErrorCode::ConcurrencyLimited,
         ErrorCode::JobAlreadyFinished,
+        ErrorCode::IdempotencyKeyReused,
         ErrorCode::QueueUnavailable,
         ErrorCode::StoreUnavailable,
         ErrorCode::Internal,

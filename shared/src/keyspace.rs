@@ -56,6 +56,12 @@ impl Keyspace {
         format!("{}:tenant:{tenant}:session:{session}:system", self.ns)
     }
 
+    /// String: the job an `Idempotency-Key` (by its SHA-256, hex) created, and the request's
+    /// fingerprint, as `{job id}|{fingerprint}`; expires after 24 h.
+    pub fn idempotency(&self, tenant: &str, key_hash: &str) -> String {
+        format!("{}:tenant:{tenant}:idem:{key_hash}", self.ns)
+    }
+
     /// Counter: a tenant's jobs queued plus running.
     pub fn tenant_active(&self, tenant: &str) -> String {
         format!("{}:tenant:{tenant}:active", self.ns)

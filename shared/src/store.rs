@@ -68,7 +68,12 @@ pub struct Admission {
     pub tokens_per_month: Option<u64>,
     /// Guard categories that fired under a `flag` action, recorded on the job.
     pub flags: Vec<String>,
+    /// The `Idempotency-Key` record ([`Keyspace::idempotency`]) and the request's fingerprint.
+    pub idempotency: Option<(String, String)>,
 }
+
+/// How long an `Idempotency-Key` maps to its job.
+pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuotaPeriod {
@@ -88,6 +93,11 @@ impl QuotaPeriod {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdmitOutcome {
     Admitted,
+    /// The same `Idempotency-Key` and request created this job earlier: nothing new was
+    /// written or reserved.
+    Duplicate(Uuid),
+    /// The same `Idempotency-Key` came with a different request.
+    IdempotencyMismatch,
     ConcurrencyLimited {
         active: u64,
         limit: u64,
@@ -132,30 +142,40 @@ fn with_settle(body: &str) -> Script {
     Script::new(&format!("{SETTLE}\n{body}"))
 }
 
-// KEYS[1] job, KEYS[2] tenant active set, KEYS[3] day counter, KEYS[4] month counter.
-// ARGV: now, max_active (-1 = unlimited), day limit, month limit, reserve, job ttl, then the
-// job's field/value pairs.
+// KEYS[1] job, KEYS[2] tenant active set, KEYS[3] day counter, KEYS[4] month counter,
+// KEYS[5] idempotency record (KEYS[1] again when there is none).
+// ARGV: now, max_active (-1 = unlimited), day limit, month limit, reserve, job ttl,
+// idempotency fingerprint ('' = none), idempotency ttl, then the job's field/value pairs.
 static ADMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local now = tonumber(ARGV[1])
+local fingerprint = ARGV[7]
+if fingerprint ~= '' then
+  local prev = redis.call('GET', KEYS[5])
+  if prev then
+    local sep = string.find(prev, '|', 1, true)
+    if string.sub(prev, sep + 1) ~= fingerprint then return {'idempotency_mismatch', 0, 0, ''} end
+    return {'duplicate', 0, 0, string.sub(prev, 1, sep - 1)}
+  end
+end
 -- Jobs past their deadline have stopped or will stop at their next token: they no longer
 -- count, even if their settlement was lost with a record that expired.
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local max_active = tonumber(ARGV[2])
 local active = redis.call('ZCARD', KEYS[2])
-if max_active >= 0 and active >= max_active then return {'concurrency', active, max_active} end
+if max_active >= 0 and active >= max_active then return {'concurrency', active, max_active, ''} end
 local reserve = tonumber(ARGV[5])
 local limits = {tonumber(ARGV[3]), tonumber(ARGV[4])}
 local names = {'day', 'month'}
 for i = 1, 2 do
   local used = tonumber(redis.call('GET', KEYS[2 + i]) or '0')
   if limits[i] >= 0 and used + reserve > limits[i] then
-    return {'quota_' .. names[i], used, limits[i]}
+    return {'quota_' .. names[i], used, limits[i], ''}
   end
 end
 local fields = {}
-for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline'))
 redis.call('ZADD', KEYS[2], deadline, redis.call('HGET', KEYS[1], 'id'))
@@ -166,7 +186,12 @@ redis.call('EXPIRE', KEYS[4], 3024000)
 redis.call('HSET', KEYS[1], 'reserved', reserve, 'qday', KEYS[3], 'qmonth', KEYS[4],
   'active_key', KEYS[2], 'settled', '0')
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
-return {'ok', 0, 0}
+if fingerprint ~= '' then
+  local id = redis.call('HGET', KEYS[1], 'id')
+  redis.call('SET', KEYS[5], id .. '|' .. fingerprint, 'EX', tonumber(ARGV[8]))
+  redis.call('HSET', KEYS[1], 'idem_key', KEYS[5])
+end
+return {'ok', 0, 0, ''}
 "#,
     )
 });
@@ -177,6 +202,13 @@ static ROLLBACK: LazyLock<Script> = LazyLock::new(|| {
         r#"
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
 settle(KEYS[1], 0)
+-- The key may be used again: this request created nothing.
+local idem = redis.call('HGET', KEYS[1], 'idem_key')
+if idem then
+  local prev = redis.call('GET', idem)
+  local id = redis.call('HGET', KEYS[1], 'id')
+  if prev and string.sub(prev, 1, #id) == id then redis.call('DEL', idem) end
+end
 redis.call('DEL', KEYS[1])
 return 1
 "#,
@@ -326,17 +358,24 @@ impl JobStore {
         let ttl = job.deadline.saturating_sub(job.created_at) / 1000 + self.result_ttl_secs;
         let limit = |l: Option<u64>| l.map_or(-1, |v| v as i64);
         let mut invocation = ADMIT.prepare_invoke();
+        let (idem_key, fingerprint) = match &admission.idempotency {
+            Some((k, f)) => (k.clone(), f.clone()),
+            None => (key.clone(), String::new()),
+        };
         invocation
             .key(&key)
             .key(self.ks.tenant_active(&job.tenant))
             .key(self.ks.tenant_tokens_day(&job.tenant, &day))
             .key(self.ks.tenant_tokens_month(&job.tenant, &month))
+            .key(idem_key)
             .arg(job.created_at)
             .arg(limit(admission.max_active.map(u64::from)))
             .arg(limit(admission.tokens_per_day))
             .arg(limit(admission.tokens_per_month))
             .arg(admission.reserve)
-            .arg(ttl);
+            .arg(ttl)
+            .arg(fingerprint)
+            .arg(IDEMPOTENCY_TTL_SECS);
         let mut fields = vec![
             ("id", job.id.to_string()),
             ("tenant", job.tenant.clone()),
@@ -351,9 +390,17 @@ impl JobStore {
         for (k, v) in &fields {
             invocation.arg(*k).arg(v);
         }
-        let (outcome, used, limit): (String, u64, u64) = invocation.invoke_async(&mut conn).await?;
+        let (outcome, used, limit, existing): (String, u64, u64, String) =
+            invocation.invoke_async(&mut conn).await?;
         Ok(match outcome.as_str() {
             "ok" => AdmitOutcome::Admitted,
+            "duplicate" => AdmitOutcome::Duplicate(Uuid::parse_str(&existing).map_err(|e| {
+                StoreError::Corrupt {
+                    id: job.id,
+                    detail: format!("idempotency record names {existing:?}: {e}"),
+                }
+            })?),
+            "idempotency_mismatch" => AdmitOutcome::IdempotencyMismatch,
             "concurrency" => AdmitOutcome::ConcurrencyLimited {
                 active: used,
                 limit,

@@ -18,7 +18,9 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use crate::validate::{body_bytes, parse_body, validate};
 
-/// `POST /v1/jobs` → 202 `{"id", "status": "queued"}`.
+/// `POST /v1/jobs` → 202 `{"id", "status": "queued"}`. With an `Idempotency-Key` seen in the
+/// last 24 hours for the same request, the same answer for the same job, marked
+/// `Idempotent-Replayed: true`; for a different request, 422 `idempotency_key_reused`.
 #[tracing::instrument(skip_all, fields(tenant = %principal.tenant, job_id))]
 pub async fn submit(
     principal: Principal,
@@ -29,13 +31,21 @@ pub async fn submit(
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
     let job = validate(parse_body(&body)?, &state.limits)?;
-    let id = crate::submit::submit(&state, principal, peer, job, &headers).await?;
-    Ok((
+    let submitted = crate::submit::submit(&state, principal, peer, job, &headers).await?;
+    let id = submitted.id;
+    let mut response = (
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/v1/jobs/{id}"))],
         Json(json!({ "id": id, "status": "queued" })),
     )
-        .into_response())
+        .into_response();
+    if submitted.replayed {
+        response.headers_mut().insert(
+            "idempotent-replayed",
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(response)
 }
 
 /// `GET /v1/jobs/{id}` → the job as its tenant sees it.

@@ -314,7 +314,9 @@ pub async fn chat_completions(
     let (submit, stream, include_usage) = request.into_submit(&model)?;
     let job = validate(submit, &state.limits)?;
     let tenant = principal.tenant.clone();
-    let id = crate::submit::submit(&state, principal, peer, job, &headers).await?;
+    let id = crate::submit::submit(&state, principal, peer, job, &headers)
+        .await?
+        .id;
     if stream {
         return Ok(relay(state, tenant, id, model, include_usage)
             .await?
