@@ -65,6 +65,8 @@ fn bench(c: &mut Criterion) {
                     tokens_per_month: None,
                     flags: Vec::new(),
                     idempotency: None,
+                    max_queued: None,
+                    max_queued_tenant: None,
                 };
                 store.admit(&job, &admission).await.expect("admit");
                 store.rollback(&job.id).await.expect("rollback");

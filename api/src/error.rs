@@ -34,6 +34,13 @@ pub enum ApiError {
     },
     #[error("concurrency limited ({active}/{limit})")]
     ConcurrencyLimited { active: u64, limit: u64 },
+    #[error("queue full ({queued}/{limit})")]
+    QueueFull {
+        tenant: bool,
+        queued: u64,
+        limit: u64,
+        retry_after_secs: u64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -87,6 +94,19 @@ impl ApiError {
                     "{active} of {limit} allowed jobs are queued or running; retry when one ends"
                 ),
             ),
+            ApiError::QueueFull {
+                tenant,
+                queued,
+                limit,
+                retry_after_secs,
+            } => ErrorBody::new(
+                ErrorCode::QueueFull,
+                format!(
+                    "{queued} of {limit} allowed jobs are waiting in {} queue; retry in about \
+                     {retry_after_secs} s",
+                    if *tenant { "this tenant's" } else { "the" }
+                ),
+            ),
             ApiError::Store(_) => ErrorBody::new(
                 ErrorCode::StoreUnavailable,
                 "the job store is unavailable; retry later",
@@ -112,7 +132,8 @@ impl IntoResponse for ApiError {
             | ApiError::Forbidden
             | ApiError::RateLimited(_)
             | ApiError::QuotaExceeded { .. }
-            | ApiError::ConcurrencyLimited { .. } => {
+            | ApiError::ConcurrencyLimited { .. }
+            | ApiError::QueueFull { .. } => {
                 tracing::debug!(code = %body.code, "request rejected");
             }
             ApiError::Unauthorized(reason) => {
@@ -155,6 +176,9 @@ impl IntoResponse for ApiError {
                 set("ratelimit-remaining", limit.saturating_sub(*used));
                 set("ratelimit-reset", *reset_secs);
             }
+            ApiError::QueueFull {
+                retry_after_secs, ..
+            } => set("retry-after", (*retry_after_secs).max(1)),
             ApiError::ConcurrencyLimited { active, limit } => {
                 set("retry-after", 1);
                 set("ratelimit-limit", *limit);

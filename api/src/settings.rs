@@ -163,6 +163,9 @@ pub struct DefaultPolicySettings {
     /// Jobs queued plus running per tenant (0 = unlimited).
     #[arg(long, env = "SLUICE_DEFAULT_MAX_ACTIVE_JOBS", default_value_t = 64)]
     pub default_max_active_jobs: u32,
+    /// Jobs waiting in the queue per tenant (0 = unlimited).
+    #[arg(long, env = "SLUICE_DEFAULT_MAX_QUEUED_JOBS", default_value_t = 1000)]
+    pub default_max_queued_jobs: u32,
     /// Whether clients may send `system` messages.
     #[arg(long, env = "SLUICE_DEFAULT_ALLOW_SYSTEM_MESSAGES", default_value_t = true, action = ArgAction::Set)]
     pub default_allow_system_messages: bool,
@@ -197,6 +200,7 @@ impl DefaultPolicySettings {
             tokens_per_day: limit64(self.default_tokens_per_day),
             tokens_per_month: limit64(self.default_tokens_per_month),
             max_active_jobs: limit32(self.default_max_active_jobs),
+            max_queued_jobs: limit32(self.default_max_queued_jobs),
             allow_system_messages: self.default_allow_system_messages,
             injection_action: self.default_injection_action,
             injection_threshold: self.default_injection_threshold,
@@ -250,6 +254,11 @@ pub struct ApiSettings {
     /// answers 202 with the job's id to poll, in seconds.
     #[arg(long, env = "SLUICE_COMPLETION_WAIT_SECS", default_value_t = 120)]
     pub completion_wait_secs: u64,
+
+    /// Jobs waiting in the queue across all tenants; past it submits get 429 `queue_full`
+    /// with a `Retry-After` from the measured drain rate (0 = unlimited).
+    #[arg(long, env = "SLUICE_MAX_QUEUED_JOBS", default_value_t = 10_000)]
+    pub max_queued_jobs: u32,
 
     /// How long a session's history lives after its last turn, in seconds.
     #[arg(long, env = "SLUICE_SESSION_TTL_SECS", default_value_t = 24 * 3600)]

@@ -351,6 +351,8 @@ pub async fn submit(
         tokens_per_month: policy.tokens_per_month,
         flags: guarded.flags,
         idempotency,
+        max_queued: state.limits.max_queued_jobs,
+        max_queued_tenant: policy.max_queued_jobs,
     };
     match state.store.admit(&message, &admission).await? {
         AdmitOutcome::Admitted => {}
@@ -359,6 +361,20 @@ pub async fn submit(
             return Ok(Submitted {
                 id: existing,
                 replayed: true,
+            });
+        }
+        AdmitOutcome::QueueFull {
+            tenant,
+            queued,
+            limit,
+            retry_after_secs,
+        } => {
+            audit::record("rejected", "queue_full", &ctx, state.anonymize_ips);
+            return Err(ApiError::QueueFull {
+                tenant,
+                queued,
+                limit,
+                retry_after_secs,
             });
         }
         AdmitOutcome::IdempotencyMismatch => {

@@ -18,6 +18,8 @@ pub struct Limits {
     pub max_timeout: Duration,
     /// How long a non-streaming chat completion waits for its job.
     pub completion_wait: Duration,
+    /// Queued jobs allowed across all tenants (`None` = unlimited).
+    pub max_queued_jobs: Option<u32>,
     pub session_ttl: Duration,
     pub session_max_messages: u32,
     pub session_max_tokens: usize,
@@ -32,6 +34,7 @@ impl Limits {
             default_timeout: Duration::from_secs(s.job_timeout_secs),
             max_timeout: Duration::from_secs(s.max_job_timeout_secs),
             completion_wait: Duration::from_secs(s.completion_wait_secs),
+            max_queued_jobs: (s.max_queued_jobs > 0).then_some(s.max_queued_jobs),
             session_ttl: Duration::from_secs(s.session_ttl_secs),
             session_max_messages: s.session_max_messages,
             session_max_tokens: s.session_max_tokens,
@@ -200,6 +203,7 @@ mod tests {
             default_timeout: Duration::from_secs(600),
             max_timeout: Duration::from_secs(3600),
             completion_wait: Duration::from_secs(60),
+            max_queued_jobs: None,
             session_ttl: Duration::from_secs(60),
             session_max_messages: 10,
             session_max_tokens: 1000,

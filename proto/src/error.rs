@@ -47,6 +47,9 @@ pub enum ErrorCode {
     RateLimited,
     QuotaExceeded,
     ConcurrencyLimited,
+    /// Too many jobs are queued (in the deployment, or for the tenant); `Retry-After` says
+    /// when the measured drain rate should have made room.
+    QueueFull,
     // Job state conflicts.
     /// The job is already terminal, so it cannot be cancelled.
     JobAlreadyFinished,
@@ -93,7 +96,7 @@ impl ErrorCode {
             IdempotencyKeyReused => 422,
             PayloadTooLarge | ContextLengthExceeded => 413,
             UnsupportedMediaType => 415,
-            RateLimited | QuotaExceeded | ConcurrencyLimited => 429,
+            RateLimited | QuotaExceeded | ConcurrencyLimited | QueueFull => 429,
             Internal | ModelError | AttemptsExhausted | OutputValidationFailed => 500,
             QueueUnavailable | StoreUnavailable => 503,
             JobTooLarge => 413,
@@ -124,6 +127,7 @@ impl ErrorCode {
             RateLimited => "rate_limited",
             QuotaExceeded => "quota_exceeded",
             ConcurrencyLimited => "concurrency_limited",
+            QueueFull => "queue_full",
             JobAlreadyFinished => "job_already_finished",
             IdempotencyKeyReused => "idempotency_key_reused",
             QueueUnavailable => "queue_unavailable",
@@ -185,6 +189,7 @@ mod tests {
         ErrorCode::RateLimited,
         ErrorCode::QuotaExceeded,
         ErrorCode::ConcurrencyLimited,
+        ErrorCode::QueueFull,
         ErrorCode::JobAlreadyFinished,
         ErrorCode::IdempotencyKeyReused,
         ErrorCode::QueueUnavailable,

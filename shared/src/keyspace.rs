@@ -62,6 +62,22 @@ impl Keyspace {
         format!("{}:tenant:{tenant}:idem:{key_hash}", self.ns)
     }
 
+    /// Sorted set: every queued job of the namespace (scored by deadline), for the global cap.
+    pub fn queued(&self) -> String {
+        format!("{}:queued", self.ns)
+    }
+
+    /// Sorted set: a tenant's queued jobs (scored by deadline), for its cap.
+    pub fn tenant_queued(&self, tenant: &str) -> String {
+        format!("{}:tenant:{tenant}:queued", self.ns)
+    }
+
+    /// Prefix of per-second counters of jobs leaving the queue (`{prefix}{unix second}`): the
+    /// measured drain rate behind `Retry-After`.
+    pub fn drain_prefix(&self) -> String {
+        format!("{}:drain:", self.ns)
+    }
+
     /// Counter: a tenant's jobs queued plus running.
     pub fn tenant_active(&self, tenant: &str) -> String {
         format!("{}:tenant:{tenant}:active", self.ns)

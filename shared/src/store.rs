@@ -70,6 +70,9 @@ pub struct Admission {
     pub flags: Vec<String>,
     /// The `Idempotency-Key` record ([`Keyspace::idempotency`]) and the request's fingerprint.
     pub idempotency: Option<(String, String)>,
+    /// Queued jobs allowed in the whole namespace, and for this tenant.
+    pub max_queued: Option<u32>,
+    pub max_queued_tenant: Option<u32>,
 }
 
 /// How long an `Idempotency-Key` maps to its job.
@@ -98,6 +101,14 @@ pub enum AdmitOutcome {
     Duplicate(Uuid),
     /// The same `Idempotency-Key` came with a different request.
     IdempotencyMismatch,
+    /// The queue (the namespace's, or the tenant's share) is at its cap; `retry_after_secs`
+    /// comes from the rate jobs left the queue in the last minute.
+    QueueFull {
+        tenant: bool,
+        queued: u64,
+        limit: u64,
+        retry_after_secs: u64,
+    },
     ConcurrencyLimited {
         active: u64,
         limit: u64,
@@ -133,8 +144,11 @@ local function settle(job, used)
       end
     end
   end
-  local active = redis.call('HGET', job, 'active_key')
-  if active then redis.call('ZREM', active, redis.call('HGET', job, 'id') or '') end
+  local id = redis.call('HGET', job, 'id') or ''
+  for _, field in ipairs({'active_key', 'queued_key', 'gqueued_key'}) do
+    local set = redis.call('HGET', job, field)
+    if set then redis.call('ZREM', set, id) end
+  end
 end
 "#;
 
@@ -143,9 +157,11 @@ fn with_settle(body: &str) -> Script {
 }
 
 // KEYS[1] job, KEYS[2] tenant active set, KEYS[3] day counter, KEYS[4] month counter,
-// KEYS[5] idempotency record (KEYS[1] again when there is none).
+// KEYS[5] idempotency record (KEYS[1] again when there is none), KEYS[6] queued set,
+// KEYS[7] tenant queued set.
 // ARGV: now, max_active (-1 = unlimited), day limit, month limit, reserve, job ttl,
-// idempotency fingerprint ('' = none), idempotency ttl, then the job's field/value pairs.
+// idempotency fingerprint ('' = none), idempotency ttl, max queued, max queued for the tenant
+// (-1 = unlimited), drain counter prefix, then the job's field/value pairs.
 static ADMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -157,6 +173,23 @@ if fingerprint ~= '' then
     local sep = string.find(prev, '|', 1, true)
     if string.sub(prev, sep + 1) ~= fingerprint then return {'idempotency_mismatch', 0, 0, ''} end
     return {'duplicate', 0, 0, string.sub(prev, 1, sep - 1)}
+  end
+end
+-- Backpressure: queued jobs, globally and per tenant. Retry-After from the measured drain
+-- rate (jobs that left the queue per second over the last minute).
+local function retry_after(excess)
+  local sec = math.floor(now / 1000)
+  local drained = 0
+  for i = 0, 59 do drained = drained + tonumber(redis.call('GET', ARGV[11] .. (sec - i)) or '0') end
+  if drained == 0 then return 30 end
+  return math.min(300, math.max(1, math.ceil(excess * 60 / drained)))
+end
+local caps = {{KEYS[6], tonumber(ARGV[9]), 'queue_full'}, {KEYS[7], tonumber(ARGV[10]), 'tenant_queue_full'}}
+for _, c in ipairs(caps) do
+  redis.call('ZREMRANGEBYSCORE', c[1], '-inf', now)
+  local queued = redis.call('ZCARD', c[1])
+  if c[2] >= 0 and queued >= c[2] then
+    return {c[3], queued, c[2], tostring(retry_after(queued - c[2] + 1))}
   end
 end
 -- Jobs past their deadline have stopped or will stop at their next token: they no longer
@@ -175,16 +208,19 @@ for i = 1, 2 do
   end
 end
 local fields = {}
-for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 12, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline'))
 redis.call('ZADD', KEYS[2], deadline, redis.call('HGET', KEYS[1], 'id'))
+redis.call('ZADD', KEYS[6], deadline, redis.call('HGET', KEYS[1], 'id'))
+redis.call('ZADD', KEYS[7], deadline, redis.call('HGET', KEYS[1], 'id'))
 redis.call('INCRBY', KEYS[3], reserve)
 redis.call('EXPIRE', KEYS[3], 172800)
 redis.call('INCRBY', KEYS[4], reserve)
 redis.call('EXPIRE', KEYS[4], 3024000)
 redis.call('HSET', KEYS[1], 'reserved', reserve, 'qday', KEYS[3], 'qmonth', KEYS[4],
-  'active_key', KEYS[2], 'settled', '0')
+  'active_key', KEYS[2], 'gqueued_key', KEYS[6], 'queued_key', KEYS[7], 'drain', ARGV[11],
+  'settled', '0')
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
 if fingerprint ~= '' then
   local id = redis.call('HGET', KEYS[1], 'id')
@@ -223,6 +259,20 @@ local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return {'missing', 0} end
 if s ~= 'queued' and s ~= 'running' then return {s, 0} end
 local now = tonumber(ARGV[1])
+if s == 'queued' then
+  -- The job leaves the queue (to run, or to a terminal state): count it for the drain rate.
+  local id = redis.call('HGET', KEYS[1], 'id') or ''
+  for _, field in ipairs({'queued_key', 'gqueued_key'}) do
+    local set = redis.call('HGET', KEYS[1], field)
+    if set then redis.call('ZREM', set, id) end
+  end
+  local drain = redis.call('HGET', KEYS[1], 'drain')
+  if drain then
+    local bucket = drain .. math.floor(now / 1000)
+    redis.call('INCR', bucket)
+    redis.call('EXPIRE', bucket, 120)
+  end
+end
 local function finish(status, code, msg)
   redis.call('HSET', KEYS[1], 'status', status, 'finished_at', ARGV[1])
   settle(KEYS[1], 0)
@@ -299,6 +349,12 @@ if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1')
 redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', math.max(attempts - 1, 0))
 redis.call('HDEL', KEYS[1], 'worker')
+local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline') or '0')
+local id = redis.call('HGET', KEYS[1], 'id') or ''
+for _, field in ipairs({'queued_key', 'gqueued_key'}) do
+  local set = redis.call('HGET', KEYS[1], field)
+  if set then redis.call('ZADD', set, deadline, id) end
+end
 return 1
 "#,
     )
@@ -368,6 +424,8 @@ impl JobStore {
             .key(self.ks.tenant_tokens_day(&job.tenant, &day))
             .key(self.ks.tenant_tokens_month(&job.tenant, &month))
             .key(idem_key)
+            .key(self.ks.queued())
+            .key(self.ks.tenant_queued(&job.tenant))
             .arg(job.created_at)
             .arg(limit(admission.max_active.map(u64::from)))
             .arg(limit(admission.tokens_per_day))
@@ -375,7 +433,10 @@ impl JobStore {
             .arg(admission.reserve)
             .arg(ttl)
             .arg(fingerprint)
-            .arg(IDEMPOTENCY_TTL_SECS);
+            .arg(IDEMPOTENCY_TTL_SECS)
+            .arg(limit(admission.max_queued.map(u64::from)))
+            .arg(limit(admission.max_queued_tenant.map(u64::from)))
+            .arg(self.ks.drain_prefix());
         let mut fields = vec![
             ("id", job.id.to_string()),
             ("tenant", job.tenant.clone()),
@@ -401,6 +462,12 @@ impl JobStore {
                 }
             })?),
             "idempotency_mismatch" => AdmitOutcome::IdempotencyMismatch,
+            "queue_full" | "tenant_queue_full" => AdmitOutcome::QueueFull {
+                tenant: outcome == "tenant_queue_full",
+                queued: used,
+                limit,
+                retry_after_secs: existing.parse().unwrap_or(30),
+            },
             "concurrency" => AdmitOutcome::ConcurrencyLimited {
                 active: used,
                 limit,

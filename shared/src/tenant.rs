@@ -24,6 +24,9 @@ pub struct TenantPolicy {
     pub tokens_per_month: Option<u64>,
     /// Jobs queued plus running at once.
     pub max_active_jobs: Option<u32>,
+    /// Jobs waiting in the queue at once (backpressure: 429 `queue_full` past it).
+    #[serde(default)]
+    pub max_queued_jobs: Option<u32>,
     /// Whether clients of this tenant may send `system` messages.
     pub allow_system_messages: bool,
     pub injection_action: InjectionAction,
@@ -44,6 +47,7 @@ impl Default for TenantPolicy {
             tokens_per_day: Some(2_000_000),
             tokens_per_month: Some(40_000_000),
             max_active_jobs: Some(64),
+            max_queued_jobs: Some(1000),
             allow_system_messages: true,
             injection_action: guard.injection_action,
             injection_threshold: guard.injection_threshold,
