@@ -222,16 +222,33 @@ impl TestApp {
     }
 
     pub async fn submit(&self, key: &str, body: &Value) -> (u16, Value) {
-        let r = self
+        let (status, v, _) = self.submit_with_headers(key, body, &[]).await;
+        (status, v)
+    }
+
+    /// `POST /v1/jobs` with extra request headers; returns the response's headers too.
+    pub async fn submit_with_headers(
+        &self,
+        key: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
+        let mut req = self
             .http
             .post(format!("{}/v1/jobs", self.base))
             .bearer_auth(key)
-            .json(body)
-            .send()
-            .await
-            .expect("submit");
+            .json(body);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let r = req.send().await.expect("submit");
         let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        let response_headers = r.headers().clone();
+        (
+            status,
+            r.json().await.unwrap_or(Value::Null),
+            response_headers,
+        )
     }
 
     /// Submits and expects 202; returns the job id.

@@ -7,21 +7,13 @@ use serde_json::{Value, json};
 use sluice_tests::*;
 
 async fn submit(app: &TestApp, key: &str) -> (u16, Value, Option<u64>) {
-    let r = app
-        .http
-        .post(format!("{}/v1/jobs", app.base))
-        .bearer_auth(key)
-        .json(&chat("hello", json!({"max_tokens": 4, "temperature": 0})))
-        .send()
-        .await
-        .expect("submit");
-    let status = r.status().as_u16();
-    let retry = r
-        .headers()
+    let body = chat("hello", json!({"max_tokens": 4, "temperature": 0}));
+    let (status, v, headers) = app.submit_with_headers(key, &body, &[]).await;
+    let retry = headers
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
-    (status, r.json().await.unwrap_or(Value::Null), retry)
+    (status, v, retry)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,21 +6,13 @@ use serde_json::{Value, json};
 use sluice_tests::*;
 
 async fn submit(app: &TestApp, key: &str, idem: &str, body: &Value) -> (u16, Value, bool) {
-    let r = app
-        .http
-        .post(format!("{}/v1/jobs", app.base))
-        .bearer_auth(key)
-        .header("Idempotency-Key", idem)
-        .json(body)
-        .send()
-        .await
-        .expect("submit");
-    let status = r.status().as_u16();
-    let replayed = r
-        .headers()
+    let (status, v, headers) = app
+        .submit_with_headers(key, body, &[("Idempotency-Key", idem)])
+        .await;
+    let replayed = headers
         .get("idempotent-replayed")
         .is_some_and(|v| v == "true");
-    (status, r.json().await.unwrap_or(Value::Null), replayed)
+    (status, v, replayed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
