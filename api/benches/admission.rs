@@ -44,6 +44,7 @@ fn bench(c: &mut Criterion) {
                 let now = sluice_proto::now_ms();
                 let job = JobMessage {
                     session: None,
+                    priority: sluice_proto::Priority::Interactive,
                     v: JOB_MESSAGE_VERSION,
                     id: uuid::Uuid::now_v7(),
                     tenant: principal.tenant.clone(),

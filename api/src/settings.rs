@@ -207,6 +207,7 @@ impl DefaultPolicySettings {
             pii_action: self.default_pii_action,
             // Per tenant only (an admin registers it); no deployment-wide default.
             required_output_schema: None,
+            default_priority: sluice_proto::Priority::Interactive,
         }
     }
 }

@@ -216,6 +216,7 @@ fn fingerprint(job: &ValidatedJob) -> String {
         &job.params,
         &job.session_id,
         job.timeout.as_secs(),
+        job.priority,
     ))
     .unwrap_or_default();
     hex::encode(Sha256::digest(&canonical))
@@ -336,6 +337,7 @@ pub async fn submit(
             max_messages: state.limits.session_max_messages,
         }),
         session_id: job.session_id,
+        priority: job.priority.unwrap_or(policy.default_priority),
         messages: guarded.messages,
         params,
         created_at,

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde::Deserialize;
-use sluice_proto::{ErrorCode, GenerationParams, Message, ResponseFormat};
+use sluice_proto::{ErrorCode, GenerationParams, Message, Priority, ResponseFormat};
 
 use crate::error::ApiError;
 use crate::settings::ApiSettings;
@@ -66,6 +66,8 @@ pub struct SubmitRequest {
     pub(crate) session_id: Option<String>,
     /// Structured output, as OpenAI's `response_format`.
     pub(crate) response_format: Option<ResponseFormat>,
+    /// `interactive` or `batch`; the tenant's default when left out.
+    pub(crate) priority: Option<Priority>,
     /// Deadline for queue plus run, in seconds.
     pub(crate) timeout_secs: Option<u64>,
 }
@@ -77,6 +79,7 @@ pub struct ValidatedJob {
     pub params: GenerationParams,
     pub session_id: Option<String>,
     pub timeout: Duration,
+    pub priority: Option<Priority>,
 }
 
 /// The request body, or the 4xx for a body axum could not read (too large, or not readable).
@@ -188,6 +191,7 @@ pub fn validate(req: SubmitRequest, limits: &Limits) -> Result<ValidatedJob, Api
         params,
         session_id: req.session_id,
         timeout,
+        priority: req.priority,
     })
 }
 

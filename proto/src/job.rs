@@ -179,6 +179,27 @@ impl GenerationParams {
     }
 }
 
+/// Scheduling class. Interactive jobs are served first: a worker takes a batch job only when
+/// it has room and no interactive job is waiting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Batch,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 2] = [Priority::Interactive, Priority::Batch];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Interactive => "interactive",
+            Priority::Batch => "batch",
+        }
+    }
+}
+
 /// How a job's turn joins its session's history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionTurn {
@@ -213,6 +234,9 @@ pub struct JobMessage {
     /// session's history when the job succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<SessionTurn>,
+    /// The queue the job went to.
+    #[serde(default)]
+    pub priority: Priority,
     pub messages: Vec<Message>,
     pub params: GenerationParams,
     /// When the API accepted the job (ms since the epoch).
@@ -260,6 +284,7 @@ mod tests {
             tenant: "acme".into(),
             session_id: None,
             session: None,
+            priority: Priority::Interactive,
             messages: vec![Message {
                 role: Role::User,
                 content: "hi".into(),

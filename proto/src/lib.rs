@@ -18,8 +18,8 @@ pub mod status;
 
 pub use error::{ErrorBody, ErrorCode};
 pub use job::{
-    GenerationParams, JOB_MESSAGE_VERSION, JobMessage, JsonSchemaFormat, Message, ResponseFormat,
-    Role, SessionTurn, TraceContext,
+    GenerationParams, JOB_MESSAGE_VERSION, JobMessage, JsonSchemaFormat, Message, Priority,
+    ResponseFormat, Role, SessionTurn, TraceContext,
 };
 pub use status::{FinishReason, JobResult, JobStatus, JobView, Timings, Usage};
 

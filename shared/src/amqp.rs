@@ -1,8 +1,10 @@
 //! RabbitMQ: connecting, the job topology, and a confirming publisher that reconnects.
 //!
 //! Topology (all durable, names from [`Keyspace`]):
-//! - `{ns}.jobs` (direct exchange) → `{ns}.jobs.interactive` (quorum queue, routing key
-//!   `interactive`) with `x-delivery-limit`, `x-max-length` + `x-overflow: reject-publish`, and
+//! - `{ns}.jobs` (direct exchange) → `{ns}.jobs.interactive` and `{ns}.jobs.batch` (quorum
+//!   queues, routing keys `interactive` and `batch`: quorum queues have no priorities, so each
+//!   class has its queue and workers take batch jobs only when no interactive job waits), each
+//!   with `x-delivery-limit`, `x-max-length` + `x-overflow: reject-publish`, and
 //!   `x-dead-letter-exchange: {ns}.dlx`;
 //! - `{ns}.dlx` (fanout) → `{ns}.jobs.dead` (quorum queue nobody consumes: dead letters wait for
 //!   an operator).
@@ -24,7 +26,7 @@ use tokio::sync::Mutex;
 
 use crate::keyspace::Keyspace;
 use crate::settings::Secret;
-use sluice_proto::JobMessage;
+use sluice_proto::{JobMessage, Priority};
 
 /// How long connecting (TCP + AMQP handshake) may take before it counts as an outage.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -143,18 +145,20 @@ pub async fn declare_topology(
             "x-dead-letter-exchange".into(),
             str_arg(&ks.dead_letter_exchange()),
         );
-        channel
-            .queue_declare(ks.jobs_queue().into(), queue_opts, args)
-            .await?;
-        channel
-            .queue_bind(
-                ks.jobs_queue().into(),
-                ks.jobs_exchange().into(),
-                ks.jobs_routing_key().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        for priority in Priority::ALL {
+            channel
+                .queue_declare(ks.jobs_queue_for(priority).into(), queue_opts, args.clone())
+                .await?;
+            channel
+                .queue_bind(
+                    ks.jobs_queue_for(priority).into(),
+                    ks.jobs_exchange().into(),
+                    priority.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
         Ok::<(), lapin::Error>(())
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, declare).await {
@@ -259,7 +263,7 @@ impl Publisher {
             let confirm = channel
                 .basic_publish(
                     self.ks.jobs_exchange().into(),
-                    self.ks.jobs_routing_key().into(),
+                    job.priority.as_str().into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..BasicPublishOptions::default()

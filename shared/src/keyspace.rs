@@ -1,5 +1,6 @@
 //! Every Redis key and AMQP name Sluice uses, derived from one namespace.
 
+use sluice_proto::Priority;
 use uuid::Uuid;
 
 /// The names of one Sluice deployment (or one test).
@@ -107,11 +108,17 @@ impl Keyspace {
 
     /// The quorum queue of interactive jobs, and its routing key.
     pub fn jobs_queue(&self) -> String {
-        format!("{}.jobs.interactive", self.ns)
+        self.jobs_queue_for(Priority::Interactive)
     }
 
     pub fn jobs_routing_key(&self) -> &'static str {
-        "interactive"
+        Priority::Interactive.as_str()
+    }
+
+    /// The quorum queue of one class (`{ns}.jobs.interactive`, `{ns}.jobs.batch`); its routing
+    /// key is the class name.
+    pub fn jobs_queue_for(&self, priority: Priority) -> String {
+        format!("{}.jobs.{}", self.ns, priority.as_str())
     }
 
     /// The dead-letter exchange (fanout) and the queue where dead letters wait for an operator.

@@ -6,7 +6,7 @@
 use deadpool_redis::Pool;
 use serde::{Deserialize, Serialize};
 use sluice_guard::pipeline::{GuardConfig, InjectionAction, PiiAction};
-use sluice_proto::{JsonSchemaFormat, ResponseFormat};
+use sluice_proto::{JsonSchemaFormat, Priority, ResponseFormat};
 
 use crate::keyspace::Keyspace;
 use crate::store::StoreError;
@@ -32,6 +32,9 @@ pub struct TenantPolicy {
     pub injection_action: InjectionAction,
     pub injection_threshold: f32,
     pub pii_action: PiiAction,
+    /// The class of this tenant's jobs that do not name one.
+    #[serde(default)]
+    pub default_priority: Priority,
     /// A JSON Schema every response of this tenant must match: jobs without a
     /// `response_format` get it, jobs with another one are refused.
     #[serde(default)]
@@ -53,6 +56,7 @@ impl Default for TenantPolicy {
             injection_threshold: guard.injection_threshold,
             pii_action: guard.pii_action,
             required_output_schema: None,
+            default_priority: Priority::Interactive,
         }
     }
 }

@@ -515,7 +515,11 @@ impl Backends {
 
     /// Deletes this namespace's queues, exchanges and keys.
     pub async fn cleanup(mut self) {
-        for q in [self.ks.jobs_queue(), self.ks.dead_letter_queue()] {
+        for q in [
+            self.ks.jobs_queue(),
+            self.ks.jobs_queue_for(sluice_proto::Priority::Batch),
+            self.ks.dead_letter_queue(),
+        ] {
             let _ = self
                 .channel
                 .queue_delete(q.into(), QueueDeleteOptions::default())

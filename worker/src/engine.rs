@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use sluice_proto::JobMessage;
+use sluice_proto::{JobMessage, Priority};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::generate::{GenerateError, Generation, Guards, JobControl, Sequence, Step};
@@ -205,7 +205,12 @@ fn admit<'m>(
 ) {
     let mut used: usize = running.iter().map(|r| r.seq.max_tokens_in_cache()).sum();
     while running.len() < config.max_batch {
-        let Some(mut work) = waiting.pop_front() else {
+        // Interactive jobs first; within a class, arrival order.
+        let next = waiting
+            .iter()
+            .position(|w| w.job.priority == Priority::Interactive)
+            .unwrap_or(0);
+        let Some(mut work) = waiting.remove(next) else {
             return;
         };
         if work.reply.is_closed() {

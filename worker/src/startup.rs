@@ -5,9 +5,12 @@ use std::time::Duration;
 
 use candle_core::Device;
 use futures_util::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use sha2::{Digest, Sha256};
+use sluice_proto::Priority;
 use sluice_shared::Keyspace;
 use sluice_shared::amqp::{QueueSettings, connect, declare_topology};
 use sluice_shared::redis_pool::create_pool;
@@ -134,9 +137,32 @@ impl Worker {
                     continue;
                 }
             };
-            tracing::info!(worker = %self.runner.worker_id, queue = %self.ks.jobs_queue(), "consuming");
+            tracing::info!(
+                worker = %self.runner.worker_id,
+                interactive = %self.ks.jobs_queue(),
+                batch = %self.ks.jobs_queue_for(Priority::Batch),
+                "consuming"
+            );
+            let capacity = self.runner.engine.capacity();
+            let mut batch_poll = tokio::time::interval(BATCH_POLL);
+            batch_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
                 tokio::select! {
+                    // Batch jobs are pulled, not pushed: only while this worker has room and
+                    // no interactive job is waiting in the broker.
+                    _ = batch_poll.tick(), if in_flight.len() < capacity => {
+                        match self.take_batch_job(&channel).await {
+                            Ok(Some(delivery)) => {
+                                let runner = self.runner.clone();
+                                in_flight.spawn(async move { runner.handle(delivery).await });
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot poll the batch queue; reconnecting");
+                                break;
+                            }
+                        }
+                    }
                     next = consumer.next() => match next {
                         Some(Ok(delivery)) => {
                             let runner = self.runner.clone();
@@ -191,6 +217,34 @@ impl Worker {
         }
     }
 
+    /// One batch job, unless an interactive one is waiting (the interactive consumer will get
+    /// it) or the batch queue is empty.
+    async fn take_batch_job(
+        &self,
+        channel: &lapin::Channel,
+    ) -> Result<Option<lapin::message::Delivery>, lapin::Error> {
+        let interactive = channel
+            .queue_declare(
+                self.ks.jobs_queue().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        if interactive.message_count() > 0 {
+            return Ok(None);
+        }
+        let message = channel
+            .basic_get(
+                self.ks.jobs_queue_for(Priority::Batch).into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await?;
+        Ok(message.map(|m| m.delivery))
+    }
+
     async fn open_consumer(
         &self,
     ) -> anyhow::Result<(lapin::Connection, lapin::Channel, lapin::Consumer)> {
@@ -221,6 +275,9 @@ impl Worker {
         Ok((conn, channel, consumer))
     }
 }
+
+/// How often a worker with room looks for batch jobs.
+const BATCH_POLL: Duration = Duration::from_millis(50);
 
 /// Completes once the stop flag is set (the guard `wait_for` returns is dropped inside, so the
 /// future stays `Send`).

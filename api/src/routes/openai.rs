@@ -23,7 +23,8 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sluice_proto::{
-    ErrorBody, ErrorCode, FinishReason, JobStatus, JobView, Message, ResponseFormat, Role, Usage,
+    ErrorBody, ErrorCode, FinishReason, JobStatus, JobView, Message, Priority, ResponseFormat,
+    Role, Usage,
 };
 use uuid::Uuid;
 
@@ -140,6 +141,7 @@ struct ChatCompletionRequest {
     tool_choice: Option<Value>,
     /// Sluice extensions, as on `/v1/jobs`.
     session_id: Option<String>,
+    priority: Option<Priority>,
     timeout_secs: Option<u64>,
 }
 
@@ -240,6 +242,7 @@ impl ChatCompletionRequest {
             ignore_eos: None,
             session_id: self.session_id,
             response_format,
+            priority: self.priority,
             timeout_secs: self.timeout_secs,
         };
         Ok((submit, self.stream, include_usage))
