@@ -172,6 +172,12 @@ pub fn validate(req: SubmitRequest, limits: &Limits) -> Result<ValidatedJob, Api
         .map_err(ApiError::Client)?;
     sluice_shared::structured::check_format(&params.response_format)
         .map_err(|e| ApiError::client(ErrorCode::InvalidResponseFormat, e.to_string()))?;
+    if !params.response_format.is_text() && !params.stop.is_empty() {
+        // A stop sequence would cut the JSON short of its schema.
+        return Err(invalid(
+            "stop sequences cannot be combined with a JSON response_format",
+        ));
+    }
     if let Some(session) = &req.session_id {
         session_id(session)?;
     }
@@ -282,6 +288,21 @@ mod tests {
             (
                 r#"{"messages":[{"role":"user","content":"  "}]}"#,
                 InvalidParameter,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"stop":"}",
+                    "response_format":{"type":"json_object"}}"#,
+                InvalidParameter,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],
+                    "response_format":{"type":"json_schema","json_schema":{"name":"n",
+                    "schema":{"type":"nope"}}}}"#,
+                InvalidResponseFormat,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"priority":"urgent"}"#,
+                InvalidRequest,
             ),
         ];
         for (body, code) in cases {

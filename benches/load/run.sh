@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# End-to-end load benchmark against the local RabbitMQ and Redis (not a test):
+#   1. queue overhead: 1-token jobs on the tiny model, end to end minus generation time;
+#   2. submit path: 64 connections for 10 s, every limit lifted so the path itself is measured
+#      (auth, guard, token count, quota script, publish with confirms).
+# Uses the binaries of the given profile (default release: `cargo build --release` first).
+#
+#   benches/load/run.sh [release|debug] [connections] [seconds]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+profile="${1:-release}"
+conns="${2:-64}"
+secs="${3:-10}"
+bin="target/$profile"
+ns="load$(date +%s)"
+export SLUICE_NAMESPACE="$ns"
+tiny="$(mktemp -d)"
+trap 'kill $api $worker 2>/dev/null || true; rm -rf "$tiny"' EXIT
+
+"$bin/sluice-worker" tiny-model --out "$tiny" >/dev/null
+port=$((20000 + RANDOM % 20000))
+unlimited=(--default-requests-per-second 0 --default-requests-per-minute 0
+  --default-tokens-per-day 0 --default-tokens-per-month 0 --default-max-active-jobs 0
+  --default-max-queued-jobs 0 --max-queued-jobs 0 --ip-requests-per-second 0
+  --ip-requests-per-minute 0)
+RUST_LOG=warn "$bin/sluice-api" --addr "127.0.0.1:$port" --tokenizer "$tiny" "${unlimited[@]}" &
+api=$!
+key="$("$bin/sluice-api" keys create --tenant load | tail -1)"
+for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.2; done
+
+echo "== queue overhead (tiny model worker, one job at a time)"
+RUST_LOG=warn "$bin/sluice-worker" --model "$tiny" &
+worker=$!
+sleep 2  # model load and consumer start, not part of any job's latency
+"$bin/sluice-load" --mode e2e --base "http://127.0.0.1:$port" --key "$key" --e2e-jobs 200
+kill $worker; wait $worker 2>/dev/null || true
+
+echo "== submit path ($profile build, $(nproc) cores, $conns connections, ${secs}s, no worker)"
+"$bin/sluice-load" --mode submit --base "http://127.0.0.1:$port" --key "$key" \
+  --connections "$conns" --duration "$secs"
+
+kill $api $worker 2>/dev/null || true
+wait 2>/dev/null || true
+redis-cli --scan --pattern "$ns:*" | xargs -r -n 500 redis-cli del >/dev/null
+for q in jobs.interactive jobs.batch jobs.dead; do
+  rabbitmqctl --quiet delete_queue "$ns.$q" >/dev/null 2>&1 || true
+done

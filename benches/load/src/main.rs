@@ -1,0 +1,184 @@
+//! `sluice-load`: drives a running Sluice API over HTTP and reports throughput and latency.
+//!
+//! * `submit`: `--connections` clients submit jobs back to back for `--duration` seconds
+//!   (closed loop, keep-alive); prints requests/s, the status mix and p50/p90/p99/max latency.
+//!   Everything on the submit path runs: auth, rate limits, guard, token count, quota and the
+//!   publish with confirms.
+//! * `e2e`: 1-token jobs one at a time; reports end-to-end latency (submit to terminal, polled
+//!   every millisecond) minus the generation time the worker recorded: the queue overhead.
+//!
+//! `benches/load/run.sh` starts an API with limits lifted and runs both.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Mode {
+    Submit,
+    E2e,
+}
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long, value_enum, default_value = "submit")]
+    mode: Mode,
+    /// The API's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    base: String,
+    /// An API key (`sluice-api keys create`).
+    #[arg(long, env = "SLUICE_LOAD_KEY")]
+    key: String,
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Seconds of load (submit) or number of jobs (e2e).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    #[arg(long, default_value_t = 200)]
+    e2e_jobs: usize,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn body(n: u64) -> Value {
+    json!({
+        "messages": [{"role": "user", "content": format!("Summarise the plot of a novel, take {n}.")}],
+        "max_tokens": 1,
+        "temperature": 0,
+    })
+}
+
+async fn submit(args: &Args) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .build()?;
+    let until = Instant::now() + Duration::from_secs(args.duration);
+    let url = format!("{}/v1/jobs", args.base);
+    let mut tasks = Vec::new();
+    for c in 0..args.connections {
+        let (client, url, key) = (client.clone(), url.clone(), args.key.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
+            let mut n = c as u64 * 1_000_000;
+            while Instant::now() < until {
+                n += 1;
+                let t = Instant::now();
+                let status = match client
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&body(n))
+                    .send()
+                    .await
+                {
+                    Ok(r) => {
+                        let s = r.status().as_u16();
+                        let _ = r.bytes().await;
+                        s
+                    }
+                    Err(_) => 0,
+                };
+                latencies.push(t.elapsed());
+                *statuses.entry(status).or_default() += 1;
+            }
+            (latencies, statuses)
+        }));
+    }
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
+    for t in tasks {
+        let (l, s) = t.await?;
+        latencies.extend(l);
+        for (k, v) in s {
+            *statuses.entry(k).or_default() += v;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    latencies.sort();
+    println!(
+        "submit: {} requests in {secs:.1} s over {} connections: {:.0} req/s; status {statuses:?}",
+        latencies.len(),
+        args.connections,
+        latencies.len() as f64 / secs
+    );
+    println!(
+        "latency: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        ms(percentile(&latencies, 0.50)),
+        ms(percentile(&latencies, 0.90)),
+        ms(percentile(&latencies, 0.99)),
+        ms(percentile(&latencies, 1.0))
+    );
+    Ok(())
+}
+
+async fn e2e(args: &Args) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let mut overheads = Vec::new();
+    for n in 0..args.e2e_jobs {
+        let t = Instant::now();
+        let r = client
+            .post(format!("{}/v1/jobs", args.base))
+            .bearer_auth(&args.key)
+            .json(&body(n as u64))
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().as_u16() == 202, "submit answered {}", r.status());
+        let id = r.json::<Value>().await?["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let job = loop {
+            let v: Value = client
+                .get(format!("{}/v1/jobs/{id}", args.base))
+                .bearer_auth(&args.key)
+                .send()
+                .await?
+                .json()
+                .await?;
+            let status = v["status"].as_str().unwrap_or("");
+            if !matches!(status, "queued" | "running") {
+                break v;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        let total = t.elapsed();
+        anyhow::ensure!(job["status"] == "succeeded", "job ended {job}");
+        let generation = Duration::from_millis(
+            job["result"]["timings"]["generation_ms"]
+                .as_u64()
+                .unwrap_or(0),
+        );
+        overheads.push(total.saturating_sub(generation));
+    }
+    overheads.sort();
+    println!(
+        "queue overhead ({} one-token jobs, end to end minus generation): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms",
+        overheads.len(),
+        ms(percentile(&overheads, 0.50)),
+        ms(percentile(&overheads, 0.90)),
+        ms(percentile(&overheads, 0.99))
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.mode {
+        Mode::Submit => submit(&args).await,
+        Mode::E2e => e2e(&args).await,
+    }
+}
