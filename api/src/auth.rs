@@ -44,12 +44,15 @@ impl Role {
 }
 
 /// The authenticated caller of a request, within its rate limits.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Principal {
     pub tenant: String,
     /// The API key id, or `jwt:<sub>` for a JWT: the subject rate limits apply to.
     pub key_id: String,
     pub role: Role,
+    /// The tenant's policy as read for this request's rate limits, so the handler does not
+    /// read it again (`None` until the extractor has read it).
+    pub policy: Option<sluice_shared::tenant::TenantPolicy>,
 }
 
 /// A principal with the `admin` role (403 otherwise).
@@ -240,6 +243,7 @@ impl ApiKeys {
             tenant,
             key_id: key_id.to_string(),
             role,
+            policy: None,
         })
     }
 }
@@ -338,6 +342,7 @@ impl FromRequestParts<AppState> for Principal {
                 return Err(e);
             }
         };
+        let mut principal = principal;
         let policy = state.tenants.policy(&principal.tenant).await?;
         let limits = rate_limits(state, &principal, &policy, ip);
         let decision = sluice_shared::ratelimit::check(state.store.pool(), &limits).await?;
@@ -350,6 +355,7 @@ impl FromRequestParts<AppState> for Principal {
             audit::record("rejected", "rate_limited", &ctx, state.anonymize_ips);
             return Err(ApiError::RateLimited(decision));
         }
+        principal.policy = Some(policy);
         Ok(principal)
     }
 }

@@ -150,6 +150,7 @@ impl JwtVerifier {
             tenant,
             key_id: format!("jwt:{}", claims.sub),
             role,
+            policy: None,
         })
     }
 }

@@ -167,10 +167,24 @@ fn guard_and_count(
             (out, 0, has_system)
         }
     };
-    let prompt_tokens = codec
+    let mut prompt_tokens = codec
         .encode_chat(&out)
         .map_err(|e| (ApiError::Internal(e.to_string()), "tokenizer_error"))?
         .len();
+    if out.iter().any(|m| m.role == Role::System) {
+        // The worker appends its leak canary to the system prompt: count it here, so the
+        // context check and the quota reservation hold for what the model will see. The hex
+        // digits of a real canary may split into more tokens than these: a small margin.
+        let instruction = sluice_shared::chat::canary_instruction(&sluice_shared::chat::canary(
+            0x9f3e_a1c7_5b2d_8e40,
+        ));
+        prompt_tokens += codec
+            .tokenizer()
+            .encode(instruction.as_str(), false)
+            .map(|e| e.len())
+            .unwrap_or(32)
+            + 8;
+    }
     Ok(Guarded {
         messages: out,
         prompt_tokens,
@@ -250,7 +264,10 @@ pub async fn submit(
             &state.trusted_proxies,
         )),
     };
-    let policy = state.tenants.policy(&principal.tenant).await?;
+    let policy = match principal.policy.clone() {
+        Some(policy) => policy,
+        None => state.tenants.policy(&principal.tenant).await?,
+    };
     let mut params = job.params;
     if let Some(required) = policy.required_format() {
         if params.response_format.is_text() {
