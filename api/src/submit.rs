@@ -51,15 +51,8 @@ fn with_history(
             content,
         });
     }
-    let cost = |m: &Message| {
-        // The template adds a few tokens of role markers per message.
-        codec
-            .tokenizer()
-            .encode(m.content.as_str(), false)
-            .map(|e| e.len())
-            .unwrap_or(m.content.len())
-            + 4
-    };
+    // The template adds a few tokens of role markers per message.
+    let cost = |m: &Message| codec.count_tokens(&m.content) + 4;
     let mut kept = Vec::new();
     let mut used = 0;
     for m in history.messages.into_iter().rev() {
@@ -173,17 +166,8 @@ fn guard_and_count(
         .len();
     if out.iter().any(|m| m.role == Role::System) {
         // The worker appends its leak canary to the system prompt: count it here, so the
-        // context check and the quota reservation hold for what the model will see. The hex
-        // digits of a real canary may split into more tokens than these: a small margin.
-        let instruction = sluice_shared::chat::canary_instruction(&sluice_shared::chat::canary(
-            0x9f3e_a1c7_5b2d_8e40,
-        ));
-        prompt_tokens += codec
-            .tokenizer()
-            .encode(instruction.as_str(), false)
-            .map(|e| e.len())
-            .unwrap_or(32)
-            + 8;
+        // context check and the quota reservation hold for what the model will see.
+        prompt_tokens += codec.canary_tokens();
     }
     Ok(Guarded {
         messages: out,
@@ -241,7 +225,7 @@ fn fingerprint(job: &ValidatedJob) -> String {
 /// log and the caller's trace context.
 pub async fn submit(
     state: &AppState,
-    principal: Principal,
+    mut principal: Principal,
     peer: SocketAddr,
     job: ValidatedJob,
     headers: &HeaderMap,
@@ -264,7 +248,7 @@ pub async fn submit(
             &state.trusted_proxies,
         )),
     };
-    let policy = match principal.policy.clone() {
+    let policy = match principal.policy.take() {
         Some(policy) => policy,
         None => state.tenants.policy(&principal.tenant).await?,
     };

@@ -128,10 +128,24 @@ pub struct Terminal {
     pub error: Option<ErrorBody>,
 }
 
-/// Settlement, shared by every script that moves a job into a terminal state: refunds the
-/// unused part of the token reservation to the day and month counters it came from and removes
-/// the job from the tenant's active set, exactly once (`settled` flips from 0 to 1).
+/// Lua shared by the scripts that move a job:
+/// - `listed(job, fields, score)`: removes the job from the sorted sets its record names in
+///   `fields` (or, given a `score`, adds it back); `QUEUED` names the two queued-job sets;
+/// - `settle(job, used)`, for every script that moves a job into a terminal state: refunds the
+///   unused part of the token reservation to the day and month counters it came from and
+///   removes the job from the tenant's active set and the queued sets, exactly once
+///   (`settled` flips from 0 to 1).
 const SETTLE: &str = r#"
+local QUEUED = {'queued_key', 'gqueued_key'}
+local function listed(job, fields, score)
+  local id = redis.call('HGET', job, 'id') or ''
+  for _, field in ipairs(fields) do
+    local set = redis.call('HGET', job, field)
+    if set then
+      if score then redis.call('ZADD', set, score, id) else redis.call('ZREM', set, id) end
+    end
+  end
+end
 local function settle(job, used)
   if redis.call('HGET', job, 'settled') ~= '0' then return end
   redis.call('HSET', job, 'settled', '1')
@@ -144,11 +158,7 @@ local function settle(job, used)
       end
     end
   end
-  local id = redis.call('HGET', job, 'id') or ''
-  for _, field in ipairs({'active_key', 'queued_key', 'gqueued_key'}) do
-    local set = redis.call('HGET', job, field)
-    if set then redis.call('ZREM', set, id) end
-  end
+  listed(job, {'active_key', QUEUED[1], QUEUED[2]})
 end
 "#;
 
@@ -261,11 +271,7 @@ if s ~= 'queued' and s ~= 'running' then return {s, 0} end
 local now = tonumber(ARGV[1])
 if s == 'queued' then
   -- The job leaves the queue (to run, or to a terminal state): count it for the drain rate.
-  local id = redis.call('HGET', KEYS[1], 'id') or ''
-  for _, field in ipairs({'queued_key', 'gqueued_key'}) do
-    local set = redis.call('HGET', KEYS[1], field)
-    if set then redis.call('ZREM', set, id) end
-  end
+  listed(KEYS[1], QUEUED)
   local drain = redis.call('HGET', KEYS[1], 'drain')
   if drain then
     local bucket = drain .. math.floor(now / 1000)
@@ -343,18 +349,13 @@ return s
 // KEYS[1] job. A job given back unfinished (worker shutdown) is queued again and its attempt
 // is not counted against it.
 static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_settle(
         r#"
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1')
 redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', math.max(attempts - 1, 0))
 redis.call('HDEL', KEYS[1], 'worker')
-local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline') or '0')
-local id = redis.call('HGET', KEYS[1], 'id') or ''
-for _, field in ipairs({'queued_key', 'gqueued_key'}) do
-  local set = redis.call('HGET', KEYS[1], field)
-  if set then redis.call('ZADD', set, deadline, id) end
-end
+listed(KEYS[1], QUEUED, tonumber(redis.call('HGET', KEYS[1], 'deadline') or '0'))
 return 1
 "#,
     )

@@ -47,6 +47,8 @@ pub struct ChatCodec {
     pub context_length: usize,
     /// Name for logs.
     pub name: String,
+    /// Tokens the worker's leak canary adds to a system prompt, counted once.
+    canary_tokens: usize,
 }
 
 /// The end-of-turn tokens Qwen models use, where the vocabulary has them.
@@ -70,7 +72,6 @@ fn read(path: &Path) -> Result<String, ChatError> {
     })
 }
 
-/// A special token of a `tokenizer_config.json`: a string or `{"content": ...}`.
 /// What the worker's leak guard appends to a system prompt (see `sluice-worker`'s `leak`
 /// module), here so the API can count its tokens.
 pub fn canary_instruction(canary: &str) -> String {
@@ -82,6 +83,7 @@ pub fn canary(nonce: u64) -> String {
     format!("SLC-{nonce:016x}")
 }
 
+/// A special token of a `tokenizer_config.json`: a string or `{"content": ...}`.
 pub fn token_string_of(config: &serde_json::Value, key: &str) -> Option<String> {
     match config.get(key)? {
         serde_json::Value::String(s) => Some(s.clone()),
@@ -156,7 +158,9 @@ impl ChatCodec {
             template,
             context_length,
             name: meta_str("general.name").unwrap_or_else(|| fallback_name.to_string()),
-        })
+            canary_tokens: 0,
+        }
+        .with_canary_count())
     }
 
     /// From the files of a safetensors checkpoint.
@@ -196,7 +200,31 @@ impl ChatCodec {
             template,
             context_length,
             name: name.to_string(),
-        })
+            canary_tokens: 0,
+        }
+        .with_canary_count())
+    }
+
+    fn with_canary_count(mut self) -> Self {
+        // The hex digits of a real canary may split into more tokens than this sample's: a
+        // small margin.
+        let sample = canary_instruction(&canary(0x9f3e_a1c7_5b2d_8e40));
+        self.canary_tokens = self.count_tokens(&sample) + 8;
+        self
+    }
+
+    /// Tokens of a text as a message's content (never special tokens), as the prompt encodes
+    /// it apart from the template's framing.
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.plain
+            .encode(text, false)
+            .map(|e| e.len())
+            .unwrap_or(text.len())
+    }
+
+    /// Tokens the worker's leak canary adds to a conversation with a system prompt (at most).
+    pub fn canary_tokens(&self) -> usize {
+        self.canary_tokens
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
