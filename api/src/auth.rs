@@ -343,6 +343,11 @@ impl FromRequestParts<AppState> for Principal {
             }
         };
         let mut principal = principal;
+        state
+            .metrics
+            .tenant_requests
+            .with_label_values(&[state.metrics.tenants.label(&principal.tenant)])
+            .inc();
         let policy = state.tenants.policy(&principal.tenant).await?;
         let limits = rate_limits(state, &principal, &policy, ip);
         let decision = sluice_shared::ratelimit::check(state.store.pool(), &limits).await?;

@@ -144,6 +144,8 @@ impl IntoResponse for ApiError {
             ApiError::Internal(e) => tracing::error!(error = %e, "internal error"),
         }
         let mut response = (status, Json(json!({ "error": body }))).into_response();
+        // For the metrics middleware: rejections are counted by code.
+        response.extensions_mut().insert(body.code);
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

@@ -28,6 +28,7 @@ pub mod client_ip;
 pub mod error;
 pub mod guard_cli;
 pub mod jwt;
+pub mod metrics;
 pub mod routes;
 pub mod settings;
 pub mod startup;

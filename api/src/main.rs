@@ -9,7 +9,10 @@ use sluice_shared::redis_pool::create_pool;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Invocation::parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit()) {
-        Invocation::Serve(settings) => serve(*settings).await,
+        Invocation::Serve(mut settings) => {
+            settings.common.resolve_secrets()?;
+            serve(*settings).await
+        }
         Invocation::Keys(command) => keys(command).await,
         Invocation::Guard(GuardCommand::Check { rules, threshold }) => {
             let extra = match rules {
@@ -27,13 +30,18 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(settings: sluice_api::ApiSettings) -> anyhow::Result<()> {
-    sluice_shared::telemetry::init(settings.common.log_format);
+    let _telemetry = sluice_shared::telemetry::init(
+        settings.common.log_format,
+        sluice_shared::telemetry::OtelConfig::from_common(&settings.common, "sluice-api"),
+    );
     let app = Application::build(settings).await?;
     tracing::info!(addr = %app.local_addr()?, "sluice-api listening");
     app.run_until_stopped(shutdown_signal()).await
 }
 
-async fn keys(command: KeysCommand) -> anyhow::Result<()> {
+async fn keys(mut command: KeysCommand) -> anyhow::Result<()> {
+    let (KeysCommand::Create { common, .. } | KeysCommand::Revoke { common, .. }) = &mut command;
+    common.resolve_secrets()?;
     match command {
         KeysCommand::Create {
             tenant,

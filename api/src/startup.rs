@@ -13,10 +13,12 @@ use sluice_shared::redis_pool::create_pool;
 use sluice_shared::session::SessionStore;
 use sluice_shared::store::JobStore;
 use sluice_shared::tenant::TenantStore;
+use sluice_shared::workers::WorkerRegistry;
 use tokio::net::TcpListener;
 
 use crate::auth::ApiKeys;
 use crate::jwt::JwtVerifier;
+use crate::metrics::ApiMetrics;
 use crate::routes::router;
 use crate::settings::ApiSettings;
 use crate::state::AppState;
@@ -25,6 +27,7 @@ use crate::validate::Limits;
 /// A built API: listener bound, state ready, not yet serving.
 pub struct Application {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     state: AppState,
     settings: ApiSettings,
 }
@@ -35,8 +38,13 @@ impl Application {
     pub async fn build(settings: ApiSettings) -> anyhow::Result<Self> {
         let state = build_state(&settings)?;
         let listener = TcpListener::bind(settings.addr).await?;
+        let metrics_listener = match settings.common.metrics_addr {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
         Ok(Self {
             listener,
+            metrics_listener,
             state,
             settings,
         })
@@ -60,6 +68,25 @@ impl Application {
             tracing::info!("shutting down, draining in-flight requests");
             let _ = stopping_tx.send(true);
         };
+        if let Some(listener) = self.metrics_listener {
+            let state = self.state.clone();
+            let registry = state.metrics.registry.clone();
+            let mut stop = stopping_rx.clone();
+            tokio::spawn(async move {
+                let refresh = move || {
+                    let state = state.clone();
+                    async move { state.metrics.refresh(&state).await }
+                };
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) =
+                    sluice_shared::metrics::serve(listener, registry, refresh, stopped).await
+                {
+                    tracing::error!(error = %e, "metrics listener failed");
+                }
+            });
+        }
         let server = axum::serve(
             self.listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -101,6 +128,8 @@ pub fn build_state(settings: &ApiSettings) -> anyhow::Result<AppState> {
         publisher: Arc::new(publisher),
         keys: ApiKeys::new(pool.clone(), ks.clone()),
         sessions: SessionStore::new(pool.clone(), ks.clone()),
+        workers: WorkerRegistry::new(pool.clone(), ks.clone()),
+        metrics: Arc::new(ApiMetrics::new()),
         tenants: TenantStore::new(pool, ks, settings.policy.policy()),
         jwt,
         guard: Arc::new(Guard::with_builtin(extra_rules)),

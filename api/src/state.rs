@@ -8,10 +8,12 @@ use sluice_shared::chat::ChatCodec;
 use sluice_shared::session::SessionStore;
 use sluice_shared::store::JobStore;
 use sluice_shared::tenant::TenantStore;
+use sluice_shared::workers::WorkerRegistry;
 
 use crate::auth::ApiKeys;
 use crate::client_ip::Cidr;
 use crate::jwt::JwtVerifier;
+use crate::metrics::ApiMetrics;
 use crate::validate::Limits;
 
 #[derive(Clone)]
@@ -32,4 +34,6 @@ pub struct AppState {
     pub anonymize_ips: bool,
     /// Opens one dedicated connection per event stream (`XREAD BLOCK` would stall a shared one).
     pub stream_client: redis::Client,
+    pub workers: WorkerRegistry,
+    pub metrics: Arc<ApiMetrics>,
 }

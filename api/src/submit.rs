@@ -419,6 +419,11 @@ pub async fn submit(
         }
         return Err(publish_error.into());
     }
+    state
+        .metrics
+        .enqueued
+        .with_label_values(&[message.priority.as_str()])
+        .inc();
     tracing::info!(prompt_tokens = guarded.prompt_tokens, "job accepted");
     Ok(Submitted {
         id,

@@ -94,6 +94,21 @@ impl Keyspace {
         format!("{}:tenant:{tenant}:tokens:m:{month}", self.ns)
     }
 
+    /// String (JSON, expiring): one worker's latest heartbeat.
+    pub fn worker(&self, id: &str) -> String {
+        format!("{}:worker:{id}", self.ns)
+    }
+
+    /// Sorted set: worker ids scored by their last heartbeat (ms), for listing.
+    pub fn workers(&self) -> String {
+        format!("{}:workers", self.ns)
+    }
+
+    /// Prefix of job records (`{prefix}{id}` = [`Keyspace::job`]), for scripts that walk jobs.
+    pub fn job_prefix(&self) -> String {
+        format!("{}:job:", self.ns)
+    }
+
     /// GCRA state of one rate limit (`scope` is e.g. `key:<id>:s` or `ip:<addr>:m`).
     pub fn rate_limit(&self, scope: &str) -> String {
         format!("{}:rl:{scope}", self.ns)

@@ -12,7 +12,9 @@
 //!   piece of code that moves a job through `queued → running → terminal`;
 //! - [`structured`]: structured output (JSON Schema → token grammar, and the final check);
 //! - [`session`]: conversation history per tenant and session;
-//! - [`telemetry`]: tracing set-up, text or JSON.
+//! - [`telemetry`]: tracing set-up, text or JSON logs and OpenTelemetry export;
+//! - [`metrics`]: Prometheus registries and the `/metrics` listener;
+//! - [`workers`]: the worker registry (heartbeats in Redis).
 //!
 //! Data flow: the API writes a record with [`store::JobStore::create`], publishes with
 //! [`amqp::Publisher`], and reads it back with [`store::JobStore::get`]; the worker consumes the
@@ -22,6 +24,7 @@
 pub mod amqp;
 pub mod chat;
 pub mod keyspace;
+pub mod metrics;
 pub mod ratelimit;
 pub mod redis_pool;
 pub mod session;
@@ -30,6 +33,7 @@ pub mod store;
 pub mod structured;
 pub mod telemetry;
 pub mod tenant;
+pub mod workers;
 
 pub use keyspace::Keyspace;
 pub use settings::{CommonSettings, Secret};

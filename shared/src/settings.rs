@@ -1,6 +1,7 @@
 //! Connection settings both binaries take, from flags or the environment.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 /// A string that never prints: `Debug` and `Display` show `***`. Use [`Secret::expose`] where the
@@ -63,6 +64,15 @@ pub struct CommonSettings {
     )]
     pub amqp_url: Secret,
 
+    /// File holding the Redis URL (a mounted secret such as `/run/secrets/redis_url`), read at
+    /// start instead of `--redis-url` so the password never sits in the environment.
+    #[arg(long, env = "SLUICE_REDIS_URL_FILE", conflicts_with = "redis_url")]
+    pub redis_url_file: Option<PathBuf>,
+
+    /// File holding the RabbitMQ URL, read at start instead of `--amqp-url`.
+    #[arg(long, env = "SLUICE_AMQP_URL_FILE", conflicts_with = "amqp_url")]
+    pub amqp_url_file: Option<PathBuf>,
+
     /// Prefix of every queue, exchange and Redis key.
     #[arg(long, env = "SLUICE_NAMESPACE", default_value = "sluice", value_parser = parse_namespace)]
     pub namespace: String,
@@ -75,6 +85,61 @@ pub struct CommonSettings {
     /// that die mid-job cause redeliveries).
     #[arg(long, env = "SLUICE_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_attempts: u32,
+
+    /// Where to serve Prometheus `/metrics` (a listener of its own, apart from the API port, so
+    /// it can stay on an internal network). Off when unset.
+    #[arg(long, env = "SLUICE_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// OTLP/HTTP endpoint for traces (for example `http://otel-collector:4318`). Export is off when
+    /// unset; the W3C `traceparent` still travels with every job.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// The service name traces carry.
+    #[arg(long, env = "OTEL_SERVICE_NAME")]
+    pub otel_service_name: Option<String>,
+}
+
+/// A `*_FILE` secret that could not be used. The message names the setting and the file, never
+/// what the file holds.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: cannot use {}: {reason}", path.display())]
+pub struct SecretFileError {
+    setting: &'static str,
+    path: PathBuf,
+    reason: String,
+}
+
+impl CommonSettings {
+    /// Replaces `redis_url` and `amqp_url` with the contents of `--redis-url-file` and
+    /// `--amqp-url-file` where those are set. Binaries call it once, right after parsing, so
+    /// the rest of the code only ever sees `redis_url` and `amqp_url`.
+    pub fn resolve_secrets(&mut self) -> Result<(), SecretFileError> {
+        if let Some(path) = &self.redis_url_file {
+            self.redis_url = read_secret_file("--redis-url-file (SLUICE_REDIS_URL_FILE)", path)?;
+        }
+        if let Some(path) = &self.amqp_url_file {
+            self.amqp_url = read_secret_file("--amqp-url-file (SLUICE_AMQP_URL_FILE)", path)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a secret from a file, without the trailing newline (or other trailing whitespace) that
+/// `echo` and editors leave. An empty file is an error: an empty URL is never what was meant.
+pub fn read_secret_file(setting: &'static str, path: &Path) -> Result<Secret, SecretFileError> {
+    let error = |reason: String| SecretFileError {
+        setting,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let contents = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+    let value = contents.trim_end();
+    if value.is_empty() {
+        return Err(error("the file is empty".to_string()));
+    }
+    Ok(Secret::new(value))
 }
 
 /// A namespace is used verbatim in Redis keys and AMQP names, so it is kept to a safe alphabet.
@@ -94,6 +159,7 @@ pub fn parse_namespace(s: &str) -> Result<String, String> {
 mod tests {
     use super::*;
     use clap::Parser;
+    use std::ffi::OsStr;
 
     #[derive(Parser)]
     struct Probe {
@@ -109,5 +175,90 @@ mod tests {
         assert_eq!(format!("{:?}", p.common.amqp_url), "Secret(***)");
         assert!(Probe::try_parse_from(["x", "--namespace", "a:b"]).is_err());
         assert!(Probe::try_parse_from(["x", "--max-attempts", "0"]).is_err());
+    }
+
+    /// A file of its own per test (no tempfile crate here); removed by the caller.
+    fn secret_file(name: &str, contents: &str) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("sluice-settings-{}-{name}", std::process::id()));
+        std::fs::write(&path, contents).expect("write secret file");
+        path
+    }
+
+    #[test]
+    fn url_files_replace_the_urls() {
+        let redis = secret_file("redis", "redis://sluice:pw1@redis:6379\n");
+        let amqp = secret_file("amqp", "amqp://sluice:pw2@rabbitmq:5672/sluice\r\n");
+        let mut p = Probe::try_parse_from([
+            OsStr::new("x"),
+            OsStr::new("--redis-url-file"),
+            redis.as_os_str(),
+            OsStr::new("--amqp-url-file"),
+            amqp.as_os_str(),
+        ])
+        .expect("parse");
+        // Until resolved, the defaults stand.
+        assert_eq!(p.common.redis_url.expose(), "redis://127.0.0.1:6379");
+        p.common.resolve_secrets().expect("resolve");
+        assert_eq!(p.common.redis_url.expose(), "redis://sluice:pw1@redis:6379");
+        assert_eq!(
+            p.common.amqp_url.expose(),
+            "amqp://sluice:pw2@rabbitmq:5672/sluice"
+        );
+        std::fs::remove_file(redis).expect("remove");
+        std::fs::remove_file(amqp).expect("remove");
+    }
+
+    #[test]
+    fn unreadable_or_empty_url_files_are_errors_naming_setting_and_file() {
+        let missing = std::env::temp_dir().join("sluice-settings-no-such-file");
+        let mut p = Probe::try_parse_from([
+            OsStr::new("x"),
+            OsStr::new("--amqp-url-file"),
+            missing.as_os_str(),
+        ])
+        .expect("parse");
+        let message = p
+            .common
+            .resolve_secrets()
+            .expect_err("missing file")
+            .to_string();
+        assert!(message.contains("SLUICE_AMQP_URL_FILE"), "{message}");
+        assert!(
+            message.contains("sluice-settings-no-such-file"),
+            "{message}"
+        );
+
+        let empty = secret_file("empty", "\n");
+        let mut p = Probe::try_parse_from([
+            OsStr::new("x"),
+            OsStr::new("--redis-url-file"),
+            empty.as_os_str(),
+        ])
+        .expect("parse");
+        let message = p
+            .common
+            .resolve_secrets()
+            .expect_err("empty file")
+            .to_string();
+        assert!(
+            message.contains("SLUICE_REDIS_URL_FILE") && message.contains("empty"),
+            "{message}"
+        );
+        std::fs::remove_file(empty).expect("remove");
+    }
+
+    #[test]
+    fn a_url_and_its_file_together_are_refused() {
+        let both = Probe::try_parse_from([
+            "x",
+            "--redis-url",
+            "redis://a",
+            "--redis-url-file",
+            "/run/secrets/redis_url",
+        ]);
+        assert!(both.is_err());
+        // The default value of --redis-url does not count as given.
+        assert!(Probe::try_parse_from(["x", "--redis-url-file", "/run/secrets/redis_url"]).is_ok());
     }
 }

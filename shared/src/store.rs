@@ -11,7 +11,7 @@
 
 use deadpool_redis::Pool;
 use redis::Script;
-use sluice_proto::{ErrorBody, JobMessage, JobResult, JobStatus, JobView};
+use sluice_proto::{ErrorBody, JobMessage, JobResult, JobStatus, JobView, Priority};
 use std::sync::LazyLock;
 use uuid::Uuid;
 
@@ -404,6 +404,7 @@ impl JobStore {
     /// Admits a new job atomically: checks the tenant's active-job cap and token quotas,
     /// reserves `admission.reserve` tokens on the day and month counters, adds the job to the
     /// tenant's active set and writes its record as `queued`. A refusal changes nothing.
+    #[tracing::instrument(level = "info", skip_all, name = "store.admit")]
     pub async fn admit(
         &self,
         job: &JobMessage,
@@ -444,6 +445,7 @@ impl JobStore {
             ("status", JobStatus::Queued.as_str().to_string()),
             ("created_at", job.created_at.to_string()),
             ("deadline", job.deadline.to_string()),
+            ("priority", job.priority.as_str().to_string()),
             ("attempts", "0".to_string()),
         ];
         if !admission.flags.is_empty() {
@@ -538,6 +540,7 @@ impl JobStore {
     }
 
     /// Decides atomically whether a delivered job runs, and marks it `running` if so.
+    #[tracing::instrument(level = "info", skip_all, name = "store.start")]
     pub async fn start(
         &self,
         id: &Uuid,
@@ -567,6 +570,7 @@ impl JobStore {
 
     /// Writes the terminal state unless the job is terminal already. Returns whether this call
     /// wrote it: a job is never completed twice.
+    #[tracing::instrument(level = "info", skip_all, name = "store.finish")]
     pub async fn finish(&self, id: &Uuid, terminal: &Terminal) -> Result<bool, StoreError> {
         // Tokens actually consumed: a job that generated pays for its prompt and output; a job
         // that failed pays nothing.
@@ -602,6 +606,7 @@ impl JobStore {
     }
 
     /// Puts a running job back to `queued` (the worker gives it back unfinished).
+    #[tracing::instrument(level = "info", skip_all, name = "store.release")]
     pub async fn release(&self, id: &Uuid) -> Result<bool, StoreError> {
         let mut conn = self.conn().await?;
         let released: i64 = RELEASE.key(self.ks.job(id)).invoke_async(&mut conn).await?;
@@ -633,6 +638,30 @@ impl JobStore {
         Ok(())
     }
 
+    /// Queued jobs (accepted, not yet started, deadline not passed) by priority, and the
+    /// enqueue time of the oldest of each class. One script walks the global queued set, whose
+    /// size the queue caps bound; meant for a metrics scrape, not for every request.
+    pub async fn queue_stats(&self, now_ms: u64) -> Result<Vec<QueueStats>, StoreError> {
+        let mut conn = self.conn().await?;
+        let flat: Vec<(String, u64, u64)> = QUEUE_STATS
+            .key(self.ks.queued())
+            .arg(now_ms)
+            .arg(self.ks.job_prefix())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(Priority::ALL
+            .iter()
+            .map(|&priority| {
+                let found = flat.iter().find(|(p, _, _)| p == priority.as_str());
+                QueueStats {
+                    priority,
+                    depth: found.map_or(0, |f| f.1),
+                    oldest_created_ms: found.map(|f| f.2).filter(|&t| t > 0),
+                }
+            })
+            .collect())
+    }
+
     /// For each job, whether a client asked to cancel it (one round trip for all).
     pub async fn cancel_requested(&self, ids: &[Uuid]) -> Result<Vec<bool>, StoreError> {
         if ids.is_empty() {
@@ -650,6 +679,45 @@ impl JobStore {
             .collect())
     }
 }
+
+/// Queued jobs of one priority class ([`JobStore::queue_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    pub priority: Priority,
+    pub depth: u64,
+    /// `created_at` (ms) of the oldest queued job of the class, if any.
+    pub oldest_created_ms: Option<u64>,
+}
+
+// KEYS[1] the global queued set. ARGV: now (ms), job key prefix.
+// Returns {priority, count, oldest created_at} per class present. Jobs admitted before the
+// record carried a priority count as interactive.
+static QUEUE_STATS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local stats = {}
+local order = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do
+  local f = redis.call('HMGET', ARGV[2] .. id, 'priority', 'created_at')
+  if f[2] then
+    local p = f[1] or 'interactive'
+    local created = tonumber(f[2])
+    local s = stats[p]
+    if not s then
+      s = {0, created}
+      stats[p] = s
+      order[#order + 1] = p
+    end
+    s[1] = s[1] + 1
+    if created < s[2] then s[2] = created end
+  end
+end
+local out = {}
+for _, p in ipairs(order) do out[#out + 1] = {p, stats[p][1], stats[p][2]} end
+return out
+"#,
+    )
+});
 
 fn view_from_fields(
     id: Uuid,

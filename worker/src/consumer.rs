@@ -4,6 +4,8 @@
 //! one [`Disposition`], applied in one place: ack, dead-letter (undecodable), or requeue (the
 //! worker could not finish it: shutdown, or Redis unreachable).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
@@ -19,6 +21,7 @@ use tracing::Instrument;
 
 use crate::engine::{EngineError, EngineHandle};
 use crate::generate::{GenerateError, Generation, JobControl};
+use crate::metrics::WorkerMetrics;
 
 /// What to tell the broker about a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,12 +47,23 @@ pub struct JobRunner {
     pub result_ttl_secs: u64,
     /// Flips to `true` when in-flight jobs must be given back (shutdown grace expired).
     pub preempt: watch::Receiver<bool>,
+    pub metrics: Arc<WorkerMetrics>,
+    /// Deliveries being handled now (reported in the heartbeat).
+    pub in_flight: Arc<AtomicUsize>,
 }
 
 impl JobRunner {
     /// Handles a delivery end to end and acknowledges it.
     pub async fn handle(&self, delivery: Delivery) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
         let disposition = self.process(&delivery.data).await;
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if disposition == Disposition::DeadLetter {
+            self.metrics
+                .jobs_finished
+                .with_label_values(&["dead_lettered"])
+                .inc();
+        }
         let result = match disposition {
             Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
             Disposition::DeadLetter => {
@@ -88,10 +102,14 @@ impl JobRunner {
         };
         let span = tracing::info_span!(
             "job",
+            otel.kind = "consumer",
             job_id = %job.id,
             tenant = %job.tenant,
             traceparent = job.trace.traceparent.as_deref().unwrap_or(""),
         );
+        if let Some(tp) = &job.trace.traceparent {
+            sluice_shared::telemetry::set_remote_parent(&span, tp, job.trace.tracestate.as_deref());
+        }
         self.process_job(job).instrument(span).await
     }
 
@@ -121,6 +139,10 @@ impl JobRunner {
         };
         tracing::info!(attempt, "job started");
         let started_ms = sluice_proto::now_ms();
+        self.metrics.jobs_started.inc();
+        self.metrics
+            .queue_wait
+            .observe(started_ms.saturating_sub(job.created_at) as f64 / 1000.0);
         let deadline =
             Instant::now() + Duration::from_millis(job.deadline.saturating_sub(started_ms));
         let control = JobControl::new(deadline);
@@ -134,7 +156,14 @@ impl JobRunner {
             self.redact_output,
             events_rx,
         ));
-        let result = self.engine.run(job.clone(), control, Some(events_tx)).await;
+        let result = self
+            .engine
+            .run(job.clone(), control, Some(events_tx))
+            .instrument(tracing::info_span!("generate"))
+            .await;
+        if let Ok(generation) = &result {
+            self.metrics.observe_generation(&job.tenant, generation);
+        }
         watchers.abort();
         // Every streamed piece is in Redis before the terminal event that closes the stream.
         let _ = pump.await;
@@ -288,6 +317,8 @@ impl JobRunner {
             match self.store.finish(&job.id, &terminal).await {
                 Ok(true) => {
                     tracing::info!(status = terminal.status.as_str(), "job finished");
+                    self.metrics
+                        .finished(terminal.status.as_str(), job.created_at);
                     self.record_turn(job, &terminal).await;
                     return Disposition::Ack;
                 }

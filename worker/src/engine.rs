@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::generate::{GenerateError, Generation, Guards, JobControl, Sequence, Step};
 use crate::kv::KvPool;
 use crate::leak::LeakGuard;
+use crate::metrics::WorkerMetrics;
 use crate::model::{LoadedModel, ModelInfo};
 
 /// Scheduling limits.
@@ -113,7 +114,11 @@ impl EngineHandle {
     /// Moves the model onto its own thread. The thread ends when every handle is dropped.
     /// The KV pool (the whole token budget, plus a page per sequence for rounding) is
     /// allocated here, once.
-    pub fn start(model: LoadedModel, config: EngineConfig) -> std::io::Result<Self> {
+    pub fn start(
+        model: LoadedModel,
+        config: EngineConfig,
+        metrics: Arc<WorkerMetrics>,
+    ) -> std::io::Result<Self> {
         let info = model.info().clone();
         let pool = model
             .model()
@@ -127,7 +132,7 @@ impl EngineHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("sluice-engine".into())
-            .spawn(move || engine_loop(&model, &pool, rx, config))?;
+            .spawn(move || engine_loop(&model, &pool, rx, config, &metrics))?;
         Ok(Self { tx, info, config })
     }
 
@@ -176,6 +181,7 @@ fn engine_loop(
     pool: &Arc<KvPool>,
     mut rx: mpsc::UnboundedReceiver<EngineJob>,
     config: EngineConfig,
+    metrics: &WorkerMetrics,
 ) {
     let mut waiting: VecDeque<EngineJob> = VecDeque::new();
     let mut running: Vec<Running<'_>> = Vec::new();
@@ -191,8 +197,23 @@ fn engine_loop(
         }
         admit(model, pool, &config, &mut waiting, &mut running);
         prefill_one_chunk(model, &config, &mut running);
-        decode_step(model, &mut running);
+        let started = std::time::Instant::now();
+        let decoded = decode_step(model, &mut running);
+        if decoded > 0 {
+            metrics.batch_size.observe(decoded as f64);
+            let step = started.elapsed().as_secs_f64();
+            for _ in 0..decoded {
+                metrics.inter_token_latency.observe(step);
+            }
+        }
         finish_done(&mut running);
+        metrics.running.set(running.len() as i64);
+        metrics.waiting.set(waiting.len() as i64);
+        let pages = pool.capacity() / crate::kv::PAGE;
+        if pages > 0 {
+            let used = pages.saturating_sub(pool.free_pages());
+            metrics.kv_usage.set(used as f64 / pages as f64);
+        }
     }
 }
 
@@ -323,14 +344,16 @@ fn apply(r: &mut Running<'_>, step: Result<Step, GenerateError>) {
     }
 }
 
-fn decode_step(model: &LoadedModel, running: &mut [Running<'_>]) {
+/// One batched decode step; returns how many sequences it decoded.
+fn decode_step(model: &LoadedModel, running: &mut [Running<'_>]) -> usize {
     let mut batch: Vec<&mut Running<'_>> = running
         .iter_mut()
         .filter(|r| r.outcome.is_none() && r.next.is_some())
         .collect();
     if batch.is_empty() {
-        return;
+        return 0;
     }
+    let size = batch.len();
     let tokens: Vec<u32> = batch.iter().filter_map(|r| r.next).collect();
     let result = {
         let mut caches: Vec<&mut crate::qwen::SeqCache> =
@@ -356,6 +379,7 @@ fn decode_step(model: &LoadedModel, running: &mut [Running<'_>]) {
             }
         }
     }
+    size
 }
 
 fn finish_done(running: &mut Vec<Running<'_>>) {

@@ -22,6 +22,7 @@ pub mod engine;
 pub mod generate;
 pub mod kv;
 pub mod leak;
+pub mod metrics;
 pub mod model;
 pub mod qmm;
 pub mod qwen;

@@ -13,12 +13,18 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Invocation::Bench(args) => sluice_worker::bench::run(&args).map(|_| ()),
-        Invocation::Run(settings) => run(settings),
+        Invocation::Run(mut settings) => {
+            settings.common.resolve_secrets()?;
+            run(settings)
+        }
     }
 }
 
 fn run(settings: WorkerSettings) -> anyhow::Result<()> {
-    sluice_shared::telemetry::init(settings.common.log_format);
+    let _telemetry = sluice_shared::telemetry::init(
+        settings.common.log_format,
+        sluice_shared::telemetry::OtelConfig::from_common(&settings.common, "sluice-worker"),
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -72,6 +72,16 @@ pub enum DeviceSpec {
     Cuda(usize),
 }
 
+impl DeviceSpec {
+    /// `cpu` or `cuda:N`, as the registry and metrics report it.
+    pub fn label(self) -> String {
+        match self {
+            DeviceSpec::Cpu => "cpu".to_string(),
+            DeviceSpec::Cuda(n) => format!("cuda:{n}"),
+        }
+    }
+}
+
 pub(crate) fn parse_device(s: &str) -> Result<DeviceSpec, String> {
     match s {
         "cpu" => Ok(DeviceSpec::Cpu),
@@ -143,6 +153,11 @@ pub struct WorkerSettings {
     /// This worker's id in job records and logs (default: host, pid and a random suffix).
     #[arg(long, env = "SLUICE_WORKER_ID")]
     pub worker_id: Option<String>,
+
+    /// How often this worker writes its heartbeat to the registry, in seconds; it drops out of
+    /// `GET /admin/workers` after three missed beats.
+    #[arg(long, env = "SLUICE_HEARTBEAT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub heartbeat_secs: u64,
 }
 
 impl WorkerSettings {

@@ -1,6 +1,8 @@
 //! Wiring the worker: load the model, consume the queue with reconnection, drain on shutdown.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use candle_core::Device;
@@ -15,11 +17,13 @@ use sluice_shared::Keyspace;
 use sluice_shared::amqp::{QueueSettings, connect, declare_topology};
 use sluice_shared::redis_pool::create_pool;
 use sluice_shared::store::JobStore;
+use sluice_shared::workers::{WorkerInfo, WorkerRegistry};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::consumer::JobRunner;
 use crate::engine::{EngineConfig, EngineHandle};
+use crate::metrics::WorkerMetrics;
 use crate::model::{LoadedModel, ModelSource};
 use crate::settings::{DeviceSpec, WorkerSettings};
 
@@ -29,6 +33,9 @@ pub struct Worker {
     runner: JobRunner,
     preempt_tx: watch::Sender<bool>,
     ks: Keyspace,
+    registry: WorkerRegistry,
+    device: Device,
+    metrics_listener: Option<tokio::net::TcpListener>,
 }
 
 pub(crate) fn device(spec: DeviceSpec) -> anyhow::Result<Device> {
@@ -44,15 +51,26 @@ impl Worker {
         let source = ModelSource::parse(&settings.model).map_err(anyhow::Error::msg)?;
         let local = source.resolve().await?;
         let device = device(settings.device)?;
+        // Bound before the model loads, so a taken port fails the start at once.
+        let metrics_listener = match settings.common.metrics_addr {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+            None => None,
+        };
         let started = std::time::Instant::now();
+        let load_device = device.clone();
         let model =
-            tokio::task::spawn_blocking(move || LoadedModel::load(&local, &device)).await??;
+            tokio::task::spawn_blocking(move || LoadedModel::load(&local, &load_device)).await??;
         tracing::info!(
             model = %model.info().name,
             context_length = model.info().context_length,
             load_ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
+        let metrics = Arc::new(WorkerMetrics::new(device.is_cuda()));
+        metrics
+            .info
+            .with_label_values(&[model.info().name.as_str(), settings.device.label().as_str()])
+            .set(1);
         let engine = EngineHandle::start(
             model,
             EngineConfig {
@@ -64,6 +82,7 @@ impl Worker {
                     None => rand::random(),
                 },
             },
+            metrics.clone(),
         )?;
         let ks = Keyspace::new(settings.common.namespace.clone());
         let pool = create_pool(&settings.common.redis_url, 16)?;
@@ -86,12 +105,17 @@ impl Worker {
             redact_output: settings.redact_output,
             result_ttl_secs: settings.result_ttl_secs,
             preempt: preempt_rx,
+            metrics,
+            in_flight: Arc::new(AtomicUsize::new(0)),
         };
         Ok(Self {
+            registry: WorkerRegistry::new(runner.store.pool().clone(), ks.clone()),
             settings,
             runner,
             preempt_tx,
             ks,
+            device,
+            metrics_listener,
         })
     }
 
@@ -103,7 +127,7 @@ impl Worker {
     /// the connection drops. On shutdown: stop consuming, let in-flight jobs finish within the
     /// grace period, then give the rest back to the queue.
     pub async fn run_until_stopped(
-        self,
+        mut self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -111,6 +135,21 @@ impl Worker {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
+        if let Some(listener) = self.metrics_listener.take() {
+            let registry = self.runner.metrics.registry.clone();
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) =
+                    sluice_shared::metrics::serve(listener, registry, || async {}, stopped).await
+                {
+                    tracing::error!(error = %e, "metrics listener failed");
+                }
+            });
+        }
+        let heartbeat = tokio::spawn(self.heartbeat());
         let mut in_flight: JoinSet<()> = JoinSet::new();
         let mut backoff = Duration::from_millis(200);
         let mut connection = None;
@@ -189,11 +228,62 @@ impl Worker {
             connection = Some(conn);
         }
         self.drain(&mut in_flight).await;
+        heartbeat.abort();
+        if let Err(e) = self.registry.remove(&self.runner.worker_id).await {
+            tracing::warn!(error = %e, "could not leave the worker registry");
+        }
         if let Some(conn) = connection {
             let _ = conn.close(200, "shutdown".into()).await;
         }
         tracing::info!("worker stopped");
         Ok(())
+    }
+
+    /// Writes this worker's heartbeat every `--heartbeat-secs` (TTL: three beats) until
+    /// aborted, and samples device memory for the metrics on the way. Redis outages are logged
+    /// and retried on the next beat.
+    fn heartbeat(&self) -> impl Future<Output = ()> + Send + 'static {
+        let registry = self.registry.clone();
+        let metrics = self.runner.metrics.clone();
+        let in_flight = self.runner.in_flight.clone();
+        let device = self.device.clone();
+        let every = Duration::from_secs(self.settings.heartbeat_secs);
+        let mut info = WorkerInfo {
+            id: self.runner.worker_id.clone(),
+            model: self.runner.engine.info().name.clone(),
+            device: self.settings.device.label(),
+            capacity: u32::try_from(self.runner.engine.capacity()).unwrap_or(u32::MAX),
+            in_flight: 0,
+            kv_usage: 0.0,
+            gpu_memory_used_bytes: None,
+            gpu_memory_total_bytes: None,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: sluice_proto::now_ms(),
+            last_seen: 0,
+        };
+        async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let memory = crate::metrics::gpu_memory(&device);
+                if let (Some((used, total)), Some((g_used, g_total))) =
+                    (memory, &metrics.gpu_memory)
+                {
+                    g_used.set(i64::try_from(used).unwrap_or(i64::MAX));
+                    g_total.set(i64::try_from(total).unwrap_or(i64::MAX));
+                }
+                info.in_flight =
+                    u32::try_from(in_flight.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
+                info.kv_usage = metrics.kv_usage.get();
+                info.gpu_memory_used_bytes = memory.map(|m| m.0);
+                info.gpu_memory_total_bytes = memory.map(|m| m.1);
+                info.last_seen = sluice_proto::now_ms();
+                if let Err(e) = registry.heartbeat(&info, every.as_secs() * 3).await {
+                    tracing::warn!(error = %e, "cannot write the heartbeat");
+                }
+            }
+        }
     }
 
     async fn drain(&self, in_flight: &mut JoinSet<()>) {

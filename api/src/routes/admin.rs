@@ -119,6 +119,16 @@ pub async fn tenant(
     ))
 }
 
+/// `GET /admin/workers`: the live workers (heartbeat not expired): model, device, capacity,
+/// jobs in flight, KV cache use, device memory.
+pub async fn workers(
+    _admin: Admin,
+    State(state): State<AppState>,
+) -> Result<Json<Value>, ApiError> {
+    let workers = state.workers.live().await?;
+    Ok(Json(json!({ "workers": workers })))
+}
+
 /// `PATCH /admin/tenants/{tenant}/limits`: merges the given fields into the tenant's policy
 /// (`null` means unlimited).
 pub async fn set_limits(

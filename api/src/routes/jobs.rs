@@ -88,8 +88,20 @@ pub async fn cancel(
     }
 }
 
-/// Continues the caller's W3C trace when it sent a valid `traceparent`, else starts one.
+/// The job's trace context. With OpenTelemetry export on, the current span's (which continues
+/// the caller's trace, see [`crate::metrics::track`]); otherwise it continues the caller's W3C
+/// trace id when it sent a valid `traceparent`, else starts one.
 pub fn trace_context(headers: &HeaderMap) -> TraceContext {
+    if let Some(traceparent) = sluice_shared::telemetry::traceparent_of(&tracing::Span::current()) {
+        return TraceContext {
+            traceparent: Some(traceparent),
+            tracestate: headers
+                .get("tracestate")
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| v.len() <= 512)
+                .map(str::to_string),
+        };
+    }
     let incoming = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())

@@ -38,6 +38,7 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
             axum::routing::delete(admin::revoke_key),
         )
         .route("/admin/tenants/{tenant}", get(admin::tenant))
+        .route("/admin/workers", get(admin::workers))
         .route(
             "/admin/tenants/{tenant}/limits",
             axum::routing::patch(admin::set_limits),
@@ -45,6 +46,10 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::track,
+        ))
         .with_state(state)
 }
 

@@ -1,0 +1,181 @@
+//! The worker's Prometheus metrics: job lifecycle, latency per token and per job, tokens,
+//! batch size, KV cache use and, on CUDA workers, device memory.
+//!
+//! The engine thread updates the engine gauges after every step; the job handler counts
+//! lifecycle events and observes per-job latencies. Names follow vLLM's and TGI's (`sluice_`
+//! prefix): `sluice_time_to_first_token_seconds`, `sluice_num_requests_running`, ...
+
+use std::sync::Arc;
+
+use prometheus::{Gauge, Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
+use sluice_shared::metrics::{Families, LATENCY_BUCKETS, TOKEN_BUCKETS, TenantLabels};
+
+use crate::generate::Generation;
+
+/// How many tenants get a series of their own in `sluice_tenant_tokens_total`.
+pub const MAX_TENANT_LABELS: usize = 100;
+
+pub struct WorkerMetrics {
+    pub registry: Arc<Registry>,
+    pub jobs_started: IntCounter,
+    pub jobs_finished: IntCounterVec,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub e2e_latency: Histogram,
+    pub queue_wait: Histogram,
+    pub prompt_tokens: IntCounter,
+    pub generation_tokens: IntCounter,
+    pub tenant_tokens: IntCounterVec,
+    pub running: IntGauge,
+    pub waiting: IntGauge,
+    pub batch_size: Histogram,
+    pub kv_usage: Gauge,
+    pub info: IntGaugeVec,
+    /// Device memory, only on CUDA workers (absent series rather than zeros on CPU).
+    pub gpu_memory: Option<(IntGauge, IntGauge)>,
+    pub tenants: TenantLabels,
+}
+
+impl WorkerMetrics {
+    pub fn new(gpu: bool) -> Self {
+        let registry = Registry::new();
+        let f = Families::new(&registry);
+        let gpu_memory = gpu.then(|| {
+            (
+                f.int_gauge(
+                    "sluice_gpu_memory_used_bytes",
+                    "Device memory in use (all processes), from the CUDA driver.",
+                ),
+                f.int_gauge(
+                    "sluice_gpu_memory_total_bytes",
+                    "Device memory in total, from the CUDA driver.",
+                ),
+            )
+        });
+        Self {
+            jobs_started: f.counter(
+                "sluice_jobs_started_total",
+                "Job attempts started (a redelivered job counts again).",
+            ),
+            jobs_finished: f.counter_vec(
+                "sluice_jobs_finished_total",
+                "Jobs this worker moved to a terminal state, or dead-lettered, by status.",
+                &["status"],
+            ),
+            time_to_first_token: f.histogram(
+                "sluice_time_to_first_token_seconds",
+                "From the job's start on this worker to its first generated token.",
+                LATENCY_BUCKETS,
+            ),
+            inter_token_latency: f.histogram(
+                "sluice_inter_token_latency_seconds",
+                "Time between consecutive tokens of a sequence (one decode step).",
+                TOKEN_BUCKETS,
+            ),
+            e2e_latency: f.histogram(
+                "sluice_e2e_request_latency_seconds",
+                "From acceptance by the API to the terminal state.",
+                LATENCY_BUCKETS,
+            ),
+            queue_wait: f.histogram(
+                "sluice_queue_wait_seconds",
+                "From acceptance by the API to the start on a worker.",
+                LATENCY_BUCKETS,
+            ),
+            prompt_tokens: f.counter("sluice_prompt_tokens_total", "Prompt tokens prefilled."),
+            generation_tokens: f.counter("sluice_generation_tokens_total", "Tokens generated."),
+            tenant_tokens: f.counter_vec(
+                "sluice_tenant_tokens_total",
+                "Tokens per tenant (the first tenants seen; later ones as `other`) and kind.",
+                &["tenant", "kind"],
+            ),
+            running: f.int_gauge(
+                "sluice_num_requests_running",
+                "Sequences in the running batch.",
+            ),
+            waiting: f.int_gauge(
+                "sluice_num_requests_waiting",
+                "Jobs handed to the engine and waiting for a batch slot or KV budget.",
+            ),
+            batch_size: f.histogram(
+                "sluice_batch_size",
+                "Sequences decoded together per step.",
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+            ),
+            kv_usage: f.gauge(
+                "sluice_kv_cache_usage_ratio",
+                "Fraction of the KV cache pool's pages in use.",
+            ),
+            info: f.int_gauge_vec(
+                "sluice_worker_info",
+                "Always 1; labels say what this worker serves.",
+                &["model", "device"],
+            ),
+            gpu_memory,
+            tenants: TenantLabels::new(MAX_TENANT_LABELS),
+            registry: Arc::new(registry),
+        }
+    }
+
+    /// Counts a finished generation's tokens and per-token latencies.
+    pub fn observe_generation(&self, tenant: &str, g: &Generation) {
+        if g.completion_tokens > 0 {
+            self.time_to_first_token
+                .observe(g.time_to_first_token.as_secs_f64());
+        }
+        self.prompt_tokens.inc_by(g.prompt_tokens as u64);
+        self.generation_tokens.inc_by(g.completion_tokens as u64);
+        let tenant = self.tenants.label(tenant);
+        self.tenant_tokens
+            .with_label_values(&[tenant, "prompt"])
+            .inc_by(g.prompt_tokens as u64);
+        self.tenant_tokens
+            .with_label_values(&[tenant, "generated"])
+            .inc_by(g.completion_tokens as u64);
+    }
+
+    /// A job reached a terminal state through this worker (or was dead-lettered).
+    pub fn finished(&self, status: &str, created_at_ms: u64) {
+        self.jobs_finished.with_label_values(&[status]).inc();
+        let now = sluice_proto::now_ms();
+        self.e2e_latency
+            .observe(now.saturating_sub(created_at_ms) as f64 / 1000.0);
+    }
+}
+
+/// Reads the current device's memory from the CUDA driver: `(used, total)` bytes.
+#[cfg(feature = "cuda")]
+pub fn gpu_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
+    use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
+    let candle_core::Device::Cuda(cuda) = device else {
+        return None;
+    };
+    cuda.cuda_stream().context().bind_to_thread().ok()?;
+    let (free, total) = mem_get_info().ok()?;
+    Some(((total - free) as u64, total as u64))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn gpu_memory(_device: &candle_core::Device) -> Option<(u64, u64)> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_register_and_gpu_series_only_on_gpu() {
+        let cpu = WorkerMetrics::new(false);
+        cpu.info.with_label_values(&["m", "cpu"]).set(1);
+        let text = sluice_shared::metrics::render(&cpu.registry);
+        assert!(
+            text.contains("sluice_worker_info{device=\"cpu\",model=\"m\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("sluice_gpu_memory"));
+        let gpu = WorkerMetrics::new(true);
+        let text = sluice_shared::metrics::render(&gpu.registry);
+        assert!(text.contains("sluice_gpu_memory_total_bytes"));
+    }
+}
