@@ -169,10 +169,15 @@ pub(crate) struct StepRows {
     pub write: Tensor,
     /// `(batch · span)` row ids for `index_select`.
     pub read: Tensor,
-    /// Additive mask `(batch, 1, 1, new, span)` (0 or -inf), or `None` when nothing is masked.
+    /// Additive f32 mask `(batch, 1, 1, new, span)` (0 or -inf), or `None` when nothing is
+    /// masked.
     pub mask: Option<Tensor>,
     /// Keys each sequence attends over, padded to the longest.
     pub span: usize,
+    /// `(batch)` keys each sequence attends over (its cache length after this step), for the
+    /// CUDA decode kernel; only for single-token steps on a GPU.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub lens: Option<Tensor>,
 }
 
 impl StepRows {
@@ -181,7 +186,6 @@ impl StepRows {
         caches: &[&SeqCache],
         new: usize,
         width: usize,
-        dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         let span = caches.iter().map(|c| c.len + new).max().unwrap_or(0);
@@ -212,7 +216,17 @@ impl StepRows {
             .contiguous()?;
         let read = Tensor::from_vec(read, caches.len() * span, device)?;
         let mask = if masked {
-            Some(Tensor::from_vec(mask, (caches.len(), 1, 1, new, span), device)?.to_dtype(dtype)?)
+            Some(Tensor::from_vec(
+                mask,
+                (caches.len(), 1, 1, new, span),
+                device,
+            )?)
+        } else {
+            None
+        };
+        let lens = if new == 1 && device.is_cuda() {
+            let lens: Vec<u32> = caches.iter().map(|c| (c.len + new) as u32).collect();
+            Some(Tensor::from_vec(lens, caches.len(), device)?)
         } else {
             None
         };
@@ -221,6 +235,7 @@ impl StepRows {
             read,
             mask,
             span,
+            lens,
         })
     }
 }
@@ -257,7 +272,7 @@ mod tests {
         b.reserve(20).expect("b");
         b.advance(19);
         let caches = [&a, &b];
-        let rows = StepRows::new(&caches, 1, 2, DType::F32, &Device::Cpu).expect("rows");
+        let rows = StepRows::new(&caches, 1, 2, &Device::Cpu).expect("rows");
         assert_eq!(rows.span, 20);
         let read = rows.read.to_vec1::<u32>().expect("read");
         let (a_rows, b_rows) = read.split_at(20);

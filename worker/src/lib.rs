@@ -24,6 +24,8 @@ pub mod kv;
 pub mod leak;
 pub mod metrics;
 pub mod model;
+#[cfg(feature = "cuda")]
+pub mod paged_attention;
 pub mod qmm;
 pub mod qwen;
 pub mod settings;

@@ -453,6 +453,27 @@ impl Qwen2 {
     fn attend(&self, pool: &KvPool, li: usize, q: &Tensor, rows: &StepRows) -> Result<Tensor> {
         let d = self.dims;
         let (b, t, _, _) = q.dims4()?;
+        #[cfg(feature = "cuda")]
+        if let Some(lens) = &rows.lens
+            && t == 1
+            && crate::paged_attention::supports(d.head_dim, rows.span, q.dtype())
+        {
+            return crate::paged_attention::decode(
+                &q.reshape((b, d.heads, d.head_dim))?,
+                &pool.k[li],
+                &pool.v[li],
+                &rows.read,
+                lens,
+                d.heads,
+                d.kv_heads,
+                rows.span,
+            )?
+            .reshape((b, t, d.heads * d.head_dim));
+        }
+        // Scores and softmax in f32 whatever the storage type (as PyTorch's SDPA accumulates):
+        // in bf16 they cost the logits about three significant digits.
+        let dtype = q.dtype();
+        let q = q.to_dtype(DType::F32)?;
         let n_rep = d.heads / d.kv_heads;
         // Query heads grouped by the KV head they share: (b, kv_heads, n_rep · t, d).
         let q = q
@@ -463,6 +484,7 @@ impl Qwen2 {
             pool.index_select(&rows.read, 0)?
                 .reshape((b, rows.span, d.kv_heads, d.head_dim))?
                 .transpose(1, 2)?
+                .to_dtype(DType::F32)?
                 .contiguous()
         };
         let (k, v) = (gather(&pool.k[li])?, gather(&pool.v[li])?);
@@ -478,7 +500,8 @@ impl Qwen2 {
         att.matmul(&v)?
             .reshape((b, d.heads, t, d.head_dim))?
             .transpose(1, 2)?
-            .reshape((b, t, d.heads * d.head_dim))
+            .reshape((b, t, d.heads * d.head_dim))?
+            .to_dtype(dtype)
     }
 
     /// `input` is `(batch, t)`; `t > 1` only with a batch of one (prefill).
@@ -503,10 +526,10 @@ impl Qwen2 {
         }
         let views: Vec<&SeqCache> = caches.iter().map(|c| &**c).collect();
         let rows = match self.attention {
-            Attention::Batched => vec![StepRows::new(&views, t, width, self.dtype, &self.device)?],
+            Attention::Batched => vec![StepRows::new(&views, t, width, &self.device)?],
             Attention::PerSequence => views
                 .iter()
-                .map(|c| StepRows::new(&[*c], t, width, self.dtype, &self.device))
+                .map(|c| StepRows::new(&[*c], t, width, &self.device))
                 .collect::<Result<Vec<_>>>()?,
         };
         let mut x = self.embed.forward(input)?;
