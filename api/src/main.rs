@@ -13,7 +13,7 @@ async fn main() -> anyhow::Result<()> {
             settings.common.resolve_secrets()?;
             serve(*settings).await
         }
-        Invocation::Keys(command) => keys(command).await,
+        Invocation::Keys(command) => keys(*command).await,
         Invocation::Guard(GuardCommand::Check { rules, threshold }) => {
             let extra = match rules {
                 Some(path) => Some(sluice_guard::Rules::from_toml(&std::fs::read_to_string(

@@ -15,7 +15,7 @@ use crate::client_ip::Cidr;
 #[derive(Debug)]
 pub enum Invocation {
     Serve(Box<ApiSettings>),
-    Keys(KeysCommand),
+    Keys(Box<KeysCommand>),
     Guard(GuardCommand),
 }
 
@@ -41,7 +41,7 @@ struct ToolCli {
 enum Tool {
     /// Manage API keys.
     #[command(subcommand)]
-    Keys(KeysCommand),
+    Keys(Box<KeysCommand>),
     /// Guard tools for operators.
     #[command(subcommand)]
     Guard(GuardCommand),
@@ -347,7 +347,7 @@ mod tests {
         }
         let inv = Invocation::parse_from(["sluice-api", "keys", "create", "--tenant", "acme"])
             .expect("parse");
-        assert!(matches!(inv, Invocation::Keys(KeysCommand::Create { .. })));
+        assert!(matches!(inv, Invocation::Keys(k) if matches!(*k, KeysCommand::Create { .. })));
         let inv = Invocation::parse_from(["sluice-api", "guard", "check"]).expect("parse");
         assert!(matches!(inv, Invocation::Guard(GuardCommand::Check { .. })));
         assert!(

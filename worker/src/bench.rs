@@ -62,6 +62,9 @@ pub struct BatchFigure {
     pub batch: usize,
     pub aggregate_tok_s: f64,
     pub per_sequence_tok_s: f64,
+    /// Whether the batch's first sequence (the prompt of the batch-1 run) decoded the same
+    /// greedy tokens as it did alone: isolation inside the batch.
+    pub first_sequence_matches_batch_1: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -76,6 +79,9 @@ pub struct BenchReport {
     pub kv_bytes_per_token: usize,
     pub kv_bytes_per_sequence: usize,
     pub threads: usize,
+    /// Device memory in use and in total at the end (CUDA only), as the worker's metrics read it.
+    pub gpu_memory_used_bytes: Option<u64>,
+    pub gpu_memory_total_bytes: Option<u64>,
 }
 
 /// The token ids every run uses (also what `benches/` scripts feed the other implementations).
@@ -166,6 +172,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     drop(cache);
 
     let mut decode = Vec::new();
+    let mut alone: Option<Vec<u32>> = None;
     for &batch in &args.batches {
         let mut caches: Vec<_> = (0..batch).map(|_| pool.new_cache()).collect();
         let mut next = Vec::with_capacity(batch);
@@ -190,14 +197,26 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             greedy.push(next[0]);
         }
         let secs = t.elapsed().as_secs_f64();
+        let first_sequence_matches_batch_1 = alone.as_ref().map(|a| *a == greedy);
+        if batch == 1 {
+            alone = Some(greedy.clone());
+        }
         let figure = BatchFigure {
             batch,
             aggregate_tok_s: (batch * args.steps) as f64 / secs,
             per_sequence_tok_s: args.steps as f64 / secs,
+            first_sequence_matches_batch_1,
         };
         println!(
-            "decode batch {batch}: {:.1} tok/s aggregate ({:.1} per sequence, {} steps)",
-            figure.aggregate_tok_s, figure.per_sequence_tok_s, args.steps
+            "decode batch {batch}: {:.1} tok/s aggregate ({:.1} per sequence, {} steps){}",
+            figure.aggregate_tok_s,
+            figure.per_sequence_tok_s,
+            args.steps,
+            match first_sequence_matches_batch_1 {
+                Some(true) => ", first sequence's tokens identical to batch 1",
+                Some(false) => ", first sequence's tokens DIFFER from batch 1",
+                None => "",
+            }
         );
         decode.push(figure);
         if let (1, Some(path)) = (batch, &args.logits_out) {
@@ -215,6 +234,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         kv_bytes_per_sequence as f64 / (1 << 20) as f64,
         args.prompt_tokens + args.steps
     );
+    let memory = crate::metrics::gpu_memory(&device);
+    if let Some((used, total)) = memory {
+        println!(
+            "GPU memory: {:.2} GiB used of {:.2} GiB",
+            used as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64
+        );
+    }
     let report = BenchReport {
         model: args.model.display().to_string(),
         device: format!("{:?}", args.device),
@@ -226,6 +253,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         kv_bytes_per_token,
         kv_bytes_per_sequence,
         threads: rayon::current_num_threads(),
+        gpu_memory_used_bytes: memory.map(|m| m.0),
+        gpu_memory_total_bytes: memory.map(|m| m.1),
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

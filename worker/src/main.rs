@@ -14,8 +14,8 @@ fn main() -> anyhow::Result<()> {
         }
         Invocation::Bench(args) => sluice_worker::bench::run(&args).map(|_| ()),
         Invocation::Run(mut settings) => {
-            settings.common.resolve_secrets()?;
-            run(settings)
+            settings.resolve_secrets()?;
+            run(*settings)
         }
     }
 }

@@ -9,7 +9,7 @@ use sluice_shared::CommonSettings;
 #[derive(Debug)]
 pub enum Invocation {
     /// `sluice-worker [run] --model ...`: consume jobs and run them (the default).
-    Run(WorkerSettings),
+    Run(Box<WorkerSettings>),
     /// `sluice-worker tiny-model --out DIR`: write the tiny random-weight test model.
     TinyModel(TinyModelArgs),
     /// `sluice-worker bench --model ...`: measure the forward pass (no broker, no Redis).
@@ -58,9 +58,9 @@ impl Invocation {
             }
             Some("run") => {
                 args.remove(1);
-                RunCli::try_parse_from(args).map(|c| Invocation::Run(c.settings))
+                RunCli::try_parse_from(args).map(|c| Invocation::Run(Box::new(c.settings)))
             }
-            _ => RunCli::try_parse_from(args).map(|c| Invocation::Run(c.settings)),
+            _ => RunCli::try_parse_from(args).map(|c| Invocation::Run(Box::new(c.settings))),
         }
     }
 }
@@ -70,6 +70,21 @@ impl Invocation {
 pub enum DeviceSpec {
     Cpu,
     Cuda(usize),
+}
+
+impl WorkerSettings {
+    /// Reads every `*_FILE` secret (connection URLs, canary key); binaries call it once after
+    /// parsing.
+    pub fn resolve_secrets(&mut self) -> Result<(), sluice_shared::settings::SecretFileError> {
+        self.common.resolve_secrets()?;
+        if let Some(path) = &self.canary_key_file {
+            self.canary_key = Some(sluice_shared::settings::read_secret_file(
+                "--canary-key-file (SLUICE_CANARY_KEY_FILE)",
+                path,
+            )?);
+        }
+        Ok(())
+    }
 }
 
 impl DeviceSpec {
@@ -149,6 +164,11 @@ pub struct WorkerSettings {
     /// worker, while nobody without the key can predict it. Unset: a random key per process.
     #[arg(long, env = "SLUICE_CANARY_KEY", hide_env_values = true)]
     pub canary_key: Option<sluice_shared::Secret>,
+
+    /// File holding the canary key (a mounted secret), read at start instead of
+    /// `--canary-key`.
+    #[arg(long, env = "SLUICE_CANARY_KEY_FILE", conflicts_with = "canary_key")]
+    pub canary_key_file: Option<std::path::PathBuf>,
 
     /// This worker's id in job records and logs (default: host, pid and a random suffix).
     #[arg(long, env = "SLUICE_WORKER_ID")]
