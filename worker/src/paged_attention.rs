@@ -24,9 +24,15 @@ const THREADS: usize = 256;
 /// Longest span the kernel takes (its scores live in shared memory: 32 KiB at this length).
 pub const MAX_SPAN: usize = 8192;
 
+/// `SLUICE_CUDA_ATTENTION=generic` turns the kernel off (for side-by-side measurements).
+static ENABLED: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+    std::env::var("SLUICE_CUDA_ATTENTION").map_or(true, |v| v != "generic")
+});
+
 /// Whether the kernel serves this shape (else the caller takes the generic path).
 pub fn supports(head_dim: usize, span: usize, dtype: DType) -> bool {
-    head_dim > 0
+    *ENABLED
+        && head_dim > 0
         && head_dim <= THREADS
         && THREADS % head_dim == 0
         && span > 0
