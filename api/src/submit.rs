@@ -357,7 +357,16 @@ pub async fn submit(
         max_queued: state.limits.max_queued_jobs,
         max_queued_tenant: policy.max_queued_jobs,
     };
-    match state.store.admit(&message, &admission).await? {
+    let outcome = match state.store.admit(&message, &admission).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            // The answer was lost, maybe not the write: Redis may have committed the admission
+            // before going away. Undo it (a no-op if it never landed) once Redis answers.
+            rollback_eventually(state.store.clone(), id).await;
+            return Err(e.into());
+        }
+    };
+    match outcome {
         AdmitOutcome::Admitted => {}
         AdmitOutcome::Duplicate(existing) => {
             tracing::info!(job_id = %existing, "idempotent retry: the earlier job is returned");
@@ -414,9 +423,7 @@ pub async fn submit(
     }
     if let Err(publish_error) = state.publisher.publish_job(&message).await {
         // Not enqueued: refund, free the slot and delete the record.
-        if let Err(e) = state.store.rollback(&id).await {
-            tracing::error!(error = %e, "could not roll back the admission of an unpublished job");
-        }
+        rollback_eventually(state.store.clone(), id).await;
         return Err(publish_error.into());
     }
     state
@@ -429,4 +436,28 @@ pub async fn submit(
         id,
         replayed: false,
     })
+}
+
+/// Undoes an admission that may have been written for a job that was never published: now, or,
+/// while Redis is unreachable, in the background with backoff for up to an hour. Until then
+/// the record holds a reservation and a queue slot; it never runs (nothing was published).
+/// `ROLLBACK` acts only on a `queued` record, so a retry after success changes nothing.
+async fn rollback_eventually(store: sluice_shared::store::JobStore, id: Uuid) {
+    if store.rollback(&id).await.is_ok() {
+        return;
+    }
+    tracing::warn!(job_id = %id, "cannot roll back an unpublished admission yet; retrying");
+    tokio::spawn(async move {
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+        let mut delay = std::time::Duration::from_millis(200);
+        while std::time::Instant::now() < give_up {
+            tokio::time::sleep(delay).await;
+            if store.rollback(&id).await.is_ok() {
+                tracing::info!(job_id = %id, "unpublished admission rolled back");
+                return;
+            }
+            delay = (delay * 2).min(std::time::Duration::from_secs(10));
+        }
+        tracing::error!(job_id = %id, "gave up rolling back an unpublished admission");
+    });
 }

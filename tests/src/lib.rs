@@ -2,9 +2,11 @@
 //! and Redis keys), its own API on port 0, and workers in-process or as real processes, all
 //! against the real RabbitMQ and Redis.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
@@ -112,7 +114,11 @@ pub struct TestApp {
     pub base: String,
     pub ns: String,
     pub http: reqwest::Client,
+    /// The Redis this API uses (keys are created there).
+    pub redis_url: String,
     stop: Option<oneshot::Sender<()>>,
+    /// Set when the API runs as a `sluice-api` process ([`TestApp::spawn_process`]).
+    process: Option<Child>,
 }
 
 impl TestApp {
@@ -128,6 +134,18 @@ impl TestApp {
 
     /// Spawns for a given model's tokenizer, broker and extra flags.
     pub async fn spawn_full(ns: &str, model: &Path, amqp_url: &str, extra: &[&str]) -> Self {
+        Self::spawn_on(ns, model, REDIS_URL, amqp_url, extra).await
+    }
+
+    /// Spawns in this process against the given Redis and broker (e.g. dedicated ones a test
+    /// restarts), with extra flags.
+    pub async fn spawn_on(
+        ns: &str,
+        model: &Path,
+        redis_url: &str,
+        amqp_url: &str,
+        extra: &[&str],
+    ) -> Self {
         let tokenizer = model.to_str().expect("utf-8 path").to_string();
         let mut args = vec![
             "sluice-api",
@@ -136,7 +154,7 @@ impl TestApp {
             "--namespace",
             ns,
             "--redis-url",
-            REDIS_URL,
+            redis_url,
             "--amqp-url",
             amqp_url,
             "--tokenizer",
@@ -156,14 +174,74 @@ impl TestApp {
             base: format!("http://{addr}"),
             ns: ns.to_string(),
             http: reqwest::Client::new(),
+            redis_url: redis_url.to_string(),
             stop: Some(tx),
+            process: None,
+        }
+    }
+
+    /// Runs the API as a real `sluice-api` process (its memory is its own, and it can be
+    /// killed), on a free port, against the shared Redis and broker; waits for `/healthz`.
+    pub async fn spawn_process(ns: &str, model: &Path, extra: &[&str]) -> Self {
+        let port = free_port();
+        let child = Command::new(workspace_bin("sluice-api"))
+            .args(["--addr", &format!("127.0.0.1:{port}"), "--namespace", ns])
+            .arg("--tokenizer")
+            .arg(model)
+            .args(extra)
+            .env("SLUICE_REDIS_URL", REDIS_URL)
+            .env("SLUICE_AMQP_URL", AMQP_URL)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn sluice-api");
+        let app = Self {
+            base: format!("http://127.0.0.1:{port}"),
+            ns: ns.to_string(),
+            http: reqwest::Client::new(),
+            redis_url: REDIS_URL.to_string(),
+            stop: None,
+            process: Some(child),
+        };
+        wait_for("sluice-api to listen", Duration::from_secs(60), || async {
+            let up = app
+                .http
+                .get(format!("{}/healthz", app.base))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            (up).then_some(())
+        })
+        .await;
+        app
+    }
+
+    /// The process id of a [`TestApp::spawn_process`] API.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Child::id)
+    }
+
+    /// `GET /readyz`: its status and body.
+    pub async fn readyz(&self) -> (u16, Value) {
+        match self
+            .http
+            .get(format!("{}/readyz", self.base))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+        {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                (status, r.json().await.unwrap_or(Value::Null))
+            }
+            Err(e) => panic!("/readyz did not answer: {e}"),
         }
     }
 
     /// Creates an admin key (for `/admin`).
     pub async fn admin_key(&self) -> String {
-        let pool =
-            sluice_shared::redis_pool::create_pool(&Secret::new(REDIS_URL), 2).expect("pool");
+        let pool = sluice_shared::redis_pool::create_pool(&Secret::new(self.redis_url.clone()), 2)
+            .expect("pool");
         ApiKeys::new(pool, Keyspace::new(self.ns.clone()))
             .create("ops", "admin", Role::Admin, None)
             .await
@@ -212,8 +290,8 @@ impl TestApp {
 
     /// Creates an API key for `tenant` straight in Redis (as `sluice-api keys create` does).
     pub async fn key(&self, tenant: &str) -> String {
-        let pool =
-            sluice_shared::redis_pool::create_pool(&Secret::new(REDIS_URL), 2).expect("pool");
+        let pool = sluice_shared::redis_pool::create_pool(&Secret::new(self.redis_url.clone()), 2)
+            .expect("pool");
         ApiKeys::new(pool, Keyspace::new(self.ns.clone()))
             .create(tenant, "test", Role::User, None)
             .await
@@ -308,6 +386,10 @@ impl Drop for TestApp {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
+        if let Some(mut child) = self.process.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -377,13 +459,60 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     pub fn spawn(ns: &str, model: &Path, id: &str) -> Self {
-        let child = Command::new(workspace_bin("sluice-worker"))
-            .args(["--namespace", ns, "--worker-id", id, "--model"])
+        Self::spawn_on(ns, model, id, REDIS_URL, AMQP_URL, &[])
+    }
+
+    /// A worker process against the given Redis and broker, with extra flags.
+    pub fn spawn_on(
+        ns: &str,
+        model: &Path,
+        id: &str,
+        redis_url: &str,
+        amqp_url: &str,
+        extra: &[&str],
+    ) -> Self {
+        let mut cmd = Command::new(workspace_bin("sluice-worker"));
+        cmd.args(["--namespace", ns, "--worker-id", id, "--model"])
             .arg(model)
-            .env("SLUICE_REDIS_URL", REDIS_URL)
-            .env("SLUICE_AMQP_URL", AMQP_URL)
+            .args(extra)
+            .env("SLUICE_REDIS_URL", redis_url)
+            .env("SLUICE_AMQP_URL", amqp_url)
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .stdout(Stdio::null());
+        Self {
+            child: cmd.spawn().expect("spawn sluice-worker"),
+            id: id.to_string(),
+        }
+    }
+
+    /// Like [`WorkerProcess::spawn_on`], logging JSON lines to `<log_dir>/<id>.log`, with the
+    /// consumer at `info`: one `job started` line per `START` that let a job run, which
+    /// [`jobs_started`] counts.
+    pub fn spawn_logged(
+        ns: &str,
+        model: &Path,
+        id: &str,
+        redis_url: &str,
+        amqp_url: &str,
+        log_dir: &Path,
+    ) -> Self {
+        let log = std::fs::File::create(log_dir.join(format!("{id}.log"))).expect("log file");
+        let child = Command::new(workspace_bin("sluice-worker"))
+            .args([
+                "--namespace",
+                ns,
+                "--worker-id",
+                id,
+                "--log-format",
+                "json",
+                "--model",
+            ])
+            .arg(model)
+            .env("SLUICE_REDIS_URL", redis_url)
+            .env("SLUICE_AMQP_URL", amqp_url)
+            .env("RUST_LOG", "warn,sluice_worker::consumer=info")
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
             .spawn()
             .expect("spawn sluice-worker");
         Self {
@@ -425,7 +554,12 @@ pub struct Backends {
 
 impl Backends {
     pub async fn connect(ns: &str) -> Self {
-        let amqp = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        Self::connect_on(ns, REDIS_URL, AMQP_URL).await
+    }
+
+    /// Connects to the given Redis and broker (dedicated ones a test restarts).
+    pub async fn connect_on(ns: &str, redis_url: &str, amqp_url: &str) -> Self {
+        let amqp = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default())
             .await
             .expect("amqp");
         let channel = amqp.create_channel().await.expect("channel");
@@ -437,7 +571,7 @@ impl Backends {
         )
         .await
         .expect("topology");
-        let redis = redis::Client::open(REDIS_URL)
+        let redis = redis::Client::open(redis_url)
             .expect("redis url")
             .get_multiplexed_async_connection()
             .await
@@ -558,3 +692,596 @@ pub fn chat(content: &str, extra: Value) -> Value {
     }
     body
 }
+
+/// A free TCP port on loopback (bound, then released: good enough for a test's own servers).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// A temporary directory, removed on drop (also when the test panics).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-{tag}-{}-{}",
+            std::process::id(),
+            &uuid::Uuid::now_v7().simple().to_string()[20..]
+        ));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills a child with SIGKILL and reaps it, if it is still running.
+fn kill_child(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// A `redis-server` of a test's own (never the shared one), on a free port, with the
+/// append-only file fsynced on every write, so it can be killed and restarted without losing
+/// an acknowledged write. Killed on drop; its directory is removed.
+pub struct RedisServer {
+    pub port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn start_with_aof() -> Self {
+        let mut server = Self {
+            port: free_port(),
+            dir: TempDir::new("redis"),
+            child: None,
+        };
+        server.start().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again, on the same port and directory) and waits until it answers
+    /// PING (that is, after it has loaded its append-only file).
+    pub async fn start(&mut self) {
+        assert!(self.child.is_none(), "redis-server already running");
+        let dir = self.dir.path();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .arg("--logfile")
+            .arg(dir.join("redis.log"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server (is it installed?)");
+        self.child = Some(child);
+        let url = self.url();
+        wait_for("redis-server to answer", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move {
+                let client = redis::Client::open(url).ok()?;
+                let mut conn = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    client.get_multiplexed_async_connection(),
+                )
+                .await
+                .ok()?
+                .ok()?;
+                let pong: String = redis::cmd("PING").query_async(&mut conn).await.ok()?;
+                (pong == "PONG").then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        kill_child(&mut self.child);
+    }
+
+    /// A fresh connection (connections do not survive a restart).
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}
+
+/// A RabbitMQ node of a test's own (never the shared one): its own node name, AMQP and
+/// distribution ports, Mnesia directory and Erlang cookie, no plugins. Durable quorum queues
+/// and persistent messages survive [`RabbitNode::kill9`] or [`RabbitNode::stop`] followed by
+/// [`RabbitNode::start`]. Killed on drop; its directory is removed.
+pub struct RabbitNode {
+    pub port: u16,
+    dist_port: u16,
+    pub name: String,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl RabbitNode {
+    /// Whether `rabbitmq-server` can be run here.
+    pub fn available() -> bool {
+        Self::server_script().is_some()
+    }
+
+    fn server_script() -> Option<PathBuf> {
+        // The package's wrapper in /usr/sbin re-runs itself as the `rabbitmq` user and drops
+        // our environment; the script it wraps takes it as is.
+        ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+    }
+
+    /// Starts a fresh node and waits until it accepts AMQP connections.
+    pub async fn start_new() -> Self {
+        let dir = TempDir::new("rabbit");
+        let port = free_port();
+        std::fs::write(dir.path().join("enabled_plugins"), "[].\n").expect("plugins file");
+        std::fs::write(
+            dir.path().join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+        )
+        .expect("config file");
+        std::fs::write(dir.path().join("rabbitmq-env.conf"), "").expect("env file");
+        let mut node = Self {
+            port,
+            dist_port: free_port(),
+            name: format!(
+                "sluice-t{}-{}@localhost",
+                std::process::id(),
+                &uuid::Uuid::now_v7().simple().to_string()[24..]
+            ),
+            dir,
+            child: None,
+        };
+        node.start().await;
+        node
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Starts the node (again, with the same name, ports and data) and waits for AMQP.
+    pub async fn start(&mut self) {
+        assert!(self.child.is_none(), "node already running");
+        let dir = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("stdout.log"))
+            .expect("log file");
+        let child = Command::new(Self::server_script().expect("rabbitmq-server"))
+            // `exec`s the VM instead of supervising it from a shell: our child is the node.
+            .env("RUNNING_UNDER_SYSTEMD", "1")
+            .env("HOME", dir)
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_NODENAME", &self.name)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn rabbitmq-server");
+        self.child = Some(child);
+        let url = self.url();
+        let child = self.child.as_mut().expect("child");
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "rabbitmq-server exited ({status}): {}",
+                    std::fs::read_to_string(dir.join("stdout.log")).unwrap_or_default()
+                );
+            }
+            let props = lapin::ConnectionProperties::default();
+            if let Ok(Ok(conn)) = tokio::time::timeout(
+                Duration::from_secs(5),
+                lapin::Connection::connect(&url, props),
+            )
+            .await
+            {
+                let _ = conn.close(200, "up".into()).await;
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "RabbitMQ node {} did not start within 120 s",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// kill -9 of the node.
+    pub fn kill9(&mut self) {
+        kill_child(&mut self.child);
+    }
+
+    /// A graceful stop (SIGTERM: the node closes its connections and shuts down); waits for
+    /// the node to exit (kills it after 60 s).
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}
+
+/// What one submit of a load generator got back.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    /// When it was sent, from the start of the load.
+    pub at: Duration,
+    /// How long the answer took.
+    pub latency: Duration,
+    /// The HTTP status; 0 when no answer came (connection refused or reset).
+    pub status: u16,
+    /// The error code of a refusal (`queue_unavailable`, ...).
+    pub code: Option<String>,
+    /// The job id of a 202.
+    pub id: Option<String>,
+    /// The request did not get an answer within the client timeout (a hang).
+    pub timed_out: bool,
+}
+
+/// What a load generator saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub submissions: Vec<Submission>,
+}
+
+impl LoadReport {
+    /// Ids of accepted jobs, in the order they were submitted.
+    pub fn accepted(&self) -> Vec<String> {
+        self.submissions
+            .iter()
+            .filter_map(|s| s.id.clone())
+            .collect()
+    }
+
+    /// Count per HTTP status (0: no answer).
+    pub fn statuses(&self) -> std::collections::BTreeMap<u16, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        for s in &self.submissions {
+            *m.entry(s.status).or_default() += 1;
+        }
+        m
+    }
+
+    /// Count per error code of the refusals.
+    pub fn codes(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        for s in &self.submissions {
+            if let Some(c) = &s.code {
+                *m.entry(c.clone()).or_default() += 1;
+            }
+        }
+        m
+    }
+
+    pub fn timeouts(&self) -> usize {
+        self.submissions.iter().filter(|s| s.timed_out).count()
+    }
+
+    /// The `q` quantile (0..=1) of the submit latency, in milliseconds.
+    pub fn latency_ms(&self, q: f64) -> f64 {
+        let mut l: Vec<f64> = self
+            .submissions
+            .iter()
+            .filter(|s| s.status != 0)
+            .map(|s| s.latency.as_secs_f64() * 1000.0)
+            .collect();
+        if l.is_empty() {
+            return 0.0;
+        }
+        l.sort_by(f64::total_cmp);
+        let i = ((l.len() - 1) as f64 * q).round() as usize;
+        l[i]
+    }
+}
+
+/// An open-loop load generator: submits one job every `every` (each in its own task, so a
+/// slow answer never lowers the rate) to whichever API `base` names at that moment, until
+/// [`Load::finish`].
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<LoadReport>,
+    live: Arc<Mutex<Vec<String>>>,
+}
+
+/// Client timeout of one submit: an answer later than this counts as a hang.
+pub const SUBMIT_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl Load {
+    /// `body(n)` is the n-th request body (n from 1).
+    pub fn start(
+        http: reqwest::Client,
+        base: Arc<Mutex<String>>,
+        key: String,
+        every: Duration,
+        body: impl Fn(u64) -> Value + Send + 'static,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let live = Arc::new(Mutex::new(Vec::new()));
+        let live_ids = Arc::clone(&live);
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let mut tick = tokio::time::interval(every);
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut report = LoadReport::default();
+            let mut n = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                tick.tick().await;
+                while let Some(done) = tasks.try_join_next() {
+                    report.submissions.push(done.expect("submit task"));
+                }
+                n += 1;
+                let url = format!("{}/v1/jobs", base.lock().expect("lock"));
+                let request = http
+                    .post(url)
+                    .bearer_auth(&key)
+                    .json(&body(n))
+                    .timeout(SUBMIT_TIMEOUT);
+                let at = started.elapsed();
+                let live = Arc::clone(&live_ids);
+                tasks.spawn(async move {
+                    let sent = Instant::now();
+                    let mut s = Submission {
+                        at,
+                        latency: Duration::ZERO,
+                        status: 0,
+                        code: None,
+                        id: None,
+                        timed_out: false,
+                    };
+                    match request.send().await {
+                        Ok(r) => {
+                            s.status = r.status().as_u16();
+                            let v: Value = r.json().await.unwrap_or(Value::Null);
+                            s.latency = sent.elapsed();
+                            if s.status == 202 {
+                                let id = v["id"].as_str().expect("id of a 202").to_string();
+                                live.lock().expect("lock").push(id.clone());
+                                s.id = Some(id);
+                            } else {
+                                s.code = v["error"]["code"].as_str().map(str::to_string);
+                            }
+                        }
+                        Err(e) => {
+                            s.latency = sent.elapsed();
+                            s.timed_out = e.is_timeout();
+                        }
+                    }
+                    s
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                report.submissions.push(done.expect("submit task"));
+            }
+            report.submissions.sort_by_key(|s| s.at);
+            report
+        });
+        Self { stop, task, live }
+    }
+
+    /// The ids accepted so far, growing while the load runs (for a poller beside it).
+    pub fn live_accepted(&self) -> Arc<Mutex<Vec<String>>> {
+        Arc::clone(&self.live)
+    }
+
+    /// Stops submitting and waits for the answers still outstanding.
+    pub async fn finish(self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("load generator")
+    }
+}
+
+/// Waits (reading Redis directly, in pipelines) until every job in `ids` is terminal, then
+/// checks each was completed exactly once: one `done` event in its stream. Returns the
+/// records (`status`, `attempts`, `worker`, `result`) by id.
+pub async fn await_terminal_once(
+    redis: &mut redis::aio::MultiplexedConnection,
+    ns: &str,
+    ids: &[String],
+    timeout: Duration,
+) -> HashMap<String, HashMap<String, String>> {
+    let start = Instant::now();
+    let mut pending: Vec<String> = ids.to_vec();
+    let mut records = HashMap::new();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for chunk in pending.chunks(500) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.hgetall(format!("{ns}:job:{id}"));
+            }
+            let rows: Vec<HashMap<String, String>> =
+                pipe.query_async(redis).await.expect("read job records");
+            for (id, row) in chunk.iter().zip(rows) {
+                let status = row.get("status").map(String::as_str).unwrap_or("");
+                if matches!(status, "queued" | "running" | "") {
+                    assert!(!row.is_empty(), "accepted job {id} has no record");
+                    still.push(id.clone());
+                } else {
+                    records.insert(id.clone(), row);
+                }
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{} of {} accepted jobs not terminal after {timeout:?}, e.g. {}",
+            pending.len(),
+            ids.len(),
+            pending[0]
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for chunk in ids.chunks(500) {
+        let mut pipe = redis::pipe();
+        for id in chunk {
+            pipe.cmd("XRANGE")
+                .arg(format!("{ns}:job:{id}:events"))
+                .arg("-")
+                .arg("+");
+        }
+        let streams: Vec<Vec<(String, HashMap<String, String>)>> =
+            pipe.query_async(redis).await.expect("read event streams");
+        for (id, entries) in chunk.iter().zip(streams) {
+            let done = entries
+                .iter()
+                .filter(|(_, f)| f.get("type").map(String::as_str) == Some("done"))
+                .count();
+            assert_eq!(done, 1, "job {id} finished {done} times");
+        }
+    }
+    records
+}
+
+/// Job records (not event streams) of a namespace.
+pub async fn job_record_keys(
+    redis: &mut redis::aio::MultiplexedConnection,
+    ns: &str,
+) -> Vec<String> {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{ns}:job:*"))
+        .query_async(redis)
+        .await
+        .expect("keys");
+    keys.into_iter()
+        .filter(|k| !k.ends_with(":events"))
+        .collect()
+}
+
+/// The log lines with `message`, over the JSON logs of [`WorkerProcess::spawn_logged`]
+/// workers in `log_dir`.
+pub fn log_lines(log_dir: &Path, message: &str) -> Vec<Value> {
+    let mut lines = Vec::new();
+    for entry in std::fs::read_dir(log_dir).expect("log dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("log") {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).expect("read log").lines() {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            // Flattened (`--log-format json`) or not.
+            if v["message"] == message || v["fields"]["message"] == message {
+                lines.push(v);
+            }
+        }
+    }
+    lines
+}
+
+/// How many times each job was started to run (its `job started` log lines), over the JSON
+/// logs of [`WorkerProcess::spawn_logged`] workers in `log_dir`.
+pub fn jobs_started(log_dir: &Path) -> HashMap<String, usize> {
+    let mut started = HashMap::new();
+    for v in log_lines(log_dir, "job started") {
+        {
+            let id = v["span"]["job_id"]
+                .as_str()
+                .or_else(|| {
+                    v["spans"]
+                        .as_array()?
+                        .iter()
+                        .find_map(|s| s["job_id"].as_str())
+                })
+                .unwrap_or_else(|| panic!("a job id in {v}"));
+            *started.entry(id.to_string()).or_default() += 1;
+        }
+    }
+    started
+}
+
+/// Resident memory of a process in KiB (`VmRSS` in `/proc/<pid>/status`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Unlimited rate limits, quotas and active-job caps for a tenant (load tests).
+pub fn unlimited_tenant() -> Value {
+    serde_json::json!({
+        "requests_per_second": null, "requests_per_minute": null,
+        "max_active_jobs": null, "tokens_per_day": null, "tokens_per_month": null,
+    })
+}
+
+/// API flags lifting the per-client-IP limits: load and polls all come from loopback.
+pub const NO_IP_LIMITS: [&str; 4] = [
+    "--ip-requests-per-second",
+    "0",
+    "--ip-requests-per-minute",
+    "0",
+];

@@ -2,52 +2,15 @@
 //! middle of generating and the API is restarted; afterwards every accepted job is terminal,
 //! none is lost, none is duplicated, and none was completed twice.
 //!
-//! Restarting RabbitMQ and Redis themselves is left out here: CI runs every test binary against
-//! the one broker and store of the machine, and restarting them would fail the tests running
-//! beside this one. The reconnect paths are exercised by `broker_unreachable_*` in `spine.rs`.
+//! Restarting RabbitMQ and Redis is `restarts.rs`, on servers of its own: the shared broker and
+//! store of the machine serve the tests running beside this one.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use sluice_tests::*;
-
-/// Submits one job every `every` until stopped, through whichever API `base` names now.
-async fn steady_load(
-    http: reqwest::Client,
-    base: Arc<Mutex<String>>,
-    key: String,
-    every: Duration,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> (Vec<String>, HashMap<u16, usize>) {
-    let mut accepted = Vec::new();
-    let mut statuses: HashMap<u16, usize> = HashMap::new();
-    let mut tick = tokio::time::interval(every);
-    let mut n = 0u32;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        tick.tick().await;
-        n += 1;
-        let url = format!("{}/v1/jobs", base.lock().expect("lock"));
-        let body = chat(
-            &format!("job {n}"),
-            json!({"max_tokens": 48, "temperature": 0, "ignore_eos": true}),
-        );
-        match http.post(url).bearer_auth(&key).json(&body).send().await {
-            Ok(r) => {
-                let status = r.status().as_u16();
-                *statuses.entry(status).or_default() += 1;
-                if status == 202 {
-                    let v: Value = r.json().await.expect("json");
-                    accepted.push(v["id"].as_str().expect("id").to_string());
-                }
-            }
-            // The API is being restarted: a refused connection is not an accepted job.
-            Err(_) => *statuses.entry(0).or_default() += 1,
-        }
-    }
-    (accepted, statuses)
-}
 
 /// An API without per-IP limits: the load and the polls all come from loopback.
 async fn spawn_app(ns: &str) -> TestApp {
@@ -76,14 +39,18 @@ async fn killed_workers_and_a_restarted_api_lose_and_duplicate_nothing() {
     let key = app.key("acme").await;
 
     let base = Arc::new(Mutex::new(app.base.clone()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = tokio::spawn(steady_load(
+    let load = Load::start(
         app.http.clone(),
         Arc::clone(&base),
         key.clone(),
         Duration::from_millis(40),
-        Arc::clone(&stop),
-    ));
+        |n| {
+            chat(
+                &format!("job {n}"),
+                json!({"max_tokens": 48, "temperature": 0, "ignore_eos": true}),
+            )
+        },
+    );
 
     let mut app = Some(app);
     for i in 0..20 {
@@ -98,8 +65,8 @@ async fn killed_workers_and_a_restarted_api_lose_and_duplicate_nothing() {
             drop(app.replace(fresh));
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (accepted, statuses) = load.await.expect("load");
+    let report = load.finish().await;
+    let (accepted, statuses) = (report.accepted(), report.statuses());
     let app = app.expect("app");
 
     // One healthy worker finishes what is left.

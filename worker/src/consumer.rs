@@ -2,7 +2,8 @@
 //!
 //! The delivery is acknowledged only after the terminal state is in Redis. Every path ends in
 //! one [`Disposition`], applied in one place: ack, dead-letter (undecodable), or requeue (the
-//! worker could not finish it: shutdown, or Redis unreachable).
+//! worker could not finish it: shutdown, also while Redis is unreachable; an outage alone is
+//! waited out with the delivery held).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -132,9 +133,12 @@ impl JobRunner {
                 return Disposition::Ack;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot start job; requeueing");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                return Disposition::Requeue;
+                // Redis is unreachable: keep the delivery and retry (see `start_when_reachable`).
+                tracing::warn!(error = %e, "cannot start job; retrying");
+                match self.start_when_reachable(&job).await {
+                    Ok(attempt) => attempt,
+                    Err(disposition) => return disposition,
+                }
             }
         };
         tracing::info!(attempt, "job started");
@@ -309,11 +313,64 @@ impl JobRunner {
         WatcherGuard(vec![cancel_task, preempt_task])
     }
 
-    /// Writes a terminal state, retrying while Redis is unreachable; requeues if it never
-    /// comes back within the retry budget (the job then runs again elsewhere).
+    /// Retries `START` while Redis is unreachable, holding the delivery, for as long as the
+    /// outage lasts. Requeueing instead would hand the job straight back (to this worker or
+    /// another, whose `START` fails the same way), and every requeue counts against the quorum
+    /// queue's `x-delivery-limit`: within seconds of a Redis outage the job would be
+    /// dead-lettered, accepted but never run. The unacked delivery is safe: if this worker
+    /// dies, the broker redelivers it. Gives it back only when shutdown preempts.
+    async fn start_when_reachable(&self, job: &JobMessage) -> Result<u32, Disposition> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if !self.retry_after(delay).await {
+                return Err(Disposition::Requeue);
+            }
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
+            match self
+                .store
+                .start(&job.id, self.max_attempts, &self.worker_id)
+                .await
+            {
+                Ok(StartOutcome::Run { attempt }) => return Ok(attempt),
+                Ok(StartOutcome::Skip(status)) => {
+                    tracing::info!(status = status.as_str(), "job not run: already terminal");
+                    return Err(Disposition::Ack);
+                }
+                Ok(StartOutcome::Missing) => {
+                    tracing::info!("job not run: no record (expired or rolled back)");
+                    return Err(Disposition::Ack);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot start job; retrying"),
+            }
+        }
+    }
+
+    /// Waits `delay` before the next try of a Redis write; `false` if shutdown preempts the
+    /// in-flight jobs first (the caller then gives the job back to the queue).
+    async fn retry_after(&self, delay: Duration) -> bool {
+        let mut preempt = self.preempt.clone();
+        let preempted = async move {
+            // (The guard `wait_for` returns is dropped in this statement: the future stays
+            // `Send`.)
+            let preempted = preempt.wait_for(|p| *p).await.is_ok();
+            if !preempted {
+                // The worker is gone without preempting: only the delay ends the wait.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(delay) => true,
+            () = preempted => false,
+        }
+    }
+
+    /// Writes a terminal state, retrying with backoff while Redis is unreachable, for as long
+    /// as the outage lasts: the delivery stays unacked meanwhile (a worker that dies loses
+    /// nothing), while a requeue would generate the job a second time and count against the
+    /// queue's delivery limit. Requeues only when shutdown preempts it.
     async fn write_terminal(&self, job: &JobMessage, terminal: Terminal) -> Disposition {
         let mut delay = Duration::from_millis(100);
-        for _ in 0..8 {
+        loop {
             match self.store.finish(&job.id, &terminal).await {
                 Ok(true) => {
                     tracing::info!(status = terminal.status.as_str(), "job finished");
@@ -328,14 +385,18 @@ impl JobRunner {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot write job result; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    if !self.retry_after(delay).await {
+                        return Disposition::Requeue;
+                    }
+                    delay = (delay * 2).min(MAX_RETRY_DELAY);
                 }
             }
         }
-        Disposition::Requeue
     }
 }
+
+/// The longest pause between two tries of a Redis write during an outage.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 struct WatcherGuard(Vec<tokio::task::JoinHandle<()>>);
 
