@@ -470,8 +470,9 @@ impl Qwen2 {
             )?
             .reshape((b, t, d.heads * d.head_dim));
         }
-        // Scores and softmax in f32 whatever the storage type (as PyTorch's SDPA accumulates):
-        // in bf16 they cost the logits about three significant digits.
+        // Scores and softmax in f32 whatever the storage type, as PyTorch's SDPA accumulates
+        // (measured on the H200: the bf16 logits' cosine to transformers went from 0.99840 to
+        // 0.99866, so bf16 rounding elsewhere dominates what remains).
         let dtype = q.dtype();
         let q = q.to_dtype(DType::F32)?;
         let n_rep = d.heads / d.kv_heads;
