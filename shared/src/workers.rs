@@ -32,6 +32,9 @@ pub struct WorkerInfo {
     pub gpu_memory_used_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_memory_total_bytes: Option<u64>,
+    /// GPU utilisation (0..1) from NVML (CUDA workers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_utilization: Option<f64>,
     /// Build version of the worker binary.
     pub version: String,
     pub started_at: u64,

@@ -586,6 +586,14 @@ impl Backends {
 
     /// Messages ready in a queue (not counting unacked deliveries).
     pub async fn ready_count(&self, queue: &str) -> u32 {
+        self.peek(queue)
+            .await
+            .expect("passive declare")
+            .message_count()
+    }
+
+    /// A queue's counters (passive declare), `None` if it is not there.
+    async fn peek(&self, queue: &str) -> Option<lapin::queue::Queue> {
         self.channel
             .queue_declare(
                 queue.into(),
@@ -596,8 +604,17 @@ impl Backends {
                 FieldTable::default(),
             )
             .await
-            .expect("passive declare")
-            .message_count()
+            .ok()
+    }
+
+    /// Waits until `n` consumers (workers) consume the interactive jobs queue.
+    pub async fn wait_for_consumers(&self, n: usize, timeout: Duration) {
+        let queue = self.ks.jobs_queue();
+        wait_for(&format!("{n} workers consuming"), timeout, || async {
+            let q = self.peek(&queue).await?;
+            (q.consumer_count() as usize == n).then_some(())
+        })
+        .await;
     }
 
     /// Job records of this namespace in Redis.

@@ -61,16 +61,12 @@ async fn metrics_and_the_worker_registry_follow_jobs_and_workers() {
     let key = app.key("acme").await;
 
     // No worker yet: ready to accept jobs, but degraded.
-    let ready: Value = app
-        .http
-        .get(format!("{}/readyz", app.base))
-        .send()
-        .await
-        .expect("readyz")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(ready["status"], "degraded", "{ready}");
+    let (code, ready) = app.readyz().await;
+    assert_eq!(
+        (code, &ready["status"]),
+        (200, &json!("degraded")),
+        "{ready}"
+    );
     assert_eq!(ready["live_workers"], 0);
 
     // Queued while no worker runs: the depth and the age of the oldest job show it.
@@ -150,16 +146,8 @@ async fn metrics_and_the_worker_registry_follow_jobs_and_workers() {
     );
     // Users cannot list workers.
     assert_eq!(app.status_of("/admin/workers", &key).await, 403);
-    let ready: Value = app
-        .http
-        .get(format!("{}/readyz", app.base))
-        .send()
-        .await
-        .expect("readyz")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(ready["status"], "ready", "{ready}");
+    let (code, ready) = app.readyz().await;
+    assert_eq!((code, &ready["status"]), (200, &json!("ready")), "{ready}");
 
     let text = scrape(&app.http, api_port).await;
     assert_eq!(

@@ -177,7 +177,10 @@ async fn assert_nothing_lost_or_duplicated(
             Instant::now() < rolled_back_by,
             "admissions answered 503 were not rolled back: {orphans:?}"
         );
-        eprintln!("waiting for {} admission(s) answered 503 to be rolled back", orphans.len());
+        eprintln!(
+            "waiting for {} admission(s) answered 503 to be rolled back",
+            orphans.len()
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // Refused submits consumed nothing: the tenant's counters hold exactly what the accepted
@@ -201,24 +204,30 @@ fn window(report: &LoadReport, from: Duration, to: Duration) -> BTreeMap<u16, us
     m
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_redis_restart_with_aof_loses_and_duplicates_nothing() {
-    let mut redis = RedisServer::start_with_aof().await;
-    let url = redis.url();
-    let ns = unique_namespace("redis-restart");
-    let app = TestApp::spawn_on(&ns, tiny_model_dir(), &url, AMQP_URL, &NO_IP_LIMITS).await;
+/// An API and two logged worker processes against the given Redis and RabbitMQ, ready, and the
+/// steady load started (one job every 40 ms).
+struct Stage {
+    app: TestApp,
+    key: String,
+    logs: TempDir,
+    _workers: Vec<WorkerProcess>,
+    t0: Instant,
+    load: Load,
+}
+
+async fn stage(ns: &str, redis: &str, amqp: &str) -> Stage {
+    let app = TestApp::spawn_on(ns, tiny_model_dir(), redis, amqp, &NO_IP_LIMITS).await;
     let admin = app.admin_key().await;
     app.set_limits(&admin, "acme", unlimited_tenant()).await;
     let key = app.key("acme").await;
     let logs = TempDir::new("restart-logs");
-    let _workers: Vec<WorkerProcess> = (0..2)
+    let workers: Vec<WorkerProcess> = (0..2)
         .map(|i| {
             let id = format!("w{i}");
-            WorkerProcess::spawn_logged(&ns, tiny_model_dir(), &id, &url, AMQP_URL, logs.path())
+            WorkerProcess::spawn_logged(ns, tiny_model_dir(), &id, redis, amqp, logs.path())
         })
         .collect();
     await_ready(&app, Duration::from_secs(30)).await;
-
     let t0 = Instant::now();
     let load = Load::start(
         app.http.clone(),
@@ -227,6 +236,29 @@ async fn a_redis_restart_with_aof_loses_and_duplicates_nothing() {
         Duration::from_millis(40),
         job_body,
     );
+    Stage {
+        app,
+        key,
+        logs,
+        _workers: workers,
+        t0,
+        load,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restart_with_aof_loses_and_duplicates_nothing() {
+    let mut redis = RedisServer::start_with_aof().await;
+    let url = redis.url();
+    let ns = unique_namespace("redis-restart");
+    let Stage {
+        app,
+        key,
+        logs,
+        _workers,
+        t0,
+        load,
+    } = stage(&ns, &url, AMQP_URL).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // A backlog at the moment Redis dies: jobs running (they finish generating during the
@@ -331,27 +363,14 @@ async fn rabbitmq_restarts_lose_and_duplicate_nothing() {
     let mut node = RabbitNode::start_new().await;
     let amqp = node.url();
     let ns = unique_namespace("rabbit-restart");
-    let app = TestApp::spawn_on(&ns, tiny_model_dir(), REDIS_URL, &amqp, &NO_IP_LIMITS).await;
-    let admin = app.admin_key().await;
-    app.set_limits(&admin, "acme", unlimited_tenant()).await;
-    let key = app.key("acme").await;
-    let logs = TempDir::new("restart-logs");
-    let _workers: Vec<WorkerProcess> = (0..2)
-        .map(|i| {
-            let id = format!("w{i}");
-            WorkerProcess::spawn_logged(&ns, tiny_model_dir(), &id, REDIS_URL, &amqp, logs.path())
-        })
-        .collect();
-    await_ready(&app, Duration::from_secs(30)).await;
-
-    let t0 = Instant::now();
-    let load = Load::start(
-        app.http.clone(),
-        Arc::new(Mutex::new(app.base.clone())),
-        key.clone(),
-        Duration::from_millis(40),
-        job_body,
-    );
+    let Stage {
+        app,
+        key,
+        logs,
+        _workers,
+        t0,
+        load,
+    } = stage(&ns, REDIS_URL, &amqp).await;
     let mut outages = Vec::new();
     for graceful in [true, false] {
         tokio::time::sleep(Duration::from_secs(3)).await;

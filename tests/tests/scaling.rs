@@ -24,26 +24,9 @@ async fn run_with(workers: usize) -> (f64, BTreeMap<String, usize>) {
     let procs: Vec<WorkerProcess> = (0..workers)
         .map(|i| WorkerProcess::spawn(&ns, tiny_model_dir(), &format!("{ns}-w{i}")))
         .collect();
-    wait_for(
-        &format!("{workers} workers consuming"),
-        Duration::from_secs(60),
-        || async {
-            let q = backends
-                .channel
-                .queue_declare(
-                    backends.ks.jobs_queue().into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    lapin::types::FieldTable::default(),
-                )
-                .await
-                .ok()?;
-            (q.consumer_count() as usize == workers).then_some(())
-        },
-    )
-    .await;
+    backends
+        .wait_for_consumers(workers, Duration::from_secs(60))
+        .await;
 
     let started = Instant::now();
     let submits = (0..JOBS).map(|n| {

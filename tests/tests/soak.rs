@@ -34,26 +34,9 @@ async fn a_steady_rate_for_60_s_has_no_5xx_and_bounded_memory() {
         .map(|i| WorkerProcess::spawn(&ns, tiny_model_dir(), &format!("soak-{i}")))
         .collect();
     let backends = Backends::connect(&ns).await;
-    wait_for(
-        "both workers consuming",
-        Duration::from_secs(60),
-        || async {
-            let q = backends
-                .channel
-                .queue_declare(
-                    backends.ks.jobs_queue().into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    lapin::types::FieldTable::default(),
-                )
-                .await
-                .ok()?;
-            (q.consumer_count() == 2).then_some(())
-        },
-    )
-    .await;
+    backends
+        .wait_for_consumers(2, Duration::from_secs(60))
+        .await;
 
     let mut pids: Vec<(String, u32)> = vec![("api".into(), app.pid().expect("api pid"))];
     pids.extend(workers.iter().map(|w| (w.id.clone(), w.child.id())));

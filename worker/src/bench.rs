@@ -82,6 +82,7 @@ pub struct BenchReport {
     /// Device memory in use and in total at the end (CUDA only), as the worker's metrics read it.
     pub gpu_memory_used_bytes: Option<u64>,
     pub gpu_memory_total_bytes: Option<u64>,
+    pub gpu_utilization: Option<f64>,
 }
 
 /// The token ids every run uses (also what `benches/` scripts feed the other implementations).
@@ -234,6 +235,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         kv_bytes_per_sequence as f64 / (1 << 20) as f64,
         args.prompt_tokens + args.steps
     );
+    // Right after the decode loops, so NVML's last sample period saw them.
+    let utilization = crate::metrics::gpu_utilization(&device);
+    if let Some(u) = utilization {
+        println!(
+            "GPU utilisation (NVML, last sample period): {:.0} %",
+            u * 100.0
+        );
+    }
     let memory = crate::metrics::gpu_memory(&device);
     if let Some((used, total)) = memory {
         println!(
@@ -255,6 +264,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         threads: rayon::current_num_threads(),
         gpu_memory_used_bytes: memory.map(|m| m.0),
         gpu_memory_total_bytes: memory.map(|m| m.1),
+        gpu_utilization: utilization,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

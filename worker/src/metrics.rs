@@ -33,6 +33,8 @@ pub struct WorkerMetrics {
     pub info: IntGaugeVec,
     /// Device memory, only on CUDA workers (absent series rather than zeros on CPU).
     pub gpu_memory: Option<(IntGauge, IntGauge)>,
+    /// Busy fraction of the GPU over NVML's last sample period, only on CUDA workers.
+    pub gpu_utilization: Option<Gauge>,
     pub tenants: TenantLabels,
 }
 
@@ -52,7 +54,14 @@ impl WorkerMetrics {
                 ),
             )
         });
+        let gpu_utilization = gpu.then(|| {
+            f.gauge(
+                "sluice_gpu_utilization_ratio",
+                "Fraction of NVML's last sample period in which a kernel ran on the GPU.",
+            )
+        });
         Self {
+            gpu_utilization,
             jobs_started: f.counter(
                 "sluice_jobs_started_total",
                 "Job attempts started (a redelivered job counts again).",
@@ -157,6 +166,37 @@ pub fn gpu_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
 
 #[cfg(not(feature = "cuda"))]
 pub fn gpu_memory(_device: &candle_core::Device) -> Option<(u64, u64)> {
+    None
+}
+
+/// The GPU's utilisation (0..1) from NVML, which the driver provides; the CUDA ordinal is taken
+/// as the NVML index (they agree unless `CUDA_VISIBLE_DEVICES` reorders devices).
+#[cfg(feature = "cuda")]
+pub fn gpu_utilization(device: &candle_core::Device) -> Option<f64> {
+    use std::sync::OnceLock;
+    static NVML: OnceLock<Option<nvml_wrapper::Nvml>> = OnceLock::new();
+    let candle_core::DeviceLocation::Cuda { gpu_id: ordinal } = device.location() else {
+        return None;
+    };
+    let nvml = NVML
+        .get_or_init(|| match nvml_wrapper::Nvml::init() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(error = %e, "NVML unavailable: no GPU utilisation metric");
+                None
+            }
+        })
+        .as_ref()?;
+    let rates = nvml
+        .device_by_index(u32::try_from(ordinal).ok()?)
+        .ok()?
+        .utilization_rates()
+        .ok()?;
+    Some(f64::from(rates.gpu) / 100.0)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn gpu_utilization(_device: &candle_core::Device) -> Option<f64> {
     None
 }
 

@@ -257,6 +257,7 @@ impl Worker {
             kv_usage: 0.0,
             gpu_memory_used_bytes: None,
             gpu_memory_total_bytes: None,
+            gpu_utilization: None,
             version: env!("CARGO_PKG_VERSION").to_string(),
             started_at: sluice_proto::now_ms(),
             last_seen: 0,
@@ -273,6 +274,11 @@ impl Worker {
                     g_used.set(i64::try_from(used).unwrap_or(i64::MAX));
                     g_total.set(i64::try_from(total).unwrap_or(i64::MAX));
                 }
+                let utilization = crate::metrics::gpu_utilization(&device);
+                if let (Some(u), Some(gauge)) = (utilization, &metrics.gpu_utilization) {
+                    gauge.set(u);
+                }
+                info.gpu_utilization = utilization;
                 info.in_flight =
                     u32::try_from(in_flight.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
                 info.kv_usage = metrics.kv_usage.get();
