@@ -593,7 +593,7 @@ impl Backends {
     }
 
     /// A queue's counters (passive declare), `None` if it is not there.
-    async fn peek(&self, queue: &str) -> Option<lapin::queue::Queue> {
+    async fn peek(&self, queue: &str) -> Option<lapin::Queue> {
         self.channel
             .queue_declare(
                 queue.into(),

@@ -61,9 +61,9 @@ async fn metrics_and_the_worker_registry_follow_jobs_and_workers() {
     let key = app.key("acme").await;
 
     // No worker yet: ready to accept jobs, but degraded.
-    let (code, ready) = app.readyz().await;
+    let (http_status, ready) = app.readyz().await;
     assert_eq!(
-        (code, &ready["status"]),
+        (http_status, &ready["status"]),
         (200, &json!("degraded")),
         "{ready}"
     );
@@ -146,8 +146,12 @@ async fn metrics_and_the_worker_registry_follow_jobs_and_workers() {
     );
     // Users cannot list workers.
     assert_eq!(app.status_of("/admin/workers", &key).await, 403);
-    let (code, ready) = app.readyz().await;
-    assert_eq!((code, &ready["status"]), (200, &json!("ready")), "{ready}");
+    let (http_status, ready) = app.readyz().await;
+    assert_eq!(
+        (http_status, &ready["status"]),
+        (200, &json!("ready")),
+        "{ready}"
+    );
 
     let text = scrape(&app.http, api_port).await;
     assert_eq!(
