@@ -71,21 +71,11 @@ impl Application {
         if let Some(listener) = self.metrics_listener {
             let state = self.state.clone();
             let registry = state.metrics.registry.clone();
-            let mut stop = stopping_rx.clone();
-            tokio::spawn(async move {
-                let refresh = move || {
-                    let state = state.clone();
-                    async move { state.metrics.refresh(&state).await }
-                };
-                let stopped = async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                };
-                if let Err(e) =
-                    sluice_shared::metrics::serve(listener, registry, refresh, stopped).await
-                {
-                    tracing::error!(error = %e, "metrics listener failed");
-                }
-            });
+            let refresh = move || {
+                let state = state.clone();
+                async move { state.metrics.refresh(&state).await }
+            };
+            sluice_shared::metrics::spawn(listener, registry, refresh, stopping_rx.clone());
         }
         let server = axum::serve(
             self.listener,

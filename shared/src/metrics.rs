@@ -38,50 +38,46 @@ impl<'r> Families<'r> {
         Self { registry }
     }
 
-    fn register<C: prometheus::core::Collector + Clone + 'static>(&self, c: C) -> C {
-        #[allow(clippy::expect_used)]
+    /// Registers a metric just built; both steps fail only on a malformed or duplicate name.
+    fn register<C: prometheus::core::Collector + Clone + 'static>(
+        &self,
+        built: prometheus::Result<C>,
+    ) -> C {
+        let metric = built.expect("a valid metric name and labels");
         self.registry
-            .register(Box::new(c.clone()))
+            .register(Box::new(metric.clone()))
             .expect("metric names are unique");
-        c
+        metric
     }
 
     pub fn counter(&self, name: &str, help: &str) -> IntCounter {
-        #[allow(clippy::expect_used)]
-        self.register(IntCounter::new(name, help).expect("valid metric"))
+        self.register(IntCounter::new(name, help))
     }
 
     pub fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-        #[allow(clippy::expect_used)]
-        self.register(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        self.register(IntCounterVec::new(Opts::new(name, help), labels))
     }
 
     pub fn gauge(&self, name: &str, help: &str) -> Gauge {
-        #[allow(clippy::expect_used)]
-        self.register(Gauge::new(name, help).expect("valid metric"))
+        self.register(Gauge::new(name, help))
     }
 
     pub fn int_gauge(&self, name: &str, help: &str) -> IntGauge {
-        #[allow(clippy::expect_used)]
-        self.register(IntGauge::new(name, help).expect("valid metric"))
+        self.register(IntGauge::new(name, help))
     }
 
     pub fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
-        #[allow(clippy::expect_used)]
-        self.register(GaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        self.register(GaugeVec::new(Opts::new(name, help), labels))
     }
 
     pub fn int_gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-        #[allow(clippy::expect_used)]
-        self.register(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        self.register(IntGaugeVec::new(Opts::new(name, help), labels))
     }
 
     pub fn histogram(&self, name: &str, help: &str, buckets: &[f64]) -> Histogram {
-        #[allow(clippy::expect_used)]
-        self.register(
-            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
-                .expect("valid metric"),
-        )
+        self.register(Histogram::with_opts(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        ))
     }
 
     pub fn histogram_vec(
@@ -91,14 +87,10 @@ impl<'r> Families<'r> {
         labels: &[&str],
         buckets: &[f64],
     ) -> HistogramVec {
-        #[allow(clippy::expect_used)]
-        self.register(
-            HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                labels,
-            )
-            .expect("valid metric"),
-        )
+        self.register(HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+            labels,
+        ))
     }
 }
 
@@ -147,14 +139,15 @@ pub fn render(registry: &Registry) -> String {
     String::from_utf8(buf).unwrap_or_default()
 }
 
-/// Serves `GET /metrics` on `addr` until `shutdown` completes. `refresh` runs before each
-/// scrape (for gauges read from Redis at scrape time); then the registry is rendered.
-pub async fn serve<F, Fut>(
+/// Serves `GET /metrics` on `listener` in a task of its own until `stop` turns true.
+/// `refresh` runs before each scrape (for gauges read from Redis at scrape time); then the
+/// registry is rendered.
+pub fn spawn<F, Fut>(
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
     refresh: F,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()>
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()>
 where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send,
@@ -174,9 +167,17 @@ where
             }
         }),
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            tracing::error!(error = %e, "metrics listener failed");
+        }
+    })
 }
 
 #[cfg(test)]

@@ -137,17 +137,7 @@ impl Worker {
         });
         if let Some(listener) = self.metrics_listener.take() {
             let registry = self.runner.metrics.registry.clone();
-            let mut stop = stop_rx.clone();
-            tokio::spawn(async move {
-                let stopped = async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                };
-                if let Err(e) =
-                    sluice_shared::metrics::serve(listener, registry, || async {}, stopped).await
-                {
-                    tracing::error!(error = %e, "metrics listener failed");
-                }
-            });
+            sluice_shared::metrics::spawn(listener, registry, || async {}, stop_rx.clone());
         }
         let heartbeat = tokio::spawn(self.heartbeat());
         let mut in_flight: JoinSet<()> = JoinSet::new();
