@@ -118,28 +118,9 @@ impl JobRunner {
         if let Err(error) = job.params.validate(self.max_tokens_limit) {
             return self.write_terminal(&job, failed(error)).await;
         }
-        let attempt = match self
-            .store
-            .start(&job.id, self.max_attempts, &self.worker_id)
-            .await
-        {
-            Ok(StartOutcome::Run { attempt }) => attempt,
-            Ok(StartOutcome::Skip(status)) => {
-                tracing::info!(status = status.as_str(), "job not run: already terminal");
-                return Disposition::Ack;
-            }
-            Ok(StartOutcome::Missing) => {
-                tracing::info!("job not run: no record (expired or rolled back)");
-                return Disposition::Ack;
-            }
-            Err(e) => {
-                // Redis is unreachable: keep the delivery and retry (see `start_when_reachable`).
-                tracing::warn!(error = %e, "cannot start job; retrying");
-                match self.start_when_reachable(&job).await {
-                    Ok(attempt) => attempt,
-                    Err(disposition) => return disposition,
-                }
-            }
+        let attempt = match self.start(&job).await {
+            Ok(attempt) => attempt,
+            Err(disposition) => return disposition,
         };
         tracing::info!(attempt, "job started");
         let started_ms = sluice_proto::now_ms();
@@ -313,19 +294,16 @@ impl JobRunner {
         WatcherGuard(vec![cancel_task, preempt_task])
     }
 
-    /// Retries `START` while Redis is unreachable, holding the delivery, for as long as the
-    /// outage lasts. Requeueing instead would hand the job straight back (to this worker or
-    /// another, whose `START` fails the same way), and every requeue counts against the quorum
-    /// queue's `x-delivery-limit`: within seconds of a Redis outage the job would be
-    /// dead-lettered, accepted but never run. The unacked delivery is safe: if this worker
-    /// dies, the broker redelivers it. Gives it back only when shutdown preempts.
-    async fn start_when_reachable(&self, job: &JobMessage) -> Result<u32, Disposition> {
+    /// Runs `START`: the job's attempt number if it is to run, else what to do with the
+    /// delivery. While Redis is unreachable it retries with backoff, holding the delivery, for
+    /// as long as the outage lasts. Requeueing instead would hand the job straight back (to
+    /// this worker or another, whose `START` fails the same way), and every requeue counts
+    /// against the quorum queue's `x-delivery-limit`: within seconds of a Redis outage the job
+    /// would be dead-lettered, accepted but never run. The unacked delivery is safe: if this
+    /// worker dies, the broker redelivers it. Gives it back only when shutdown preempts.
+    async fn start(&self, job: &JobMessage) -> Result<u32, Disposition> {
         let mut delay = Duration::from_millis(100);
         loop {
-            if !self.retry_after(delay).await {
-                return Err(Disposition::Requeue);
-            }
-            delay = (delay * 2).min(MAX_RETRY_DELAY);
             match self
                 .store
                 .start(&job.id, self.max_attempts, &self.worker_id)
@@ -342,6 +320,10 @@ impl JobRunner {
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot start job; retrying"),
             }
+            if !self.retry_after(delay).await {
+                return Err(Disposition::Requeue);
+            }
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
         }
     }
 
