@@ -112,8 +112,8 @@ impl Drop for Telemetry {
 }
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default `info` filter. With an
-/// [`OtelConfig`], spans are also exported over OTLP/HTTP and the W3C trace-context propagator
-/// is installed. Calling it twice is harmless (the second call does nothing), which keeps tests
+/// [`OtelConfig`], spans are also exported over OTLP/HTTP (W3C trace context crosses processes
+/// through [`set_remote_parent`] and [`traceparent_of`]). Calling it twice is harmless (the second call does nothing), which keeps tests
 /// simple.
 pub fn init(format: LogFormat, otel: Option<OtelConfig>) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -126,7 +126,6 @@ pub fn init(format: LogFormat, otel: Option<OtelConfig>) -> Telemetry {
     });
     // Spans are exported at `info` whatever `RUST_LOG` says: it filters the logs only.
     let otel_layer = provider.as_ref().map(|p| {
-        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("sluice"))
             .with_filter(LevelFilter::INFO)

@@ -92,14 +92,18 @@ pub async fn cancel(
 /// the caller's trace, see [`crate::metrics::track`]); otherwise it continues the caller's W3C
 /// trace id when it sent a valid `traceparent`, else starts one.
 pub fn trace_context(headers: &HeaderMap) -> TraceContext {
+    // The caller's vendor trace state, passed on as it came (bounded).
+    let tracestate = || {
+        headers
+            .get("tracestate")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= 512)
+            .map(str::to_string)
+    };
     if let Some(traceparent) = sluice_shared::telemetry::traceparent_of(&tracing::Span::current()) {
         return TraceContext {
             traceparent: Some(traceparent),
-            tracestate: headers
-                .get("tracestate")
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| v.len() <= 512)
-                .map(str::to_string),
+            tracestate: tracestate(),
         };
     }
     let incoming = headers
@@ -113,11 +117,7 @@ pub fn trace_context(headers: &HeaderMap) -> TraceContext {
     let span_id = hex::encode(rand::random::<[u8; 8]>());
     TraceContext {
         traceparent: Some(format!("00-{trace_id}-{span_id}-01")),
-        tracestate: incoming
-            .and(headers.get("tracestate"))
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| v.len() <= 512)
-            .map(str::to_string),
+        tracestate: incoming.and_then(|_| tracestate()),
     }
 }
 
