@@ -99,7 +99,7 @@ impl Keyspace {
         format!("{}:worker:{id}", self.ns)
     }
 
-    /// Sorted set: worker ids scored by their last heartbeat (ms), for listing.
+    /// Set: the ids of workers that have written a heartbeat (pruned as their keys expire).
     pub fn workers(&self) -> String {
         format!("{}:workers", self.ns)
     }
@@ -121,13 +121,9 @@ impl Keyspace {
         format!("{}.jobs", self.ns)
     }
 
-    /// The quorum queue of interactive jobs, and its routing key.
+    /// The quorum queue of interactive jobs.
     pub fn jobs_queue(&self) -> String {
         self.jobs_queue_for(Priority::Interactive)
-    }
-
-    pub fn jobs_routing_key(&self) -> &'static str {
-        Priority::Interactive.as_str()
     }
 
     /// The quorum queue of one class (`{ns}.jobs.interactive`, `{ns}.jobs.batch`); its routing

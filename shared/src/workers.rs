@@ -3,7 +3,7 @@
 //! workers" on `/readyz`.
 //!
 //! A heartbeat is a JSON string at [`Keyspace::worker`] that expires after its TTL, plus the
-//! worker's id in the [`Keyspace::workers`] sorted set scored by time. A worker that dies stops
+//! worker's id in the [`Keyspace::workers`] set, to find the keys without scanning. A worker that dies stops
 //! heartbeating and drops out of the list when its key expires; one that stops cleanly removes
 //! itself at once.
 
@@ -68,7 +68,7 @@ impl WorkerRegistry {
             .arg("EX")
             .arg(ttl_secs.max(1))
             .ignore()
-            .zadd(self.ks.workers(), &info.id, info.last_seen)
+            .sadd(self.ks.workers(), &info.id)
             .ignore()
             .query_async::<()>(&mut conn)
             .await?;
@@ -82,7 +82,7 @@ impl WorkerRegistry {
             .atomic()
             .del(self.ks.worker(id))
             .ignore()
-            .zrem(self.ks.workers(), id)
+            .srem(self.ks.workers(), id)
             .ignore()
             .query_async::<()>(&mut conn)
             .await?;
@@ -93,10 +93,8 @@ impl WorkerRegistry {
     /// are pruned from the set on the way.
     pub async fn live(&self) -> Result<Vec<WorkerInfo>, StoreError> {
         let mut conn = self.pool.get().await?;
-        let ids: Vec<String> = redis::cmd("ZRANGE")
+        let ids: Vec<String> = redis::cmd("SMEMBERS")
             .arg(self.ks.workers())
-            .arg(0)
-            .arg(-1)
             .query_async(&mut conn)
             .await?;
         if ids.is_empty() {
@@ -114,7 +112,7 @@ impl WorkerRegistry {
             }
         }
         if !gone.is_empty() {
-            let _: Result<(), _> = redis::cmd("ZREM")
+            let _: Result<(), _> = redis::cmd("SREM")
                 .arg(self.ks.workers())
                 .arg(&gone)
                 .query_async(&mut conn)

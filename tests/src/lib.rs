@@ -653,7 +653,8 @@ impl Backends {
         self.channel
             .basic_publish(
                 self.ks.jobs_exchange().into(),
-                self.ks.jobs_routing_key().into(),
+                // Routing key = the class: an interactive job.
+                sluice_proto::Priority::Interactive.as_str().into(),
                 BasicPublishOptions::default(),
                 payload,
                 lapin::BasicProperties::default().with_delivery_mode(2),
