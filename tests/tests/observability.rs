@@ -33,6 +33,19 @@ async fn scrape(http: &reqwest::Client, port: u16) -> String {
     r.text().await.expect("metrics body")
 }
 
+/// `GET /admin/workers` as JSON (`None` if it did not answer with JSON).
+async fn admin_workers(app: &TestApp, admin: &str) -> Option<Value> {
+    app.http
+        .get(format!("{}/admin/workers", app.base))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
 /// The value of one sample (`name{labels} value`), matching the whole series text.
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| {
@@ -117,23 +130,14 @@ async fn metrics_and_the_worker_registry_follow_jobs_and_workers() {
     let code = body["error"]["code"].as_str().expect("code").to_string();
 
     // The registry lists the worker; readyz is ready.
-    let workers: Value = wait_for("the worker's heartbeat", Duration::from_secs(10), || {
-        let app = &app;
-        let admin = admin.clone();
-        async move {
-            let v: Value = app
-                .http
-                .get(format!("{}/admin/workers", app.base))
-                .bearer_auth(&admin)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+    let workers: Value = wait_for(
+        "the worker's heartbeat",
+        Duration::from_secs(10),
+        || async {
+            let v = admin_workers(&app, &admin).await?;
             (v["workers"].as_array()?.len() == 1).then_some(v)
-        }
-    })
+        },
+    )
     .await;
     let w = &workers["workers"][0];
     assert_eq!(w["id"], "obs-worker-1", "{workers}");
@@ -237,17 +241,16 @@ async fn metrics_and_the_worker_registry_follow_jobs_and_workers() {
 
     // A worker that stops leaves the registry at once; readyz is degraded again.
     worker.stop().await;
-    let v: Value = app
-        .http
-        .get(format!("{}/admin/workers", app.base))
-        .bearer_auth(&admin)
-        .send()
+    let v = admin_workers(&app, &admin)
         .await
-        .expect("workers")
-        .json()
-        .await
-        .expect("json");
+        .expect("GET /admin/workers");
     assert_eq!(v["workers"], json!([]), "{v}");
+    let (http_status, ready) = app.readyz().await;
+    assert_eq!(
+        (http_status, &ready["status"]),
+        (200, &json!("degraded")),
+        "{ready}"
+    );
     backends.cleanup().await;
 }
 
