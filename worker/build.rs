@@ -22,9 +22,7 @@ fn main() {
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
     let cap: String = cap.chars().filter(char::is_ascii_digit).collect();
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    // One kernel file so far; more would loop here.
-    {
-        let kernel = "paged_attention";
+    for kernel in ["paged_attention", "fused"] {
         let src = format!("src/kernels/{kernel}.cu");
         let ptx = out.join(format!("{kernel}.ptx"));
         let status = Command::new(&nvcc)

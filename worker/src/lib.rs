@@ -19,6 +19,7 @@
 pub mod bench;
 pub mod consumer;
 pub mod engine;
+pub mod fused;
 pub mod generate;
 pub mod kv;
 pub mod leak;

@@ -123,6 +123,26 @@ impl Q8Matrix {
         Ok(Self { n, k, blocks })
     }
 
+    /// The rows of several matrices with the same inputs, one after another: one matmul then
+    /// computes all their outputs, concatenated (Qwen's q, k and v projections, say).
+    pub fn stack(parts: &[&Q8Matrix]) -> Result<Self, QmmError> {
+        let k = parts.first().map_or(0, |p| p.k);
+        if let Some(p) = parts.iter().find(|p| p.k != k) {
+            return Err(QmmError::Shape(format!(
+                "stacking a {}-input matrix onto {k}-input ones",
+                p.k
+            )));
+        }
+        Ok(Self {
+            n: parts.iter().map(|p| p.n).sum(),
+            k,
+            blocks: parts
+                .iter()
+                .flat_map(|p| p.blocks.iter().copied())
+                .collect(),
+        })
+    }
+
     pub fn rows(&self) -> usize {
         self.n
     }
@@ -337,6 +357,38 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_stacked_matrix_computes_its_parts_outputs_side_by_side() {
+        let mut seed = 7;
+        let k = 64;
+        let parts: Vec<Q8Matrix> = [5, 3, 3]
+            .iter()
+            .map(|&n| {
+                let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+                Q8Matrix::quantize(&w, n, k).expect("quantize")
+            })
+            .collect();
+        let stacked = Q8Matrix::stack(&parts.iter().collect::<Vec<_>>()).expect("stack");
+        assert_eq!((stacked.rows(), stacked.cols()), (11, k));
+        let m = 3;
+        let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+        let got = stacked.matmul(&x, m).expect("matmul");
+        let each: Vec<Vec<f32>> = parts
+            .iter()
+            .map(|p| p.matmul(&x, m).expect("part"))
+            .collect();
+        for r in 0..m {
+            let want: Vec<f32> = each
+                .iter()
+                .zip(&parts)
+                .flat_map(|(out, p)| out[r * p.rows()..(r + 1) * p.rows()].iter().copied())
+                .collect();
+            assert_eq!(&got[r * 11..(r + 1) * 11], want.as_slice(), "row {r}");
+        }
+        let other = Q8Matrix::quantize(&vec![0.5; 2 * 32], 2, 32).expect("quantize");
+        assert!(Q8Matrix::stack(&[&parts[0], &other]).is_err());
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! position.
 //!
 //! Weights come from a GGUF file (candle's quantized matmuls) or safetensors (dense); the
-//! arithmetic is the same as the reference implementations, which the tests check.
+//! arithmetic is the same as the reference implementations, which the tests check. Projections
+//! of the same input are stacked into one matmul where the weights allow (q/k/v, gate/up), and
+//! the small steps between matmuls run as one kernel each on CUDA ([`crate::fused`]).
 //!
 //! Keys and values live in a paged pool ([`crate::kv`]). On a GPU, attention for the whole
 //! batch is one gather, one masked batched matmul pair and one softmax per layer (sequences
@@ -20,7 +22,9 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Embedding, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
+
+use crate::fused::{self, Norm};
 
 use crate::kv::{KvPool, StepRows};
 use crate::qmm::Q8Matrix;
@@ -78,6 +82,35 @@ impl Proj {
         }
     }
 
+    /// One projection computing all of `parts`' outputs side by side, where their weights
+    /// can be stacked (dense, or Sluice's 8-bit kernel); `None` for candle's quantized tensors
+    /// (a GGUF file's q, k and v often differ in type).
+    fn stack(parts: &[&Proj]) -> Result<Option<Self>> {
+        if let Some(dense) = parts
+            .iter()
+            .map(|p| match p {
+                Proj::Dense(l) if l.bias().is_none() => Some(l.weight()),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+        {
+            let w = Tensor::cat(&dense, 0)?;
+            return Ok(Some(Proj::Dense(candle_nn::Linear::new(w, None))));
+        }
+        if let Some(q8) = parts
+            .iter()
+            .map(|p| match p {
+                Proj::Q8(q) => Some(&**q),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+        {
+            let q = Q8Matrix::stack(&q8).map_err(candle_core::Error::wrap)?;
+            return Ok(Some(Proj::Q8(Arc::new(q))));
+        }
+        Ok(None)
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Proj::Q8(q) => {
@@ -101,20 +134,57 @@ impl Proj {
     }
 }
 
+/// Projections of the same input whose outputs are used side by side (q, k, v; gate, up):
+/// one matmul where the weights stack ([`Proj::stack`]), else one each and a concatenation.
+#[derive(Debug, Clone)]
+enum Stacked {
+    One(Proj),
+    Each(Vec<Proj>),
+}
+
+impl Stacked {
+    fn new(parts: Vec<Proj>) -> Result<Self> {
+        Ok(match Proj::stack(&parts.iter().collect::<Vec<_>>())? {
+            Some(one) => Stacked::One(one),
+            None => Stacked::Each(parts),
+        })
+    }
+
+    /// On Sluice's 8-bit kernel, stacked (candle's quantized tensors become stackable).
+    fn to_q8(&self) -> Result<Self> {
+        match self {
+            Stacked::One(p) => Ok(Stacked::One(p.to_q8()?)),
+            Stacked::Each(parts) => {
+                Stacked::new(parts.iter().map(Proj::to_q8).collect::<Result<Vec<_>>>()?)
+            }
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Stacked::One(p) => p.forward(x),
+            Stacked::Each(parts) => {
+                let outs = parts
+                    .iter()
+                    .map(|p| p.forward(x))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&outs, candle_core::D::Minus1)
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Layer {
-    q: Proj,
-    k: Proj,
-    v: Proj,
-    bq: Tensor,
-    bk: Tensor,
-    bv: Tensor,
+    /// q, k and v, in that order, and their biases concatenated.
+    qkv: Stacked,
+    qkv_bias: Tensor,
     o: Proj,
-    gate: Proj,
-    up: Proj,
+    /// gate, then up.
+    gate_up: Stacked,
     down: Proj,
-    attn_norm: RmsNorm,
-    ffn_norm: RmsNorm,
+    attn_norm: Norm,
+    ffn_norm: Norm,
 }
 
 /// The shapes of a model.
@@ -139,7 +209,7 @@ impl Dims {
 pub struct Qwen2 {
     embed: Embedding,
     layers: Vec<Layer>,
-    norm: RmsNorm,
+    norm: Norm,
     lm_head: Proj,
     cos: Tensor,
     sin: Tensor,
@@ -204,7 +274,7 @@ impl Qwen2 {
         let head_dim = hidden / heads;
         let mut t = |name: &str| content.tensor(reader, name, device);
         let embed = t("token_embd.weight")?.dequantize(device)?;
-        let norm = RmsNorm::new(t("output_norm.weight")?.dequantize(device)?, eps);
+        let norm = Norm::new(t("output_norm.weight")?.dequantize(device)?, eps);
         let lm_head = match t("output.weight") {
             Ok(w) => Proj::from_qtensor(w, device)?,
             Err(_) => Proj::from_qtensor(t("token_embd.weight")?, device)?,
@@ -218,19 +288,22 @@ impl Qwen2 {
             let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
             let (gate, up, down) = (q("ffn_gate")?, q("ffn_up")?, q("ffn_down")?);
             let mut dense = |n: &str| t(&format!("{p}.{n}"))?.dequantize(device);
+            let qkv_bias = Tensor::cat(
+                &[
+                    dense("attn_q.bias")?,
+                    dense("attn_k.bias")?,
+                    dense("attn_v.bias")?,
+                ],
+                0,
+            )?;
             layers.push(Layer {
-                q: wq,
-                k: wk,
-                v: wv,
-                bq: dense("attn_q.bias")?,
-                bk: dense("attn_k.bias")?,
-                bv: dense("attn_v.bias")?,
+                qkv: Stacked::new(vec![wq, wk, wv])?,
+                qkv_bias,
                 o: wo,
-                gate,
-                up,
+                gate_up: Stacked::new(vec![gate, up])?,
                 down,
-                attn_norm: RmsNorm::new(dense("attn_norm.weight")?, eps),
-                ffn_norm: RmsNorm::new(dense("ffn_norm.weight")?, eps),
+                attn_norm: Norm::new(dense("attn_norm.weight")?, eps),
+                ffn_norm: Norm::new(dense("ffn_norm.weight")?, eps),
             });
         }
         let (cos, sin) = rope_tables(head_dim, theta, context, DType::F32, device)?;
@@ -275,26 +348,35 @@ impl Qwen2 {
                 Ok(Proj::Dense(candle_nn::linear_no_bias(i, o, vb)?))
             };
             let (qo, kvo) = (heads * head_dim, kv_heads * head_dim);
+            let norm = |vb: VarBuilder| -> Result<Norm> {
+                Ok(Norm::new(vb.get(hidden, "weight")?, cfg.rms_norm_eps))
+            };
+            let qkv_bias = Tensor::cat(
+                &[
+                    a.pp("q_proj").get(qo, "bias")?,
+                    a.pp("k_proj").get(kvo, "bias")?,
+                    a.pp("v_proj").get(kvo, "bias")?,
+                ],
+                0,
+            )?;
             layers.push(Layer {
-                q: lin(a.pp("q_proj"), hidden, qo)?,
-                k: lin(a.pp("k_proj"), hidden, kvo)?,
-                v: lin(a.pp("v_proj"), hidden, kvo)?,
-                bq: a.pp("q_proj").get(qo, "bias")?,
-                bk: a.pp("k_proj").get(kvo, "bias")?,
-                bv: a.pp("v_proj").get(kvo, "bias")?,
+                qkv: Stacked::new(vec![
+                    lin(a.pp("q_proj"), hidden, qo)?,
+                    lin(a.pp("k_proj"), hidden, kvo)?,
+                    lin(a.pp("v_proj"), hidden, kvo)?,
+                ])?,
+                qkv_bias,
                 o: lin(a.pp("o_proj"), qo, hidden)?,
-                gate: lin(m.pp("gate_proj"), hidden, cfg.intermediate_size)?,
-                up: lin(m.pp("up_proj"), hidden, cfg.intermediate_size)?,
+                gate_up: Stacked::new(vec![
+                    lin(m.pp("gate_proj"), hidden, cfg.intermediate_size)?,
+                    lin(m.pp("up_proj"), hidden, cfg.intermediate_size)?,
+                ])?,
                 down: lin(m.pp("down_proj"), cfg.intermediate_size, hidden)?,
-                attn_norm: candle_nn::rms_norm(hidden, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
-                ffn_norm: candle_nn::rms_norm(
-                    hidden,
-                    cfg.rms_norm_eps,
-                    l.pp("post_attention_layernorm"),
-                )?,
+                attn_norm: norm(l.pp("input_layernorm"))?,
+                ffn_norm: norm(l.pp("post_attention_layernorm"))?,
             });
         }
-        let norm = candle_nn::rms_norm(hidden, cfg.rms_norm_eps, vm.pp("norm"))?;
+        let norm = Norm::new(vm.pp("norm").get(hidden, "weight")?, cfg.rms_norm_eps);
         let lm_head = if vb.contains_tensor("lm_head.weight") {
             Proj::Dense(candle_nn::linear_no_bias(
                 hidden,
@@ -352,12 +434,9 @@ impl Qwen2 {
             .iter()
             .map(|l| {
                 Ok(Layer {
-                    q: l.q.to_q8()?,
-                    k: l.k.to_q8()?,
-                    v: l.v.to_q8()?,
+                    qkv: l.qkv.to_q8()?,
                     o: l.o.to_q8()?,
-                    gate: l.gate.to_q8()?,
-                    up: l.up.to_q8()?,
+                    gate_up: l.gate_up.to_q8()?,
                     down: l.down.to_q8()?,
                     ..l.clone()
                 })
@@ -433,17 +512,9 @@ impl Qwen2 {
         }
         let positions: Vec<u32> = caches.iter().map(|c| c.len() as u32).collect();
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
-        let b = tokens.len();
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(1)?;
-        let half = self.dims.head_dim / 2;
-        let cos = self
-            .cos
-            .index_select(&positions, 0)?
-            .reshape((b, 1, half))?;
-        let sin = self
-            .sin
-            .index_select(&positions, 0)?
-            .reshape((b, 1, half))?;
+        let cos = self.cos.index_select(&positions, 0)?;
+        let sin = self.sin.index_select(&positions, 0)?;
         let logits = self.run(&input, &cos, &sin, caches)?;
         logits.squeeze(1)?.to_dtype(DType::F32)
     }
@@ -505,7 +576,8 @@ impl Qwen2 {
             .to_dtype(dtype)
     }
 
-    /// `input` is `(batch, t)`; `t > 1` only with a batch of one (prefill).
+    /// `input` is `(batch, t)`; `t > 1` only with a batch of one (prefill). `cos` and `sin`
+    /// are the rotary tables of the `batch · t` rows.
     fn run(
         &self,
         input: &Tensor,
@@ -534,22 +606,21 @@ impl Qwen2 {
                 .collect::<Result<Vec<_>>>()?,
         };
         let mut x = self.embed.forward(input)?;
+        // `h` is always the normed `x`: each residual add is fused with the next norm.
+        let mut h = match self.layers.first() {
+            Some(first) => first.attn_norm.forward(&x)?,
+            None => self.norm.forward(&x)?,
+        };
         for (li, layer) in self.layers.iter().enumerate() {
-            let residual = &x;
-            let h = layer.attn_norm.forward(&x)?;
-            let heads = |p: &Proj, bias: &Tensor, n: usize| -> Result<Tensor> {
-                p.forward(&h)?
-                    .broadcast_add(bias)?
-                    .reshape((b, t, n, d.head_dim))
-            };
-            let q =
-                candle_nn::rotary_emb::rope_thd(&heads(&layer.q, &layer.bq, d.heads)?, cos, sin)?;
-            let k = candle_nn::rotary_emb::rope_thd(
-                &heads(&layer.k, &layer.bk, d.kv_heads)?,
+            let (q, k, v) = fused::qkv_rope(
+                &layer.qkv.forward(&h)?,
+                &layer.qkv_bias,
                 cos,
                 sin,
+                d.heads,
+                d.kv_heads,
+                d.head_dim,
             )?;
-            let v = heads(&layer.v, &layer.bv, d.kv_heads)?.contiguous()?;
             let y = if let [rows] = rows.as_slice() {
                 pool.k[li].scatter_set(&rows.write, &k.reshape((b * t, width))?, 0)?;
                 pool.v[li].scatter_set(&rows.write, &v.reshape((b * t, width))?, 0)?;
@@ -564,20 +635,18 @@ impl Qwen2 {
                 }
                 Tensor::cat(&ys, 0)?
             };
-            let x1 = (layer.o.forward(&y)? + residual)?;
-            let h = layer.ffn_norm.forward(&x1)?;
-            let mlp = layer.down.forward(
-                &(candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?,
-            )?;
-            x = (mlp + x1)?;
+            let (x1, h1) = fused::add_rms_norm(&x, &layer.o.forward(&y)?, &layer.ffn_norm)?;
+            let mlp = layer
+                .down
+                .forward(&fused::silu_mul(&layer.gate_up.forward(&h1)?)?)?;
+            let next = self.layers.get(li + 1).map_or(&self.norm, |l| &l.attn_norm);
+            (x, h) = fused::add_rms_norm(&x1, &mlp, next)?;
         }
         for cache in caches.iter_mut() {
             cache.advance(t);
         }
         // Only the last position's logits are needed.
-        let x = self.norm.forward(&x.narrow(1, t - 1, 1)?)?;
-        let logits = self.lm_head.forward(&x)?;
-        Ok(logits)
+        self.lm_head.forward(&h.narrow(1, t - 1, 1)?)
     }
 }
 
@@ -638,6 +707,66 @@ mod tests {
             .expect("argmax")
             .to_scalar::<u32>()
             .expect("u32")
+    }
+
+    #[test]
+    fn stacked_projections_compute_their_parts_side_by_side() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 3, 64), &dev).expect("x");
+        let weights: Vec<Tensor> = [32, 16, 16]
+            .iter()
+            .map(|&n| Tensor::randn(0f32, 1., (n, 64), &dev).expect("w"))
+            .collect();
+        let cat_of = |parts: &[Proj]| -> Tensor {
+            let outs: Vec<Tensor> = parts.iter().map(|p| p.forward(&x).expect("part")).collect();
+            Tensor::cat(&outs, 2).expect("cat")
+        };
+        // Dense weights stack into one matmul.
+        let dense: Vec<Proj> = weights
+            .iter()
+            .map(|w| Proj::Dense(candle_nn::Linear::new(w.clone(), None)))
+            .collect();
+        let one = Stacked::new(dense.clone()).expect("stack");
+        assert!(matches!(one, Stacked::One(_)));
+        let diff = max_abs(
+            &(one.forward(&x).expect("one") - cat_of(&dense))
+                .expect("sub")
+                .flatten_all()
+                .expect("flat"),
+        );
+        assert!(diff < 1e-4, "stacked dense differs by {diff}");
+        // candle's quantized tensors stay separate; the outputs are concatenated, and the 8-bit
+        // copy stacks them.
+        let quant: Vec<Proj> = weights
+            .iter()
+            .map(|w| {
+                Proj::Quant(
+                    QMatMul::from_qtensor(QTensor::quantize(w, GgmlDType::Q8_0).expect("quantize"))
+                        .expect("qmatmul"),
+                )
+            })
+            .collect();
+        let each = Stacked::new(quant.clone()).expect("each");
+        assert!(matches!(each, Stacked::Each(_)));
+        let got = each.forward(&x).expect("each");
+        assert_eq!(got.dims(), &[2, 3, 64]);
+        assert_eq!(
+            got.flatten_all().expect("f").to_vec1::<f32>().expect("v"),
+            cat_of(&quant)
+                .flatten_all()
+                .expect("f")
+                .to_vec1::<f32>()
+                .expect("v")
+        );
+        let q8 = each.to_q8().expect("q8");
+        assert!(matches!(q8, Stacked::One(Proj::Q8(_))));
+        let q8_out = q8.forward(&x).expect("q8");
+        let scale = max_abs(&got.flatten_all().expect("f"));
+        let diff = max_abs(&(q8_out - &got).expect("sub").flatten_all().expect("flat"));
+        assert!(
+            diff < 0.05 * scale,
+            "8-bit stack differs by {diff} (scale {scale})"
+        );
     }
 
     #[test]
