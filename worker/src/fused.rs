@@ -5,7 +5,9 @@
 //!   split into three contiguous tensors (candle: a bias add, three copies, two rope kernels);
 //! - [`silu_mul`]: `silu(gate) · up` from the stacked gate/up projection (candle: two copies,
 //!   silu, mul);
-//! - [`add_rms_norm`]: the residual add and the next RMS norm (candle: add, norm).
+//! - [`add_rms_norm`]: the residual add and the next RMS norm (candle: add, norm);
+//! - [`linear`]: a bf16 projection of a single-stream decode step as a matrix-vector kernel
+//!   that streams the weights (candle: cuBLAS).
 //!
 //! A single-token decode step of a 7B model on an H100/H200 is bound by kernel launches as
 //! much as by weight reads (about 110 µs of weight traffic per layer against some twenty
@@ -58,7 +60,7 @@ pub fn qkv_rope(
     head_dim: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, t, width) = all.dims3()?;
-    if width != (heads + 2 * kv_heads) * head_dim || head_dim % 2 != 0 {
+    if width != (heads + 2 * kv_heads) * head_dim || !head_dim.is_multiple_of(2) {
         candle_core::bail!("qkv_rope: width {width} for {heads}+2x{kv_heads} heads of {head_dim}");
     }
     let (qw, kw) = (heads * head_dim, kv_heads * head_dim);
@@ -108,6 +110,42 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     candle_nn::ops::silu(&gate_up.narrow(D::Minus1, 0, i)?)? * gate_up.narrow(D::Minus1, i, i)?
 }
 
+/// `x · Wᵀ` of a dense projection without bias. On CUDA in bf16 with at most
+/// [`GEMV_MAX_ROWS`] rows (a single-stream decode step), Sluice's matrix-vector kernel;
+/// otherwise candle's (cuBLAS) matmul.
+/// `SLUICE_CUDA_GEMV=off` keeps cuBLAS throughout (for side-by-side measurements).
+pub fn linear(x: &Tensor, l: &candle_nn::Linear) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if l.bias().is_none()
+        && x.dtype() == DType::BF16
+        && *cuda::GEMV_ENABLED
+        && on_gpu(x.device(), x.dtype())
+    {
+        let w = l.weight();
+        let (n, k) = w.dims2()?;
+        let mut dims = x.dims().to_vec();
+        let rows = x.elem_count() / k.max(1);
+        let aligned = |t: &Tensor| t.is_contiguous() && t.layout().start_offset() % 8 == 0;
+        if dims.last() == Some(&k)
+            && k % 8 == 0
+            && (1..=GEMV_MAX_ROWS).contains(&rows)
+            && aligned(x)
+            && aligned(w)
+        {
+            let y = cuda::gemv(x, w, rows, n, k)?;
+            if let Some(last) = dims.last_mut() {
+                *last = n;
+            }
+            return y.reshape(dims);
+        }
+    }
+    candle_core::Module::forward(l, x)
+}
+
+/// The most rows (sequences in a decode step) the CUDA matrix-vector kernel takes: one. At
+/// eight rows it measured at half cuBLAS's throughput (`src/kernels/fused.cu`).
+pub const GEMV_MAX_ROWS: usize = 1;
+
 /// The residual sum `x + y` and its RMS norm, both shaped as `x`.
 pub fn add_rms_norm(x: &Tensor, y: &Tensor, norm: &Norm) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
@@ -146,6 +184,9 @@ mod cuda {
     pub static ENABLED: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
         std::env::var("SLUICE_CUDA_FUSION").map_or(true, |v| v != "off")
     });
+
+    pub static GEMV_ENABLED: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| std::env::var("SLUICE_CUDA_GEMV").map_or(true, |v| v != "off"));
 
     fn view<'a, T: CudaDType + DeviceRepr>(
         s: &'a CudaStorage,
@@ -310,6 +351,81 @@ mod cuda {
                 }
                 other => candle_core::bail!("qkv_rope: unsupported dtype {other:?}"),
             }
+        }
+    }
+
+    // ---- gemv ----
+
+    struct Gemv {
+        rows: usize,
+        n: usize,
+        k: usize,
+    }
+
+    /// Warps (output features) per block of the matrix-vector kernel.
+    const GEMV_WARPS: usize = 8;
+
+    pub fn gemv(x: &Tensor, w: &Tensor, rows: usize, n: usize, k: usize) -> Result<Tensor> {
+        x.apply_op2_no_bwd(w, &Gemv { rows, n, k })
+    }
+
+    impl candle_core::CustomOp2 for Gemv {
+        fn name(&self) -> &'static str {
+            "sluice-gemv"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("gemv kernel runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            lx: &Layout,
+            w: &CudaStorage,
+            lw: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            if x.dtype() != DType::BF16 || w.dtype() != DType::BF16 {
+                candle_core::bail!("gemv: bf16 only");
+            }
+            let dev = x.device().clone();
+            let xv = view::<half::bf16>(x, lx, "x")?;
+            let wv = view::<half::bf16>(w, lw, "weight")?;
+            if xv.len() != self.rows * self.k
+                || wv.len() != self.n * self.k
+                || !(1..=super::GEMV_MAX_ROWS).contains(&self.rows)
+            {
+                candle_core::bail!("gemv: shapes disagree");
+            }
+            let name = format!("gemv_bf16_m{}", self.rows);
+            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            // SAFETY: one warp writes each output feature for every row.
+            let out = unsafe { dev.alloc::<half::bf16>(self.rows * self.n)? };
+            let cfg = LaunchConfig {
+                grid_dim: (blocks(self.n, GEMV_WARPS), 1, 1),
+                block_dim: ((GEMV_WARPS * 32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (n, k) = (self.n as i32, self.k as i32);
+            let mut b = func.builder();
+            b.arg(&xv);
+            b.arg(&wv);
+            b.arg(&out);
+            b.arg(&n);
+            b.arg(&k);
+            // SAFETY: arguments match the kernel's signature; sizes and 16-byte alignment
+            // (offsets multiple of 8 elements, k multiple of 8) checked by the caller and above.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok((
+                CudaStorage::wrap_cuda_slice(out, dev),
+                Shape::from((self.rows, self.n)),
+            ))
         }
     }
 
@@ -518,10 +634,9 @@ mod tests {
         let mut want_q = vec![0f32; b * t * h * d];
         let mut want_k = vec![0f32; b * t * kvh * d];
         let mut want_v = vec![0f32; b * t * kvh * d];
-        for bi in 0..b {
-            for ti in 0..t {
+        for (bi, seq) in rows.iter().enumerate() {
+            for (ti, row) in seq.iter().enumerate() {
                 let r = bi * t + ti;
-                let row = &rows[bi][ti];
                 for head in 0..h + 2 * kvh {
                     let x = &row[head * d..(head + 1) * d];
                     let mut out = x.to_vec();

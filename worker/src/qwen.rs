@@ -129,7 +129,7 @@ impl Proj {
                 Tensor::from_vec(out, dims, x.device())
             }
             Proj::Quant(q) => q.forward(x),
-            Proj::Dense(l) => l.forward(x),
+            Proj::Dense(l) => fused::linear(x, l),
         }
     }
 }

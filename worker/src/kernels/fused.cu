@@ -118,3 +118,57 @@ __device__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ y,
 
 SLUICE_FUSED(f32, float)
 SLUICE_FUSED(bf16, __nv_bfloat16)
+
+// y (M, N) = x (M, K) · W (N, K)ᵀ in bf16 for the rows of a decode step, f32 accumulation. One
+// warp per output feature n streams W's row once, in 16-byte loads, for all M inputs (which stay
+// in L1/L2); a warp shuffle sums the lanes. Requires K % 8 == 0 and 16-byte aligned rows.
+// Measured on an H200 (7B, bf16): at M = 1 it beats cuBLAS (170.0 against 167.4 tok/s single
+// stream, same lease); at M = 8 it lost badly (691 against 1251 tok/s), so only M = 1 is built.
+template <int M>
+__device__ void gemv_bf16(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                          __nv_bfloat16* __restrict__ y, int n_rows, int k) {
+  const int row = (int)(((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32);
+  const int lane = threadIdx.x % 32;
+  if (row >= n_rows) return;  // whole warps only: blockDim.x is a multiple of 32
+  const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)row * k);
+  const int chunks = k / 8;
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+#pragma unroll 4
+  for (int c = lane; c < chunks; c += 32) {
+    const uint4 wv = __ldg(wr + c);
+    const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&wv);
+    float2 wf[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) wf[i] = __bfloat1622float2(w2[i]);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * k) + c);
+      const __nv_bfloat162* x2 = reinterpret_cast<const __nv_bfloat162*>(&xv);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 xf = __bfloat1622float2(x2[i]);
+        acc[m] = fmaf(wf[i].x, xf.x, acc[m]);
+        acc[m] = fmaf(wf[i].y, xf.y, acc[m]);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], off);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) y[(size_t)m * n_rows + row] = __float2bfloat16(acc[m]);
+  }
+}
+
+#define SLUICE_GEMV(M)                                                                         \
+  extern "C" __global__ void gemv_bf16_m##M(const __nv_bfloat16* x, const __nv_bfloat16* w,   \
+                                            __nv_bfloat16* y, int n_rows, int k) {             \
+    gemv_bf16<M>(x, w, y, n_rows, k);                                                          \
+  }
+
+SLUICE_GEMV(1)
