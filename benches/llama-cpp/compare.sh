@@ -8,6 +8,15 @@
 # from source into a throwaway virtualenv ($SLUICE_LLAMA_VENV, default under /tmp) the first
 # time; nothing is installed into the project. Both sides use 2 threads (SLUICE_BENCH_THREADS),
 # a 64-token prompt and 64 greedy decode steps (SLUICE_BENCH_STEPS).
+#
+# llama.cpp is built with its defaults (-march=native) unless SLUICE_LLAMA_CMAKE_ARGS says
+# otherwise (it becomes CMAKE_ARGS of the build; use a fresh SLUICE_LLAMA_VENV). On an Intel
+# Xeon with AMX in a VM the native build crashed with a segmentation fault; this built one that
+# runs (AVX-512 with VNNI, no AMX):
+#   SLUICE_LLAMA_VENV=/tmp/llama-noamx SLUICE_LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON
+#   -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON
+#   -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
+#   -DGGML_AMX_BF16=OFF"
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -22,13 +31,14 @@ if ! "$venv/bin/python" -c "import llama_cpp" 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --upgrade pip >&2
   # llama.cpp's default build: tuned for this CPU (-march=native), its fastest configuration.
-  "$venv/bin/pip" install --quiet "llama-cpp-python==$LLAMA_CPP_PYTHON" >&2
+  CMAKE_ARGS="${SLUICE_LLAMA_CMAKE_ARGS:-${CMAKE_ARGS:-}}" \
+    "$venv/bin/pip" install --quiet --no-cache-dir "llama-cpp-python==$LLAMA_CPP_PYTHON" >&2
 fi
 
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%F)"
 echo "== model: $model"
 
-llama_out="$("$venv/bin/python" - "$model" "$threads" "$steps" <<'PY'
+if ! llama_out="$("$venv/bin/python" - "$model" "$threads" "$steps" <<'PY'
 import sys, time
 import numpy as np
 from llama_cpp import Llama
@@ -56,7 +66,11 @@ print(f"llama.cpp prompt processing (64 tokens): {pp:.1f} tok/s")
 print(f"llama.cpp time to first token (64 tokens): {ttft * 1e3:.1f} ms")
 print(f"llama.cpp decode batch 1: {tg:.1f} tok/s")
 PY
-)"
+)"; then
+  echo "compare.sh: llama.cpp failed (see above; a -march=native build can crash in a VM, see" \
+    "SLUICE_LLAMA_CMAKE_ARGS at the top of this script)" >&2
+  exit 1
+fi
 echo "$llama_out"
 
 cd "$root"

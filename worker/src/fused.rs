@@ -224,6 +224,53 @@ mod cuda {
         f(view::<T>(s, layout, what)?)
     }
 
+    /// `CustomOp3` for an op that runs on CUDA only, in bf16 or f32, through its
+    /// `launch::<T>(a, la, b, lb, c, lc) -> (output, length)`; the output is flat.
+    macro_rules! cuda_op3 {
+        ($op:ty, $name:literal) => {
+            impl CustomOp3 for $op {
+                fn name(&self) -> &'static str {
+                    $name
+                }
+
+                fn cpu_fwd(
+                    &self,
+                    _: &CpuStorage,
+                    _: &Layout,
+                    _: &CpuStorage,
+                    _: &Layout,
+                    _: &CpuStorage,
+                    _: &Layout,
+                ) -> Result<(CpuStorage, Shape)> {
+                    candle_core::bail!(concat!($name, " runs on CUDA only"))
+                }
+
+                fn cuda_fwd(
+                    &self,
+                    a: &CudaStorage,
+                    la: &Layout,
+                    b: &CudaStorage,
+                    lb: &Layout,
+                    c: &CudaStorage,
+                    lc: &Layout,
+                ) -> Result<(CudaStorage, Shape)> {
+                    let dev = a.device().clone();
+                    match a.dtype() {
+                        DType::BF16 => {
+                            let (out, n) = self.launch::<half::bf16>(a, la, b, lb, c, lc)?;
+                            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)))
+                        }
+                        DType::F32 => {
+                            let (out, n) = self.launch::<f32>(a, la, b, lb, c, lc)?;
+                            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)))
+                        }
+                        other => candle_core::bail!("{}: unsupported dtype {other:?}", $name),
+                    }
+                }
+            }
+        };
+    }
+
     // ---- qkv_rope ----
 
     struct QkvRope {
@@ -313,46 +360,7 @@ mod cuda {
         }
     }
 
-    impl CustomOp3 for QkvRope {
-        fn name(&self) -> &'static str {
-            "sluice-qkv-rope"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("qkv_rope kernel runs on CUDA only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            a: &CudaStorage,
-            la: &Layout,
-            c: &CudaStorage,
-            lc: &Layout,
-            s: &CudaStorage,
-            ls: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            let dev = a.device().clone();
-            match a.dtype() {
-                DType::BF16 => {
-                    let (out, n) = self.launch::<half::bf16>(a, la, c, lc, s, ls)?;
-                    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)))
-                }
-                DType::F32 => {
-                    let (out, n) = self.launch::<f32>(a, la, c, lc, s, ls)?;
-                    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)))
-                }
-                other => candle_core::bail!("qkv_rope: unsupported dtype {other:?}"),
-            }
-        }
-    }
+    cuda_op3!(QkvRope, "sluice-qkv-rope");
 
     // ---- gemv ----
 
@@ -558,46 +566,7 @@ mod cuda {
         }
     }
 
-    impl CustomOp3 for AddRmsNorm {
-        fn name(&self) -> &'static str {
-            "sluice-add-rms-norm"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("add_rms_norm kernel runs on CUDA only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            x: &CudaStorage,
-            lx: &Layout,
-            y: &CudaStorage,
-            ly: &Layout,
-            w: &CudaStorage,
-            lw: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            let dev = x.device().clone();
-            match x.dtype() {
-                DType::BF16 => {
-                    let (out, n) = self.launch::<half::bf16>(x, lx, y, ly, w, lw)?;
-                    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)))
-                }
-                DType::F32 => {
-                    let (out, n) = self.launch::<f32>(x, lx, y, ly, w, lw)?;
-                    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)))
-                }
-                other => candle_core::bail!("add_rms_norm: unsupported dtype {other:?}"),
-            }
-        }
-    }
+    cuda_op3!(AddRmsNorm, "sluice-add-rms-norm");
 }
 
 #[cfg(test)]
