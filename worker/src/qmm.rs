@@ -219,6 +219,9 @@ enum Kernel {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2 with AVX-VNNI: one `vpdpbusd` in place of `vpmaddubsw` + `vpmaddwd`.
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni,
 }
 
 impl Kernel {
@@ -226,6 +229,11 @@ impl Kernel {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
+            // SLUICE_CPU_VNNI=off keeps the plain AVX2 kernel (for side-by-side measurements).
+            let vnni = std::env::var("SLUICE_CPU_VNNI").map_or(true, |v| v != "off");
+            if vnni && std::arch::is_x86_feature_detected!("avxvnni") {
+                return Kernel::AvxVnni;
+            }
             return Kernel::Avx2;
         }
         Kernel::Portable
@@ -236,7 +244,9 @@ impl Kernel {
         match self {
             Kernel::Portable => portable_row(w, j, x, dst),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => avx2::row(w, j, x, dst),
+            Kernel::Avx2 => avx2::row(w, j, x, dst, false),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => avx2::row(w, j, x, dst, true),
         }
     }
 }
@@ -268,24 +278,30 @@ mod avx2 {
     //! The AVX2 kernel. Per block: `|w|` as unsigned bytes times `x·sign(w)` as signed bytes
     //! (`vpmaddubsw`, pairs summed to i16 without overflow because |w|, |x| <= 127), pairs of
     //! those summed to i32 (`vpmaddwd`), converted to f32 and accumulated with the block's
-    //! combined scale. One weight block is loaded once for up to four activation rows.
+    //! combined scale. One weight block is loaded once for up to four activation rows. Where
+    //! the CPU has AVX-VNNI, `vpdpbusd` does the byte products and their sums to i32 at once.
 
     use std::arch::x86_64::*;
 
     use super::{BLOCK, Q8Matrix, Q8Rows};
 
-    pub(super) fn row(w: &Q8Matrix, j: usize, x: &Q8Rows, dst: &mut [f32]) {
+    pub(super) fn row(w: &Q8Matrix, j: usize, x: &Q8Rows, dst: &mut [f32], vnni: bool) {
         let mut r = 0;
         while r < x.m {
             let left = x.m - r;
             // SAFETY: `Kernel::Avx2` is only chosen after `is_x86_feature_detected!` confirmed
-            // AVX2 and FMA (the only precondition of a `#[target_feature]` function).
+            // AVX2 and FMA, `Kernel::AvxVnni` AVX-VNNI as well (the only precondition of a
+            // `#[target_feature]` function).
             unsafe {
-                match left {
-                    1 => rows::<1>(w, j, x, r, dst),
-                    2 => rows::<2>(w, j, x, r, dst),
-                    3 => rows::<3>(w, j, x, r, dst),
-                    _ => rows::<4>(w, j, x, r, dst),
+                match (left, vnni) {
+                    (1, false) => rows::<1>(w, j, x, r, dst),
+                    (2, false) => rows::<2>(w, j, x, r, dst),
+                    (3, false) => rows::<3>(w, j, x, r, dst),
+                    (_, false) => rows::<4>(w, j, x, r, dst),
+                    (1, true) => rows_vnni::<1>(w, j, x, r, dst),
+                    (2, true) => rows_vnni::<2>(w, j, x, r, dst),
+                    (3, true) => rows_vnni::<3>(w, j, x, r, dst),
+                    (_, true) => rows_vnni::<4>(w, j, x, r, dst),
                 }
             }
             r += left.min(4);
@@ -302,40 +318,59 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// Rows `first..first + R` of `x` against weight row `j`.
-    #[target_feature(enable = "avx2,fma")]
-    fn rows<const R: usize>(w: &Q8Matrix, j: usize, x: &Q8Rows, first: usize, dst: &mut [f32]) {
-        let k = w.k;
-        let nb = k / BLOCK;
-        let row = w.row(j);
-        assert!(first + R <= x.m && dst.len() >= first + R && row.len() == nb);
-        assert!(x.qs.len() >= (first + R) * k && x.scales.len() >= (first + R) * nb);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        // SAFETY: every pointer below stays inside the slices asserted above: block b < nb of
-        // weight row j, and block b of activation rows first..first+R. Loads are unaligned.
-        unsafe {
-            let xq: [*const i8; R] = std::array::from_fn(|r| x.qs.as_ptr().add((first + r) * k));
-            let xd: [*const f32; R] =
-                std::array::from_fn(|r| x.scales.as_ptr().add((first + r) * nb));
-            for (b, block) in row.iter().enumerate() {
-                let wv = _mm256_loadu_si256(block.qs.as_ptr().cast());
-                let aw = _mm256_sign_epi8(wv, wv);
-                let ws = _mm256_set1_ps(block.d);
-                let off = b * BLOCK;
-                for r in 0..R {
-                    let xv = _mm256_loadu_si256(xq[r].add(off).cast());
-                    let p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
-                    let p32 = _mm256_madd_epi16(p16, ones);
-                    let scale = _mm256_mul_ps(ws, _mm256_broadcast_ss(&*xd[r].add(b)));
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[r]);
+    /// Rows `first..first + R` of `x` against weight row `j`, as `$name` with `$features`;
+    /// `$dot(aw, sx)` sums `|w| · (x · sign(w))` over each group of four bytes to i32.
+    macro_rules! rows_kernel {
+        ($name:ident, $features:literal, $dot:expr) => {
+            #[target_feature(enable = $features)]
+            fn $name<const R: usize>(
+                w: &Q8Matrix,
+                j: usize,
+                x: &Q8Rows,
+                first: usize,
+                dst: &mut [f32],
+            ) {
+                let k = w.k;
+                let nb = k / BLOCK;
+                let row = w.row(j);
+                assert!(first + R <= x.m && dst.len() >= first + R && row.len() == nb);
+                assert!(x.qs.len() >= (first + R) * k && x.scales.len() >= (first + R) * nb);
+                let mut acc = [_mm256_setzero_ps(); R];
+                // SAFETY: every pointer below stays inside the slices asserted above: block
+                // b < nb of weight row j, and block b of activation rows first..first+R.
+                // Loads are unaligned.
+                unsafe {
+                    let xq: [*const i8; R] =
+                        std::array::from_fn(|r| x.qs.as_ptr().add((first + r) * k));
+                    let xd: [*const f32; R] =
+                        std::array::from_fn(|r| x.scales.as_ptr().add((first + r) * nb));
+                    for (b, block) in row.iter().enumerate() {
+                        let wv = _mm256_loadu_si256(block.qs.as_ptr().cast());
+                        let aw = _mm256_sign_epi8(wv, wv);
+                        let ws = _mm256_set1_ps(block.d);
+                        let off = b * BLOCK;
+                        for r in 0..R {
+                            let xv = _mm256_loadu_si256(xq[r].add(off).cast());
+                            let p32 = $dot(aw, _mm256_sign_epi8(xv, wv));
+                            let scale = _mm256_mul_ps(ws, _mm256_broadcast_ss(&*xd[r].add(b)));
+                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[r]);
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    dst[first + r] = hsum(*a);
                 }
             }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            dst[first + r] = hsum(*a);
-        }
+        };
     }
+
+    rows_kernel!(rows, "avx2,fma", |aw, sx| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(aw, sx),
+        _mm256_set1_epi16(1)
+    ));
+    rows_kernel!(rows_vnni, "avx2,fma,avxvnni", |aw, sx| {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), aw, sx)
+    });
 }
 
 #[cfg(test)]
@@ -357,6 +392,32 @@ mod tests {
             }
         }
         out
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vnni_kernel_gives_the_avx2_kernels_results_bit_for_bit() {
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("avxvnni"))
+        {
+            eprintln!("skipped: this CPU has no AVX-VNNI");
+            return;
+        }
+        let mut seed = 11;
+        let (n, k) = (9, 256);
+        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+        let q = Q8Matrix::quantize(&w, n, k).expect("quantize");
+        for m in [1, 3, 4, 7] {
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
+            let rows = Q8Rows::quantize(&x, m, k);
+            for j in 0..n {
+                let (mut a, mut b) = (vec![0f32; m], vec![0f32; m]);
+                Kernel::Avx2.row(&q, j, &rows, &mut a);
+                Kernel::AvxVnni.row(&q, j, &rows, &mut b);
+                assert_eq!(a, b, "feature {j}, {m} rows");
+            }
+        }
     }
 
     #[test]
