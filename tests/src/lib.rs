@@ -683,17 +683,7 @@ impl Backends {
                 .exchange_delete(x.into(), lapin::options::ExchangeDeleteOptions::default())
                 .await;
         }
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.ks.namespace()))
-            .query_async(&mut self.redis)
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _ = redis::cmd("DEL")
-                .arg(keys)
-                .query_async::<()>(&mut self.redis)
-                .await;
-        }
+        delete_namespace_keys(&mut self.redis, self.ks.namespace()).await;
         let _ = self.amqp.close(200, "done".into()).await;
     }
 }
@@ -1219,6 +1209,18 @@ pub async fn await_terminal_once(
         }
     }
     records
+}
+
+/// Deletes every Redis key of a namespace (best effort: a test's cleanup).
+pub async fn delete_namespace_keys(redis: &mut redis::aio::MultiplexedConnection, ns: &str) {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{ns}:*"))
+        .query_async(redis)
+        .await
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _ = redis::cmd("DEL").arg(keys).query_async::<()>(redis).await;
+    }
 }
 
 /// Job records (not event streams) of a namespace.

@@ -103,12 +103,9 @@ async fn killed_workers_and_a_restarted_api_lose_and_duplicate_nothing() {
     let unique: HashSet<&String> = accepted.iter().collect();
     assert_eq!(unique.len(), accepted.len(), "no id accepted twice");
     let mut conn = backends.redis.clone();
-    let records: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:job:*", backends.ks.namespace()))
-        .query_async(&mut conn)
+    let records = job_record_keys(&mut conn, backends.ks.namespace())
         .await
-        .expect("keys");
-    let records = records.iter().filter(|k| !k.ends_with(":events")).count();
+        .len();
     assert_eq!(
         records,
         accepted.len(),

@@ -471,17 +471,5 @@ async fn rabbitmq_restarts_lose_and_duplicate_nothing() {
         records.len(),
     );
     // Redis is the shared one: remove this namespace's keys (the node goes with its data).
-    let mut keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{ns}:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap_or_default();
-    keys.sort();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut conn)
-            .await
-            .expect("del");
-    }
+    delete_namespace_keys(&mut conn, &ns).await;
 }

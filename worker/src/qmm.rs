@@ -161,7 +161,7 @@ impl Q8Matrix {
             )));
         }
         let rows = Q8Rows::quantize(x, m, self.k);
-        let kernel = Kernel::detect();
+        let kernel = *KERNEL;
         // Each task owns a run of output features and computes them for every activation row,
         // writing feature-major (`n x m`); the result is transposed at the end.
         let chunk = chunk_len(self.n, m);
@@ -223,6 +223,9 @@ enum Kernel {
     #[cfg(target_arch = "x86_64")]
     AvxVnni,
 }
+
+/// The kernel this CPU runs, chosen once per process (every matmul asks).
+static KERNEL: std::sync::LazyLock<Kernel> = std::sync::LazyLock::new(Kernel::detect);
 
 impl Kernel {
     fn detect() -> Self {
