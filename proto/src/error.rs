@@ -71,6 +71,9 @@ pub enum ErrorCode {
     AttemptsExhausted,
     /// The job's deadline passed before it finished.
     DeadlineExceeded,
+    /// The broker dead-lettered the job's message (delivery limit reached, or rejected as
+    /// undecodable) before any worker could finish it.
+    DeadLettered,
     /// Structured output did not pass its final check against the schema.
     OutputValidationFailed,
 }
@@ -97,7 +100,9 @@ impl ErrorCode {
             PayloadTooLarge | ContextLengthExceeded => 413,
             UnsupportedMediaType => 415,
             RateLimited | QuotaExceeded | ConcurrencyLimited | QueueFull => 429,
-            Internal | ModelError | AttemptsExhausted | OutputValidationFailed => 500,
+            Internal | ModelError | AttemptsExhausted | DeadLettered | OutputValidationFailed => {
+                500
+            }
             QueueUnavailable | StoreUnavailable => 503,
             JobTooLarge => 413,
             DeadlineExceeded => 504,
@@ -137,6 +142,7 @@ impl ErrorCode {
             JobTooLarge => "job_too_large",
             AttemptsExhausted => "attempts_exhausted",
             DeadlineExceeded => "deadline_exceeded",
+            DeadLettered => "dead_lettered",
             OutputValidationFailed => "output_validation_failed",
         }
     }
@@ -199,6 +205,7 @@ mod tests {
         ErrorCode::JobTooLarge,
         ErrorCode::AttemptsExhausted,
         ErrorCode::DeadlineExceeded,
+        ErrorCode::DeadLettered,
         ErrorCode::OutputValidationFailed,
     ];
 

@@ -6,8 +6,9 @@
 //!   class has its queue and workers take batch jobs only when no interactive job waits), each
 //!   with `x-delivery-limit`, `x-max-length` + `x-overflow: reject-publish`, and
 //!   `x-dead-letter-exchange: {ns}.dlx`;
-//! - `{ns}.dlx` (fanout) → `{ns}.jobs.dead` (quorum queue nobody consumes: dead letters wait for
-//!   an operator).
+//! - `{ns}.dlx` (fanout) → `{ns}.jobs.dead` (quorum queue): workers consume it and fail the
+//!   job each dead letter carries (`failed / dead_lettered`, with the broker's reason), so no
+//!   client waits on a job the broker gave up on.
 //!
 //! Every process declares the same topology with the same arguments, so whichever starts first
 //! creates it and a broker restart loses nothing (durable queues, persistent messages).
@@ -184,6 +185,45 @@ pub fn job_properties(job: &JobMessage) -> BasicProperties {
         .with_headers(headers)
 }
 
+/// Why the broker dead-lettered a message: the first entry of RabbitMQ's `x-death` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Death {
+    /// `rejected` (a consumer nacked it without requeue), `delivery_limit` (a quorum queue's
+    /// `x-delivery-limit`), `expired` or `maxlen`.
+    pub reason: String,
+    /// The queue it died in.
+    pub queue: String,
+    /// How many times it died there for that reason.
+    pub count: u64,
+}
+
+/// Reads the `x-death` header of a dead-lettered message, if it has one.
+pub fn death_of(properties: &BasicProperties) -> Option<Death> {
+    let headers = properties.headers().as_ref()?;
+    let AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
+        return None;
+    };
+    let text = |field: &str| match first.inner().get(field) {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        Some(AMQPValue::ShortString(s)) => s.as_str().to_string(),
+        _ => String::new(),
+    };
+    let count = match first.inner().get("count") {
+        Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongUInt(n)) => u64::from(*n),
+        _ => 0,
+    };
+    Some(Death {
+        reason: text("reason"),
+        queue: text("queue"),
+        count,
+    })
+}
+
 struct Link {
     connection: Connection,
     channel: Channel,
@@ -296,5 +336,50 @@ impl Publisher {
         if let Some(link) = self.link.lock().await.take() {
             let _ = link.connection.close(200, "shutdown".into()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::FieldArray;
+    use std::collections::BTreeMap;
+
+    fn with_death(death: Option<AMQPValue>) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        if let Some(d) = death {
+            headers.insert("x-death".into(), d);
+        }
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn reads_the_first_death_of_a_dead_letter() {
+        let entry = |reason: &str, count: i64| {
+            let mut t = BTreeMap::new();
+            t.insert(ShortString::from("reason"), str_arg(reason));
+            t.insert(ShortString::from("queue"), str_arg("ns.jobs.interactive"));
+            t.insert(ShortString::from("count"), AMQPValue::LongLongInt(count));
+            AMQPValue::FieldTable(FieldTable::from(t))
+        };
+        let props = with_death(Some(AMQPValue::FieldArray(FieldArray::from(vec![
+            entry("delivery_limit", 1),
+            entry("rejected", 3),
+        ]))));
+        assert_eq!(
+            death_of(&props),
+            Some(Death {
+                reason: "delivery_limit".into(),
+                queue: "ns.jobs.interactive".into(),
+                count: 1,
+            })
+        );
+    }
+
+    #[test]
+    fn a_message_that_never_died_has_no_death() {
+        assert_eq!(death_of(&BasicProperties::default()), None);
+        assert_eq!(death_of(&with_death(None)), None);
+        assert_eq!(death_of(&with_death(Some(str_arg("junk")))), None);
     }
 }

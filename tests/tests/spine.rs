@@ -458,19 +458,89 @@ async fn an_undecodable_message_is_dead_lettered_and_the_worker_keeps_serving() 
     let ns = unique_namespace("poison");
     let backends = Backends::connect(&ns).await;
     let app = TestApp::spawn(&ns).await;
-    let worker = InProcessWorker::spawn(&ns, tiny_model_dir()).await;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let worker =
+        InProcessWorker::spawn_with(&ns, tiny_model_dir(), &["--metrics-addr", &addr]).await;
     let key = app.key("acme").await;
 
     backends.publish_raw(b"\x00 this is not a job").await;
     backends.publish_raw(br#"{"v": 99, "id": "x"}"#).await;
+    // The worker rejects both into the dead-letter queue, takes them from there, and drops
+    // them (they name no job): each is counted once.
+    let series = "sluice_jobs_finished_total{status=\"dead_lettered\"}";
+    wait_for("two dead letters counted", T, || async {
+        (sample(&scrape(&app.http, port).await, series) == Some(2.0)).then_some(())
+    })
+    .await;
     let dead = backends.ks.dead_letter_queue();
-    wait_for("two dead letters", T, || async {
-        (backends.ready_count(&dead).await == 2).then_some(())
+    wait_for("dead-letter queue settled", T, || async {
+        (backends.ready_count(&dead).await == 0).then_some(())
     })
     .await;
 
     let id = app.submit_ok(&key, &chat("still there?", greedy(4))).await;
     assert_eq!(app.wait_terminal(&key, &id, T).await["status"], "succeeded");
+
+    worker.stop().await;
+    backends.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_broker_dead_letters_ends_failed_with_the_reason_and_is_refunded() {
+    use lapin::options::{BasicGetOptions, BasicNackOptions};
+    let ns = unique_namespace("dlimit");
+    let backends = Backends::connect(&ns).await;
+    let app = TestApp::spawn(&ns).await;
+    let key = app.key("acme").await;
+    let id = app.submit_ok(&key, &chat("never run", greedy(4))).await;
+    assert!(app.usage(&key).await["usage"]["tokens_today"].as_u64() > Some(0));
+
+    // A consumer that keeps giving the message back, past the queue's delivery limit (three
+    // attempts plus two): the broker dead-letters it; no worker ever started it.
+    let queue = backends.ks.jobs_queue();
+    let dead = backends.ks.dead_letter_queue();
+    let mut returns = 0;
+    while backends.ready_count(&dead).await == 0 {
+        assert!(returns < 20, "not dead-lettered after {returns} returns");
+        let got = backends
+            .channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .expect("basic.get");
+        match got {
+            Some(message) => {
+                message
+                    .delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    })
+                    .await
+                    .expect("nack");
+                returns += 1;
+            }
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let (_, job) = app.get(&key, &id).await;
+    assert_eq!(job["status"], "queued", "{job}");
+
+    // A worker takes the dead letter and fails the job with the broker's reason.
+    let worker = InProcessWorker::spawn(&ns, tiny_model_dir()).await;
+    let job = app.wait_terminal(&key, &id, T).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "dead_lettered", "{job}");
+    let message = job["error"]["message"].as_str().expect("message");
+    assert!(message.contains("delivery_limit"), "{job}");
+    assert_eq!(job["attempts"], 0, "{job}");
+    let usage = app.usage(&key).await;
+    assert_eq!(usage["usage"]["tokens_today"], 0, "{usage}");
+    assert_eq!(usage["usage"]["active_jobs"], 0, "{usage}");
+    wait_for("dead-letter queue settled", T, || async {
+        (backends.ready_count(&dead).await == 0).then_some(())
+    })
+    .await;
 
     worker.stop().await;
     backends.cleanup().await;

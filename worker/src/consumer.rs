@@ -3,7 +3,8 @@
 //! The delivery is acknowledged only after the terminal state is in Redis. Every path ends in
 //! one [`Disposition`], applied in one place: ack, dead-letter (undecodable), or requeue (the
 //! worker could not finish it: shutdown, also while Redis is unreachable; an outage alone is
-//! waited out with the delivery held).
+//! waited out with the delivery held). Dead letters come back through
+//! [`JobRunner::handle_dead_letter`], which fails the job they carry.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,38 +60,89 @@ impl JobRunner {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let disposition = self.process(&delivery.data).await;
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if disposition == Disposition::DeadLetter {
-            self.metrics
-                .jobs_finished
-                .with_label_values(&["dead_lettered"])
-                .inc();
-        }
-        let result = match disposition {
-            Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
-            Disposition::DeadLetter => {
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: false,
-                        multiple: false,
-                    })
-                    .await
-            }
-            Disposition::Requeue => {
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        multiple: false,
-                    })
-                    .await
-            }
-        };
-        if let Err(e) = result {
-            // The channel is gone; the broker redelivers the message, and the job record
-            // (terminal or not) decides what the next worker does with it.
-            tracing::warn!(error = %e, ?disposition, "could not settle delivery");
-        }
+        settle(&delivery, disposition).await;
     }
 
+    /// Handles a message from the dead-letter queue: the job it carries becomes `failed /
+    /// dead_lettered` with the broker's reason (unless it is terminal already), so a client
+    /// never waits on a job the broker gave up on. The job is found by the message's id
+    /// property (set on every publish), or, failing that, by its body; a message naming no
+    /// job is logged and dropped. Counted once per message as `dead_lettered`, whoever sent
+    /// it there (this worker's nack, the broker's delivery limit).
+    pub async fn handle_dead_letter(&self, delivery: Delivery) {
+        self.metrics
+            .jobs_finished
+            .with_label_values(&["dead_lettered"])
+            .inc();
+        let death = sluice_shared::amqp::death_of(&delivery.properties);
+        let (reason, deliveries) = death
+            .as_ref()
+            .map_or(("unknown", 0), |d| (d.reason.as_str(), d.count));
+        let id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .and_then(|m| uuid::Uuid::parse_str(m.as_str()).ok())
+            .or_else(|| JobMessage::decode(&delivery.data).ok().map(|j| j.id));
+        let Some(id) = id else {
+            tracing::warn!(
+                reason,
+                bytes = delivery.data.len(),
+                "dropping a dead letter that names no job"
+            );
+            settle(&delivery, Disposition::Ack).await;
+            return;
+        };
+        let span = tracing::info_span!("dead_letter", job_id = %id, reason);
+        let terminal = failed(ErrorBody::new(
+            ErrorCode::DeadLettered,
+            format!(
+                "the broker dead-lettered the job's message (reason: {reason}, {deliveries} \
+                 time(s) in {})",
+                death.as_ref().map_or("its queue", |d| d.queue.as_str())
+            ),
+        ));
+        let disposition = match self.finish_retrying(&id, &terminal).instrument(span).await {
+            Some(true) => {
+                tracing::warn!(job_id = %id, reason, "dead-lettered job failed");
+                Disposition::Ack
+            }
+            Some(false) => Disposition::Ack,
+            None => Disposition::Requeue,
+        };
+        settle(&delivery, disposition).await;
+    }
+}
+
+/// Applies a disposition to a delivery.
+async fn settle(delivery: &Delivery, disposition: Disposition) {
+    let result = match disposition {
+        Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
+        Disposition::DeadLetter => {
+            delivery
+                .nack(BasicNackOptions {
+                    requeue: false,
+                    multiple: false,
+                })
+                .await
+        }
+        Disposition::Requeue => {
+            delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
+                .await
+        }
+    };
+    if let Err(e) = result {
+        // The channel is gone; the broker redelivers the message, and the job record
+        // (terminal or not) decides what the next worker does with it.
+        tracing::warn!(error = %e, ?disposition, "could not settle delivery");
+    }
+}
+
+impl JobRunner {
     /// Decides a delivery's fate. Never panics and never leaves a started job without either a
     /// terminal state or a requeue.
     pub async fn process(&self, payload: &[u8]) -> Disposition {
@@ -314,6 +366,15 @@ impl JobRunner {
                     tracing::info!(status = status.as_str(), "job not run: already terminal");
                     return Err(Disposition::Ack);
                 }
+                Ok(StartOutcome::Ended(status)) => {
+                    tracing::info!(status = status.as_str(), "job not run: ended at start");
+                    // Counted by status, not in the latency histograms: it never ran.
+                    self.metrics
+                        .jobs_finished
+                        .with_label_values(&[status.as_str()])
+                        .inc();
+                    return Err(Disposition::Ack);
+                }
                 Ok(StartOutcome::Missing) => {
                     tracing::info!("job not run: no record (expired or rolled back)");
                     return Err(Disposition::Ack);
@@ -351,24 +412,33 @@ impl JobRunner {
     /// nothing), while a requeue would generate the job a second time and count against the
     /// queue's delivery limit. Requeues only when shutdown preempts it.
     async fn write_terminal(&self, job: &JobMessage, terminal: Terminal) -> Disposition {
+        match self.finish_retrying(&job.id, &terminal).await {
+            Some(true) => {
+                tracing::info!(status = terminal.status.as_str(), "job finished");
+                self.metrics
+                    .finished(terminal.status.as_str(), job.created_at);
+                self.record_turn(job, &terminal).await;
+                Disposition::Ack
+            }
+            Some(false) => {
+                tracing::info!("job was already terminal; result discarded");
+                Disposition::Ack
+            }
+            None => Disposition::Requeue,
+        }
+    }
+
+    /// `FINISH` with the retry policy of [`Self::write_terminal`]: whether this call made the
+    /// job terminal, or `None` if shutdown preempted the wait for Redis.
+    async fn finish_retrying(&self, id: &uuid::Uuid, terminal: &Terminal) -> Option<bool> {
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.store.finish(&job.id, &terminal).await {
-                Ok(true) => {
-                    tracing::info!(status = terminal.status.as_str(), "job finished");
-                    self.metrics
-                        .finished(terminal.status.as_str(), job.created_at);
-                    self.record_turn(job, &terminal).await;
-                    return Disposition::Ack;
-                }
-                Ok(false) => {
-                    tracing::info!("job was already terminal; result discarded");
-                    return Disposition::Ack;
-                }
+            match self.store.finish(id, terminal).await {
+                Ok(written) => return Some(written),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot write job result; retrying");
                     if !self.retry_after(delay).await {
-                        return Disposition::Requeue;
+                        return None;
                     }
                     delay = (delay * 2).min(MAX_RETRY_DELAY);
                 }

@@ -151,7 +151,7 @@ impl Worker {
                 s = self.open_consumer() => s,
                 () = stopped(&mut stop_rx) => break,
             };
-            let (conn, channel, mut consumer) = match session {
+            let (conn, channel, mut consumer, mut dead) = match session {
                 Ok(s) => {
                     backoff = Duration::from_millis(200);
                     s
@@ -206,11 +206,27 @@ impl Worker {
                             break;
                         }
                     },
+                    next = dead.next() => match next {
+                        Some(Ok(delivery)) => {
+                            let runner = self.runner.clone();
+                            in_flight.spawn(async move { runner.handle_dead_letter(delivery).await });
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "dead-letter consumer failed; reconnecting");
+                            break;
+                        }
+                        None => {
+                            tracing::warn!("dead-letter consumer closed; reconnecting");
+                            break;
+                        }
+                    },
                     Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {},
                     () = stopped(&mut stop_rx) => {
-                        let _ = channel
-                            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                            .await;
+                        for tag in [consumer.tag(), dead.tag()] {
+                            let _ = channel
+                                .basic_cancel(tag, BasicCancelOptions::default())
+                                .await;
+                        }
                         break;
                     }
                 }
@@ -333,7 +349,12 @@ impl Worker {
 
     async fn open_consumer(
         &self,
-    ) -> anyhow::Result<(lapin::Connection, lapin::Channel, lapin::Consumer)> {
+    ) -> anyhow::Result<(
+        lapin::Connection,
+        lapin::Channel,
+        lapin::Consumer,
+        lapin::Consumer,
+    )> {
         let conn = connect(
             &self.settings.common.amqp_url,
             &format!("sluice-worker@{}", self.runner.worker_id),
@@ -358,7 +379,15 @@ impl Worker {
                 FieldTable::default(),
             )
             .await?;
-        Ok((conn, channel, consumer))
+        let dead = channel
+            .basic_consume(
+                self.ks.dead_letter_queue().into(),
+                format!("{}.dead", self.runner.worker_id).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((conn, channel, consumer, dead))
     }
 }
 
