@@ -29,6 +29,7 @@ pub struct ApiMetrics {
     pub queue_depth: IntGaugeVec,
     pub queue_oldest_age: GaugeVec,
     pub tenant_requests: IntCounterVec,
+    pub jobs_finished: IntCounterVec,
     pub live_workers: IntGauge,
     pub tenants: TenantLabels,
 }
@@ -74,6 +75,12 @@ impl ApiMetrics {
                 "Authenticated requests per tenant, rate-limited ones included (the first \
                  tenants seen get their own series; later ones share `other`).",
                 &["tenant"],
+            ),
+            jobs_finished: f.counter_vec(
+                "sluice_jobs_finished_total",
+                "Jobs this API replica moved to a terminal state (a queued job cancelled), by \
+                 status; workers count the rest under the same name.",
+                &["status"],
             ),
             live_workers: f.int_gauge(
                 "sluice_live_workers",

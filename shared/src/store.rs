@@ -9,7 +9,7 @@
 //! and any number of workers can race on a job and it still moves exactly once into a terminal
 //! state, which never changes afterwards.
 
-use deadpool_redis::Pool;
+use crate::redis_pool::Pool;
 use redis::Script;
 use sluice_proto::{ErrorBody, JobMessage, JobResult, JobStatus, JobView, Priority};
 use std::sync::LazyLock;
@@ -27,8 +27,8 @@ pub enum StoreError {
     Corrupt { id: Uuid, detail: String },
 }
 
-impl From<deadpool_redis::PoolError> for StoreError {
-    fn from(e: deadpool_redis::PoolError) -> Self {
+impl From<crate::redis_pool::PoolError> for StoreError {
+    fn from(e: crate::redis_pool::PoolError) -> Self {
         StoreError::Unavailable(e.to_string())
     }
 }
@@ -38,8 +38,11 @@ impl From<deadpool_redis::PoolError> for StoreError {
 pub enum StartOutcome {
     /// Run it; this is attempt number `attempt` (1 on first delivery).
     Run { attempt: u32 },
-    /// Do not run it: it is terminal (maybe just now: expired, cancelled, out of attempts).
+    /// Do not run it: it was terminal already (an earlier delivery finished it).
     Skip(JobStatus),
+    /// Do not run it: this call made it terminal (cancel requested, deadline passed, out of
+    /// attempts).
+    Ended(JobStatus),
     /// No record: it expired from Redis, or its submit was rolled back. Drop the message.
     Missing,
 }
@@ -49,9 +52,10 @@ pub enum StartOutcome {
 pub enum CancelOutcome {
     /// No such job for this tenant.
     NotFound,
-    /// The job was queued and is now cancelled (it will never be generated), or it was
-    /// cancelled before.
+    /// The job was queued and this call cancelled it (it will never be generated).
     Cancelled,
+    /// The job was cancelled before (a repeated cancel).
+    AlreadyCancelled,
     /// The job is running; its worker stops at its next token.
     Cancelling,
     /// The job already ended otherwise.
@@ -266,8 +270,8 @@ static START: LazyLock<Script> = LazyLock::new(|| {
     with_settle(
         r#"
 local s = redis.call('HGET', KEYS[1], 'status')
-if not s then return {'missing', 0} end
-if s ~= 'queued' and s ~= 'running' then return {s, 0} end
+if not s then return {'missing', 0, 0} end
+if s ~= 'queued' and s ~= 'running' then return {s, 0, 0} end
 local now = tonumber(ARGV[1])
 if s == 'queued' then
   -- The job leaves the queue (to run, or to a terminal state): count it for the drain rate.
@@ -285,7 +289,7 @@ local function finish(status, code, msg)
   if code then
     redis.call('HSET', KEYS[1], 'error', cjson.encode({code = code, message = msg}))
   end
-  return {status, 0}
+  return {status, 0, 1}
 end
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
   return finish('cancelled', nil, nil)
@@ -300,7 +304,7 @@ if attempts > tonumber(ARGV[2]) then
     'the job was started ' .. (attempts - 1) .. ' times without finishing')
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[3])
-return {'running', attempts}
+return {'running', attempts, 0}
 "#,
     )
 });
@@ -335,7 +339,7 @@ if s == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2], 'cancel_requested', '1')
   settle(KEYS[1], 0)
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-  return 'cancelled'
+  return 'cancelled_now'
 end
 if s == 'running' then
   redis.call('HSET', KEYS[1], 'cancel_requested', '1')
@@ -386,7 +390,7 @@ impl JobStore {
         &self.pool
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
+    async fn conn(&self) -> Result<crate::redis_pool::Connection, StoreError> {
         Ok(self.pool.get().await?)
     }
 
@@ -524,10 +528,10 @@ impl JobStore {
             .await?;
         Ok(match outcome.as_str() {
             "missing" => CancelOutcome::NotFound,
-            "cancelled" => CancelOutcome::Cancelled,
+            "cancelled_now" => CancelOutcome::Cancelled,
             "cancelling" => CancelOutcome::Cancelling,
             other => match JobStatus::parse(other) {
-                Some(JobStatus::Cancelled) => CancelOutcome::Cancelled,
+                Some(JobStatus::Cancelled) => CancelOutcome::AlreadyCancelled,
                 Some(status) => CancelOutcome::AlreadyFinished(status),
                 None => {
                     return Err(StoreError::Corrupt {
@@ -548,7 +552,7 @@ impl JobStore {
         worker: &str,
     ) -> Result<StartOutcome, StoreError> {
         let mut conn = self.conn().await?;
-        let (status, attempt): (String, u32) = START
+        let (status, attempt, ended_now): (String, u32, u8) = START
             .key(self.ks.job(id))
             .arg(sluice_proto::now_ms())
             .arg(max_attempts)
@@ -560,6 +564,7 @@ impl JobStore {
         }
         match JobStatus::parse(&status) {
             Some(JobStatus::Running) => Ok(StartOutcome::Run { attempt }),
+            Some(s) if ended_now == 1 => Ok(StartOutcome::Ended(s)),
             Some(s) => Ok(StartOutcome::Skip(s)),
             None => Err(StoreError::Corrupt {
                 id: *id,

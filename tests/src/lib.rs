@@ -393,6 +393,28 @@ impl Drop for TestApp {
     }
 }
 
+/// `GET /metrics` on a loopback port (asserts 200).
+pub async fn scrape(http: &reqwest::Client, port: u16) -> String {
+    let r = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .expect("scrape");
+    assert_eq!(r.status().as_u16(), 200);
+    r.text().await.expect("metrics body")
+}
+
+/// The value of one sample (`name{labels} value`), matching the whole series text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 /// A worker running in this process.
 pub struct InProcessWorker {
     stop: Option<oneshot::Sender<()>>,

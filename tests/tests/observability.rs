@@ -12,26 +12,9 @@ use serde_json::{Value, json};
 use sluice_api::auth::{ApiKeys, Role};
 use sluice_shared::{Keyspace, Secret};
 use sluice_tests::{
-    AMQP_URL, Backends, InProcessWorker, REDIS_URL, TestApp, tiny_model_dir, unique_namespace,
-    wait_for, workspace_bin,
+    AMQP_URL, Backends, InProcessWorker, REDIS_URL, TestApp, free_port, sample, scrape,
+    tiny_model_dir, unique_namespace, wait_for, workspace_bin,
 };
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-async fn scrape(http: &reqwest::Client, port: u16) -> String {
-    let r = http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .expect("scrape");
-    assert_eq!(r.status().as_u16(), 200);
-    r.text().await.expect("metrics body")
-}
 
 /// `GET /admin/workers` as JSON (`None` if it did not answer with JSON).
 async fn admin_workers(app: &TestApp, admin: &str) -> Option<Value> {
@@ -44,17 +27,6 @@ async fn admin_workers(app: &TestApp, admin: &str) -> Option<Value> {
         .json()
         .await
         .ok()
-}
-
-/// The value of one sample (`name{labels} value`), matching the whole series text.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -104,6 +76,27 @@ async fn metrics_and_the_worker_registry_follow_jobs_and_workers() {
     assert!(age >= 1.0, "oldest job age {age}");
     assert_eq!(sample(&text, "sluice_live_workers"), Some(0.0));
 
+    // Jobs that end without running are counted too: a queued job the API cancels, and one
+    // whose deadline passes before a worker takes it (the worker's START expires it).
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    let cancelled = app.submit_ok(&key, &body).await;
+    assert_eq!(app.cancel(&key, &cancelled).await.0, 200);
+    assert_eq!(
+        app.cancel(&key, &cancelled).await.0,
+        200,
+        "a repeat is counted once"
+    );
+    let mut short = body.clone();
+    short["timeout_secs"] = json!(1);
+    let expiring = app.submit_ok(&key, &short).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let text = scrape(&app.http, api_port).await;
+    assert_eq!(
+        sample(&text, "sluice_jobs_finished_total{status=\"cancelled\"}"),
+        Some(1.0),
+        "{text}"
+    );
+
     let worker_port = free_port();
     let worker_metrics = format!("127.0.0.1:{worker_port}");
     let worker = InProcessWorker::spawn_with(
@@ -121,6 +114,10 @@ async fn metrics_and_the_worker_registry_follow_jobs_and_workers() {
     .await;
     let done = app.wait_terminal(&key, &id, Duration::from_secs(60)).await;
     assert_eq!(done["status"], "succeeded", "{done}");
+    let expired = app
+        .wait_terminal(&key, &expiring, Duration::from_secs(60))
+        .await;
+    assert_eq!(expired["status"], "expired", "{expired}");
 
     // A rejected request is counted by its code, and nothing is enqueued for it.
     let (status, body) = app
@@ -163,7 +160,7 @@ async fn metrics_and_the_worker_registry_follow_jobs_and_workers() {
             &text,
             "sluice_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"202\"}"
         ),
-        Some(1.0),
+        Some(3.0),
         "{text}"
     );
     assert_eq!(
@@ -186,9 +183,9 @@ async fn metrics_and_the_worker_registry_follow_jobs_and_workers() {
             &text,
             "sluice_jobs_enqueued_total{priority=\"interactive\"}"
         ),
-        Some(1.0)
+        Some(3.0)
     );
-    // Two submits and the polls of `wait_terminal`, all authenticated as acme.
+    // Four submits and the polls of `wait_terminal`, all authenticated as acme.
     assert!(
         sample(&text, "sluice_tenant_requests_total{tenant=\"acme\"}").expect("acme") >= 3.0,
         "{text}"
@@ -211,6 +208,11 @@ async fn metrics_and_the_worker_registry_follow_jobs_and_workers() {
     assert_eq!(
         sample(&text, "sluice_jobs_finished_total{status=\"succeeded\"}"),
         Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "sluice_jobs_finished_total{status=\"expired\"}"),
+        Some(1.0),
+        "{text}"
     );
     assert_eq!(
         sample(&text, "sluice_time_to_first_token_seconds_count"),

@@ -77,7 +77,16 @@ pub async fn cancel(
             ErrorCode::JobAlreadyFinished,
             format!("the job already ended with status {}", status.as_str()),
         )),
-        CancelOutcome::Cancelled | CancelOutcome::Cancelling => {
+        outcome @ (CancelOutcome::Cancelled
+        | CancelOutcome::AlreadyCancelled
+        | CancelOutcome::Cancelling) => {
+            if outcome == CancelOutcome::Cancelled {
+                state
+                    .metrics
+                    .jobs_finished
+                    .with_label_values(&["cancelled"])
+                    .inc();
+            }
             let view = state
                 .store
                 .get(&principal.tenant, &id)
