@@ -32,8 +32,8 @@ fn bench(c: &mut Criterion) {
     c.bench_function("auth_ratelimit_quota_round_trip", |b| {
         b.iter(|| {
             runtime.block_on(async {
-                let principal = keys.verify(&secret).await.expect("verify");
-                let policy = tenants.policy(&principal.tenant).await.expect("policy");
+                let principal = keys.verify(&secret, &tenants).await.expect("verify");
+                let policy = principal.policy.clone().expect("policy");
                 let limits = [Limit {
                     key: ks.rate_limit("bench:s"),
                     limit: 1_000_000_000,

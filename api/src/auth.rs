@@ -7,17 +7,18 @@
 //! field on that record, read on every request, so it takes effect on every replica at once.
 
 use std::collections::HashMap;
-
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use deadpool_redis::Pool;
 use sha2::{Digest, Sha256};
 use sluice_shared::Keyspace;
+use sluice_shared::redis_pool::Pool;
 use sluice_shared::store::StoreError;
+use sluice_shared::tenant::TenantStore;
 use subtle::ConstantTimeEq;
 
 use crate::audit::{self, AuditContext};
@@ -84,6 +85,22 @@ pub struct CreatedKey {
 pub struct ApiKeys {
     pool: Pool,
     ks: Keyspace,
+    /// When this replica last wrote each key's `last_used_at` (ms): it is written at most once
+    /// a minute per key, not on every request.
+    last_used: Arc<Mutex<HashMap<String, u64>>>,
+    /// The tenant of each key seen (a key's tenant never changes), so the next request reads
+    /// the key record and the tenant's policy in one round trip.
+    tenants: Arc<Mutex<HashMap<String, String>>>,
+}
+
+/// How stale a key's `last_used_at` may get (per API replica).
+const LAST_USED_RESOLUTION_MS: u64 = 60_000;
+/// Past this many remembered keys a memo starts over (each key then costs one more write or
+/// round trip).
+const MEMO_MAX_KEYS: usize = 100_000;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -100,10 +117,42 @@ fn key_id_of(token: &str) -> Option<&str> {
 
 impl ApiKeys {
     pub fn new(pool: Pool, ks: Keyspace) -> Self {
-        Self { pool, ks }
+        Self {
+            pool,
+            ks,
+            last_used: Arc::default(),
+            tenants: Arc::default(),
+        }
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
+    fn remember_tenant(&self, key_id: &str, tenant: &str) {
+        let mut memo = lock(&self.tenants);
+        if memo.len() >= MEMO_MAX_KEYS {
+            memo.clear();
+        }
+        memo.insert(key_id.to_string(), tenant.to_string());
+    }
+
+    /// Whether `last_used_at` of `key_id` is due for a write at `now` (and notes it as written).
+    fn last_used_due(&self, key_id: &str, now: u64) -> bool {
+        let mut seen = lock(&self.last_used);
+        match seen.get_mut(key_id) {
+            Some(at) if now.saturating_sub(*at) < LAST_USED_RESOLUTION_MS => false,
+            Some(at) => {
+                *at = now;
+                true
+            }
+            None => {
+                if seen.len() >= MEMO_MAX_KEYS {
+                    seen.clear();
+                }
+                seen.insert(key_id.to_string(), now);
+                true
+            }
+        }
+    }
+
+    async fn conn(&self) -> Result<sluice_shared::redis_pool::Connection, StoreError> {
         Ok(self.pool.get().await?)
     }
 
@@ -187,16 +236,36 @@ impl ApiKeys {
         Ok(keys)
     }
 
-    /// Checks a bearer token. Every failure is the same `Unauthorized` to the client; the
-    /// reason is only logged.
-    pub async fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+    /// Checks a bearer token and reads its tenant's policy. Every failure is the same
+    /// `Unauthorized` to the client; the reason is only logged. For a key this replica has
+    /// seen before, the key record and the policy come in one pipelined round trip.
+    pub async fn verify(&self, token: &str, tenants: &TenantStore) -> Result<Principal, ApiError> {
         let key_id = key_id_of(token).ok_or(ApiError::Unauthorized("malformed key"))?;
+        let known_tenant = lock(&self.tenants).get(key_id).cloned();
         let mut conn = self.conn().await?;
-        let record: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.ks.api_key(key_id))
-            .query_async(&mut conn)
-            .await
-            .map_err(StoreError::from)?;
+        let (record, prefetched): (HashMap<String, String>, Option<Option<String>>) =
+            match &known_tenant {
+                Some(tenant) => {
+                    let (record, policy) = redis::pipe()
+                        .cmd("HGETALL")
+                        .arg(self.ks.api_key(key_id))
+                        .cmd("GET")
+                        .arg(tenants.policy_key(tenant))
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(StoreError::from)?;
+                    (record, Some(policy))
+                }
+                None => {
+                    let record = redis::cmd("HGETALL")
+                        .arg(self.ks.api_key(key_id))
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(StoreError::from)?;
+                    (record, None)
+                }
+            };
+        drop(conn);
         let stored = record
             .get("sha256")
             .and_then(|h| hex::decode(h).ok())
@@ -226,24 +295,36 @@ impl ApiKeys {
             .get("tenant")
             .cloned()
             .ok_or_else(|| ApiError::Internal(format!("key {key_id} has no tenant")))?;
-        // Last-used time is bookkeeping: it must not slow down or fail the request.
-        let pool = self.pool.clone();
-        let key = self.ks.api_key(key_id);
-        tokio::spawn(async move {
-            if let Ok(mut conn) = pool.get().await {
-                let _ = redis::cmd("HSET")
-                    .arg(key)
-                    .arg("last_used_at")
-                    .arg(now)
-                    .query_async::<()>(&mut conn)
-                    .await;
+        // Last-used time is bookkeeping: it must not slow down or fail the request, and a
+        // minute's resolution is plenty.
+        if self.last_used_due(key_id, now) {
+            let pool = self.pool.clone();
+            let key = self.ks.api_key(key_id);
+            tokio::spawn(async move {
+                if let Ok(mut conn) = pool.get().await {
+                    let _ = redis::cmd("HSET")
+                        .arg(key)
+                        .arg("last_used_at")
+                        .arg(now)
+                        .query_async::<()>(&mut conn)
+                        .await;
+                }
+            });
+        }
+        let policy = match prefetched {
+            Some(raw) if known_tenant.as_deref() == Some(tenant.as_str()) => {
+                tenants.policy_from(raw.as_deref())
             }
-        });
+            _ => {
+                self.remember_tenant(key_id, &tenant);
+                tenants.policy(&tenant).await?
+            }
+        };
         Ok(Principal {
             tenant,
             key_id: key_id.to_string(),
             role,
-            policy: None,
+            policy: Some(policy),
         })
     }
 }
@@ -276,7 +357,7 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
 async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
     let token = bearer(parts)?;
     if token.starts_with("sk-") {
-        return state.keys.verify(token).await;
+        return state.keys.verify(token, &state.tenants).await;
     }
     match &state.jwt {
         Some(jwt) if token.matches('.').count() == 2 => {
@@ -348,7 +429,10 @@ impl FromRequestParts<AppState> for Principal {
             .tenant_requests
             .with_label_values(&[state.metrics.tenants.label(&principal.tenant)])
             .inc();
-        let policy = state.tenants.policy(&principal.tenant).await?;
+        let policy = match principal.policy.take() {
+            Some(policy) => policy,
+            None => state.tenants.policy(&principal.tenant).await?,
+        };
         let limits = rate_limits(state, &principal, &policy, ip);
         let decision = sluice_shared::ratelimit::check(state.store.pool(), &limits).await?;
         if !decision.allowed {
@@ -391,6 +475,21 @@ impl FromRequestParts<AppState> for Admin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn last_used_is_written_at_most_once_a_minute_per_key() {
+        let pool = sluice_shared::redis_pool::create_pool(
+            &sluice_shared::Secret::new("redis://127.0.0.1:6379"),
+            1,
+        )
+        .expect("pool");
+        let keys = ApiKeys::new(pool, Keyspace::new("unit-last-used"));
+        assert!(keys.last_used_due("a", 1_000));
+        assert!(!keys.last_used_due("a", 1_000 + LAST_USED_RESOLUTION_MS - 1));
+        assert!(keys.last_used_due("b", 1_000));
+        assert!(keys.last_used_due("a", 1_000 + LAST_USED_RESOLUTION_MS));
+        assert!(!keys.last_used_due("a", 1_000 + LAST_USED_RESOLUTION_MS + 5));
+    }
 
     #[test]
     fn parses_only_well_formed_tokens() {

@@ -1,5 +1,6 @@
 //! Building and running the API: the binary is a thin shell over this.
 
+use axum::serve::ListenerExt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -77,8 +78,15 @@ impl Application {
             };
             sluice_shared::metrics::spawn(listener, registry, refresh, stopping_rx.clone());
         }
+        // Small responses and event-stream chunks go out at once: with Nagle on, an SSE
+        // event written after the headers waited for the client's delayed ACK (about 40 ms).
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let server = axum::serve(
-            self.listener,
+            listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(signal);

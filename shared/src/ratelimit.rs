@@ -8,7 +8,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use deadpool_redis::Pool;
+use crate::redis_pool::Pool;
 use redis::Script;
 
 use crate::store::StoreError;

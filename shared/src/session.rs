@@ -7,7 +7,7 @@
 //! job succeeds. The system prompt is stored apart, so trimming to the newest messages never
 //! drops it. Every append renews the TTL.
 
-use deadpool_redis::Pool;
+use crate::redis_pool::Pool;
 use sluice_proto::{Message, Role};
 
 use crate::keyspace::Keyspace;
@@ -39,7 +39,7 @@ impl SessionStore {
         Self { pool, ks }
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
+    async fn conn(&self) -> Result<crate::redis_pool::Connection, StoreError> {
         Ok(self.pool.get().await?)
     }
 

@@ -3,7 +3,7 @@
 //! A tenant's record holds only what an admin overrode; every other value comes from the API's
 //! defaults, so changing a default changes every tenant that did not override it.
 
-use deadpool_redis::Pool;
+use crate::redis_pool::Pool;
 use serde::{Deserialize, Serialize};
 use sluice_guard::pipeline::{GuardConfig, InjectionAction, PiiAction};
 use sluice_proto::{JsonSchemaFormat, Priority, ResponseFormat};
@@ -84,8 +84,22 @@ impl TenantPolicy {
             })
     }
 
-    /// Applies an admin's overrides (a JSON object of some fields; `null` means unlimited).
+    /// Applies an admin's overrides (a JSON object of some fields; `null` means unlimited)
+    /// and validates the result.
     pub fn merged(&self, overrides: &serde_json::Value) -> Result<Self, String> {
+        let merged = self.apply(overrides)?;
+        if !(0.0..=1.0).contains(&merged.injection_threshold) {
+            return Err("injection_threshold must be between 0 and 1".into());
+        }
+        if let Some(format) = merged.required_format() {
+            crate::structured::check_format(&format)
+                .map_err(|e| format!("required_output_schema: {e}"))?;
+        }
+        Ok(merged)
+    }
+
+    /// Applies overrides without validating the values (they were validated when stored).
+    fn apply(&self, overrides: &serde_json::Value) -> Result<Self, String> {
         let mut base = serde_json::to_value(self).map_err(|e| e.to_string())?;
         let (Some(base_map), Some(over)) = (base.as_object_mut(), overrides.as_object()) else {
             return Err("policy overrides must be a JSON object".into());
@@ -96,16 +110,14 @@ impl TenantPolicy {
             }
             base_map.insert(k.clone(), v.clone());
         }
-        let merged: Self = serde_json::from_value(base).map_err(|e| e.to_string())?;
-        if !(0.0..=1.0).contains(&merged.injection_threshold) {
-            return Err("injection_threshold must be between 0 and 1".into());
-        }
-        if let Some(format) = merged.required_format() {
-            crate::structured::check_format(&format)
-                .map_err(|e| format!("required_output_schema: {e}"))?;
-        }
-        Ok(merged)
+        serde_json::from_value(base).map_err(|e| e.to_string())
     }
+}
+
+/// Stored overrides as JSON (`{}` when there are none or they do not parse).
+fn parse_overrides(raw: Option<&str>) -> serde_json::Value {
+    raw.and_then(|r| serde_json::from_str(r).ok())
+        .unwrap_or_else(|| serde_json::json!({}))
 }
 
 /// Tenant policies in Redis.
@@ -131,20 +143,37 @@ impl TenantStore {
             .arg(self.ks.tenant_policy(tenant))
             .query_async(&mut conn)
             .await?;
-        Ok(raw
-            .and_then(|r| serde_json::from_str(&r).ok())
-            .unwrap_or_else(|| serde_json::json!({})))
+        Ok(parse_overrides(raw.as_deref()))
+    }
+
+    /// The Redis key of a tenant's overrides (to read them in a caller's pipeline, then
+    /// [`TenantStore::policy_from`]).
+    pub fn policy_key(&self, tenant: &str) -> String {
+        self.ks.tenant_policy(tenant)
     }
 
     /// The effective policy: defaults with the tenant's overrides applied.
     pub async fn policy(&self, tenant: &str) -> Result<TenantPolicy, StoreError> {
-        let overrides = self.overrides(tenant).await?;
-        // Overrides were validated when stored; a record that no longer parses (a field
-        // removed in a newer version) falls back to the defaults rather than failing requests.
-        Ok(self
-            .defaults
-            .merged(&overrides)
-            .unwrap_or_else(|_| self.defaults.clone()))
+        let mut conn = self.pool.get().await?;
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(self.ks.tenant_policy(tenant))
+            .query_async(&mut conn)
+            .await?;
+        Ok(self.policy_from(raw.as_deref()))
+    }
+
+    /// The effective policy from the stored overrides (`None`: the tenant has none).
+    /// Overrides were validated when stored, so they are only merged here; a record that no
+    /// longer parses (a field removed in a newer version) falls back to the defaults rather
+    /// than failing requests.
+    pub fn policy_from(&self, raw: Option<&str>) -> TenantPolicy {
+        let overrides = parse_overrides(raw);
+        if overrides.as_object().is_some_and(|o| o.is_empty()) {
+            return self.defaults.clone();
+        }
+        self.defaults
+            .apply(&overrides)
+            .unwrap_or_else(|_| self.defaults.clone())
     }
 
     /// Merges `changes` into the tenant's overrides after validating them; returns the new

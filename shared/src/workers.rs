@@ -7,7 +7,7 @@
 //! heartbeating and drops out of the list when its key expires; one that stops cleanly removes
 //! itself at once.
 
-use deadpool_redis::Pool;
+use crate::redis_pool::Pool;
 use serde::{Deserialize, Serialize};
 
 use crate::keyspace::Keyspace;
