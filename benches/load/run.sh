@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end load benchmark against the local RabbitMQ and Redis (not a test):
 #   1. queue overhead: 1-token jobs on the tiny model, end to end minus generation time;
-#   2. submit path: 64 connections for 10 s, every limit lifted so the path itself is measured
-#      (auth, guard, token count, quota script, publish with confirms).
+#   2. submit path: 64 connections for 10 s with every check on (auth, per-key and per-IP rate
+#      limits, guard, token count, quota / concurrency / queue-cap admission, publish with
+#      confirms), every limit set high enough never to reject.
 # Uses the binaries of the given profile (default release: `cargo build --release` first).
 #
 #   benches/load/run.sh [release|debug] [connections] [seconds]
@@ -19,10 +20,13 @@ trap 'kill $api $worker 2>/dev/null || true; rm -rf "$tiny"' EXIT
 
 "$bin/sluice-worker" tiny-model --out "$tiny" >/dev/null
 port=$((20000 + RANDOM % 20000))
-unlimited=(--default-requests-per-second 0 --default-requests-per-minute 0
-  --default-tokens-per-day 0 --default-tokens-per-month 0 --default-max-active-jobs 0
-  --default-max-queued-jobs 0 --max-queued-jobs 0 --ip-requests-per-second 0
-  --ip-requests-per-minute 0)
+# Every limit is set (0 would switch its check off) but high enough never to reject: the
+# rate-limit, quota, concurrency and queue-cap checks all run on every request.
+unlimited=(--default-requests-per-second 1000000 --default-requests-per-minute 60000000
+  --default-tokens-per-day 1000000000000 --default-tokens-per-month 1000000000000
+  --default-max-active-jobs 10000000 --default-max-queued-jobs 10000000
+  --max-queued-jobs 10000000 --ip-requests-per-second 1000000
+  --ip-requests-per-minute 60000000)
 RUST_LOG=warn "$bin/sluice-api" --addr "127.0.0.1:$port" --tokenizer "$tiny" "${unlimited[@]}" &
 api=$!
 key="$("$bin/sluice-api" keys create --tenant load | tail -1)"
@@ -32,7 +36,10 @@ echo "== queue overhead (tiny model worker, one job at a time)"
 RUST_LOG=warn "$bin/sluice-worker" --model "$tiny" &
 worker=$!
 sleep 2  # model load and consumer start, not part of any job's latency
-"$bin/sluice-load" --mode e2e --base "http://127.0.0.1:$port" --key "$key" --e2e-jobs 200
+for watch in events poll; do
+  "$bin/sluice-load" --mode e2e --base "http://127.0.0.1:$port" --key "$key" --e2e-jobs 200 \
+    --e2e-watch "$watch"
+done
 kill $worker; wait $worker 2>/dev/null || true
 
 echo "== submit path ($profile build, $(nproc) cores, $conns connections, ${secs}s, no worker)"
