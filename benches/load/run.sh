@@ -43,8 +43,32 @@ done
 kill $worker; wait $worker 2>/dev/null || true
 
 echo "== submit path ($profile build, $(nproc) cores, $conns connections, ${secs}s, no worker)"
-"$bin/sluice-load" --mode submit --base "http://127.0.0.1:$port" --key "$key" \
+# CPU time (user + system, clock ticks) of each process on the path, to show where the
+# cores go: the API, Redis, RabbitMQ and the load generator share them.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+redis_pid="$(pgrep -x redis-server | head -1 || true)"
+beam_pid="$(pgrep -f beam.smp | head -1 || true)"
+declare -A before
+for p in "$api" "$redis_pid" "$beam_pid"; do [ -n "$p" ] && before[$p]="$(ticks "$p")"; done
+# (The subshell's cutime + cstime after the load generator exits are the generator's CPU.)
+out="$("$bin/sluice-load" --mode submit --base "http://127.0.0.1:$port" --key "$key" \
   --connections "$conns" --duration "$secs"
+  awk '{print "children_ticks", $16 + $17}' "/proc/$BASHPID/stat")"
+echo "$out" | grep -v '^children_ticks '
+load_ticks="$(echo "$out" | sed -n 's/^children_ticks //p')"
+requests="$(echo "$out" | sed -n 's/^submit: \([0-9]*\) requests.*/\1/p')"
+hz="$(getconf CLK_TCK)"
+if [ -n "$requests" ] && [ "$requests" -gt 0 ]; then
+  for named in "sluice-api:$api" "redis-server:$redis_pid" "rabbitmq:$beam_pid"; do
+    name="${named%%:*}"; p="${named#*:}"
+    [ -n "$p" ] || continue
+    used=$(( $(ticks "$p") - ${before[$p]} ))
+    awk -v n="$name" -v t="$used" -v hz="$hz" -v r="$requests" -v s="$secs" \
+      'BEGIN { printf "cpu: %-14s %6.1f µs per request, %5.1f %% of a core\n", n, t / hz / r * 1e6, t / hz / s * 100 }'
+  done
+  awk -v t="${load_ticks:-0}" -v hz="$hz" -v r="$requests" -v s="$secs" \
+    'BEGIN { printf "cpu: %-14s %6.1f µs per request, %5.1f %% of a core\n", "load generator", t / hz / r * 1e6, t / hz / s * 100 }'
+fi
 
 kill $api $worker 2>/dev/null || true
 wait 2>/dev/null || true
