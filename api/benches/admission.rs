@@ -1,6 +1,7 @@
 //! The Redis side of a submit, against the real Redis on 127.0.0.1:6379: API-key verification,
 //! tenant policy, the rate-limit script, the admission script (quota reservation, active slot,
-//! record) and its rollback. One iteration is one request's worth of round trips.
+//! record) and its rollback. One iteration is one request's worth of round trips (four: the key
+//! record and the tenant policy share one pipeline once the key has been seen).
 
 use std::time::Duration;
 
