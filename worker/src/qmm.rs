@@ -288,6 +288,12 @@ mod avx2 {
 
     use super::{BLOCK, Q8Matrix, Q8Rows};
 
+    /// How far ahead (in 36-byte blocks, 2.3 KB) the kernel prefetches weights. Measured on
+    /// a 2-core Intel VM, single-stream decode of the 0.5B test model: none 20.5 to 21.6
+    /// tok/s, 16 blocks 23.5 to 25.1, 32 blocks 26.3 to 27.6, 64 blocks 27.9 to 30.1, 128
+    /// blocks 29.7 to 30.8 (no better than 64).
+    const PREFETCH_BLOCKS: usize = 64;
+
     pub(super) fn row(w: &Q8Matrix, j: usize, x: &Q8Rows, dst: &mut [f32], vnni: bool) {
         let mut r = 0;
         while r < x.m {
@@ -348,6 +354,13 @@ mod avx2 {
                     let xd: [*const f32; R] =
                         std::array::from_fn(|r| x.scales.as_ptr().add((first + r) * nb));
                     for (b, block) in row.iter().enumerate() {
+                        // Weights stream from memory once per token: ask for them ahead of
+                        // use (a prefetch past the end is harmless, it never faults).
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            (block as *const super::Block)
+                                .wrapping_add(PREFETCH_BLOCKS)
+                                .cast(),
+                        );
                         let wv = _mm256_loadu_si256(block.qs.as_ptr().cast());
                         let aw = _mm256_sign_epi8(wv, wv);
                         let ws = _mm256_set1_ps(block.d);

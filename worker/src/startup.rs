@@ -192,34 +192,16 @@ impl Worker {
                             }
                         }
                     }
-                    next = consumer.next() => match next {
-                        Some(Ok(delivery)) => {
-                            let runner = self.runner.clone();
-                            in_flight.spawn(async move { runner.handle(delivery).await });
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "consumer failed; reconnecting");
-                            break;
-                        }
-                        None => {
-                            tracing::warn!("consumer closed; reconnecting");
-                            break;
-                        }
-                    },
-                    next = dead.next() => match next {
-                        Some(Ok(delivery)) => {
-                            let runner = self.runner.clone();
-                            in_flight.spawn(async move { runner.handle_dead_letter(delivery).await });
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "dead-letter consumer failed; reconnecting");
-                            break;
-                        }
-                        None => {
-                            tracing::warn!("dead-letter consumer closed; reconnecting");
-                            break;
-                        }
-                    },
+                    next = consumer.next() => {
+                        let Some(delivery) = delivered(next, "jobs") else { break };
+                        let runner = self.runner.clone();
+                        in_flight.spawn(async move { runner.handle(delivery).await });
+                    }
+                    next = dead.next() => {
+                        let Some(delivery) = delivered(next, "dead letters") else { break };
+                        let runner = self.runner.clone();
+                        in_flight.spawn(async move { runner.handle_dead_letter(delivery).await });
+                    }
                     Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {},
                     () = stopped(&mut stop_rx) => {
                         for tag in [consumer.tag(), dead.tag()] {
@@ -388,6 +370,25 @@ impl Worker {
             )
             .await?;
         Ok((conn, channel, consumer, dead))
+    }
+}
+
+/// A consumer's next delivery, or `None` (logged) when the consumer failed or closed: the
+/// caller reconnects.
+fn delivered(
+    next: Option<Result<lapin::message::Delivery, lapin::Error>>,
+    consumer: &str,
+) -> Option<lapin::message::Delivery> {
+    match next {
+        Some(Ok(delivery)) => Some(delivery),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, consumer, "consumer failed; reconnecting");
+            None
+        }
+        None => {
+            tracing::warn!(consumer, "consumer closed; reconnecting");
+            None
+        }
     }
 }
 
