@@ -85,18 +85,24 @@ pub struct CreatedKey {
 pub struct ApiKeys {
     pool: Pool,
     ks: Keyspace,
-    /// When this replica last wrote each key's `last_used_at` (ms): it is written at most once
-    /// a minute per key, not on every request.
-    last_used: Arc<Mutex<HashMap<String, u64>>>,
-    /// The tenant of each key seen (a key's tenant never changes), so the next request reads
-    /// the key record and the tenant's policy in one round trip.
-    tenants: Arc<Mutex<HashMap<String, String>>>,
+    /// What this replica remembers of each key it verified, by key id.
+    seen: Arc<Mutex<HashMap<String, SeenKey>>>,
+}
+
+/// A verified key as one replica remembers it.
+struct SeenKey {
+    /// Its tenant (a key's tenant never changes), so the next request reads the key record and
+    /// the tenant's policy in one round trip.
+    tenant: String,
+    /// When this replica last wrote its `last_used_at` (ms): at most once a minute, not on
+    /// every request.
+    last_used_written: u64,
 }
 
 /// How stale a key's `last_used_at` may get (per API replica).
 const LAST_USED_RESOLUTION_MS: u64 = 60_000;
-/// Past this many remembered keys a memo starts over (each key then costs one more write or
-/// round trip).
+/// Past this many remembered keys the memo starts over (each key then costs one more write and
+/// one more round trip).
 const MEMO_MAX_KEYS: usize = 100_000;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -120,33 +126,34 @@ impl ApiKeys {
         Self {
             pool,
             ks,
-            last_used: Arc::default(),
-            tenants: Arc::default(),
+            seen: Arc::default(),
         }
     }
 
-    fn remember_tenant(&self, key_id: &str, tenant: &str) {
-        let mut memo = lock(&self.tenants);
-        if memo.len() >= MEMO_MAX_KEYS {
-            memo.clear();
-        }
-        memo.insert(key_id.to_string(), tenant.to_string());
-    }
-
-    /// Whether `last_used_at` of `key_id` is due for a write at `now` (and notes it as written).
-    fn last_used_due(&self, key_id: &str, now: u64) -> bool {
-        let mut seen = lock(&self.last_used);
+    /// Remembers a verified use of `key_id` by `tenant` at `now`; returns whether its
+    /// `last_used_at` is due for a write (and notes it as written).
+    fn note_use(&self, key_id: &str, tenant: &str, now: u64) -> bool {
+        let mut seen = lock(&self.seen);
         match seen.get_mut(key_id) {
-            Some(at) if now.saturating_sub(*at) < LAST_USED_RESOLUTION_MS => false,
-            Some(at) => {
-                *at = now;
-                true
+            Some(key) => {
+                if key.tenant != tenant {
+                    key.tenant = tenant.to_string();
+                }
+                let due = now.saturating_sub(key.last_used_written) >= LAST_USED_RESOLUTION_MS;
+                if due {
+                    key.last_used_written = now;
+                }
+                due
             }
             None => {
                 if seen.len() >= MEMO_MAX_KEYS {
                     seen.clear();
                 }
-                seen.insert(key_id.to_string(), now);
+                let key = SeenKey {
+                    tenant: tenant.to_string(),
+                    last_used_written: now,
+                };
+                seen.insert(key_id.to_string(), key);
                 true
             }
         }
@@ -241,7 +248,7 @@ impl ApiKeys {
     /// seen before, the key record and the policy come in one pipelined round trip.
     pub async fn verify(&self, token: &str, tenants: &TenantStore) -> Result<Principal, ApiError> {
         let key_id = key_id_of(token).ok_or(ApiError::Unauthorized("malformed key"))?;
-        let known_tenant = lock(&self.tenants).get(key_id).cloned();
+        let known_tenant = lock(&self.seen).get(key_id).map(|k| k.tenant.clone());
         let mut conn = self.conn().await?;
         let (record, prefetched): (HashMap<String, String>, Option<Option<String>>) =
             match &known_tenant {
@@ -297,7 +304,7 @@ impl ApiKeys {
             .ok_or_else(|| ApiError::Internal(format!("key {key_id} has no tenant")))?;
         // Last-used time is bookkeeping: it must not slow down or fail the request, and a
         // minute's resolution is plenty.
-        if self.last_used_due(key_id, now) {
+        if self.note_use(key_id, &tenant, now) {
             let pool = self.pool.clone();
             let key = self.ks.api_key(key_id);
             tokio::spawn(async move {
@@ -315,10 +322,7 @@ impl ApiKeys {
             Some(raw) if known_tenant.as_deref() == Some(tenant.as_str()) => {
                 tenants.policy_from(raw.as_deref())
             }
-            _ => {
-                self.remember_tenant(key_id, &tenant);
-                tenants.policy(&tenant).await?
-            }
+            _ => tenants.policy(&tenant).await?,
         };
         Ok(Principal {
             tenant,
@@ -484,11 +488,16 @@ mod tests {
         )
         .expect("pool");
         let keys = ApiKeys::new(pool, Keyspace::new("unit-last-used"));
-        assert!(keys.last_used_due("a", 1_000));
-        assert!(!keys.last_used_due("a", 1_000 + LAST_USED_RESOLUTION_MS - 1));
-        assert!(keys.last_used_due("b", 1_000));
-        assert!(keys.last_used_due("a", 1_000 + LAST_USED_RESOLUTION_MS));
-        assert!(!keys.last_used_due("a", 1_000 + LAST_USED_RESOLUTION_MS + 5));
+        assert!(keys.note_use("a", "t", 1_000));
+        assert!(!keys.note_use("a", "t", 1_000 + LAST_USED_RESOLUTION_MS - 1));
+        assert!(keys.note_use("b", "t", 1_000));
+        assert!(keys.note_use("a", "t", 1_000 + LAST_USED_RESOLUTION_MS));
+        assert!(!keys.note_use("a", "t", 1_000 + LAST_USED_RESOLUTION_MS + 5));
+        // The tenant is remembered for the next request's pipelined read.
+        assert_eq!(
+            lock(&keys.seen).get("a").map(|k| k.tenant.as_str()),
+            Some("t")
+        );
     }
 
     #[test]

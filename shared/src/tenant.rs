@@ -137,13 +137,17 @@ impl TenantStore {
         &self.defaults
     }
 
-    async fn overrides(&self, tenant: &str) -> Result<serde_json::Value, StoreError> {
+    /// The tenant's stored overrides as written (`None`: it has none).
+    async fn stored(&self, tenant: &str) -> Result<Option<String>, StoreError> {
         let mut conn = self.pool.get().await?;
-        let raw: Option<String> = redis::cmd("GET")
+        Ok(redis::cmd("GET")
             .arg(self.ks.tenant_policy(tenant))
             .query_async(&mut conn)
-            .await?;
-        Ok(parse_overrides(raw.as_deref()))
+            .await?)
+    }
+
+    async fn overrides(&self, tenant: &str) -> Result<serde_json::Value, StoreError> {
+        Ok(parse_overrides(self.stored(tenant).await?.as_deref()))
     }
 
     /// The Redis key of a tenant's overrides (to read them in a caller's pipeline, then
@@ -154,12 +158,7 @@ impl TenantStore {
 
     /// The effective policy: defaults with the tenant's overrides applied.
     pub async fn policy(&self, tenant: &str) -> Result<TenantPolicy, StoreError> {
-        let mut conn = self.pool.get().await?;
-        let raw: Option<String> = redis::cmd("GET")
-            .arg(self.ks.tenant_policy(tenant))
-            .query_async(&mut conn)
-            .await?;
-        Ok(self.policy_from(raw.as_deref()))
+        Ok(self.policy_from(self.stored(tenant).await?.as_deref()))
     }
 
     /// The effective policy from the stored overrides (`None`: the tenant has none).

@@ -70,10 +70,7 @@ impl JobRunner {
     /// job is logged and dropped. Counted once per message as `dead_lettered`, whoever sent
     /// it there (this worker's nack, the broker's delivery limit).
     pub async fn handle_dead_letter(&self, delivery: Delivery) {
-        self.metrics
-            .jobs_finished
-            .with_label_values(&["dead_lettered"])
-            .inc();
+        self.metrics.ended("dead_lettered");
         let death = sluice_shared::amqp::death_of(&delivery.properties);
         let (reason, deliveries) = death
             .as_ref()
@@ -368,11 +365,7 @@ impl JobRunner {
                 }
                 Ok(StartOutcome::Ended(status)) => {
                     tracing::info!(status = status.as_str(), "job not run: ended at start");
-                    // Counted by status, not in the latency histograms: it never ran.
-                    self.metrics
-                        .jobs_finished
-                        .with_label_values(&[status.as_str()])
-                        .inc();
+                    self.metrics.ended(status.as_str());
                     return Err(Disposition::Ack);
                 }
                 Ok(StartOutcome::Missing) => {

@@ -143,9 +143,15 @@ impl WorkerMetrics {
             .inc_by(g.completion_tokens as u64);
     }
 
+    /// Counts a job that ended by `status` (or `dead_lettered`) without a latency: it never
+    /// ran here.
+    pub fn ended(&self, status: &str) {
+        self.jobs_finished.with_label_values(&[status]).inc();
+    }
+
     /// A job reached a terminal state through this worker (or was dead-lettered).
     pub fn finished(&self, status: &str, created_at_ms: u64) {
-        self.jobs_finished.with_label_values(&[status]).inc();
+        self.ended(status);
         let now = sluice_proto::now_ms();
         self.e2e_latency
             .observe(now.saturating_sub(created_at_ms) as f64 / 1000.0);
