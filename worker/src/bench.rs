@@ -243,6 +243,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             u * 100.0
         );
     }
+    if let Some(graphs) = model.decode_graphs_summary() {
+        println!("CUDA graphs of decode steps: {graphs}");
+    }
     let memory = crate::metrics::gpu_memory(&device);
     if let Some((used, total)) = memory {
         println!(

@@ -5,6 +5,7 @@
 //!   and special-token-safe prompt encoding, and the tiny random test model;
 //! - [`generate`]: one job's generation loop (sampling, stop sequences, incremental UTF-8-safe
 //!   detokenization, cancellation, deadline);
+//! - [`graphs`] (CUDA): decode steps recorded once and replayed as CUDA graphs;
 //! - [`qmm`]: the batched 8-bit CPU matmul that makes batched decode cheaper than serial;
 //! - [`engine`]: the dedicated thread that owns the model, fed by a channel, so model compute
 //!   never runs on the async runtime;
@@ -21,6 +22,8 @@ pub mod consumer;
 pub mod engine;
 pub mod fused;
 pub mod generate;
+#[cfg(feature = "cuda")]
+pub mod graphs;
 pub mod kv;
 pub mod leak;
 pub mod metrics;

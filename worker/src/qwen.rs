@@ -217,6 +217,9 @@ pub struct Qwen2 {
     dtype: DType,
     device: Device,
     attention: Attention,
+    /// Recorded decode steps (CUDA only; see [`crate::graphs`]).
+    #[cfg(feature = "cuda")]
+    graphs: crate::graphs::DecodeGraphs,
 }
 
 /// How attention runs over a batch (the results agree to rounding; see the module docs).
@@ -325,6 +328,8 @@ impl Qwen2 {
             dtype: DType::F32,
             device: device.clone(),
             attention: Attention::default_for(device),
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
         })
     }
 
@@ -411,6 +416,8 @@ impl Qwen2 {
             dtype: vb.dtype(),
             device: vb.device().clone(),
             attention: Attention::default_for(vb.device()),
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
         })
     }
 
@@ -453,11 +460,23 @@ impl Qwen2 {
             dtype: self.dtype,
             device: self.device.clone(),
             attention: self.attention,
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
         })
     }
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// How decode steps ran as CUDA graphs (see [`crate::graphs`]), or `None` where they can't
+    /// (a CPU model, or `SLUICE_CUDA_GRAPHS=off`).
+    pub fn decode_graphs_summary(&self) -> Option<String> {
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() && crate::graphs::enabled() {
+            return Some(self.graphs.summary());
+        }
+        None
     }
 
     pub fn set_attention(&mut self, attention: Attention) {
@@ -509,6 +528,10 @@ impl Qwen2 {
                 c.len(),
                 self.dims.context
             )));
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(logits) = self.decode_graphed(tokens, caches)? {
+            return Ok(logits);
         }
         let positions: Vec<u32> = caches.iter().map(|c| c.len() as u32).collect();
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
@@ -585,15 +608,9 @@ impl Qwen2 {
         sin: &Tensor,
         caches: &mut [&mut SeqCache],
     ) -> Result<Tensor> {
-        let (b, t) = input.dims2()?;
-        let d = self.dims;
-        let width = d.kv_heads * d.head_dim;
-        let pool = Arc::clone(caches[0].pool());
-        if caches.iter().any(|c| !Arc::ptr_eq(c.pool(), &pool)) {
-            return Err(candle_core::Error::msg(
-                "a batch's caches come from different pools",
-            ));
-        }
+        let t = input.dim(1)?;
+        let width = self.dims.kv_heads * self.dims.head_dim;
+        let pool = self.batch_pool(caches)?;
         for cache in caches.iter_mut() {
             cache.reserve(t)?;
         }
@@ -605,6 +622,39 @@ impl Qwen2 {
                 .map(|c| StepRows::new(&[*c], t, width, &self.device))
                 .collect::<Result<Vec<_>>>()?,
         };
+        let logits = self.forward(input, cos, sin, &pool, &rows)?;
+        for cache in caches.iter_mut() {
+            cache.advance(t);
+        }
+        Ok(logits)
+    }
+
+    /// The pool every cache of a batch comes from.
+    fn batch_pool(&self, caches: &[&mut SeqCache]) -> Result<Arc<KvPool>> {
+        let pool = Arc::clone(caches[0].pool());
+        if caches.iter().any(|c| !Arc::ptr_eq(c.pool(), &pool)) {
+            return Err(candle_core::Error::msg(
+                "a batch's caches come from different pools",
+            ));
+        }
+        Ok(pool)
+    }
+
+    /// The layers and the head over `input` `(batch, t)`, with the step's cache rows (one
+    /// [`StepRows`] for the whole batch, or one per sequence): writes the new keys and values
+    /// into `pool` and returns the last position's logits `(batch, 1, vocab)`. Touches nothing
+    /// on the host, so a CUDA graph can record it.
+    fn forward(
+        &self,
+        input: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        pool: &KvPool,
+        rows: &[StepRows],
+    ) -> Result<Tensor> {
+        let (b, t) = input.dims2()?;
+        let d = self.dims;
+        let width = d.kv_heads * d.head_dim;
         let mut x = self.embed.forward(input)?;
         // `h` is always the normed `x`: each residual add is fused with the next norm.
         let mut h = match self.layers.first() {
@@ -621,17 +671,17 @@ impl Qwen2 {
                 d.kv_heads,
                 d.head_dim,
             )?;
-            let y = if let [rows] = rows.as_slice() {
+            let y = if let [rows] = rows {
                 pool.k[li].scatter_set(&rows.write, &k.reshape((b * t, width))?, 0)?;
                 pool.v[li].scatter_set(&rows.write, &v.reshape((b * t, width))?, 0)?;
-                self.attend(&pool, li, &q, rows)?
+                self.attend(pool, li, &q, rows)?
             } else {
                 let mut ys = Vec::with_capacity(b);
                 for (i, rows) in rows.iter().enumerate() {
                     let one = |x: &Tensor| x.narrow(0, i, 1)?.reshape((t, width));
                     pool.k[li].scatter_set(&rows.write, &one(&k)?, 0)?;
                     pool.v[li].scatter_set(&rows.write, &one(&v)?, 0)?;
-                    ys.push(self.attend(&pool, li, &q.narrow(0, i, 1)?, rows)?);
+                    ys.push(self.attend(pool, li, &q.narrow(0, i, 1)?, rows)?);
                 }
                 Tensor::cat(&ys, 0)?
             };
@@ -642,11 +692,76 @@ impl Qwen2 {
             let next = self.layers.get(li + 1).map_or(&self.norm, |l| &l.attn_norm);
             (x, h) = fused::add_rms_norm(&x1, &mlp, next)?;
         }
-        for cache in caches.iter_mut() {
-            cache.advance(t);
-        }
         // Only the last position's logits are needed.
         self.lm_head.forward(&h.narrow(1, t - 1, 1)?)
+    }
+
+    /// A decode step replayed as a CUDA graph (see [`crate::graphs`]), or `None` where graphs
+    /// don't apply (not CUDA, turned off, per-sequence attention, a span past the decode
+    /// kernel's) or this shape's recording failed: the caller then runs the step eagerly.
+    #[cfg(feature = "cuda")]
+    fn decode_graphed(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut SeqCache],
+    ) -> Result<Option<Tensor>> {
+        use crate::graphs::{StepShape, span_bucket};
+        let d = self.dims;
+        if !self.device.is_cuda()
+            || !crate::graphs::enabled()
+            || self.attention != Attention::Batched
+        {
+            return Ok(None);
+        }
+        let longest = caches.iter().map(|c| c.len() + 1).max().unwrap_or(1);
+        let shape = StepShape {
+            batch: tokens.len(),
+            span: span_bucket(longest),
+            width: d.kv_heads * d.head_dim,
+        };
+        if !crate::paged_attention::supports(d.head_dim, shape.span, self.dtype) {
+            return Ok(None);
+        }
+        let pool = self.batch_pool(caches)?;
+        for cache in caches.iter_mut() {
+            cache.reserve(1)?;
+        }
+        let mut host = Vec::with_capacity(shape.len());
+        host.extend_from_slice(tokens);
+        host.extend(caches.iter().map(|c| c.len() as u32));
+        host.extend(caches.iter().map(|c| c.len() as u32 + 1));
+        for c in caches.iter() {
+            host.extend(std::iter::repeat_n(c.row(c.len()), shape.width));
+        }
+        for c in caches.iter() {
+            let total = c.len() + 1;
+            host.extend((0..shape.span).map(|p| if p < total { c.row(p) } else { c.row(0) }));
+        }
+        let step = |inputs: &Tensor| -> Result<Tensor> {
+            let part = |(at, n): (usize, usize)| inputs.narrow(0, at, n);
+            let b = shape.batch;
+            let positions = part(shape.positions())?;
+            let rows = StepRows {
+                write: part(shape.write())?.reshape((b, shape.width))?,
+                read: part(shape.read())?,
+                mask: None,
+                span: shape.span,
+                lens: Some(part(shape.lens())?),
+            };
+            let input = part(shape.tokens())?.reshape((b, 1))?;
+            let cos = self.cos.index_select(&positions, 0)?;
+            let sin = self.sin.index_select(&positions, 0)?;
+            self.forward(&input, &cos, &sin, &pool, std::slice::from_ref(&rows))?
+                .squeeze(1)?
+                .to_dtype(DType::F32)
+        };
+        let logits = self.graphs.run(&self.device, shape, &host, step)?;
+        if logits.is_some() {
+            for cache in caches.iter_mut() {
+                cache.advance(1);
+            }
+        }
+        Ok(logits)
     }
 }
 

@@ -41,7 +41,25 @@ pub struct Worker {
 pub(crate) fn device(spec: DeviceSpec) -> anyhow::Result<Device> {
     Ok(match spec {
         DeviceSpec::Cpu => Device::Cpu,
-        DeviceSpec::Cuda(n) => Device::new_cuda(n)?,
+        DeviceSpec::Cuda(n) => {
+            let device = Device::new_cuda(n)?;
+            #[cfg(feature = "cuda")]
+            if let Device::Cuda(cuda) = &device
+                && std::env::var("SLUICE_CUDA_EVENT_TRACKING").map_or(true, |v| v != "on")
+            {
+                // cudarc creates two CUDA events for every allocation (and destroys them
+                // with it) to order uses across streams, but uses them only once a context
+                // has a second stream, which candle's device never creates: two driver calls
+                // saved per tensor of every step. `SLUICE_CUDA_EVENT_TRACKING=on` keeps them.
+                #[allow(unsafe_code)]
+                // SAFETY: every tensor of this device is used on the stream of the thread
+                // that runs the model; nothing needs cross-stream ordering.
+                unsafe {
+                    cuda.disable_event_tracking()
+                };
+            }
+            device
+        }
     })
 }
 
