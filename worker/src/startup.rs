@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use candle_core::Device;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueDeclareOptions,
 };
@@ -198,12 +198,17 @@ impl Worker {
                     // Batch jobs are pulled, not pushed: only while this worker has room and
                     // no interactive job is waiting in the broker.
                     _ = batch_poll.tick(), if in_flight.len() < capacity => {
-                        match self.take_batch_job(&channel).await {
-                            Ok(Some(delivery)) => {
+                        match self.take_batch_job(&channel, &mut consumer).await {
+                            Ok(Taken::Batch(delivery)) => {
                                 let runner = self.runner.clone();
                                 in_flight.spawn(async move { runner.handle(delivery).await });
                             }
-                            Ok(None) => {}
+                            Ok(Taken::Interactive(next)) => {
+                                let Some(delivery) = delivered(next, "jobs") else { break };
+                                let runner = self.runner.clone();
+                                in_flight.spawn(async move { runner.handle(delivery).await });
+                            }
+                            Ok(Taken::Nothing) => {}
                             Err(e) => {
                                 tracing::warn!(error = %e, "cannot poll the batch queue; reconnecting");
                                 break;
@@ -320,11 +325,18 @@ impl Worker {
     }
 
     /// One batch job, unless an interactive one is waiting (the interactive consumer will get
-    /// it) or the batch queue is empty.
+    /// it) or the batch queue is empty. An interactive job the broker has already pushed to
+    /// this worker counts as waiting: right after a job's ack the broker delivers the next
+    /// interactive message, which then no longer shows in the queue's count but may still sit
+    /// in the consumer's buffer; it is taken first.
     async fn take_batch_job(
         &self,
         channel: &lapin::Channel,
-    ) -> Result<Option<lapin::message::Delivery>, lapin::Error> {
+        consumer: &mut lapin::Consumer,
+    ) -> Result<Taken, lapin::Error> {
+        if let Some(next) = consumer.next().now_or_never() {
+            return Ok(Taken::Interactive(next));
+        }
         let interactive = channel
             .queue_declare(
                 self.ks.jobs_queue().into(),
@@ -336,7 +348,12 @@ impl Worker {
             )
             .await?;
         if interactive.message_count() > 0 {
-            return Ok(None);
+            return Ok(Taken::Nothing);
+        }
+        // Frames arrive in order on the connection: a delivery the broker sent before it
+        // answered the count above is in the consumer's buffer by now.
+        if let Some(next) = consumer.next().now_or_never() {
+            return Ok(Taken::Interactive(next));
         }
         let message = channel
             .basic_get(
@@ -344,7 +361,7 @@ impl Worker {
                 BasicGetOptions { no_ack: false },
             )
             .await?;
-        Ok(message.map(|m| m.delivery))
+        Ok(message.map_or(Taken::Nothing, |m| Taken::Batch(m.delivery)))
     }
 
     async fn open_consumer(
@@ -393,6 +410,14 @@ impl Worker {
 
 /// A consumer's next delivery, or `None` (logged) when the consumer failed or closed: the
 /// caller reconnects.
+/// What a batch poll took.
+enum Taken {
+    Batch(lapin::message::Delivery),
+    /// An interactive delivery found waiting in the consumer (or its end).
+    Interactive(Option<Result<lapin::message::Delivery, lapin::Error>>),
+    Nothing,
+}
+
 fn delivered(
     next: Option<Result<lapin::message::Delivery, lapin::Error>>,
     consumer: &str,
