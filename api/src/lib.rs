@@ -33,6 +33,7 @@ pub mod routes;
 pub mod settings;
 pub mod startup;
 pub mod state;
+pub mod stream_conns;
 pub mod submit;
 pub mod validate;
 

@@ -139,7 +139,9 @@ pub fn build_state(settings: &ApiSettings) -> anyhow::Result<AppState> {
         ),
         trusted_proxies: Arc::new(settings.trusted_proxies.clone()),
         anonymize_ips: settings.anonymize_ips,
-        stream_client: redis::Client::open(settings.common.redis_url.expose())?,
+        stream_conns: crate::stream_conns::StreamConnections::new(redis::Client::open(
+            settings.common.redis_url.expose(),
+        )?),
     })
 }
 

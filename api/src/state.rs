@@ -32,8 +32,8 @@ pub struct AppState {
     pub ip_limits: (Option<u32>, Option<u32>),
     pub trusted_proxies: Arc<Vec<Cidr>>,
     pub anonymize_ips: bool,
-    /// Opens one dedicated connection per event stream (`XREAD BLOCK` would stall a shared one).
-    pub stream_client: redis::Client,
+    /// Dedicated connections for event streams (`XREAD BLOCK` would stall a shared one).
+    pub stream_conns: Arc<crate::stream_conns::StreamConnections>,
     pub workers: WorkerRegistry,
     pub metrics: Arc<ApiMetrics>,
 }

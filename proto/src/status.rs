@@ -80,6 +80,10 @@ pub struct Timings {
     pub time_to_first_token_ms: u64,
     /// From the start of generation to its end.
     pub generation_ms: u64,
+    /// `generation_ms` in microseconds (whole milliseconds hide most of a short job's
+    /// generation; 0 from workers older than this field).
+    #[serde(default)]
+    pub generation_us: u64,
 }
 
 /// What a worker writes back for a job that generated (also a cancelled one, with the text it

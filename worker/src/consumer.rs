@@ -486,6 +486,7 @@ fn succeeded(job: &JobMessage, started_ms: u64, g: Generation) -> Terminal {
                 queued_ms: started_ms.saturating_sub(job.created_at),
                 time_to_first_token_ms: g.time_to_first_token.as_millis() as u64,
                 generation_ms: g.total.as_millis() as u64,
+                generation_us: g.total.as_micros() as u64,
             },
         }),
         error,

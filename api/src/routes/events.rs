@@ -5,7 +5,8 @@
 //! that reconnects with `Last-Event-ID` resumes right after what it saw. A job that ended
 //! without generating (cancelled while queued, expired, failed) has no stream: its `done`
 //! event is built from the record. Each open stream holds its own Redis connection, because
-//! `XREAD BLOCK` would stall a shared one.
+//! `XREAD BLOCK` would stall a shared one; connections are reused across streams
+//! ([`crate::stream_conns`]).
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -22,11 +23,12 @@ use uuid::Uuid;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::stream_conns::StreamConnection;
 
 type Entries = Option<Vec<(String, Vec<(String, Vec<String>)>)>>;
 
 struct Cursor {
-    conn: redis::aio::MultiplexedConnection,
+    conn: StreamConnection,
     state: AppState,
     tenant: String,
     id: Uuid,
@@ -68,15 +70,18 @@ async fn next_events(mut c: Cursor) -> Option<(Vec<JobEvent>, Cursor)> {
     if c.finished {
         return None;
     }
-    let read: Result<Entries, _> = redis::cmd("XREAD")
-        .arg("BLOCK")
-        .arg(1000)
-        .arg("COUNT")
-        .arg(256)
-        .arg("STREAMS")
-        .arg(&c.key)
-        .arg(&c.last)
-        .query_async(&mut c.conn)
+    let read: Result<Entries, _> = c
+        .conn
+        .query(
+            redis::cmd("XREAD")
+                .arg("BLOCK")
+                .arg(1000)
+                .arg("COUNT")
+                .arg(256)
+                .arg("STREAMS")
+                .arg(&c.key)
+                .arg(&c.last),
+        )
         .await;
     let mut events = Vec::new();
     match read {
@@ -108,9 +113,9 @@ async fn next_events(mut c: Cursor) -> Option<(Vec<JobEvent>, Cursor)> {
             // Nothing new: a job that is terminal but never streamed ends here.
             let view = c.state.store.get(&c.tenant, &c.id).await.ok().flatten();
             let terminal = view.as_ref().is_none_or(|v| v.status.is_terminal());
-            let exists: bool = redis::cmd("EXISTS")
-                .arg(&c.key)
-                .query_async(&mut c.conn)
+            let exists: bool = c
+                .conn
+                .query(redis::cmd("EXISTS").arg(&c.key))
                 .await
                 .unwrap_or(true);
             if terminal && !exists {
@@ -139,13 +144,11 @@ pub async fn job_events(
         .get(&tenant, &id)
         .await?
         .ok_or(ApiError::NotFound)?;
-    let mut conn = state
-        .stream_client
-        .get_multiplexed_async_connection()
+    let conn = state
+        .stream_conns
+        .get()
         .await
         .map_err(|e| ApiError::Store(e.into()))?;
-    // The default response timeout (500 ms) is shorter than the blocking read.
-    conn.set_response_timeout(Duration::from_secs(5));
     let cursor = Cursor {
         conn,
         key: state.store.keyspace().job_events(&id),
