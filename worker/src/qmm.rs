@@ -281,9 +281,8 @@ mod avx2 {
     //! The AVX2 kernel. Per block: `|w|` as unsigned bytes times `x·sign(w)` as signed bytes
     //! (`vpmaddubsw`, pairs summed to i16 without overflow because |w|, |x| <= 127), pairs of
     //! those summed to i32 (`vpmaddwd`), converted to f32 and accumulated with the block's
-    //! combined scale. One weight block is loaded once for up to four activation rows (eight
-    //! with VNNI). Where the CPU has AVX-VNNI, `vpdpbusd` does the byte products and their sums
-    //! to i32 at once.
+    //! combined scale. One weight block is loaded once for up to four activation rows. Where
+    //! the CPU has AVX-VNNI, `vpdpbusd` does the byte products and their sums to i32 at once.
 
     use std::arch::x86_64::*;
 
@@ -295,12 +294,6 @@ mod avx2 {
     /// blocks 29.7 to 30.8 (no better than 64).
     const PREFETCH_BLOCKS: usize = 64;
 
-    /// Whether the VNNI kernel takes eight rows per pass (`SLUICE_CPU_VNNI_ROWS=4` keeps four,
-    /// for side-by-side measurements).
-    static EIGHT_ROWS: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-        std::env::var("SLUICE_CPU_VNNI_ROWS").map_or(true, |v| v != "4")
-    });
-
     pub(super) fn row(w: &Q8Matrix, j: usize, x: &Q8Rows, dst: &mut [f32], vnni: bool) {
         let mut r = 0;
         while r < x.m {
@@ -308,7 +301,7 @@ mod avx2 {
             // SAFETY: `Kernel::Avx2` is only chosen after `is_x86_feature_detected!` confirmed
             // AVX2 and FMA, `Kernel::AvxVnni` AVX-VNNI as well (the only precondition of a
             // `#[target_feature]` function).
-            let done = unsafe {
+            unsafe {
                 match (left, vnni) {
                     (1, false) => rows::<1>(w, j, x, r, dst),
                     (2, false) => rows::<2>(w, j, x, r, dst),
@@ -317,13 +310,10 @@ mod avx2 {
                     (1, true) => rows_vnni::<1>(w, j, x, r, dst),
                     (2, true) => rows_vnni::<2>(w, j, x, r, dst),
                     (3, true) => rows_vnni::<3>(w, j, x, r, dst),
-                    // The VNNI kernel needs fewer registers per row (no pair sums): eight
-                    // rows per pass over the weights, where the plain kernel would spill.
-                    (8.., true) if *EIGHT_ROWS => rows_vnni::<8>(w, j, x, r, dst),
                     (_, true) => rows_vnni::<4>(w, j, x, r, dst),
                 }
-            };
-            r += done;
+            }
+            r += left.min(4);
         }
     }
 
@@ -339,7 +329,6 @@ mod avx2 {
 
     /// Rows `first..first + R` of `x` against weight row `j`, as `$name` with `$features`;
     /// `$dot(aw, sx)` sums `|w| · (x · sign(w))` over each group of four bytes to i32.
-    /// Returns `R`, the rows done.
     macro_rules! rows_kernel {
         ($name:ident, $features:literal, $dot:expr) => {
             #[target_feature(enable = $features)]
@@ -349,7 +338,7 @@ mod avx2 {
                 x: &Q8Rows,
                 first: usize,
                 dst: &mut [f32],
-            ) -> usize {
+            ) {
                 let k = w.k;
                 let nb = k / BLOCK;
                 let row = w.row(j);
@@ -387,7 +376,6 @@ mod avx2 {
                 for (r, a) in acc.iter().enumerate() {
                     dst[first + r] = hsum(*a);
                 }
-                R
             }
         };
     }
@@ -436,7 +424,7 @@ mod tests {
         let (n, k) = (9, 256);
         let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
         let q = Q8Matrix::quantize(&w, n, k).expect("quantize");
-        for m in [1, 3, 4, 7, 8, 13] {
+        for m in [1, 3, 4, 7] {
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
             let rows = Q8Rows::quantize(&x, m, k);
             for j in 0..n {
