@@ -15,15 +15,16 @@
 //! (stream-ordered allocation nodes); the logits land in an output buffer allocated outside
 //! it, and each replay hands back a copy of them.
 //!
-//! The first step of a new shape runs eagerly (it loads kernels and fills candle's parameter
-//! cache) and is the step's real result; its launches are then recorded. A shape whose
+//! A shape's first two steps run the usual way; its third runs eagerly through the graph's
+//! input buffer (which loads kernels and fills candle's parameter cache) and is the step's real
+//! result; its launches are then recorded. A shape whose
 //! recording fails is remembered and runs eagerly from then on (with a warning), so graphs can
 //! only make a step faster, never fail it. `SLUICE_CUDA_GRAPHS=off` turns them off (for
 //! side-by-side measurements).
 
 #![allow(unsafe_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
@@ -36,7 +37,12 @@ pub const MIN_SPAN: usize = 256;
 
 /// Graphs kept at most (least recently used dropped first); each holds its input and output
 /// buffers and the device memory of its intermediates.
-const CAPACITY: usize = 32;
+const CAPACITY: usize = 64;
+
+/// A shape is recorded on its third step, not its first: recording costs about one more
+/// step, which a shape seen once or twice (a batch size that lasts a step while jobs come and
+/// go) would never earn back.
+const RECORD_AT: u32 = 3;
 
 /// Whether decode steps may run as CUDA graphs (`SLUICE_CUDA_GRAPHS=off` says no).
 pub fn enabled() -> bool {
@@ -101,6 +107,8 @@ unsafe impl Send for Entry {}
 struct Cache {
     entries: Vec<Entry>,
     failed: HashSet<StepShape>,
+    /// Steps run eagerly per shape not recorded yet.
+    seen: HashMap<StepShape, u32>,
     last_error: Option<String>,
     clock: u64,
 }
@@ -120,10 +128,11 @@ impl std::fmt::Debug for DecodeGraphs {
 
 impl DecodeGraphs {
     /// Runs one decode step of `shape` with the input buffer `host`: replays its graph, or,
-    /// for a shape not seen yet, runs `step` eagerly and then records it. `step` reads its
-    /// inputs from the tensor it is given (`u32`, `shape.len()`) and returns the logits; it must
-    /// not copy between host and device. Returns `None` where the shape's recording failed
-    /// before: the caller then runs the step its own way.
+    /// on the [`RECORD_AT`]th step of a shape, runs `step` eagerly and then records it. `step`
+    /// reads its inputs from the tensor it is given (`u32`, `shape.len()`) and returns the
+    /// logits; it must not copy between host and device. Returns `None` for the steps before
+    /// that, and where the shape's recording failed before: the caller then runs the step its
+    /// own way.
     pub fn run(
         &self,
         device: &Device,
@@ -156,6 +165,15 @@ impl DecodeGraphs {
         if cache.failed.contains(&shape) {
             return Ok(None);
         }
+        if cache.seen.len() > 4096 {
+            cache.seen.clear();
+        }
+        let seen = cache.seen.entry(shape).or_insert(0);
+        *seen += 1;
+        if *seen < RECORD_AT {
+            return Ok(None);
+        }
+        cache.seen.remove(&shape);
 
         let inputs = Tensor::zeros(host.len(), DType::U32, device)?;
         upload(&inputs, host)?;
