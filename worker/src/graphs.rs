@@ -228,15 +228,6 @@ impl DecodeGraphs {
         Ok(Some(logits))
     }
 
-    /// Graphs held now.
-    pub fn len(&self) -> usize {
-        self.cache.lock().map(|c| c.entries.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// One line for reports: graphs held, shapes whose recording failed, and the last error.
     pub fn summary(&self) -> String {
         let Ok(c) = self.cache.lock() else {

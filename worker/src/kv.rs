@@ -149,6 +149,12 @@ impl SeqCache {
         self.pages[pos / PAGE] * PAGE as u32 + (pos % PAGE) as u32
     }
 
+    /// The `span` pool rows an attention over this sequence's first `total` tokens reads:
+    /// past `total`, its own first row (masked out, or never read by the CUDA decode kernel).
+    pub(crate) fn read_rows(&self, total: usize, span: usize) -> impl Iterator<Item = u32> + '_ {
+        (0..span).map(move |p| if p < total { self.row(p) } else { self.row(0) })
+    }
+
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
     }
@@ -196,7 +202,7 @@ impl StepRows {
         for c in caches {
             let total = c.len + new;
             write.extend((c.len..total).map(|p| c.row(p)));
-            read.extend((0..span).map(|p| if p < total { c.row(p) } else { c.row(0) }));
+            read.extend(c.read_rows(total, span));
             for q in 0..new {
                 // New token q sits at position c.len + q and sees keys up to it.
                 let last = c.len + q;

@@ -734,8 +734,7 @@ impl Qwen2 {
             host.extend(std::iter::repeat_n(c.row(c.len()), shape.width));
         }
         for c in caches.iter() {
-            let total = c.len() + 1;
-            host.extend((0..shape.span).map(|p| if p < total { c.row(p) } else { c.row(0) }));
+            host.extend(c.read_rows(c.len() + 1, shape.span));
         }
         let step = |inputs: &Tensor| -> Result<Tensor> {
             let part = |(at, n): (usize, usize)| inputs.narrow(0, at, n);

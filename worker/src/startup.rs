@@ -199,16 +199,9 @@ impl Worker {
                     // no interactive job is waiting in the broker.
                     _ = batch_poll.tick(), if in_flight.len() < capacity => {
                         match self.take_batch_job(&channel, &mut consumer).await {
-                            Ok(Taken::Batch(delivery)) => {
-                                let runner = self.runner.clone();
-                                in_flight.spawn(async move { runner.handle(delivery).await });
-                            }
-                            Ok(Taken::Interactive(next)) => {
-                                let Some(delivery) = delivered(next, "jobs") else { break };
-                                let runner = self.runner.clone();
-                                in_flight.spawn(async move { runner.handle(delivery).await });
-                            }
+                            Ok(Taken::Job(delivery)) => self.spawn_job(&mut in_flight, *delivery),
                             Ok(Taken::Nothing) => {}
+                            Ok(Taken::ConsumerEnded) => break,
                             Err(e) => {
                                 tracing::warn!(error = %e, "cannot poll the batch queue; reconnecting");
                                 break;
@@ -217,8 +210,7 @@ impl Worker {
                     }
                     next = consumer.next() => {
                         let Some(delivery) = delivered(next, "jobs") else { break };
-                        let runner = self.runner.clone();
-                        in_flight.spawn(async move { runner.handle(delivery).await });
+                        self.spawn_job(&mut in_flight, delivery);
                     }
                     next = dead.next() => {
                         let Some(delivery) = delivered(next, "dead letters") else { break };
@@ -324,6 +316,12 @@ impl Worker {
         }
     }
 
+    /// Runs a job delivery (interactive or batch) on its own task.
+    fn spawn_job(&self, in_flight: &mut JoinSet<()>, delivery: lapin::message::Delivery) {
+        let runner = self.runner.clone();
+        in_flight.spawn(async move { runner.handle(delivery).await });
+    }
+
     /// One batch job, unless an interactive one is waiting (the interactive consumer will get
     /// it) or the batch queue is empty. An interactive job the broker has already pushed to
     /// this worker counts as waiting: right after a job's ack the broker delivers the next
@@ -334,9 +332,6 @@ impl Worker {
         channel: &lapin::Channel,
         consumer: &mut lapin::Consumer,
     ) -> Result<Taken, lapin::Error> {
-        if let Some(next) = consumer.next().now_or_never() {
-            return Ok(Taken::Interactive(next));
-        }
         let interactive = channel
             .queue_declare(
                 self.ks.jobs_queue().into(),
@@ -353,7 +348,9 @@ impl Worker {
         // Frames arrive in order on the connection: a delivery the broker sent before it
         // answered the count above is in the consumer's buffer by now.
         if let Some(next) = consumer.next().now_or_never() {
-            return Ok(Taken::Interactive(next));
+            return Ok(
+                delivered(next, "jobs").map_or(Taken::ConsumerEnded, |d| Taken::Job(Box::new(d)))
+            );
         }
         let message = channel
             .basic_get(
@@ -361,7 +358,7 @@ impl Worker {
                 BasicGetOptions { no_ack: false },
             )
             .await?;
-        Ok(message.map_or(Taken::Nothing, |m| Taken::Batch(m.delivery)))
+        Ok(message.map_or(Taken::Nothing, |m| Taken::Job(Box::new(m.delivery))))
     }
 
     async fn open_consumer(
@@ -408,16 +405,17 @@ impl Worker {
     }
 }
 
-/// A consumer's next delivery, or `None` (logged) when the consumer failed or closed: the
-/// caller reconnects.
 /// What a batch poll took.
 enum Taken {
-    Batch(lapin::message::Delivery),
-    /// An interactive delivery found waiting in the consumer (or its end).
-    Interactive(Option<Result<lapin::message::Delivery, lapin::Error>>),
+    /// A batch job, or an interactive one found waiting in the consumer's buffer.
+    Job(Box<lapin::message::Delivery>),
     Nothing,
+    /// The interactive consumer failed or closed (logged): the caller reconnects.
+    ConsumerEnded,
 }
 
+/// A consumer's next delivery, or `None` (logged) when the consumer failed or closed: the
+/// caller reconnects.
 fn delivered(
     next: Option<Result<lapin::message::Delivery, lapin::Error>>,
     consumer: &str,

@@ -207,19 +207,19 @@ async fn e2e(args: &Args) -> anyhow::Result<()> {
         };
         let total = t.elapsed();
         anyhow::ensure!(job["status"] == "succeeded", "job ended {job}");
-        // Microseconds where the worker reports them: whole milliseconds (truncated) would
-        // count up to a millisecond of generation as overhead.
         let timings = &job["result"]["timings"];
-        let generation = match timings["generation_us"].as_u64() {
-            Some(us) if us > 0 => Duration::from_micros(us),
-            _ => Duration::from_millis(timings["generation_ms"].as_u64().unwrap_or(0)),
-        };
-        overheads.push(total.saturating_sub(generation));
         let generation_whole_ms =
             Duration::from_millis(timings["generation_ms"].as_u64().unwrap_or(0));
+        // Microseconds where the worker reports them: whole milliseconds (truncated) would
+        // count up to a millisecond of generation as overhead.
+        let generation = match timings["generation_us"].as_u64() {
+            Some(us) if us > 0 => Duration::from_micros(us),
+            _ => generation_whole_ms,
+        };
+        overheads.push(total.saturating_sub(generation));
         overheads_whole_ms.push(total.saturating_sub(generation_whole_ms));
         queued.push(Duration::from_millis(
-            job["result"]["timings"]["queued_ms"].as_u64().unwrap_or(0),
+            timings["queued_ms"].as_u64().unwrap_or(0),
         ));
     }
     overheads.sort();
