@@ -118,6 +118,14 @@ fn argmax_rows(logits: &Tensor) -> anyhow::Result<Vec<u32>> {
 
 /// Runs the benchmark, printing each figure as it is measured.
 pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    // On the engine's compute threads, as a worker runs it (see `engine::compute_pool`).
+    if std::env::var("SLUICE_BENCH_OUTSIDE_POOL").is_ok_and(|v| v == "1") {
+        return run_on_this_thread(args);
+    }
+    crate::engine::compute_pool()?.install(|| run_on_this_thread(args))
+}
+
+fn run_on_this_thread(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let device = crate::startup::device(args.device)?;
     let started = Instant::now();
     let mut model = load(args, &device)?;
@@ -125,10 +133,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         model = model.to_q8()?;
     }
     let load_s = started.elapsed().as_secs_f64();
+    let kernels = if args.kernel == "sluice" && device.is_cpu() {
+        format!("sluice kernels, {}", crate::qmm::kernel_name())
+    } else {
+        format!("{} kernels", args.kernel)
+    };
     println!(
-        "model {} loaded in {load_s:.1}s ({} kernels)",
-        args.model.display(),
-        args.kernel
+        "model {} loaded in {load_s:.1}s ({kernels})",
+        args.model.display()
     );
     let prompt = prompt_ids(args.prompt_tokens, 0);
     let per_seq = args.prompt_tokens + args.steps + 16;

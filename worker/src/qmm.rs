@@ -222,6 +222,16 @@ enum Kernel {
     /// AVX2 with AVX-VNNI: one `vpdpbusd` in place of `vpmaddubsw` + `vpmaddwd`.
     #[cfg(target_arch = "x86_64")]
     AvxVnni,
+    /// AVX-512 (F, BW) with AVX512-VNNI: two blocks per 512-bit `vpdpbusd`, eight activation
+    /// rows per pass over a weight row.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+}
+
+/// The name of the kernel this process's matmuls run (`portable`, `avx2`, `avxvnni` or
+/// `avx512vnni`; `SLUICE_CPU_KERNEL` picks another the CPU supports).
+pub fn kernel_name() -> &'static str {
+    KERNEL.name()
 }
 
 /// The kernel this CPU runs, chosen once per process (every matmul asks).
@@ -229,17 +239,52 @@ static KERNEL: std::sync::LazyLock<Kernel> = std::sync::LazyLock::new(Kernel::de
 
 impl Kernel {
     fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SLUICE_CPU_VNNI=off keeps the plain AVX2 kernel (for side-by-side measurements).
-            let vnni = std::env::var("SLUICE_CPU_VNNI").map_or(true, |v| v != "off");
-            if vnni && std::arch::is_x86_feature_detected!("avxvnni") {
-                return Kernel::AvxVnni;
-            }
-            return Kernel::Avx2;
+        let best = Self::best();
+        // SLUICE_CPU_KERNEL names a kernel to use instead (for side-by-side measurements); one
+        // this CPU cannot run is ignored.
+        match std::env::var("SLUICE_CPU_KERNEL") {
+            Ok(name) => Self::supported()
+                .into_iter()
+                .find(|k| k.name() == name)
+                .unwrap_or(best),
+            Err(_) => best,
         }
-        Kernel::Portable
+    }
+
+    /// Every kernel this CPU can run, slowest first.
+    fn supported() -> Vec<Self> {
+        #[allow(unused_mut)]
+        let mut all = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                all.push(Kernel::Avx2);
+                if has!("avxvnni") {
+                    all.push(Kernel::AvxVnni);
+                }
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+                    all.push(Kernel::Avx512Vnni);
+                }
+            }
+        }
+        all
+    }
+
+    fn best() -> Self {
+        Self::supported().pop().unwrap_or(Kernel::Portable)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => "avxvnni",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => "avx512vnni",
+        }
     }
 
     /// Output feature `j` for every activation row: `dst[r] = x_r · w_j`.
@@ -250,6 +295,8 @@ impl Kernel {
             Kernel::Avx2 => avx2::row(w, j, x, dst, false),
             #[cfg(target_arch = "x86_64")]
             Kernel::AvxVnni => avx2::row(w, j, x, dst, true),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => avx512::row(w, j, x, dst),
         }
     }
 }
@@ -389,6 +436,112 @@ mod avx2 {
     });
 }
 
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx512 {
+    //! The AVX-512 kernel. Two consecutive blocks fill one 512-bit register (block `b` in the
+    //! low half, `b + 1` in the high half); per pair: `|w|` as unsigned bytes, `x` negated where
+    //! `w` is negative (a masked subtract: AVX-512 has no `vpsignb`), one `vpdpbusd` for the
+    //! byte products and their sums to i32, then converted to f32 and accumulated with the two
+    //! blocks' combined scales. One weight pair is loaded once for up to eight activation rows.
+    //! Each row's arithmetic is the same whatever rows share its pass, so a sequence's results
+    //! do not depend on the batch it runs in.
+
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, Block, Q8Matrix, Q8Rows};
+
+    /// Weights prefetched this many blocks ahead, as in the AVX2 kernel.
+    const PREFETCH_BLOCKS: usize = 64;
+
+    pub(super) fn row(w: &Q8Matrix, j: usize, x: &Q8Rows, dst: &mut [f32]) {
+        let mut r = 0;
+        while r < x.m {
+            let left = x.m - r;
+            // SAFETY: `Kernel::Avx512Vnni` is only chosen after `is_x86_feature_detected!`
+            // confirmed AVX2, FMA, AVX512F, AVX512BW and AVX512-VNNI.
+            unsafe {
+                match left {
+                    1 => rows::<1>(w, j, x, r, dst),
+                    2 => rows::<2>(w, j, x, r, dst),
+                    3 => rows::<3>(w, j, x, r, dst),
+                    4 => rows::<4>(w, j, x, r, dst),
+                    5 => rows::<5>(w, j, x, r, dst),
+                    6 => rows::<6>(w, j, x, r, dst),
+                    7 => rows::<7>(w, j, x, r, dst),
+                    _ => rows::<8>(w, j, x, r, dst),
+                }
+            }
+            r += left.min(8);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
+    fn rows<const R: usize>(w: &Q8Matrix, j: usize, x: &Q8Rows, first: usize, dst: &mut [f32]) {
+        let k = w.k;
+        let nb = k / BLOCK;
+        let row = w.row(j);
+        assert!(first + R <= x.m && dst.len() >= first + R && row.len() == nb);
+        assert!(x.qs.len() >= (first + R) * k && x.scales.len() >= (first + R) * nb);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let zero = _mm512_setzero_si512();
+        // Lanes 0..8 take the first float of an `__m128`, lanes 8..16 the second.
+        let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        // SAFETY: every pointer read below stays inside the slices asserted above: blocks
+        // b, b + 1 < nb of weight row j (only b in the odd tail), and the same blocks of
+        // activation rows first..first+R. Loads are unaligned; prefetches never fault.
+        unsafe {
+            let xq: [*const i8; R] = std::array::from_fn(|r| x.qs.as_ptr().add((first + r) * k));
+            let xd: [*const f32; R] =
+                std::array::from_fn(|r| x.scales.as_ptr().add((first + r) * nb));
+            let blocks: *const Block = row.as_ptr();
+            let mut b = 0;
+            while b + 2 <= nb {
+                let b0 = blocks.add(b);
+                let ahead = b0.wrapping_add(PREFETCH_BLOCKS).cast::<i8>();
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+                let lo = _mm256_loadu_si256((*b0).qs.as_ptr().cast());
+                let hi = _mm256_loadu_si256((*b0.add(1)).qs.as_ptr().cast());
+                let wv = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                let aw = _mm512_abs_epi8(wv);
+                let neg = _mm512_movepi8_mask(wv);
+                let wd = _mm_setr_ps((*b0).d, (*b0.add(1)).d, 0.0, 0.0);
+                let off = b * BLOCK;
+                for r in 0..R {
+                    let xv = _mm512_loadu_si512(xq[r].add(off).cast());
+                    let sx = _mm512_mask_sub_epi8(xv, neg, zero, xv);
+                    let p32 = _mm512_dpbusd_epi32(zero, aw, sx);
+                    let xs = _mm_castpd_ps(_mm_load_sd(xd[r].add(b).cast()));
+                    let both = _mm_mul_ps(wd, xs);
+                    let scale = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(both));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), scale, acc[r]);
+                }
+                b += 2;
+            }
+            if b < nb {
+                // An odd block count: the last block alone, in the low half.
+                const LOW: __mmask64 = 0xFFFF_FFFF;
+                let blk = blocks.add(b);
+                let wv = _mm512_maskz_loadu_epi8(LOW, (*blk).qs.as_ptr());
+                let aw = _mm512_abs_epi8(wv);
+                let neg = _mm512_movepi8_mask(wv);
+                let off = b * BLOCK;
+                for r in 0..R {
+                    let xv = _mm512_maskz_loadu_epi8(LOW, xq[r].add(off));
+                    let sx = _mm512_mask_sub_epi8(xv, neg, zero, xv);
+                    let p32 = _mm512_dpbusd_epi32(zero, aw, sx);
+                    let scale = _mm512_set1_ps((*blk).d * *xd[r].add(b));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), scale, acc[r]);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            dst[first + r] = _mm512_reduce_add_ps(*a);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,6 +585,62 @@ mod tests {
                 Kernel::Avx2.row(&q, j, &rows, &mut a);
                 Kernel::AvxVnni.row(&q, j, &rows, &mut b);
                 assert_eq!(a, b, "feature {j}, {m} rows");
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_this_cpu_runs_matches_the_portable_one_for_any_rows_and_blocks() {
+        let mut seed = 23;
+        // 7 blocks per row (an odd count: the AVX-512 kernel's tail) and 8 (pairs only).
+        for k in [224, 256] {
+            let n = 5;
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed) * 2.0).collect();
+            let q = Q8Matrix::quantize(&w, n, k).expect("quantize");
+            for m in [1, 3, 4, 7, 8, 9, 13, 16] {
+                let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
+                let rows = Q8Rows::quantize(&x, m, k);
+                for kernel in Kernel::supported() {
+                    for j in 0..n {
+                        let (mut a, mut b) = (vec![0f32; m], vec![0f32; m]);
+                        portable_row(&q, j, &rows, &mut a);
+                        kernel.row(&q, j, &rows, &mut b);
+                        for (x, y) in a.iter().zip(&b) {
+                            assert!(
+                                (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+                                "{kernel:?}, k {k}, {m} rows, feature {j}: {x} vs {y}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_rows_result_does_not_depend_on_the_rows_beside_it() {
+        // Batch isolation at the kernel: row r of a batch gives bit for bit what it gives
+        // alone, whatever kernel this CPU runs and wherever the row falls in a pass.
+        let mut seed = 5;
+        let (n, k, m) = (6, 288, 13);
+        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+        let q = Q8Matrix::quantize(&w, n, k).expect("quantize");
+        let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 4.0).collect();
+        let rows = Q8Rows::quantize(&x, m, k);
+        for kernel in Kernel::supported() {
+            let mut together = vec![0f32; m];
+            for j in 0..n {
+                kernel.row(&q, j, &rows, &mut together);
+                for r in 0..m {
+                    let alone = Q8Rows::quantize(&x[r * k..(r + 1) * k], 1, k);
+                    let mut one = [0f32];
+                    kernel.row(&q, j, &alone, &mut one);
+                    assert_eq!(
+                        one[0].to_bits(),
+                        together[r].to_bits(),
+                        "{kernel:?} row {r}"
+                    );
+                }
             }
         }
     }
@@ -482,25 +691,6 @@ mod tests {
                 // Two 8-bit quantisations of uniform values: error well under 1% of the
                 // sum's scale (sqrt(k) ~ 16 here).
                 assert!((g - e).abs() < 0.15, "m={m}: {g} vs {e}");
-            }
-        }
-    }
-
-    #[test]
-    fn every_kernel_gives_the_portable_result() {
-        let mut seed = 7;
-        let (n, k, m) = (33, 128, 7);
-        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed) * 3.0).collect();
-        let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
-        let q = Q8Matrix::quantize(&w, n, k).expect("quantize");
-        let rows = Q8Rows::quantize(&x, m, k);
-        let kernel = Kernel::detect();
-        for j in 0..n {
-            let (mut a, mut b) = (vec![0f32; m], vec![0f32; m]);
-            portable_row(&q, j, &rows, &mut a);
-            kernel.row(&q, j, &rows, &mut b);
-            for (x, y) in a.iter().zip(&b) {
-                assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{x} vs {y}");
             }
         }
     }

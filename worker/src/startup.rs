@@ -82,6 +82,7 @@ impl Worker {
             model = %model.info().name,
             context_length = model.info().context_length,
             load_ms = started.elapsed().as_millis() as u64,
+            cpu_kernel = if device.is_cpu() { crate::qmm::kernel_name() } else { "-" },
             "model loaded"
         );
         let metrics = Arc::new(WorkerMetrics::new(device.is_cuda()));
