@@ -1,8 +1,9 @@
 //! The batched 8-bit CPU matmul ([`sluice_worker::qmm`]) at Qwen2.5-0.5B's shapes, for 1, 2, 4
 //! and 8 activation rows (one decode step of that many sequences) and 64 rows (a prefill
-//! chunk). `cargo bench -p sluice-worker --bench qmm`.
+//! chunk), on the engine's compute pool. `cargo bench -p sluice-worker --bench qmm`;
+//! `SLUICE_CPU_KERNEL` (`avx2`, `avxvnni`, `avx512vnni`, `portable`) runs another kernel.
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use sluice_worker::qmm::Q8Matrix;
 
 fn weights(n: usize, k: usize) -> Q8Matrix {
@@ -33,4 +34,10 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    // Inside the pool, as the engine runs its forward passes (`engine::compute_pool`).
+    let pool = sluice_worker::engine::compute_pool().expect("compute pool");
+    pool.install(benches);
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -42,13 +42,33 @@ pub struct Q8Matrix {
     n: usize,
     k: usize,
     blocks: Vec<Block>,
+    /// Per block, `128 · d · Σ qs`, row-major (`n x k/32`): what a block's product gains when
+    /// its activations are read as unsigned bytes offset by 128 ([`Layout::Paired`]), up to
+    /// the activations' scale.
+    offsets: Vec<f32>,
 }
 
 /// Activations quantised per row: `m` rows of `k`.
 struct Q8Rows {
     m: usize,
+    /// Row-major; within a row, block after block, or in the kernel's [`Layout`].
     qs: Vec<i8>,
     scales: Vec<f32>,
+    layout: Layout,
+}
+
+/// How a row's quantised values are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Block after block, 32 values each.
+    Blocks,
+    /// Unsigned bytes, each value plus 128 (`vpdpbusd` multiplies unsigned by signed bytes;
+    /// the weights stay signed and [`Q8Matrix::offsets`] takes the excess back out), with the
+    /// blocks in pairs (an odd last block stays as it is) whose groups of four values
+    /// alternate: `b0[0..4], b1[0..4], b0[4..8], b1[4..8], ...`. A 32-bit lane of a pair then
+    /// belongs to one block, the even lanes to the first and the odd to the second, so two
+    /// adjacent scales broadcast as one 64-bit value line up with their lanes.
+    Paired,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +111,7 @@ impl Q8Matrix {
                 Block { d, qs }
             })
             .collect();
-        Ok(Self { n, k, blocks })
+        Ok(Self::new(n, k, blocks))
     }
 
     /// From GGUF Q8_0 bytes (blocks of an f16 scale followed by 32 signed bytes), without
@@ -120,7 +140,7 @@ impl Q8Matrix {
                 }
             })
             .collect();
-        Ok(Self { n, k, blocks })
+        Ok(Self::new(n, k, blocks))
     }
 
     /// The rows of several matrices with the same inputs, one after another: one matmul then
@@ -133,14 +153,27 @@ impl Q8Matrix {
                 p.k
             )));
         }
-        Ok(Self {
-            n: parts.iter().map(|p| p.n).sum(),
+        Ok(Self::new(
+            parts.iter().map(|p| p.n).sum(),
             k,
-            blocks: parts
+            parts
                 .iter()
                 .flat_map(|p| p.blocks.iter().copied())
                 .collect(),
-        })
+        ))
+    }
+
+    fn new(n: usize, k: usize, blocks: Vec<Block>) -> Self {
+        let offsets = blocks
+            .iter()
+            .map(|b| 128.0 * b.d * b.qs.iter().map(|&q| i32::from(q)).sum::<i32>() as f32)
+            .collect();
+        Self {
+            n,
+            k,
+            blocks,
+            offsets,
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -160,8 +193,8 @@ impl Q8Matrix {
                 self.k
             )));
         }
-        let rows = Q8Rows::quantize(x, m, self.k);
         let kernel = *KERNEL;
+        let rows = Q8Rows::quantize(x, m, self.k, kernel.layout());
         // Each task owns a run of output features and computes them for every activation row,
         // writing feature-major (`n x m`); the result is transposed at the end.
         let chunk = chunk_len(self.n, m);
@@ -203,14 +236,34 @@ fn chunk_len(n: usize, m: usize) -> usize {
 }
 
 impl Q8Rows {
-    fn quantize(x: &[f32], m: usize, k: usize) -> Self {
+    fn quantize(x: &[f32], m: usize, k: usize, layout: Layout) -> Self {
         let mut qs = vec![0i8; m * k];
         let scales = x
             .chunks_exact(BLOCK)
             .zip(qs.chunks_exact_mut(BLOCK))
             .map(|(x, q)| quantize_block(x, q))
             .collect();
-        Self { m, qs, scales }
+        if layout == Layout::Paired {
+            for q in &mut qs {
+                // x + 128 as an unsigned byte, kept in the i8 buffer bit for bit.
+                *q = (*q as u8 ^ 0x80) as i8;
+            }
+            for row in qs.chunks_exact_mut(k) {
+                for pair in row.chunks_exact_mut(2 * BLOCK) {
+                    let plain: [i8; 2 * BLOCK] = pair.try_into().unwrap_or([0; 2 * BLOCK]);
+                    for (g, out) in pair.chunks_exact_mut(8).enumerate() {
+                        out[..4].copy_from_slice(&plain[4 * g..4 * g + 4]);
+                        out[4..].copy_from_slice(&plain[BLOCK + 4 * g..BLOCK + 4 * g + 4]);
+                    }
+                }
+            }
+        }
+        Self {
+            m,
+            qs,
+            scales,
+            layout,
+        }
     }
 }
 
@@ -287,6 +340,15 @@ impl Kernel {
         }
     }
 
+    /// The activation layout the kernel reads.
+    fn layout(self) -> Layout {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => Layout::Paired,
+            _ => Layout::Blocks,
+        }
+    }
+
     /// Output feature `j` for every activation row: `dst[r] = x_r · w_j`.
     fn row(self, w: &Q8Matrix, j: usize, x: &Q8Rows, dst: &mut [f32]) {
         match self {
@@ -302,6 +364,7 @@ impl Kernel {
 }
 
 fn portable_row(w: &Q8Matrix, j: usize, x: &Q8Rows, dst: &mut [f32]) {
+    assert_eq!(x.layout, Layout::Blocks);
     let k = w.k;
     let row = w.row(j);
     let nb = k / BLOCK;
@@ -333,7 +396,7 @@ mod avx2 {
 
     use std::arch::x86_64::*;
 
-    use super::{BLOCK, Q8Matrix, Q8Rows};
+    use super::{BLOCK, Layout, Q8Matrix, Q8Rows};
 
     /// How far ahead (in 36-byte blocks, 2.3 KB) the kernel prefetches weights. Measured on
     /// a 2-core Intel VM, single-stream decode of the 0.5B test model: none 20.5 to 21.6
@@ -342,6 +405,7 @@ mod avx2 {
     const PREFETCH_BLOCKS: usize = 64;
 
     pub(super) fn row(w: &Q8Matrix, j: usize, x: &Q8Rows, dst: &mut [f32], vnni: bool) {
+        assert_eq!(x.layout, Layout::Blocks);
         let mut r = 0;
         while r < x.m {
             let left = x.m - r;
@@ -439,22 +503,27 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx512 {
-    //! The AVX-512 kernel. Two consecutive blocks fill one 512-bit register (block `b` in the
-    //! low half, `b + 1` in the high half); per pair: `|w|` as unsigned bytes, `x` negated where
-    //! `w` is negative (a masked subtract: AVX-512 has no `vpsignb`), one `vpdpbusd` for the
-    //! byte products and their sums to i32, then converted to f32 and accumulated with the two
-    //! blocks' combined scales. One weight pair is loaded once for up to eight activation rows.
-    //! Each row's arithmetic is the same whatever rows share its pass, so a sequence's results
-    //! do not depend on the batch it runs in.
+    //! The AVX-512 kernel. A pair of consecutive blocks fills one 512-bit register with their
+    //! groups of four bytes alternating ([`Layout::Paired`]: the activations are quantised
+    //! that way, the weights permuted so per pair, once for all rows): even 32-bit lanes belong
+    //! to the first block, odd ones to the second. Per pair and row, one `vpdpbusd` multiplies
+    //! the activations (unsigned, offset by 128) with the signed weights and sums each lane's
+    //! four products to i32; that is converted to f32 and accumulated with the lanes' scales:
+    //! the two weight scales times the row's two scales, which sit next to each other and
+    //! broadcast as one 64-bit value. After the last pair, the offset's share (Σ over blocks
+    //! of [`Q8Matrix::offsets`] times the row's scale) comes off. One weight pair is loaded
+    //! once for up to eight activation rows. Each row's arithmetic is the same whatever rows
+    //! share its pass, so a sequence's results do not depend on the batch it runs in.
 
     use std::arch::x86_64::*;
 
-    use super::{BLOCK, Block, Q8Matrix, Q8Rows};
+    use super::{BLOCK, Block, Layout, Q8Matrix, Q8Rows};
 
     /// Weights prefetched this many blocks ahead, as in the AVX2 kernel.
     const PREFETCH_BLOCKS: usize = 64;
 
     pub(super) fn row(w: &Q8Matrix, j: usize, x: &Q8Rows, dst: &mut [f32]) {
+        assert_eq!(x.layout, Layout::Paired);
         let mut r = 0;
         while r < x.m {
             let left = x.m - r;
@@ -481,15 +550,17 @@ mod avx512 {
         let k = w.k;
         let nb = k / BLOCK;
         let row = w.row(j);
+        let offsets = &w.offsets[j * nb..(j + 1) * nb];
         assert!(first + R <= x.m && dst.len() >= first + R && row.len() == nb);
         assert!(x.qs.len() >= (first + R) * k && x.scales.len() >= (first + R) * nb);
         let mut acc = [_mm512_setzero_ps(); R];
         let zero = _mm512_setzero_si512();
-        // Lanes 0..8 take the first float of an `__m128`, lanes 8..16 the second.
-        let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        // Dword i of the result is dword `paired[i]` of `[first block | second block]`.
+        let paired = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
         // SAFETY: every pointer read below stays inside the slices asserted above: blocks
         // b, b + 1 < nb of weight row j (only b in the odd tail), and the same blocks of
-        // activation rows first..first+R. Loads are unaligned; prefetches never fault.
+        // activation rows first..first+R (their bytes and their two scales). Loads are
+        // unaligned; prefetches never fault.
         unsafe {
             let xq: [*const i8; R] = std::array::from_fn(|r| x.qs.as_ptr().add((first + r) * k));
             let xd: [*const f32; R] =
@@ -503,41 +574,55 @@ mod avx512 {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
                 let lo = _mm256_loadu_si256((*b0).qs.as_ptr().cast());
                 let hi = _mm256_loadu_si256((*b0.add(1)).qs.as_ptr().cast());
-                let wv = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-                let aw = _mm512_abs_epi8(wv);
-                let neg = _mm512_movepi8_mask(wv);
+                let wv = _mm512_permutexvar_epi32(
+                    paired,
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi),
+                );
+                // [d0, d1] in every 64-bit lane.
                 let wd = _mm_setr_ps((*b0).d, (*b0.add(1)).d, 0.0, 0.0);
+                let ws = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(wd)));
                 let off = b * BLOCK;
                 for r in 0..R {
                     let xv = _mm512_loadu_si512(xq[r].add(off).cast());
-                    let sx = _mm512_mask_sub_epi8(xv, neg, zero, xv);
-                    let p32 = _mm512_dpbusd_epi32(zero, aw, sx);
-                    let xs = _mm_castpd_ps(_mm_load_sd(xd[r].add(b).cast()));
-                    let both = _mm_mul_ps(wd, xs);
-                    let scale = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(both));
+                    let p32 = _mm512_dpbusd_epi32(zero, xv, wv);
+                    let two = xd[r].add(b).cast::<f64>().read_unaligned();
+                    let scale = _mm512_mul_ps(ws, _mm512_castpd_ps(_mm512_set1_pd(two)));
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), scale, acc[r]);
                 }
                 b += 2;
             }
             if b < nb {
-                // An odd block count: the last block alone, in the low half.
+                // An odd block count: the last block alone (not paired), in the low half.
                 const LOW: __mmask64 = 0xFFFF_FFFF;
                 let blk = blocks.add(b);
                 let wv = _mm512_maskz_loadu_epi8(LOW, (*blk).qs.as_ptr());
-                let aw = _mm512_abs_epi8(wv);
-                let neg = _mm512_movepi8_mask(wv);
                 let off = b * BLOCK;
                 for r in 0..R {
                     let xv = _mm512_maskz_loadu_epi8(LOW, xq[r].add(off));
-                    let sx = _mm512_mask_sub_epi8(xv, neg, zero, xv);
-                    let p32 = _mm512_dpbusd_epi32(zero, aw, sx);
+                    let p32 = _mm512_dpbusd_epi32(zero, xv, wv);
                     let scale = _mm512_set1_ps((*blk).d * *xd[r].add(b));
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), scale, acc[r]);
                 }
             }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            dst[first + r] = _mm512_reduce_add_ps(*a);
+            // The offset's share: Σ_b offsets[b] · xd[r][b], sixteen blocks at a time.
+            let mut excess = [_mm512_setzero_ps(); R];
+            let mut b = 0;
+            while b < nb {
+                let lanes: __mmask16 = if nb - b >= 16 {
+                    0xFFFF
+                } else {
+                    (1u16 << (nb - b)) - 1
+                };
+                let o = _mm512_maskz_loadu_ps(lanes, offsets.as_ptr().add(b));
+                for r in 0..R {
+                    let s = _mm512_maskz_loadu_ps(lanes, xd[r].add(b));
+                    excess[r] = _mm512_fmadd_ps(o, s, excess[r]);
+                }
+                b += 16;
+            }
+            for r in 0..R {
+                dst[first + r] = _mm512_reduce_add_ps(acc[r]) - _mm512_reduce_add_ps(excess[r]);
+            }
         }
     }
 }
@@ -579,7 +664,7 @@ mod tests {
         let q = Q8Matrix::quantize(&w, n, k).expect("quantize");
         for m in [1, 3, 4, 7] {
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
-            let rows = Q8Rows::quantize(&x, m, k);
+            let rows = Q8Rows::quantize(&x, m, k, Layout::Blocks);
             for j in 0..n {
                 let (mut a, mut b) = (vec![0f32; m], vec![0f32; m]);
                 Kernel::Avx2.row(&q, j, &rows, &mut a);
@@ -599,11 +684,12 @@ mod tests {
             let q = Q8Matrix::quantize(&w, n, k).expect("quantize");
             for m in [1, 3, 4, 7, 8, 9, 13, 16] {
                 let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
-                let rows = Q8Rows::quantize(&x, m, k);
                 for kernel in Kernel::supported() {
+                    let rows = Q8Rows::quantize(&x, m, k, kernel.layout());
+                    let plain = Q8Rows::quantize(&x, m, k, Layout::Blocks);
                     for j in 0..n {
                         let (mut a, mut b) = (vec![0f32; m], vec![0f32; m]);
-                        portable_row(&q, j, &rows, &mut a);
+                        portable_row(&q, j, &plain, &mut a);
                         kernel.row(&q, j, &rows, &mut b);
                         for (x, y) in a.iter().zip(&b) {
                             assert!(
@@ -626,13 +712,13 @@ mod tests {
         let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
         let q = Q8Matrix::quantize(&w, n, k).expect("quantize");
         let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 4.0).collect();
-        let rows = Q8Rows::quantize(&x, m, k);
         for kernel in Kernel::supported() {
+            let rows = Q8Rows::quantize(&x, m, k, kernel.layout());
             let mut together = vec![0f32; m];
             for j in 0..n {
                 kernel.row(&q, j, &rows, &mut together);
                 for r in 0..m {
-                    let alone = Q8Rows::quantize(&x[r * k..(r + 1) * k], 1, k);
+                    let alone = Q8Rows::quantize(&x[r * k..(r + 1) * k], 1, k, kernel.layout());
                     let mut one = [0f32];
                     kernel.row(&q, j, &alone, &mut one);
                     assert_eq!(
