@@ -62,6 +62,8 @@ pub struct BatchFigure {
     pub batch: usize,
     pub aggregate_tok_s: f64,
     pub per_sequence_tok_s: f64,
+    /// The median decode step: on a shared VM, less moved by other tenants than the mean.
+    pub median_step_ms: f64,
     /// Whether the batch's first sequence (the prompt of the batch-1 run) decoded the same
     /// greedy tokens as it did alone: isolation inside the batch.
     pub first_sequence_matches_batch_1: Option<bool>,
@@ -203,13 +205,18 @@ fn run_on_this_thread(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             c.truncate(len);
         }
         let mut greedy = vec![next[0]];
+        let mut step_s = Vec::with_capacity(args.steps);
         let t = Instant::now();
         for _ in 0..args.steps {
+            let step = Instant::now();
             let mut refs: Vec<_> = caches.iter_mut().collect();
             next = argmax_rows(&model.decode(&next, &mut refs)?)?;
             greedy.push(next[0]);
+            step_s.push(step.elapsed().as_secs_f64());
         }
         let secs = t.elapsed().as_secs_f64();
+        step_s.sort_by(f64::total_cmp);
+        let median_step_s = step_s.get(step_s.len() / 2).copied().unwrap_or(secs);
         let first_sequence_matches_batch_1 = alone.as_ref().map(|a| *a == greedy);
         if batch == 1 {
             alone = Some(greedy.clone());
@@ -218,13 +225,17 @@ fn run_on_this_thread(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             batch,
             aggregate_tok_s: (batch * args.steps) as f64 / secs,
             per_sequence_tok_s: args.steps as f64 / secs,
+            median_step_ms: median_step_s * 1e3,
             first_sequence_matches_batch_1,
         };
         println!(
-            "decode batch {batch}: {:.1} tok/s aggregate ({:.1} per sequence, {} steps){}",
+            "decode batch {batch}: {:.1} tok/s aggregate ({:.1} per sequence, {} steps; median \
+             step {:.2} ms, {:.1} tok/s at the median){}",
             figure.aggregate_tok_s,
             figure.per_sequence_tok_s,
             args.steps,
+            figure.median_step_ms,
+            batch as f64 / median_step_s,
             match first_sequence_matches_batch_1 {
                 Some(true) => ", first sequence's tokens identical to batch 1",
                 Some(false) => ", first sequence's tokens DIFFER from batch 1",

@@ -184,6 +184,17 @@ pub(crate) struct StepRows {
     /// CUDA decode kernel; only for single-token steps on a GPU.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub lens: Option<Tensor>,
+    /// For single-token steps on the CPU: the read rows and each sequence's key count on the
+    /// host, for [`crate::cpu_attention`].
+    pub host: Option<HostStep>,
+}
+
+/// A CPU decode step's rows, on the host.
+pub(crate) struct HostStep {
+    /// `(batch · span)` pool rows, as in [`StepRows::read`].
+    pub read: Vec<u32>,
+    /// Keys each sequence attends over.
+    pub lens: Vec<usize>,
 }
 
 impl StepRows {
@@ -216,6 +227,10 @@ impl StepRows {
                 }));
             }
         }
+        let host = (new == 1 && device.is_cpu()).then(|| HostStep {
+            read: read.clone(),
+            lens: caches.iter().map(|c| c.len + new).collect(),
+        });
         let n = write.len();
         let write = Tensor::from_vec(write, (n, 1), device)?
             .broadcast_as((n, width))?
@@ -242,6 +257,7 @@ impl StepRows {
             mask,
             span,
             lens,
+            host,
         })
     }
 }

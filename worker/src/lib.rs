@@ -7,6 +7,7 @@
 //!   detokenization, cancellation, deadline);
 //! - [`graphs`] (CUDA): decode steps recorded once and replayed as CUDA graphs;
 //! - [`qmm`]: the batched 8-bit CPU matmul that makes batched decode cheaper than serial;
+//! - `cpu_attention`: single-token attention on the CPU straight out of the paged KV pool;
 //! - [`engine`]: the dedicated thread that owns the model, fed by a channel, so model compute
 //!   never runs on the async runtime;
 //! - [`consumer`]: the AMQP consumer: decode → start (Redis) → engine → finish (Redis) → ack;
@@ -19,6 +20,7 @@
 
 pub mod bench;
 pub mod consumer;
+pub(crate) mod cpu_attention;
 pub mod engine;
 pub mod fused;
 pub mod generate;

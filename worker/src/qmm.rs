@@ -212,11 +212,11 @@ impl Q8Matrix {
             return Ok(by_feature);
         }
         let mut out = vec![0f32; m * self.n];
-        for (j, feature) in by_feature.chunks_exact(m).enumerate() {
-            for (r, v) in feature.iter().enumerate() {
-                out[r * self.n + j] = *v;
+        out.par_chunks_mut(self.n).enumerate().for_each(|(r, row)| {
+            for (o, feature) in row.iter_mut().zip(by_feature.chunks_exact(m)) {
+                *o = feature[r];
             }
-        }
+        });
         Ok(out)
     }
 
@@ -236,33 +236,51 @@ fn chunk_len(n: usize, m: usize) -> usize {
 }
 
 impl Q8Rows {
+    /// Quantises `m` rows of `k` values, in parallel (pairs of blocks at a time, so the
+    /// serial part of a batched matmul stays small).
     fn quantize(x: &[f32], m: usize, k: usize, layout: Layout) -> Self {
+        let nb = k / BLOCK;
         let mut qs = vec![0i8; m * k];
-        let scales = x
-            .chunks_exact(BLOCK)
-            .zip(qs.chunks_exact_mut(BLOCK))
-            .map(|(x, q)| quantize_block(x, q))
-            .collect();
-        if layout == Layout::Paired {
-            for q in &mut qs {
-                // x + 128 as an unsigned byte, kept in the i8 buffer bit for bit.
-                *q = (*q as u8 ^ 0x80) as i8;
-            }
-            for row in qs.chunks_exact_mut(k) {
-                for pair in row.chunks_exact_mut(2 * BLOCK) {
-                    let plain: [i8; 2 * BLOCK] = pair.try_into().unwrap_or([0; 2 * BLOCK]);
-                    for (g, out) in pair.chunks_exact_mut(8).enumerate() {
-                        out[..4].copy_from_slice(&plain[4 * g..4 * g + 4]);
-                        out[4..].copy_from_slice(&plain[BLOCK + 4 * g..BLOCK + 4 * g + 4]);
-                    }
-                }
-            }
-        }
+        let mut scales = vec![0f32; m * nb];
+        qs.par_chunks_mut(k)
+            .zip(scales.par_chunks_mut(nb))
+            .zip(x.par_chunks(k))
+            .for_each(|((qs, scales), x)| {
+                qs.par_chunks_mut(2 * BLOCK)
+                    .zip(scales.par_chunks_mut(2))
+                    .zip(x.par_chunks(2 * BLOCK))
+                    .with_min_len(8)
+                    .for_each(|((q, d), x)| quantize_pair(x, q, d, layout));
+            });
         Self {
             m,
             qs,
             scales,
             layout,
+        }
+    }
+}
+
+/// One or two blocks (a row's odd last block comes alone) into `layout`.
+fn quantize_pair(x: &[f32], q: &mut [i8], d: &mut [f32], layout: Layout) {
+    for ((x, q), d) in x
+        .chunks_exact(BLOCK)
+        .zip(q.chunks_exact_mut(BLOCK))
+        .zip(d.iter_mut())
+    {
+        *d = quantize_block(x, q);
+    }
+    if layout == Layout::Paired {
+        for v in q.iter_mut() {
+            // x + 128 as an unsigned byte, kept in the i8 buffer bit for bit.
+            *v = (*v as u8 ^ 0x80) as i8;
+        }
+        if let Ok(pair) = <&mut [i8; 2 * BLOCK]>::try_from(q) {
+            let plain = *pair;
+            for (g, out) in pair.chunks_exact_mut(8).enumerate() {
+                out[..4].copy_from_slice(&plain[4 * g..4 * g + 4]);
+                out[4..].copy_from_slice(&plain[BLOCK + 4 * g..BLOCK + 4 * g + 4]);
+            }
         }
     }
 }

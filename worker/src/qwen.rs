@@ -564,6 +564,27 @@ impl Qwen2 {
             )?
             .reshape((b, t, d.heads * d.head_dim));
         }
+        if let Some(host) = &rows.host
+            && t == 1
+            && q.dtype() == DType::F32
+            && pool.k[li].dtype() == DType::F32
+        {
+            return crate::cpu_attention::decode(
+                q,
+                &pool.k[li],
+                &pool.v[li],
+                &crate::cpu_attention::HostRows {
+                    read: &host.read,
+                    lens: &host.lens,
+                    span: rows.span,
+                },
+                crate::cpu_attention::Heads {
+                    heads: d.heads,
+                    kv_heads: d.kv_heads,
+                    head_dim: d.head_dim,
+                },
+            );
+        }
         // Scores and softmax in f32 whatever the storage type, as PyTorch's SDPA accumulates
         // (measured on the H200: the bf16 logits' cosine to transformers went from 0.99840 to
         // 0.99866, so bf16 rounding elsewhere dominates what remains).
