@@ -4,7 +4,7 @@
 //! - [`qkv_rope`]: bias of the stacked q/k/v projection, rotary embedding of q and k, and the
 //!   split into three contiguous tensors (candle: a bias add, three copies, two rope kernels);
 //! - [`silu_mul`]: `silu(gate) · up` from the stacked gate/up projection (candle: two copies,
-//!   silu, mul);
+//!   silu, mul; on the CPU in f32 one parallel pass too);
 //! - [`add_rms_norm`]: the residual add and the next RMS norm (candle: add, norm);
 //! - [`linear`]: a bf16 projection of a single-stream decode step as a matrix-vector kernel
 //!   that streams the weights (candle: cuBLAS).
@@ -106,8 +106,38 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     if on_gpu(gate_up.device(), gate_up.dtype()) {
         return cuda::silu_mul(gate_up);
     }
+    if gate_up.device().is_cpu() && gate_up.dtype() == candle_core::DType::F32 {
+        return cpu_silu_mul(gate_up);
+    }
     let i = width / 2;
     candle_nn::ops::silu(&gate_up.narrow(D::Minus1, 0, i)?)? * gate_up.narrow(D::Minus1, i, i)?
+}
+
+/// [`silu_mul`] on the CPU in f32: one parallel pass over the rows (candle's operations made
+/// two strided copies and two more passes), with candle's formula `g / (1 + e^-g) · u`.
+fn cpu_silu_mul(gate_up: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let mut dims = gate_up.dims().to_vec();
+    let width = dims.pop().unwrap_or(0);
+    let half = width / 2;
+    let gate_up = gate_up.contiguous()?;
+    let (guard, layout) = gate_up.storage_and_layout();
+    let candle_core::Storage::Cpu(storage) = &*guard else {
+        candle_core::bail!("silu_mul: not a CPU tensor");
+    };
+    let src = &storage.as_slice::<f32>()?[layout.start_offset()..][..gate_up.elem_count()];
+    let mut out = vec![0f32; src.len() / 2];
+    out.par_chunks_mut(half.max(1))
+        .zip(src.par_chunks(width.max(1)))
+        .for_each(|(out, row)| {
+            let (gate, up) = row.split_at(half);
+            for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+                *o = g / ((-g).exp() + 1.0) * u;
+            }
+        });
+    drop(guard);
+    dims.push(half);
+    Tensor::from_vec(out, dims, &candle_core::Device::Cpu)
 }
 
 /// `x · Wᵀ` of a dense projection without bias. On CUDA in bf16 with at most
