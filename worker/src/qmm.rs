@@ -15,13 +15,14 @@
 //! are quantised to the same format per row before the product, and each block's integer dot
 //! product is exact; only the f32 accumulation of block results rounds.
 //!
-//! The AVX2 kernel is chosen at run time; every other CPU gets the portable loop, which gives
-//! the same integer block sums.
+//! The kernel is chosen at run time (AVX-512 VNNI, AVX-VNNI, AVX2, else the portable loop;
+//! `SLUICE_CPU_KERNEL` picks another this CPU supports); all give the same integer block sums.
 //!
 //! Measured against candle's kernels in the same run on the 2-core reference machine
 //! (`benches/llama-cpp/compare.sh`), it is faster for prompt processing and for single and
-//! batched decode, so CPU workers use it. It is compute-bound at about 30 G multiply-adds/s
-//! on those 2 cores, which caps what batching gains there (about 2x at batch 8, not more).
+//! batched decode, so CPU workers use it. Batched, it is compute-bound: about 30 G
+//! multiply-adds/s on those 2 cores with AVX2 (about 2x at batch 8, not more); 70 to 90 G on
+//! a 2-core AVX-512 VNNI VM (`cargo bench -p sluice-worker --bench qmm`, 8 and 64 rows).
 
 use rayon::prelude::*;
 
