@@ -155,7 +155,7 @@ pub fn linear(x: &Tensor, l: &candle_nn::Linear) -> Result<Tensor> {
         let (n, k) = w.dims2()?;
         let mut dims = x.dims().to_vec();
         let rows = x.elem_count() / k.max(1);
-        let aligned = |t: &Tensor| t.is_contiguous() && t.layout().start_offset() % 8 == 0;
+        let aligned = |t: &Tensor| t.is_contiguous() && t.layout().start_offset().is_multiple_of(8);
         if dims.last() == Some(&k)
             && k % 8 == 0
             && (1..=GEMV_MAX_ROWS).contains(&rows)

@@ -34,7 +34,7 @@ pub fn supports(head_dim: usize, span: usize, dtype: DType) -> bool {
     *ENABLED
         && head_dim > 0
         && head_dim <= THREADS
-        && THREADS % head_dim == 0
+        && THREADS.is_multiple_of(head_dim)
         && span > 0
         && span <= MAX_SPAN
         && matches!(dtype, DType::BF16 | DType::F32)
@@ -55,7 +55,7 @@ pub fn decode(
     span: usize,
 ) -> Result<Tensor> {
     let (_, h, head_dim) = q.dims3()?;
-    if h != heads || heads % kv_heads != 0 || !supports(head_dim, span, q.dtype()) {
+    if h != heads || !heads.is_multiple_of(kv_heads) || !supports(head_dim, span, q.dtype()) {
         candle_core::bail!("paged decode attention: unsupported shape");
     }
     let op = PagedDecode {

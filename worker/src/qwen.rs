@@ -767,6 +767,7 @@ impl Qwen2 {
                 mask: None,
                 span: shape.span,
                 lens: Some(part(shape.lens())?),
+                host: None,
             };
             let input = part(shape.tokens())?.reshape((b, 1))?;
             let cos = self.cos.index_select(&positions, 0)?;
