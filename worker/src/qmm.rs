@@ -29,6 +29,13 @@ use rayon::prelude::*;
 /// Elements per quantisation block.
 pub const BLOCK: usize = 32;
 
+/// How far ahead (in 36-byte blocks, 2.3 KB) the SIMD kernels prefetch weights. Measured on a
+/// 2-core Intel VM with the AVX2 kernel, single-stream decode of the 0.5B test model: none 20.5
+/// to 21.6 tok/s, 16 blocks 23.5 to 25.1, 32 blocks 26.3 to 27.6, 64 blocks 27.9 to 30.1, 128
+/// blocks 29.7 to 30.8 (no better than 64).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_BLOCKS: usize = 64;
+
 /// One block: its scale, then its 32 quantised values.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
@@ -311,16 +318,14 @@ static KERNEL: std::sync::LazyLock<Kernel> = std::sync::LazyLock::new(Kernel::de
 
 impl Kernel {
     fn detect() -> Self {
-        let best = Self::best();
+        let supported = Self::supported();
+        let best = supported.last().copied().unwrap_or(Kernel::Portable);
         // SLUICE_CPU_KERNEL names a kernel to use instead (for side-by-side measurements); one
         // this CPU cannot run is ignored.
-        match std::env::var("SLUICE_CPU_KERNEL") {
-            Ok(name) => Self::supported()
-                .into_iter()
-                .find(|k| k.name() == name)
-                .unwrap_or(best),
-            Err(_) => best,
-        }
+        std::env::var("SLUICE_CPU_KERNEL")
+            .ok()
+            .and_then(|name| supported.into_iter().find(|k| k.name() == name))
+            .unwrap_or(best)
     }
 
     /// Every kernel this CPU can run, slowest first.
@@ -341,10 +346,6 @@ impl Kernel {
             }
         }
         all
-    }
-
-    fn best() -> Self {
-        Self::supported().pop().unwrap_or(Kernel::Portable)
     }
 
     fn name(self) -> &'static str {
@@ -415,13 +416,7 @@ mod avx2 {
 
     use std::arch::x86_64::*;
 
-    use super::{BLOCK, Layout, Q8Matrix, Q8Rows};
-
-    /// How far ahead (in 36-byte blocks, 2.3 KB) the kernel prefetches weights. Measured on
-    /// a 2-core Intel VM, single-stream decode of the 0.5B test model: none 20.5 to 21.6
-    /// tok/s, 16 blocks 23.5 to 25.1, 32 blocks 26.3 to 27.6, 64 blocks 27.9 to 30.1, 128
-    /// blocks 29.7 to 30.8 (no better than 64).
-    const PREFETCH_BLOCKS: usize = 64;
+    use super::{BLOCK, Layout, PREFETCH_BLOCKS, Q8Matrix, Q8Rows};
 
     pub(super) fn row(w: &Q8Matrix, j: usize, x: &Q8Rows, dst: &mut [f32], vnni: bool) {
         assert_eq!(x.layout, Layout::Blocks);
@@ -536,10 +531,7 @@ mod avx512 {
 
     use std::arch::x86_64::*;
 
-    use super::{BLOCK, Block, Layout, Q8Matrix, Q8Rows};
-
-    /// Weights prefetched this many blocks ahead, as in the AVX2 kernel.
-    const PREFETCH_BLOCKS: usize = 64;
+    use super::{BLOCK, Block, Layout, PREFETCH_BLOCKS, Q8Matrix, Q8Rows};
 
     pub(super) fn row(w: &Q8Matrix, j: usize, x: &Q8Rows, dst: &mut [f32]) {
         assert_eq!(x.layout, Layout::Paired);
