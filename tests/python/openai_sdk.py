@@ -2,7 +2,7 @@
 same completion streamed (same text for the same seed), structured output with a JSON Schema,
 and errors in OpenAI's shape.
 
-Run by tests/tests/openai.rs: `python openai_sdk.py BASE_URL API_KEY`. Prints one JSON line.
+Run by tests/it/openai.rs: `python openai_sdk.py BASE_URL API_KEY`. Prints one JSON line.
 """
 
 import json

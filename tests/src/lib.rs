@@ -43,17 +43,23 @@ pub fn tiny_model_dir() -> &'static Path {
 }
 
 /// The real Qwen2.5 GGUF: `SLUICE_TEST_MODEL`, else what `scripts/fetch-test-model` caches.
+/// Resolved once per test process: the model tests of the one test binary run in parallel, and
+/// each running the script on an empty cache would download the model once each.
 pub fn real_model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("SLUICE_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = Command::new(root.join("scripts/fetch-test-model"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/fetch-test-model");
-    assert!(out.status.success(), "scripts/fetch-test-model failed");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Ok(p) = std::env::var("SLUICE_TEST_MODEL") {
+            return PathBuf::from(p);
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = Command::new(root.join("scripts/fetch-test-model"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/fetch-test-model");
+        assert!(out.status.success(), "scripts/fetch-test-model failed");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
 }
 
 /// A binary of the workspace, built next to the test executables.

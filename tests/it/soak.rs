@@ -25,6 +25,8 @@ const RSS_SLACK_MIB: u64 = 64;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_steady_rate_for_60_s_has_no_5xx_and_bounded_memory() {
+    // A load test: never beside another one (see `load_test_lock`).
+    let _load = crate::load_test_lock().await;
     let ns = unique_namespace("soak");
     let app = TestApp::spawn_process(&ns, tiny_model_dir(), &NO_IP_LIMITS).await;
     let admin = app.admin_key().await;

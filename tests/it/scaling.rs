@@ -81,6 +81,8 @@ async fn run_with(workers: usize) -> (f64, BTreeMap<String, usize>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_two_and_four_workers_share_one_queue() {
+    // A load test: never beside another one (see `load_test_lock`).
+    let _load = crate::load_test_lock().await;
     let mut lines = Vec::new();
     // One after another: the runs must not compete for the cores.
     for workers in [1, 2, 4] {

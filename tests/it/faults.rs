@@ -14,28 +14,18 @@ use sluice_tests::*;
 
 /// An API without per-IP limits: the load and the polls all come from loopback.
 async fn spawn_app(ns: &str) -> TestApp {
-    let unlimited = [
-        "--ip-requests-per-second",
-        "0",
-        "--ip-requests-per-minute",
-        "0",
-    ];
-    TestApp::spawn_full(ns, tiny_model_dir(), AMQP_URL, &unlimited).await
+    TestApp::spawn_full(ns, tiny_model_dir(), AMQP_URL, &NO_IP_LIMITS).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_workers_and_a_restarted_api_lose_and_duplicate_nothing() {
+    // A load test: never beside another one (see `load_test_lock`).
+    let _load = crate::load_test_lock().await;
     let ns = unique_namespace("faults");
     let backends = Backends::connect(&ns).await;
     let app = spawn_app(&ns).await;
     let admin = app.admin_key().await;
-    app.set_limits(
-        &admin,
-        "acme",
-        json!({"requests_per_second": null, "requests_per_minute": null,
-               "max_active_jobs": null, "tokens_per_day": null, "tokens_per_month": null}),
-    )
-    .await;
+    app.set_limits(&admin, "acme", unlimited_tenant()).await;
     let key = app.key("acme").await;
 
     let base = Arc::new(Mutex::new(app.base.clone()));

@@ -248,6 +248,8 @@ async fn stage(ns: &str, redis: &str, amqp: &str) -> Stage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_restart_with_aof_loses_and_duplicates_nothing() {
+    // A load test: never beside another one (see `load_test_lock`).
+    let _load = crate::load_test_lock().await;
     let mut redis = RedisServer::start_with_aof().await;
     let url = redis.url();
     let ns = unique_namespace("redis-restart");
@@ -359,6 +361,8 @@ async fn a_redis_restart_with_aof_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rabbitmq_restarts_lose_and_duplicate_nothing() {
+    // A load test: never beside another one (see `load_test_lock`).
+    let _load = crate::load_test_lock().await;
     assert!(RabbitNode::available(), "rabbitmq-server is not installed");
     let mut node = RabbitNode::start_new().await;
     let amqp = node.url();
