@@ -45,6 +45,8 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Queue(#[from] AmqpError),
+    #[error(transparent)]
+    Guard(#[from] sluice_guard::classifier::ClassifierError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -115,6 +117,10 @@ impl ApiError {
                 ErrorCode::QueueUnavailable,
                 "the job queue is unavailable; nothing was enqueued, retry later",
             ),
+            ApiError::Guard(_) => ErrorBody::new(
+                ErrorCode::GuardUnavailable,
+                "the input guard could not check this request; nothing was enqueued, retry later",
+            ),
             ApiError::Internal(_) => ErrorBody::new(ErrorCode::Internal, "internal error"),
         }
     }
@@ -141,6 +147,7 @@ impl IntoResponse for ApiError {
             }
             ApiError::Store(e) => tracing::warn!(error = %e, "job store error"),
             ApiError::Queue(e) => tracing::warn!(error = %e, "job queue error"),
+            ApiError::Guard(e) => tracing::error!(error = %e, "guard classifier error"),
             ApiError::Internal(e) => tracing::error!(error = %e, "internal error"),
         }
         let mut response = (status, Json(json!({ "error": body }))).into_response();

@@ -2,13 +2,16 @@
 //!
 //! Input: one `{"text": "..."}` per line. Output: one object per input line with `action`
 //! (`allow`, `flag`, `block`), `categories`, `pii` (`{kind, start, end}` in characters of the
-//! input after Unicode cleaning), `redacted` and `scores`. A line that is not such an object
-//! gets `{"error": ...}` and processing goes on.
+//! input after Unicode cleaning), `redacted` and `scores` (the rules' per category, and
+//! `classifier` when the classifier is on). A line that is not such an object gets
+//! `{"error": ...}` and processing goes on. Lines are scored by the classifier in chunks, so
+//! their windows share forward passes.
 
 use std::io::{BufRead, Write};
 
 use serde::Deserialize;
 use serde_json::json;
+use sluice_guard::classifier::Classifier;
 use sluice_guard::pipeline::{InjectionAction, PiiAction};
 use sluice_guard::{Guard, GuardConfig, Rules};
 
@@ -18,10 +21,22 @@ struct Line {
     text: String,
 }
 
-/// Runs the check over `input`, writing to `output`. The built-in rules plus `extra`.
+/// Thresholds of a check run.
+#[derive(Debug, Clone, Copy)]
+pub struct Thresholds {
+    pub rules: f32,
+    pub classifier: f32,
+}
+
+/// Lines scored by the classifier together.
+const CHUNK: usize = 32;
+
+/// Runs the check over `input`, writing to `output`. The built-in rules plus `extra`, and the
+/// classifier when given.
 pub fn run(
     extra: Option<Rules>,
-    threshold: f32,
+    thresholds: Thresholds,
+    classifier: Option<&Classifier>,
     input: impl BufRead,
     mut output: impl Write,
 ) -> std::io::Result<()> {
@@ -29,35 +44,83 @@ pub fn run(
     // Flag rather than block so redaction is still reported; the action is derived below.
     let config = GuardConfig {
         injection_action: InjectionAction::Flag,
-        injection_threshold: threshold,
+        injection_threshold: thresholds.rules,
+        classifier_threshold: thresholds.classifier,
         pii_action: PiiAction::Redact,
     };
-    for line in input.lines() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let out = match serde_json::from_str::<Line>(&line) {
-            Ok(Line { text }) => {
-                let verdict = guard.check(&text, &config);
-                let action = if verdict.categories.is_empty() {
-                    "allow"
-                } else {
-                    "block"
-                };
-                json!({
-                    "action": action,
-                    "categories": verdict.categories,
-                    "scores": guard.scores(&text),
-                    "pii": verdict.pii,
-                    "redacted": verdict.text,
-                })
+    let mut lines = input.lines();
+    loop {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        for line in lines.by_ref() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
             }
-            Err(e) => json!({ "error": format!("expected {{\"text\": string}}: {e}") }),
+            chunk.push(serde_json::from_str::<Line>(&line));
+            if chunk.len() == CHUNK {
+                break;
+            }
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        let scores = match classifier {
+            Some(classifier) => Some(score_chunk(&guard, classifier, &chunk)?),
+            None => None,
         };
-        writeln!(output, "{out}")?;
+        for (n, parsed) in chunk.into_iter().enumerate() {
+            let out = match parsed {
+                Ok(Line { text }) => {
+                    let score = scores.as_ref().map(|s| s[n]);
+                    let verdict = guard.check_scored(&text, &config, score);
+                    let action = if verdict.categories.is_empty() {
+                        "allow"
+                    } else {
+                        "block"
+                    };
+                    let mut scores =
+                        serde_json::to_value(guard.scores(&text)).unwrap_or_else(|_| json!({}));
+                    if let (Some(score), Some(map)) = (score, scores.as_object_mut()) {
+                        map.insert("classifier".into(), json!(score));
+                    }
+                    json!({
+                        "action": action,
+                        "categories": verdict.categories,
+                        "scores": scores,
+                        "pii": verdict.pii,
+                        "redacted": verdict.text,
+                    })
+                }
+                Err(e) => json!({ "error": format!("expected {{\"text\": string}}: {e}") }),
+            };
+            writeln!(output, "{out}")?;
+        }
     }
     output.flush()
+}
+
+/// The classifier score of each parsed line (0 for lines that did not parse).
+fn score_chunk(
+    guard: &Guard,
+    classifier: &Classifier,
+    chunk: &[Result<Line, serde_json::Error>],
+) -> std::io::Result<Vec<f32>> {
+    let mut inputs = Vec::new();
+    let mut owner = Vec::new();
+    for (n, parsed) in chunk.iter().enumerate() {
+        if let Ok(line) = parsed {
+            for text in guard.classifier_inputs(&line.text) {
+                inputs.push(text);
+                owner.push(n);
+            }
+        }
+    }
+    let scores = classifier.score(&inputs).map_err(std::io::Error::other)?;
+    let mut out = vec![0.0f32; chunk.len()];
+    for (score, n) in scores.into_iter().zip(owner) {
+        out[n] = out[n].max(score);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -76,7 +139,11 @@ mod tests {
             "not json\n",
         );
         let mut out = Vec::new();
-        run(None, 0.5, input.as_bytes(), &mut out).expect("run");
+        let thresholds = Thresholds {
+            rules: 0.5,
+            classifier: 0.5,
+        };
+        run(None, thresholds, None, input.as_bytes(), &mut out).expect("run");
         let lines: Vec<serde_json::Value> = String::from_utf8(out)
             .expect("utf-8")
             .lines()

@@ -19,16 +19,26 @@ async fn main() -> anyhow::Result<()> {
             serve(*settings).await
         }
         Invocation::Keys(command) => keys(*command).await,
-        Invocation::Guard(GuardCommand::Check { rules, threshold }) => {
+        Invocation::Guard(GuardCommand::Check {
+            rules,
+            threshold,
+            classifier_threshold,
+            classifier,
+        }) => {
             let extra = match rules {
                 Some(path) => Some(sluice_guard::Rules::from_toml(&std::fs::read_to_string(
                     path,
                 )?)?),
                 None => None,
             };
+            let classifier = classifier.load()?;
+            let thresholds = sluice_api::guard_cli::Thresholds {
+                rules: threshold,
+                classifier: classifier_threshold,
+            };
             let stdin = std::io::stdin().lock();
             let stdout = std::io::stdout().lock();
-            sluice_api::guard_cli::run(extra, threshold, stdin, stdout)?;
+            sluice_api::guard_cli::run(extra, thresholds, classifier.as_ref(), stdin, stdout)?;
             Ok(())
         }
     }

@@ -10,7 +10,9 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use prometheus::{GaugeVec, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry};
+use prometheus::{
+    GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
+};
 use sluice_proto::ErrorCode;
 use sluice_shared::metrics::{Families, LATENCY_BUCKETS, TenantLabels};
 use tracing::Instrument;
@@ -32,6 +34,21 @@ pub struct ApiMetrics {
     pub jobs_finished: IntCounterVec,
     pub live_workers: IntGauge,
     pub tenants: TenantLabels,
+    pub classifier_batch_seconds: Histogram,
+    pub classifier_texts: IntCounter,
+}
+
+/// Feeds the classifier's scoring thread's batches into the metrics.
+pub struct ClassifierMetrics {
+    seconds: Histogram,
+    texts: IntCounter,
+}
+
+impl sluice_guard::classifier::ClassifierObserver for ClassifierMetrics {
+    fn batch(&self, texts: usize, seconds: f64) {
+        self.seconds.observe(seconds);
+        self.texts.inc_by(texts as u64);
+    }
 }
 
 impl ApiMetrics {
@@ -87,7 +104,25 @@ impl ApiMetrics {
                 "Workers whose heartbeat has not expired (read at scrape).",
             ),
             tenants: TenantLabels::new(MAX_TENANT_LABELS),
+            classifier_batch_seconds: f.histogram(
+                "sluice_guard_classifier_batch_seconds",
+                "Time the injection classifier took per batch of texts (one forward pass \
+                 shared by concurrent requests).",
+                LATENCY_BUCKETS,
+            ),
+            classifier_texts: f.counter(
+                "sluice_guard_classifier_texts_total",
+                "Texts (messages and their decoded layers) scored by the injection classifier.",
+            ),
             registry: Arc::new(registry),
+        }
+    }
+
+    /// The observer the classifier's scoring thread reports to.
+    pub fn classifier_observer(&self) -> ClassifierMetrics {
+        ClassifierMetrics {
+            seconds: self.classifier_batch_seconds.clone(),
+            texts: self.classifier_texts.clone(),
         }
     }
 

@@ -79,7 +79,52 @@ pub enum GuardCommand {
         /// Score at which a category fires.
         #[arg(long, default_value_t = sluice_guard::injection::DEFAULT_THRESHOLD)]
         threshold: f32,
+        /// Classifier score at which `classifier` fires.
+        #[arg(long, default_value_t = sluice_guard::pipeline::DEFAULT_CLASSIFIER_THRESHOLD)]
+        classifier_threshold: f32,
+        #[command(flatten)]
+        classifier: ClassifierSettings,
     },
+}
+
+/// The learned injection classifier (`sluice_guard::classifier`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClassifierSettings {
+    /// Directory holding the injection classifier's encoder (config.json, tokenizer.json,
+    /// model.safetensors; `scripts/fetch-guard-model` installs it). The API refuses to start
+    /// when it is missing or corrupt, unless the classifier is turned off.
+    #[arg(long, env = "SLUICE_GUARD_MODEL")]
+    pub guard_model: Option<PathBuf>,
+    /// `on` or `off`: `off` runs the guard on its rules alone (an explicit choice; the
+    /// classifier never turns itself off).
+    #[arg(long, env = "SLUICE_GUARD_CLASSIFIER", default_value = "on", value_parser = parse_on_off)]
+    pub guard_classifier: bool,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?} is not one of on, off")),
+    }
+}
+
+impl ClassifierSettings {
+    /// Loads the classifier, or `None` when it is off. On, without a directory or with a
+    /// missing or corrupt file, it is an error naming what is wrong.
+    pub fn load(&self) -> Result<Option<sluice_guard::classifier::Classifier>, anyhow::Error> {
+        if !self.guard_classifier {
+            return Ok(None);
+        }
+        let Some(dir) = &self.guard_model else {
+            anyhow::bail!(
+                "guard classifier: no encoder directory given (--guard-model or \
+                 SLUICE_GUARD_MODEL; scripts/fetch-guard-model installs one); set \
+                 --guard-classifier off to run the guard on its rules alone"
+            );
+        };
+        Ok(Some(sluice_guard::classifier::Classifier::load(dir)?))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -175,6 +220,10 @@ pub struct DefaultPolicySettings {
     /// Score at which an injection category fires.
     #[arg(long, env = "SLUICE_DEFAULT_INJECTION_THRESHOLD", default_value_t = sluice_guard::injection::DEFAULT_THRESHOLD)]
     pub default_injection_threshold: f32,
+    /// Learned-classifier score at which an input counts as an injection (0.5: at most 1 %
+    /// false positives on the classifier's validation split).
+    #[arg(long, env = "SLUICE_DEFAULT_CLASSIFIER_THRESHOLD", default_value_t = sluice_guard::pipeline::DEFAULT_CLASSIFIER_THRESHOLD)]
+    pub default_classifier_threshold: f32,
     /// `redact`, `reject` or `off`.
     #[arg(long, env = "SLUICE_DEFAULT_PII_ACTION", default_value = "redact", value_parser = parse_pii_action)]
     pub default_pii_action: PiiAction,
@@ -204,6 +253,7 @@ impl DefaultPolicySettings {
             allow_system_messages: self.default_allow_system_messages,
             injection_action: self.default_injection_action,
             injection_threshold: self.default_injection_threshold,
+            classifier_threshold: self.default_classifier_threshold,
             pii_action: self.default_pii_action,
             // Per tenant only (an admin registers it); no deployment-wide default.
             required_output_schema: None,
@@ -302,6 +352,9 @@ pub struct ApiSettings {
     pub injection_rules: Option<PathBuf>,
 
     #[command(flatten)]
+    pub classifier: ClassifierSettings,
+
+    #[command(flatten)]
     pub policy: DefaultPolicySettings,
 
     #[command(flatten)]
@@ -383,6 +436,70 @@ mod tests {
         assert!(
             ApiSettings::parse_from(["x"]).is_err(),
             "tokenizer is required"
+        );
+    }
+
+    /// `docs/configuration.md` lists every variable `sluice-api serve` reads (its `--help`), and
+    /// its api part (the sections "Both binaries" and "sluice-api") names no `SLUICE_*`
+    /// variable the binary does not read, so the reference cannot drift from the code.
+    #[test]
+    fn configuration_doc_matches_the_serve_settings() {
+        use clap::CommandFactory;
+        use std::collections::BTreeSet;
+
+        fn env_names(command: &clap::Command, names: &mut BTreeSet<String>) {
+            for arg in command.get_arguments() {
+                if let Some(env) = arg.get_env() {
+                    names.insert(env.to_string_lossy().into_owned());
+                }
+            }
+            for sub in command.get_subcommands() {
+                env_names(sub, names);
+            }
+        }
+        /// The text under `## {heading}`, up to the next `## ` heading.
+        fn section<'a>(doc: &'a str, heading: &str) -> &'a str {
+            let start = doc
+                .find(&format!("\n## {heading}\n"))
+                .unwrap_or_else(|| panic!("docs/configuration.md has no section {heading:?}"))
+                + 1;
+            let rest = &doc[start..];
+            let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 3);
+            &rest[..end]
+        }
+        /// Every word of capitals, digits and underscores (variable names, whole).
+        fn words(text: &str) -> BTreeSet<&str> {
+            text.split(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+                .filter(|w| !w.is_empty())
+                .collect()
+        }
+
+        let doc = include_str!("../../docs/configuration.md");
+        let mut read = BTreeSet::new();
+        env_names(&ServeCli::command(), &mut read);
+        assert!(read.contains("SLUICE_TOKENIZER") && read.contains("SLUICE_REDIS_URL"));
+
+        let api_part = format!(
+            "{}{}",
+            section(doc, "Both binaries"),
+            section(doc, "sluice-api")
+        );
+        let documented = words(&api_part);
+        let undocumented: Vec<&String> = read
+            .iter()
+            .filter(|name| !documented.contains(name.as_str()))
+            .collect();
+        assert!(
+            undocumented.is_empty(),
+            "docs/configuration.md does not describe {undocumented:?}"
+        );
+        let unknown: Vec<&str> = documented
+            .into_iter()
+            .filter(|w| w.starts_with("SLUICE_") && !read.contains(*w))
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "docs/configuration.md lists {unknown:?} under sluice-api, which it does not read"
         );
     }
 }

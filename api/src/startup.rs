@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_guard::classifier::ClassifierService;
 use sluice_guard::{Guard, Rules};
 use sluice_shared::Keyspace;
 use sluice_shared::amqp::{Publisher, QueueSettings};
@@ -115,6 +116,18 @@ pub fn build_state(settings: &ApiSettings) -> anyhow::Result<AppState> {
         None => None,
     };
     let jwt = JwtVerifier::from_settings(&settings.jwt)?.map(Arc::new);
+    let metrics = Arc::new(ApiMetrics::new());
+    // Fail closed: a classifier that is on but cannot load stops the API here.
+    let classifier = match settings.classifier.load()? {
+        Some(classifier) => Some(ClassifierService::spawn(
+            classifier,
+            metrics.classifier_observer(),
+        )?),
+        None => {
+            tracing::warn!("guard classifier off: prompt injection is checked by the rules alone");
+            None
+        }
+    };
     let publisher = Publisher::new(
         settings.common.amqp_url.clone(),
         ks.clone(),
@@ -127,10 +140,11 @@ pub fn build_state(settings: &ApiSettings) -> anyhow::Result<AppState> {
         keys: ApiKeys::new(pool.clone(), ks.clone()),
         sessions: SessionStore::new(pool.clone(), ks.clone()),
         workers: WorkerRegistry::new(pool.clone(), ks.clone()),
-        metrics: Arc::new(ApiMetrics::new()),
+        metrics,
         tenants: TenantStore::new(pool, ks, settings.policy.policy()),
         jwt,
         guard: Arc::new(Guard::with_builtin(extra_rules)),
+        classifier,
         codec: Arc::new(codec),
         limits: Arc::new(Limits::from_settings(settings)),
         ip_limits: (

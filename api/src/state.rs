@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use sluice_guard::Guard;
+use sluice_guard::classifier::ClassifierService;
 use sluice_shared::amqp::Publisher;
 use sluice_shared::chat::ChatCodec;
 use sluice_shared::session::SessionStore;
@@ -25,6 +26,9 @@ pub struct AppState {
     pub sessions: SessionStore,
     pub jwt: Option<Arc<JwtVerifier>>,
     pub guard: Arc<Guard>,
+    /// The learned injection classifier on its scoring thread; `None` only when the operator
+    /// turned it off.
+    pub classifier: Option<ClassifierService>,
     /// The served model's tokenizer and chat template.
     pub codec: Arc<ChatCodec>,
     pub limits: Arc<Limits>,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
-use sluice_guard::pipeline::{Action, BlockReason};
+use sluice_guard::pipeline::{Action, BlockReason, InjectionAction};
 use sluice_guard::{Guard, GuardConfig};
 use sluice_proto::{ErrorCode, JOB_MESSAGE_VERSION, JobMessage, Message, Role, SessionTurn};
 use sluice_shared::chat::ChatCodec;
@@ -73,19 +73,13 @@ fn with_history(
     (out, turn_start, has_system)
 }
 
-/// Guard stages over every message, then the exact prompt token count. CPU work: runs on the
-/// blocking pool.
-fn guard_and_count(
-    guard: &Guard,
-    codec: &ChatCodec,
-    config: &GuardConfig,
+/// What a tenant's policy and the limits allow of each message, checked before any guard
+/// stage spends time on it.
+fn check_messages(
+    messages: &[Message],
     allow_system: bool,
     max_message_chars: usize,
-    messages: Vec<Message>,
-    history: Option<(History, usize)>,
-) -> Result<Guarded, (ApiError, &'static str)> {
-    let mut out = Vec::with_capacity(messages.len());
-    let mut flags: Vec<String> = Vec::new();
+) -> Result<(), (ApiError, &'static str)> {
     for message in messages {
         if message.role == Role::System && !allow_system {
             return Err((
@@ -105,7 +99,39 @@ fn guard_and_count(
                 "message_too_long",
             ));
         }
-        let verdict = guard.check(&message.content, config);
+    }
+    Ok(())
+}
+
+/// What the classifier scores for `messages`: each message's [`Guard::classifier_inputs`],
+/// flattened, with the index of the message each came from.
+fn classifier_inputs(guard: &Guard, messages: &[Message]) -> (Vec<String>, Vec<usize>) {
+    let mut inputs = Vec::new();
+    let mut owner = Vec::new();
+    for (n, message) in messages.iter().enumerate() {
+        for text in guard.classifier_inputs(&message.content) {
+            inputs.push(text);
+            owner.push(n);
+        }
+    }
+    (inputs, owner)
+}
+
+/// Guard stages over every message (with the classifier's score of each, when it is on), then
+/// the exact prompt token count. CPU work: runs on the blocking pool.
+fn guard_and_count(
+    guard: &Guard,
+    codec: &ChatCodec,
+    config: &GuardConfig,
+    classifier_scores: Option<&[f32]>,
+    messages: Vec<Message>,
+    history: Option<(History, usize)>,
+) -> Result<Guarded, (ApiError, &'static str)> {
+    let mut out = Vec::with_capacity(messages.len());
+    let mut flags: Vec<String> = Vec::new();
+    for (n, message) in messages.into_iter().enumerate() {
+        let score = classifier_scores.and_then(|s| s.get(n).copied());
+        let verdict = guard.check_scored(&message.content, config, score);
         match (verdict.action, verdict.reason) {
             (Action::Block, Some(BlockReason::Pii)) => {
                 let kinds: Vec<String> = verdict
@@ -284,19 +310,48 @@ pub async fn submit(
     };
     let inline = history.is_none()
         && job.messages.iter().map(|m| m.content.len()).sum::<usize>() <= INLINE_GUARD_BYTES;
+    let config = policy.guard_config();
+    if let Err((error, reason)) = check_messages(
+        &job.messages,
+        policy.allow_system_messages,
+        state.limits.max_message_chars,
+    ) {
+        audit::record("rejected", reason, &ctx, state.anonymize_ips);
+        return Err(error);
+    }
+    let messages = job.messages;
+    // The classifier scores every message (and its decoded layers) on its own thread, batched
+    // with concurrent requests; a failure there is a 503, never an allow.
+    let classifier_scores = match &state.classifier {
+        Some(service) if config.injection_action != InjectionAction::Off => {
+            let (inputs, owner) = if inline {
+                classifier_inputs(&state.guard, &messages)
+            } else {
+                let guard = Arc::clone(&state.guard);
+                let copy = messages.clone();
+                tokio::task::spawn_blocking(move || classifier_inputs(&guard, &copy))
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))?
+            };
+            let scores = service.score(inputs).await.inspect_err(|_| {
+                audit::record("rejected", "guard_unavailable", &ctx, state.anonymize_ips);
+            })?;
+            let mut per_message = vec![0.0f32; messages.len()];
+            for (score, n) in scores.into_iter().zip(owner) {
+                per_message[n] = per_message[n].max(score);
+            }
+            Some(per_message)
+        }
+        _ => None,
+    };
     let guard = Arc::clone(&state.guard);
     let codec = Arc::clone(&state.codec);
-    let config = policy.guard_config();
-    let allow_system = policy.allow_system_messages;
-    let max_chars = state.limits.max_message_chars;
-    let messages = job.messages;
     let run = move || {
         guard_and_count(
             &guard,
             &codec,
             &config,
-            allow_system,
-            max_chars,
+            classifier_scores.as_deref(),
             messages,
             history,
         )

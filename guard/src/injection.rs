@@ -82,6 +82,8 @@ pub enum Category {
     PromptExtraction,
     DelimiterForgery,
     EncodedPayload,
+    /// The learned classifier's score (not a rule category): see [`crate::classifier`].
+    Classifier,
 }
 
 impl Category {
@@ -93,6 +95,7 @@ impl Category {
             Category::PromptExtraction => "prompt_extraction",
             Category::DelimiterForgery => "delimiter_forgery",
             Category::EncodedPayload => "encoded_payload",
+            Category::Classifier => "classifier",
         }
     }
 }

