@@ -97,7 +97,7 @@ pub struct ClassifierSettings {
     pub guard_model: Option<PathBuf>,
     /// `on` or `off`: `off` runs the guard on its rules alone (an explicit choice; the
     /// classifier never turns itself off).
-    #[arg(long, env = "SLUICE_GUARD_CLASSIFIER", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, env = "SLUICE_GUARD_CLASSIFIER", default_value = "on", value_parser = parse_on_off, action = ArgAction::Set)]
     pub guard_classifier: bool,
 }
 
@@ -437,6 +437,28 @@ mod tests {
             ApiSettings::parse_from(["x"]).is_err(),
             "tokenizer is required"
         );
+    }
+
+    #[test]
+    fn the_classifier_is_off_only_when_asked() {
+        let parse = |value: &str| {
+            ApiSettings::parse_from(["x", "--tokenizer", "m", "--guard-classifier", value])
+                .map(|s| s.classifier.guard_classifier)
+        };
+        assert!(parse("on").expect("on"));
+        assert!(!parse("off").expect("off"));
+        assert!(parse("false").is_err());
+        let on = ClassifierSettings {
+            guard_model: None,
+            guard_classifier: true,
+        };
+        let error = on.load().expect_err("on without a directory");
+        assert!(error.to_string().contains("--guard-model"), "{error}");
+        let off = ClassifierSettings {
+            guard_model: None,
+            guard_classifier: false,
+        };
+        assert!(off.load().expect("off").is_none());
     }
 
     /// `docs/configuration.md` lists every variable `sluice-api serve` reads (its `--help`), and

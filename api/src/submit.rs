@@ -1,5 +1,5 @@
-//! The submit path after validation: guard, count tokens, admit (quota and concurrency, in
-//! Redis), publish. Every rejection happens before anything is written; a failed publish
+//! The submit path after validation: rule-based guard, count tokens, context check, the
+//! learned injection classifier, admit (quota and concurrency, in Redis), publish. Every rejection happens before anything is written; a failed publish
 //! rolls the admission back.
 
 use std::net::SocketAddr;
@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
+use sluice_guard::classifier::ClassifierService;
 use sluice_guard::pipeline::{Action, BlockReason, InjectionAction};
-use sluice_guard::{Guard, GuardConfig};
+use sluice_guard::{Category, Guard, GuardConfig};
 use sluice_proto::{ErrorCode, JOB_MESSAGE_VERSION, JobMessage, Message, Role, SessionTurn};
 use sluice_shared::chat::ChatCodec;
 use sluice_shared::session::History;
@@ -103,35 +104,50 @@ fn check_messages(
     Ok(())
 }
 
-/// What the classifier scores for `messages`: each message's [`Guard::classifier_inputs`],
-/// flattened, with the index of the message each came from.
-fn classifier_inputs(guard: &Guard, messages: &[Message]) -> (Vec<String>, Vec<usize>) {
-    let mut inputs = Vec::new();
-    let mut owner = Vec::new();
-    for (n, message) in messages.iter().enumerate() {
-        for text in guard.classifier_inputs(&message.content) {
-            inputs.push(text);
-            owner.push(n);
+/// Whether the classifier's score of any message (the maximum over the message and its
+/// decoded layers, [`Guard::classifier_inputs`]) reaches `threshold`. The texts are prepared
+/// inline or on the blocking pool like the rest of the guard, then scored on the classifier's
+/// own thread, batched with concurrent requests.
+async fn classify(
+    service: &ClassifierService,
+    guard: &Arc<Guard>,
+    messages: Vec<Message>,
+    inline: bool,
+    threshold: f32,
+) -> Result<bool, ApiError> {
+    let prepare = {
+        let guard = Arc::clone(guard);
+        move || -> Vec<String> {
+            messages
+                .iter()
+                .flat_map(|m| guard.classifier_inputs(&m.content))
+                .collect()
         }
-    }
-    (inputs, owner)
+    };
+    let inputs = if inline {
+        prepare()
+    } else {
+        tokio::task::spawn_blocking(prepare)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+    };
+    let scores = service.score(inputs).await?;
+    Ok(scores.into_iter().any(|score| score >= threshold))
 }
 
-/// Guard stages over every message (with the classifier's score of each, when it is on), then
-/// the exact prompt token count. CPU work: runs on the blocking pool.
+/// Rule-based guard stages over every message, then the exact prompt token count. CPU work:
+/// runs on the blocking pool for long inputs.
 fn guard_and_count(
     guard: &Guard,
     codec: &ChatCodec,
     config: &GuardConfig,
-    classifier_scores: Option<&[f32]>,
     messages: Vec<Message>,
     history: Option<(History, usize)>,
 ) -> Result<Guarded, (ApiError, &'static str)> {
     let mut out = Vec::with_capacity(messages.len());
     let mut flags: Vec<String> = Vec::new();
-    for (n, message) in messages.into_iter().enumerate() {
-        let score = classifier_scores.and_then(|s| s.get(n).copied());
-        let verdict = guard.check_scored(&message.content, config, score);
+    for message in messages {
+        let verdict = guard.check(&message.content, config);
         match (verdict.action, verdict.reason) {
             (Action::Block, Some(BlockReason::Pii)) => {
                 let kinds: Vec<String> = verdict
@@ -320,42 +336,15 @@ pub async fn submit(
         return Err(error);
     }
     let messages = job.messages;
-    // The classifier scores every message (and its decoded layers) on its own thread, batched
-    // with concurrent requests; a failure there is a 503, never an allow.
-    let classifier_scores = match &state.classifier {
-        Some(service) if config.injection_action != InjectionAction::Off => {
-            let (inputs, owner) = if inline {
-                classifier_inputs(&state.guard, &messages)
-            } else {
-                let guard = Arc::clone(&state.guard);
-                let copy = messages.clone();
-                tokio::task::spawn_blocking(move || classifier_inputs(&guard, &copy))
-                    .await
-                    .map_err(|e| ApiError::Internal(e.to_string()))?
-            };
-            let scores = service.score(inputs).await.inspect_err(|_| {
-                audit::record("rejected", "guard_unavailable", &ctx, state.anonymize_ips);
-            })?;
-            let mut per_message = vec![0.0f32; messages.len()];
-            for (score, n) in scores.into_iter().zip(owner) {
-                per_message[n] = per_message[n].max(score);
-            }
-            Some(per_message)
-        }
-        _ => None,
-    };
+    // What the classifier reads: the request's own messages as sent (it cleans and decodes
+    // them itself, as `guard check` does), not the session history, which was checked when it
+    // was sent.
+    let raw_messages = (state.classifier.is_some()
+        && config.injection_action != InjectionAction::Off)
+        .then(|| messages.clone());
     let guard = Arc::clone(&state.guard);
     let codec = Arc::clone(&state.codec);
-    let run = move || {
-        guard_and_count(
-            &guard,
-            &codec,
-            &config,
-            classifier_scores.as_deref(),
-            messages,
-            history,
-        )
-    };
+    let run = move || guard_and_count(&guard, &codec, &config, messages, history);
     // A short request's guard and token count take microseconds: handing them to the
     // blocking pool would cost more (two thread switches) than running them here. Long inputs
     // and session histories go to the blocking pool, off the async workers.
@@ -366,21 +355,13 @@ pub async fn submit(
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?
     };
-    let guarded = match guarded {
+    let mut guarded = match guarded {
         Ok(g) => g,
         Err((error, reason)) => {
             audit::record("rejected", reason, &ctx, state.anonymize_ips);
             return Err(error);
         }
     };
-    if !guarded.flags.is_empty() {
-        audit::record(
-            "flagged",
-            &guarded.flags.join(","),
-            &ctx,
-            state.anonymize_ips,
-        );
-    }
 
     let context = state.codec.context_length;
     let max_tokens = params.max_tokens as usize;
@@ -392,6 +373,48 @@ pub async fn submit(
                 guarded.prompt_tokens
             ),
         ));
+    }
+
+    // The learned classifier last: every cheaper check above has rejected what it can, so only
+    // a request that would otherwise be accepted pays for a forward pass.
+    if let (Some(service), Some(raw)) = (&state.classifier, raw_messages) {
+        let fired = classify(
+            service,
+            &state.guard,
+            raw,
+            inline,
+            config.classifier_threshold,
+        )
+        .await
+        .inspect_err(|_| {
+            audit::record("rejected", "guard_unavailable", &ctx, state.anonymize_ips);
+        })?;
+        if fired {
+            if config.injection_action == InjectionAction::Block {
+                audit::record(
+                    "rejected",
+                    "prompt_injection_detected",
+                    &ctx,
+                    state.anonymize_ips,
+                );
+                return Err(ApiError::client(
+                    ErrorCode::PromptInjectionDetected,
+                    "the input looks like a prompt injection (classifier)",
+                ));
+            }
+            let name = Category::Classifier.as_str().to_string();
+            if !guarded.flags.contains(&name) {
+                guarded.flags.push(name);
+            }
+        }
+    }
+    if !guarded.flags.is_empty() {
+        audit::record(
+            "flagged",
+            &guarded.flags.join(","),
+            &ctx,
+            state.anonymize_ips,
+        );
     }
 
     let id = Uuid::now_v7();

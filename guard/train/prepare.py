@@ -6,7 +6,7 @@ Sources (each recorded in guard/train/sources.json with licence, rows and SHA-25
       s-labs       (MIT)         train / validation / test CSV, text + label
       neuralchemy  (Apache-2.0)  core train / validation / test parquet, text + label + category
       yanismiraoui (Apache-2.0)  1,034 multilingual injections, no benign rows
-  - guard/train/data/authored-{attacks,benign}.jsonl: the project's own (zh, en and others),
+  - guard/train/data/*-{attacks,benign}.jsonl: the project's own (zh, en and others),
     and guard/tests/corpus/*.jsonl (the rule tests' multilingual corpus, full of hard
     negatives), each split 70/15/15 by a hash of the text.
 
@@ -167,15 +167,18 @@ def main() -> None:
                         "licence": "Apache-2.0", "files": {"yanismiraoui/prompt_injections.csv": sha256(data)},
                         "use": "evaluation only (never trained on)"})
 
-    for kind, label in (("attacks", 1), ("benign", 0)):
-        path = HERE / "data" / f"authored-{kind}.jsonl"
+    # guard/train/data/*-attacks.jsonl and *-benign.jsonl: the project's own rows.
+    for path in sorted((HERE / "data").glob("*.jsonl")):
+        label = 1 if path.stem.endswith("-attacks") else 0 if path.stem.endswith("-benign") else None
+        if label is None:
+            sys.exit(f"prepare: {path.name} must end in -attacks.jsonl or -benign.jsonl")
         data = path.read_bytes()
         for line in data.decode("utf-8").splitlines():
             if line.strip():
                 r = json.loads(line)
                 add(r["text"], label, "authored", authored_split(r["text"]), r.get("category"), r.get("lang"))
-        sources.append({"name": f"authored-{kind}", "origin": f"guard/train/data/authored-{kind}.jsonl (this project)",
-                        "licence": "Apache-2.0", "files": {f"authored-{kind}.jsonl": sha256(data)}})
+        sources.append({"name": path.stem, "origin": f"guard/train/data/{path.name} (this project)",
+                        "licence": "Apache-2.0", "files": {path.name: sha256(data)}})
 
     for kind, label in (("attacks", 1), ("benign", 0)):
         path = REPO / "guard" / "tests" / "corpus" / f"{kind}.jsonl"
@@ -213,8 +216,7 @@ def main() -> None:
             k = f"{split}_{'attack' if r['label'] else 'benign'}"
             c[k] = c.get(k, 0) + 1
     for s in sources:
-        key = s["name"].replace("authored-attacks", "authored").replace("authored-benign", "authored")
-        key = key.replace("corpus-attacks", "corpus").replace("corpus-benign", "corpus")
+        key = "corpus" if s["name"].startswith("corpus-") else "authored" if s["name"].startswith("authored") else s["name"]
         s["rows_after_dedup"] = counts.get(key, {})
     record = {
         "generated_by": "guard/train/prepare.py",
