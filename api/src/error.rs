@@ -216,6 +216,11 @@ mod tests {
             (ApiError::NotFound, 404, "not_found"),
             (ApiError::Queue(AmqpError::Nacked), 503, "queue_unavailable"),
             (
+                ApiError::Guard(sluice_guard::classifier::ClassifierError::Overloaded),
+                503,
+                "guard_unavailable",
+            ),
+            (
                 ApiError::client(ErrorCode::InvalidParameter, "x"),
                 400,
                 "invalid_parameter",

@@ -7,6 +7,8 @@
 # Uses the binaries of the given profile (default release: `cargo build --release` first).
 #
 #   benches/load/run.sh [release|debug] [connections] [seconds]
+# SLUICE_LOAD_CLASSIFIER=off runs the API without the learned injection classifier (the rules
+# still run), to measure what the classifier costs on the submit path.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 profile="${1:-release}"
@@ -27,7 +29,8 @@ unlimited=(--default-requests-per-second 1000000 --default-requests-per-minute 6
   --default-max-active-jobs 10000000 --default-max-queued-jobs 10000000
   --max-queued-jobs 10000000 --ip-requests-per-second 1000000
   --ip-requests-per-minute 60000000)
-RUST_LOG=warn "$bin/sluice-api" --addr "127.0.0.1:$port" --tokenizer "$tiny" "${unlimited[@]}" &
+guard=(--guard-model "$(scripts/fetch-guard-model)" --guard-classifier "${SLUICE_LOAD_CLASSIFIER:-on}")
+RUST_LOG=warn "$bin/sluice-api" --addr "127.0.0.1:$port" --tokenizer "$tiny" "${unlimited[@]}" "${guard[@]}" &
 api=$!
 key="$("$bin/sluice-api" keys create --tenant load | tail -1)"
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.2; done

@@ -14,10 +14,13 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use sluice_tests::*;
 
-/// Submits per second. The 2 cores of the development machine sustained it with a compile
-/// running beside (debug build of the API: p99 submit latency about 33 ms; the tiny model's
-/// 8-token jobs take milliseconds, so two workers keep the queue empty).
-const RATE: u64 = 100;
+/// Submits per second. Every submit now runs the learned injection classifier (a MiniLM
+/// forward pass, about 5 to 7 ms of CPU for a short message on these 2 shared cores, against
+/// 0.2 ms for the rest of the submit path): at the earlier 100/s the classifier's queue
+/// overflowed into 503 `guard_unavailable` beside two workers, Redis and RabbitMQ. 40/s
+/// leaves it about a third of a core, so the test still checks stability, not capacity
+/// (capacity is in docs/results/guard.md).
+const RATE: u64 = 40;
 const DURATION: Duration = Duration::from_secs(60);
 const MAX_TOKENS: u64 = 8;
 /// Growth allowed between the sample at 20 s and any sample in the last 20 s.
@@ -30,7 +33,12 @@ async fn a_steady_rate_for_60_s_has_no_5xx_and_bounded_memory() {
     let ns = unique_namespace("soak");
     let app = TestApp::spawn_process(&ns, tiny_model_dir(), &NO_IP_LIMITS).await;
     let admin = app.admin_key().await;
-    app.set_limits(&admin, "acme", unlimited_tenant()).await;
+    // The guard runs in full (rules and classifier, at their whole cost) but flags instead of
+    // blocking: its accuracy is tested elsewhere, and a false positive on one of these
+    // machine-made prompts is not what this test is about.
+    let mut limits = unlimited_tenant();
+    limits["injection_action"] = json!("flag");
+    app.set_limits(&admin, "acme", limits).await;
     let key = app.key("acme").await;
     let workers: Vec<WorkerProcess> = (0..2)
         .map(|i| WorkerProcess::spawn(&ns, tiny_model_dir(), &format!("soak-{i}")))
