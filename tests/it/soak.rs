@@ -33,12 +33,7 @@ async fn a_steady_rate_for_60_s_has_no_5xx_and_bounded_memory() {
     let ns = unique_namespace("soak");
     let app = TestApp::spawn_process(&ns, tiny_model_dir(), &NO_IP_LIMITS).await;
     let admin = app.admin_key().await;
-    // The guard runs in full (rules and classifier, at their whole cost) but flags instead of
-    // blocking: its accuracy is tested elsewhere, and a false positive on one of these
-    // machine-made prompts is not what this test is about.
-    let mut limits = unlimited_tenant();
-    limits["injection_action"] = json!("flag");
-    app.set_limits(&admin, "acme", limits).await;
+    app.set_limits(&admin, "acme", unlimited_tenant()).await;
     let key = app.key("acme").await;
     let workers: Vec<WorkerProcess> = (0..2)
         .map(|i| WorkerProcess::spawn(&ns, tiny_model_dir(), &format!("soak-{i}")))
