@@ -161,7 +161,9 @@ fn an_attack_deep_inside_a_long_text_is_still_found() {
     let text = format!("{filler}{attack} {filler}");
     let encoder = classifier().encoder();
     assert!(encoder.windows(&text).expect("windows").len() >= 4);
-    let alone = classifier().score(&[filler.clone()]).expect("score")[0];
+    let alone = classifier()
+        .score(std::slice::from_ref(&filler))
+        .expect("score")[0];
     let hidden = classifier().score(&[text]).expect("score")[0];
     assert!(
         alone < DEFAULT_CLASSIFIER_THRESHOLD,

@@ -69,7 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         texts.push(text);
         if texts.len() == CHUNK {
             done += flush(&mut texts, &mut out)?;
-            if done % 1024 == 0 {
+            if done.is_multiple_of(1024) {
                 eprintln!("{done} lines");
             }
         }
