@@ -467,61 +467,24 @@ mod tests {
     #[test]
     fn configuration_doc_matches_the_serve_settings() {
         use clap::CommandFactory;
-        use std::collections::BTreeSet;
 
-        fn env_names(command: &clap::Command, names: &mut BTreeSet<String>) {
-            for arg in command.get_arguments() {
-                if let Some(env) = arg.get_env() {
-                    names.insert(env.to_string_lossy().into_owned());
-                }
-            }
-            for sub in command.get_subcommands() {
-                env_names(sub, names);
-            }
-        }
-        /// The text under `## {heading}`, up to the next `## ` heading.
-        fn section<'a>(doc: &'a str, heading: &str) -> &'a str {
-            let start = doc
-                .find(&format!("\n## {heading}\n"))
-                .unwrap_or_else(|| panic!("docs/configuration.md has no section {heading:?}"))
-                + 1;
-            let rest = &doc[start..];
-            let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 3);
-            &rest[..end]
-        }
-        /// Every word of capitals, digits and underscores (variable names, whole).
-        fn words(text: &str) -> BTreeSet<&str> {
-            text.split(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
-                .filter(|w| !w.is_empty())
-                .collect()
-        }
-
-        let doc = include_str!("../../docs/configuration.md");
-        let mut read = BTreeSet::new();
-        env_names(&ServeCli::command(), &mut read);
+        let drift = sluice_shared::settings::configuration_doc_drift(
+            &ServeCli::command(),
+            include_str!("../../docs/configuration.md"),
+            "sluice-api",
+        )
+        .expect("docs/configuration.md has its sections");
+        let read = &drift.read;
         assert!(read.contains("SLUICE_TOKENIZER") && read.contains("SLUICE_REDIS_URL"));
-
-        let api_part = format!(
-            "{}{}",
-            section(doc, "Both binaries"),
-            section(doc, "sluice-api")
-        );
-        let documented = words(&api_part);
-        let undocumented: Vec<&String> = read
-            .iter()
-            .filter(|name| !documented.contains(name.as_str()))
-            .collect();
         assert!(
-            undocumented.is_empty(),
-            "docs/configuration.md does not describe {undocumented:?}"
+            drift.undocumented.is_empty(),
+            "docs/configuration.md does not describe {:?}",
+            drift.undocumented
         );
-        let unknown: Vec<&str> = documented
-            .into_iter()
-            .filter(|w| w.starts_with("SLUICE_") && !read.contains(*w))
-            .collect();
         assert!(
-            unknown.is_empty(),
-            "docs/configuration.md lists {unknown:?} under sluice-api, which it does not read"
+            drift.unknown.is_empty(),
+            "docs/configuration.md lists {:?} under sluice-api, which it does not read",
+            drift.unknown
         );
     }
 }

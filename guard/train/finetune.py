@@ -34,13 +34,12 @@ from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embed import mask_encoded  # noqa: E402
-from train import BUCKETS, SOURCE_WEIGHT, TARGET_FPR, buckets, report, threshold_at_fpr  # noqa: E402
+from train import BUCKETS, SEED, SOURCE_WEIGHT, TARGET_FPR, buckets, report, threshold_at_fpr  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 BUILD = HERE / "build"
 
-SEED = 20261205
 RANK = 8
 ALPHA = 16.0
 HIDDEN = 256

@@ -155,6 +155,78 @@ pub fn parse_namespace(s: &str) -> Result<String, String> {
     }
 }
 
+/// Where `docs/configuration.md` and a binary's settings disagree (see
+/// [`configuration_doc_drift`]).
+#[derive(Debug)]
+pub struct ConfigDocDrift {
+    /// Every environment variable the command (and its subcommands) reads.
+    pub read: std::collections::BTreeSet<String>,
+    /// Variables the command reads that the doc's sections do not name.
+    pub undocumented: Vec<String>,
+    /// `SLUICE_*` names the doc's sections list that the command does not read.
+    pub unknown: Vec<String>,
+}
+
+/// Compares a binary's clap command with the sections "Both binaries" and `## {binary}` of
+/// the configuration reference `doc`, so that each binary's test keeps the reference in step
+/// with `--help`. A missing section is an error.
+pub fn configuration_doc_drift(
+    command: &clap::Command,
+    doc: &str,
+    binary: &str,
+) -> Result<ConfigDocDrift, String> {
+    use std::collections::BTreeSet;
+
+    fn env_names(command: &clap::Command, names: &mut BTreeSet<String>) {
+        for arg in command.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                names.insert(env.to_string_lossy().into_owned());
+            }
+        }
+        for sub in command.get_subcommands() {
+            env_names(sub, names);
+        }
+    }
+    /// The text under `## {heading}`, up to the next `## ` heading.
+    fn section<'a>(doc: &'a str, heading: &str) -> Result<&'a str, String> {
+        let start = doc
+            .find(&format!("\n## {heading}\n"))
+            .ok_or_else(|| format!("docs/configuration.md has no section {heading:?}"))?
+            + 1;
+        let rest = &doc[start..];
+        let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 3);
+        Ok(&rest[..end])
+    }
+
+    let mut read = BTreeSet::new();
+    env_names(command, &mut read);
+    let part = format!(
+        "{}{}",
+        section(doc, "Both binaries")?,
+        section(doc, binary)?
+    );
+    // Every word of capitals, digits and underscores (variable names, whole).
+    let documented: BTreeSet<&str> = part
+        .split(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+        .filter(|w| !w.is_empty())
+        .collect();
+    let undocumented = read
+        .iter()
+        .filter(|name| !documented.contains(name.as_str()))
+        .cloned()
+        .collect();
+    let unknown = documented
+        .iter()
+        .filter(|w| w.starts_with("SLUICE_") && !read.contains(**w))
+        .map(|w| w.to_string())
+        .collect();
+    Ok(ConfigDocDrift {
+        read,
+        undocumented,
+        unknown,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

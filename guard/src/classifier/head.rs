@@ -54,6 +54,8 @@ pub struct Head {
     lexical: Option<Vec<f32>>,
     /// SHA-256 of the encoder weights the head expects.
     pub encoder_sha256: String,
+    /// SHA-256 of the adapter the head was trained with, when there is one.
+    pub adapter_sha256: Option<String>,
 }
 
 impl Head {
@@ -112,6 +114,7 @@ impl Head {
             layers: file.layers,
             lexical,
             encoder_sha256: file.encoder_sha256,
+            adapter_sha256: file.adapter_sha256,
         })
     }
 
@@ -123,13 +126,11 @@ impl Head {
             detail,
         };
         let head = Self::parse(BUILTIN_HEAD, input).map_err(corrupt)?;
-        let file: HeadFile =
-            serde_json::from_str(BUILTIN_HEAD).map_err(|e| corrupt(e.to_string()))?;
         let adapter = hex::encode(sha2::Sha256::digest(BUILTIN_ADAPTER));
-        if file.adapter_sha256.as_deref() != Some(adapter.as_str()) {
+        if head.adapter_sha256.as_deref() != Some(adapter.as_str()) {
             return Err(corrupt(format!(
                 "trained with adapter {:?}, but the built-in adapter is {adapter}",
-                file.adapter_sha256
+                head.adapter_sha256
             )));
         }
         Ok(head)
