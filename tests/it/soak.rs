@@ -15,11 +15,11 @@ use serde_json::json;
 use sluice_tests::*;
 
 /// Submits per second. Every submit now runs the learned injection classifier (a MiniLM
-/// forward pass, about 5 to 7 ms of CPU for a short message on these 2 shared cores, against
-/// 0.2 ms for the rest of the submit path): at the earlier 100/s the classifier's queue
-/// overflowed into 503 `guard_unavailable` beside two workers, Redis and RabbitMQ. 40/s
-/// leaves it about a third of a core, so the test still checks stability, not capacity
-/// (capacity is in docs/results/guard.md).
+/// forward pass, about 7 ms of CPU per short message in batches on these 2 shared cores,
+/// against 0.2 ms for the rest of the submit path): at the earlier 100/s the classifier's
+/// queue overflowed into 503 `guard_unavailable` beside two workers, Redis and RabbitMQ.
+/// 40/s leaves it about a third of a core, so the test still checks stability, not capacity
+/// (the measurements are in docs/results/guard.md).
 const RATE: u64 = 40;
 const DURATION: Duration = Duration::from_secs(60);
 const MAX_TOKENS: u64 = 8;
