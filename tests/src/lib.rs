@@ -695,24 +695,28 @@ impl Backends {
 
     /// Deletes this namespace's queues, exchanges and keys.
     pub async fn cleanup(mut self) {
+        // Best effort, and bounded: a broker call that never answers (seen once: a
+        // `queue.delete` on this connection after a long test) must not hang a test that
+        // has already passed.
+        const STEP: Duration = Duration::from_secs(10);
         for q in [
             self.ks.jobs_queue(),
             self.ks.jobs_queue_for(sluice_proto::Priority::Batch),
             self.ks.dead_letter_queue(),
         ] {
-            let _ = self
+            let delete = self
                 .channel
-                .queue_delete(q.into(), QueueDeleteOptions::default())
-                .await;
+                .queue_delete(q.into(), QueueDeleteOptions::default());
+            let _ = tokio::time::timeout(STEP, delete).await;
         }
         for x in [self.ks.jobs_exchange(), self.ks.dead_letter_exchange()] {
-            let _ = self
+            let delete = self
                 .channel
-                .exchange_delete(x.into(), lapin::options::ExchangeDeleteOptions::default())
-                .await;
+                .exchange_delete(x.into(), lapin::options::ExchangeDeleteOptions::default());
+            let _ = tokio::time::timeout(STEP, delete).await;
         }
         delete_namespace_keys(&mut self.redis, self.ks.namespace()).await;
-        let _ = self.amqp.close(200, "done".into()).await;
+        let _ = tokio::time::timeout(STEP, self.amqp.close(200, "done".into())).await;
     }
 }
 
