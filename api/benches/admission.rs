@@ -59,6 +59,7 @@ fn bench(c: &mut Criterion) {
                     deadline: now + 60_000,
                     attempt: 1,
                     trace: TraceContext::default(),
+                    judge: false,
                 };
                 let admission = Admission {
                     reserve: 300,

@@ -224,6 +224,10 @@ pub struct DefaultPolicySettings {
     /// false positives on the classifier's validation split).
     #[arg(long, env = "SLUICE_DEFAULT_CLASSIFIER_THRESHOLD", default_value_t = sluice_guard::pipeline::DEFAULT_CLASSIFIER_THRESHOLD)]
     pub default_classifier_threshold: f32,
+    /// Lower edge of the classifier's grey band (unset: no band): a job scored from here up to
+    /// the classifier threshold is judged by the served model before it generates.
+    #[arg(long, env = "SLUICE_DEFAULT_INJECTION_JUDGE_FROM", value_parser = parse_unit_score)]
+    pub default_injection_judge_from: Option<f32>,
     /// `redact`, `reject` or `off`.
     #[arg(long, env = "SLUICE_DEFAULT_PII_ACTION", default_value = "redact", value_parser = parse_pii_action)]
     pub default_pii_action: PiiAction,
@@ -232,6 +236,13 @@ pub struct DefaultPolicySettings {
 fn parse_injection_action(s: &str) -> Result<InjectionAction, String> {
     serde_json::from_value(serde_json::Value::String(s.to_string()))
         .map_err(|_| format!("{s:?} is not one of block, flag, off"))
+}
+
+fn parse_unit_score(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a score between 0 and 1")),
+    }
 }
 
 fn parse_pii_action(s: &str) -> Result<PiiAction, String> {
@@ -254,6 +265,7 @@ impl DefaultPolicySettings {
             injection_action: self.default_injection_action,
             injection_threshold: self.default_injection_threshold,
             classifier_threshold: self.default_classifier_threshold,
+            injection_judge_from: self.default_injection_judge_from,
             pii_action: self.default_pii_action,
             // Per tenant only (an admin registers it); no deployment-wide default.
             required_output_schema: None,

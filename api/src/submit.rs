@@ -104,8 +104,8 @@ fn check_messages(
     Ok(())
 }
 
-/// Whether the classifier's score of any message (the maximum over the message and its
-/// decoded layers, [`Guard::classifier_inputs`]) reaches `threshold`. The texts are prepared
+/// The classifier's score of the request: the maximum over its messages and their decoded
+/// layers ([`Guard::classifier_inputs`]). The texts are prepared
 /// inline or on the blocking pool like the rest of the guard, then scored on the classifier's
 /// own thread, batched with concurrent requests.
 async fn classify(
@@ -113,8 +113,7 @@ async fn classify(
     guard: &Arc<Guard>,
     messages: Vec<Message>,
     inline: bool,
-    threshold: f32,
-) -> Result<bool, ApiError> {
+) -> Result<f32, ApiError> {
     let prepare = {
         let guard = Arc::clone(guard);
         move || -> Vec<String> {
@@ -132,7 +131,7 @@ async fn classify(
             .map_err(|e| ApiError::Internal(e.to_string()))?
     };
     let scores = service.score(inputs).await?;
-    Ok(scores.into_iter().any(|score| score >= threshold))
+    Ok(scores.into_iter().fold(0.0, f32::max))
 }
 
 /// Rule-based guard stages over every message, then the exact prompt token count. CPU work:
@@ -377,19 +376,23 @@ pub async fn submit(
 
     // The learned classifier last: every cheaper check above has rejected what it can, so only
     // a request that would otherwise be accepted pays for a forward pass.
+    let mut judge = false;
     if let (Some(service), Some(raw)) = (&state.classifier, raw_messages) {
-        let fired = classify(
-            service,
-            &state.guard,
-            raw,
-            inline,
-            config.classifier_threshold,
-        )
-        .await
-        .inspect_err(|_| {
-            audit::record("rejected", "guard_unavailable", &ctx, state.anonymize_ips);
-        })?;
-        if fired {
+        let score = classify(service, &state.guard, raw, inline)
+            .await
+            .inspect_err(|_| {
+                audit::record("rejected", "guard_unavailable", &ctx, state.anonymize_ips);
+            })?;
+        // In the tenant's grey band the served model gives a second opinion before it
+        // generates (the worker's judge); above it the tenant's action applies.
+        judge = policy.judge_band_holds(score);
+        if judge {
+            tracing::info!(
+                score,
+                "classifier grey band: the model judges the job first"
+            );
+        }
+        if score >= config.classifier_threshold {
             if config.injection_action == InjectionAction::Block {
                 audit::record(
                     "rejected",
@@ -438,6 +441,7 @@ pub async fn submit(
         deadline: created_at + job.timeout.as_millis() as u64,
         attempt: 1,
         trace: crate::routes::jobs::trace_context(headers),
+        judge,
     };
     let reserve = (guarded.prompt_tokens + max_tokens) as u64;
     let admission = Admission {

@@ -247,6 +247,12 @@ pub struct JobMessage {
     pub attempt: u32,
     #[serde(default)]
     pub trace: TraceContext,
+    /// Set when the API's injection classifier scored the request inside its tenant's grey
+    /// band (`injection_judge_from` up to `classifier_threshold`): before generating, the
+    /// worker asks the served model whether the request is a prompt injection, and a "yes"
+    /// ends the job as `prompt_injection_detected`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub judge: bool,
 }
 
 impl JobMessage {
@@ -294,6 +300,7 @@ mod tests {
             deadline: 2,
             attempt: 1,
             trace: TraceContext::default(),
+            judge: false,
         }
     }
 
@@ -301,6 +308,30 @@ mod tests {
     fn round_trips() {
         let job = sample();
         assert_eq!(JobMessage::decode(&job.encode()).expect("decode"), job);
+        let judged = JobMessage {
+            judge: true,
+            ..sample()
+        };
+        assert_eq!(
+            JobMessage::decode(&judged.encode()).expect("decode"),
+            judged
+        );
+    }
+
+    #[test]
+    fn the_judge_flag_is_left_out_unless_set() {
+        // A message without it (from an API that predates it) reads as `false`.
+        let encoded = String::from_utf8(sample().encode()).expect("utf-8");
+        assert!(!encoded.contains("judge"), "{encoded}");
+        let judged = JobMessage {
+            judge: true,
+            ..sample()
+        };
+        assert!(
+            String::from_utf8(judged.encode())
+                .expect("utf-8")
+                .contains("\"judge\":true")
+        );
     }
 
     #[test]

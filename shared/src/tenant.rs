@@ -35,6 +35,12 @@ pub struct TenantPolicy {
     /// split); a hit is handled by `injection_action` like a rule's.
     #[serde(default = "default_classifier_threshold")]
     pub classifier_threshold: f32,
+    /// The lower edge of the classifier's grey band, or `None` (the default) for no band: a
+    /// request the classifier scores at or above it, but below `classifier_threshold`, is
+    /// judged by the served model before it generates (the model's second opinion), and a
+    /// "yes" ends the job as `prompt_injection_detected` with its reservation refunded.
+    #[serde(default)]
+    pub injection_judge_from: Option<f32>,
     pub pii_action: PiiAction,
     /// The class of this tenant's jobs that do not name one.
     #[serde(default)]
@@ -63,6 +69,7 @@ impl Default for TenantPolicy {
             injection_action: guard.injection_action,
             injection_threshold: guard.injection_threshold,
             classifier_threshold: guard.classifier_threshold,
+            injection_judge_from: None,
             pii_action: guard.pii_action,
             required_output_schema: None,
             default_priority: Priority::Interactive,
@@ -71,6 +78,13 @@ impl Default for TenantPolicy {
 }
 
 impl TenantPolicy {
+    /// Whether a classifier score sends the job to the model's second opinion: inside the
+    /// grey band, below the threshold where `injection_action` takes over.
+    pub fn judge_band_holds(&self, score: f32) -> bool {
+        self.injection_judge_from
+            .is_some_and(|from| score >= from && score < self.classifier_threshold)
+    }
+
     pub fn guard_config(&self) -> GuardConfig {
         GuardConfig {
             injection_action: self.injection_action,
@@ -103,6 +117,13 @@ impl TenantPolicy {
         }
         if !(0.0..=1.0).contains(&merged.classifier_threshold) {
             return Err("classifier_threshold must be between 0 and 1".into());
+        }
+        if let Some(from) = merged.injection_judge_from
+            && !(0.0..=merged.classifier_threshold).contains(&from)
+        {
+            return Err(
+                "injection_judge_from must be between 0 and classifier_threshold (or null)".into(),
+            );
         }
         if let Some(format) = merged.required_format() {
             crate::structured::check_format(&format)
@@ -341,6 +362,37 @@ mod tests {
                 .expect("valid")
                 .pii_action
                 == PiiAction::Reject
+        );
+    }
+
+    #[test]
+    fn the_judge_band_sits_below_the_classifier_threshold() {
+        let d = TenantPolicy::default();
+        assert!(!d.judge_band_holds(0.4), "off by default");
+        let p = d
+            .merged(&serde_json::json!({"injection_judge_from": 0.2, "classifier_threshold": 0.6}))
+            .expect("valid");
+        assert!(!p.judge_band_holds(0.19));
+        assert!(p.judge_band_holds(0.2));
+        assert!(p.judge_band_holds(0.59));
+        assert!(
+            !p.judge_band_holds(0.6),
+            "the threshold and above are the action's"
+        );
+        assert!(
+            d.merged(&serde_json::json!({"injection_judge_from": 0.7}))
+                .is_err(),
+            "above the default threshold 0.5"
+        );
+        assert!(
+            d.merged(&serde_json::json!({"injection_judge_from": -0.1}))
+                .is_err()
+        );
+        assert_eq!(
+            p.merged(&serde_json::json!({"injection_judge_from": null}))
+                .expect("valid")
+                .injection_judge_from,
+            None
         );
     }
 }

@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::engine::{EngineError, EngineHandle};
 use crate::generate::{GenerateError, Generation, JobControl};
+use crate::judge::{JudgeError, Verdict};
 use crate::metrics::WorkerMetrics;
 
 /// What to tell the broker about a delivery.
@@ -181,6 +182,12 @@ impl JobRunner {
             Instant::now() + Duration::from_millis(job.deadline.saturating_sub(started_ms));
         let control = JobControl::new(deadline);
         let watchers = self.watch(&job, &control);
+        if job.judge
+            && let Some(terminal) = self.judge(&job, &control).await
+        {
+            watchers.abort();
+            return self.write_terminal(&job, terminal).await;
+        }
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let ttl = job.deadline.saturating_sub(started_ms) / 1000 + self.result_ttl_secs;
         let pump = tokio::spawn(crate::stream::pump(
@@ -267,6 +274,55 @@ impl JobRunner {
             }
         };
         self.write_terminal(&job, terminal).await
+    }
+
+    /// The served model's second opinion on a job in its tenant's classifier grey band
+    /// ([`crate::judge`]): the terminal state that ends the job here, or `None` to generate it.
+    /// A judge that cannot answer fails the job closed (`guard_unavailable`); one that was
+    /// interrupted (cancel, deadline, shutdown, a stopped engine) lets the generation meet the
+    /// same interruption and end the job the way it always does.
+    async fn judge(&self, job: &JobMessage, control: &JobControl) -> Option<Terminal> {
+        let started = Instant::now();
+        let verdict = crate::judge::judge(&self.engine, job, control.clone())
+            .instrument(tracing::info_span!("judge"))
+            .await;
+        self.metrics
+            .judge_duration
+            .observe(started.elapsed().as_secs_f64());
+        let label = match &verdict {
+            Ok(v) => v.as_str(),
+            Err(_) => "error",
+        };
+        self.metrics
+            .judge_verdicts
+            .with_label_values(&[label])
+            .inc();
+        match verdict {
+            Ok(Verdict::Clean) => {
+                tracing::info!("the injection judge let the job through");
+                None
+            }
+            Ok(Verdict::Injection) => {
+                tracing::warn!("the injection judge stopped the job");
+                Some(failed(ErrorBody::new(
+                    ErrorCode::PromptInjectionDetected,
+                    "the input looks like a prompt injection (the model's second opinion)",
+                )))
+            }
+            Err(
+                JudgeError::Interrupted
+                | JudgeError::Engine(
+                    EngineError::Stopped | EngineError::Generate(GenerateError::Preempted),
+                ),
+            ) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "the injection judge failed; the job fails closed");
+                Some(failed(ErrorBody::new(
+                    ErrorCode::GuardUnavailable,
+                    "the injection judge could not run on this job",
+                )))
+            }
+        }
     }
 
     /// Appends a succeeded job's turn (its new messages and the redacted reply) to its

@@ -10,6 +10,8 @@
 //! - `cpu_attention`: single-token attention on the CPU straight out of the paged KV pool;
 //! - [`engine`]: the dedicated thread that owns the model, fed by a channel, so model compute
 //!   never runs on the async runtime;
+//! - [`judge`]: the served model's second opinion on a request in its tenant's classifier grey
+//!   band, run before the job generates;
 //! - [`consumer`]: the AMQP consumer: decode → start (Redis) → engine → finish (Redis) → ack;
 //! - [`stream`]: generated text into the job's Redis stream as it is produced, redacted;
 //! - [`bench`]: `sluice-worker bench`, the forward pass measured without broker or Redis;
@@ -26,6 +28,7 @@ pub mod fused;
 pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod graphs;
+pub mod judge;
 pub mod kv;
 pub mod leak;
 pub mod metrics;

@@ -36,6 +36,10 @@ pub struct WorkerMetrics {
     /// Busy fraction of the GPU over NVML's last sample period, only on CUDA workers.
     pub gpu_utilization: Option<Gauge>,
     pub tenants: TenantLabels,
+    /// The injection judge's verdicts (`injection`, `clean`, `error`).
+    pub judge_verdicts: IntCounterVec,
+    /// How long the injection judge took per judged job.
+    pub judge_duration: Histogram,
 }
 
 impl WorkerMetrics {
@@ -119,6 +123,16 @@ impl WorkerMetrics {
                 "sluice_worker_info",
                 "Always 1; labels say what this worker serves.",
                 &["model", "device"],
+            ),
+            judge_verdicts: f.counter_vec(
+                "sluice_injection_judge_verdicts_total",
+                "Jobs in a tenant's classifier grey band judged by the served model, by verdict.",
+                &["verdict"],
+            ),
+            judge_duration: f.histogram(
+                "sluice_injection_judge_seconds",
+                "Time the served model took to judge one job before generating it.",
+                LATENCY_BUCKETS,
             ),
             gpu_memory,
             tenants: TenantLabels::new(MAX_TENANT_LABELS),

@@ -14,6 +14,9 @@ pub enum Invocation {
     TinyModel(TinyModelArgs),
     /// `sluice-worker bench --model ...`: measure the forward pass (no broker, no Redis).
     Bench(crate::bench::BenchArgs),
+    /// `sluice-worker judge --model ... --input FILE`: the injection judge over a file of
+    /// texts (no broker, no Redis).
+    Judge(crate::judge::JudgeArgs),
 }
 
 #[derive(Debug, Parser)]
@@ -21,7 +24,8 @@ pub enum Invocation {
     name = "sluice-worker",
     version,
     about = "Sluice's Qwen2.5 worker. `sluice-worker tiny-model --help` for the test model, \
-             `sluice-worker bench --help` for the benchmark."
+             `sluice-worker bench --help` for the benchmark, `sluice-worker judge --help` for the \
+             injection judge over a file."
 )]
 struct RunCli {
     #[command(flatten)]
@@ -55,6 +59,10 @@ impl Invocation {
             Some("bench") => {
                 args.remove(0);
                 crate::bench::BenchArgs::try_parse_from(args).map(Invocation::Bench)
+            }
+            Some("judge") => {
+                args.remove(0);
+                crate::judge::JudgeArgs::try_parse_from(args).map(Invocation::Judge)
             }
             Some("run") => {
                 args.remove(1);
