@@ -425,8 +425,8 @@ mod tests {
 
     #[test]
     fn verdicts_parse_and_anything_else_is_an_error() {
-        assert_eq!(parse_verdict("\"yes\"").unwrap(), Verdict::Injection);
-        assert_eq!(parse_verdict(" \"no\"\n").unwrap(), Verdict::Clean);
+        assert_eq!(parse_verdict("\"yes\"").expect("yes"), Verdict::Injection);
+        assert_eq!(parse_verdict(" \"no\"\n").expect("no"), Verdict::Clean);
         for bad in ["yes", "\"maybe\"", "", "\"ye"] {
             assert!(parse_verdict(bad).is_err(), "{bad}");
         }
