@@ -289,10 +289,6 @@ pub struct ApiSettings {
     #[arg(long, env = "SLUICE_TOKENIZER")]
     pub tokenizer: PathBuf,
 
-    /// Largest `max_tokens` a job may ask for.
-    #[arg(long, env = "SLUICE_MAX_TOKENS_LIMIT", default_value_t = 8192)]
-    pub max_tokens_limit: u32,
-
     /// Largest request body, in bytes.
     #[arg(long, env = "SLUICE_BODY_LIMIT_BYTES", default_value_t = 64 * 1024)]
     pub body_limit_bytes: usize,
@@ -334,10 +330,6 @@ pub struct ApiSettings {
     /// Tokens of history put before a new turn at most (oldest messages dropped first).
     #[arg(long, env = "SLUICE_SESSION_MAX_TOKENS", default_value_t = 4096)]
     pub session_max_tokens: usize,
-
-    /// How long finished jobs stay readable, in seconds.
-    #[arg(long, env = "SLUICE_RESULT_TTL_SECS", default_value_t = 24 * 3600)]
-    pub result_ttl_secs: u64,
 
     /// Grace period for in-flight requests on SIGTERM, in seconds.
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
@@ -423,7 +415,7 @@ mod tests {
     #[test]
     fn defaults() {
         let s = ApiSettings::parse_from(["x", "--tokenizer", "m"]).expect("parse");
-        assert_eq!(s.max_tokens_limit, 8192);
+        assert_eq!(s.common.max_tokens_limit, 8192);
         assert_eq!(s.body_limit_bytes, 65536);
         assert!(s.anonymize_ips);
         assert_eq!(s.policy.policy().tokens_per_day, Some(2_000_000));

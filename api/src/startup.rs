@@ -135,7 +135,7 @@ pub fn build_state(settings: &ApiSettings) -> anyhow::Result<AppState> {
         format!("sluice-api@{}", hostname()),
     );
     Ok(AppState {
-        store: JobStore::new(pool.clone(), ks.clone(), settings.result_ttl_secs),
+        store: JobStore::new(pool.clone(), ks.clone(), settings.common.result_ttl_secs),
         publisher: Arc::new(publisher),
         keys: ApiKeys::new(pool.clone(), ks.clone()),
         sessions: SessionStore::new(pool.clone(), ks.clone()),

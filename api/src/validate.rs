@@ -28,7 +28,7 @@ pub struct Limits {
 impl Limits {
     pub fn from_settings(s: &ApiSettings) -> Self {
         Self {
-            max_tokens_limit: s.max_tokens_limit,
+            max_tokens_limit: s.common.max_tokens_limit,
             max_messages: s.max_messages,
             max_message_chars: s.max_message_chars,
             default_timeout: Duration::from_secs(s.job_timeout_secs),

@@ -81,6 +81,15 @@ pub struct CommonSettings {
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
+    /// Largest `max_tokens` a job may ask for: the API refuses more, and a worker checks the
+    /// jobs it takes again (a message that skipped the API is held to the same limit).
+    #[arg(long, env = "SLUICE_MAX_TOKENS_LIMIT", default_value_t = 8192)]
+    pub max_tokens_limit: u32,
+
+    /// How long finished jobs stay readable, in seconds.
+    #[arg(long, env = "SLUICE_RESULT_TTL_SECS", default_value_t = 24 * 3600)]
+    pub result_ttl_secs: u64,
+
     /// How many times a job may be started before it fails with `attempts_exhausted` (workers
     /// that die mid-job cause redeliveries).
     #[arg(long, env = "SLUICE_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]

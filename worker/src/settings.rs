@@ -132,14 +132,6 @@ pub struct WorkerSettings {
     #[arg(long, env = "SLUICE_DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: DeviceSpec,
 
-    /// Largest `max_tokens` this worker accepts (jobs that skipped the API are checked too).
-    #[arg(long, env = "SLUICE_MAX_TOKENS_LIMIT", default_value_t = 8192)]
-    pub max_tokens_limit: u32,
-
-    /// How long finished jobs stay readable, in seconds.
-    #[arg(long, env = "SLUICE_RESULT_TTL_SECS", default_value_t = 24 * 3600)]
-    pub result_ttl_secs: u64,
-
     /// How often running jobs are checked for cancellation, in milliseconds.
     #[arg(long, env = "SLUICE_CANCEL_POLL_MS", default_value_t = 100)]
     pub cancel_poll_ms: u64,

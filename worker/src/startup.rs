@@ -115,14 +115,14 @@ impl Worker {
             )
         });
         let runner = JobRunner {
-            store: JobStore::new(pool, ks.clone(), settings.result_ttl_secs),
+            store: JobStore::new(pool, ks.clone(), settings.common.result_ttl_secs),
             engine,
             worker_id,
             max_attempts: settings.common.max_attempts,
-            max_tokens_limit: settings.max_tokens_limit,
+            max_tokens_limit: settings.common.max_tokens_limit,
             cancel_poll: Duration::from_millis(settings.cancel_poll_ms.max(10)),
             redact_output: settings.redact_output,
-            result_ttl_secs: settings.result_ttl_secs,
+            result_ttl_secs: settings.common.result_ttl_secs,
             preempt: preempt_rx,
             metrics,
             in_flight: Arc::new(AtomicUsize::new(0)),
