@@ -50,6 +50,20 @@ pub struct GuardConfig {
     pub pii_action: PiiAction,
 }
 
+impl GuardConfig {
+    /// What the learned classifier's score alone decides under this policy: at or over the
+    /// threshold, [`Action::Block`] or [`Action::Flag`] as `injection_action` says; below it,
+    /// or with injection checks off, [`Action::Allow`].
+    pub fn classifier_action(&self, score: f32) -> Action {
+        match self.injection_action {
+            _ if score < self.classifier_threshold => Action::Allow,
+            InjectionAction::Off => Action::Allow,
+            InjectionAction::Flag => Action::Flag,
+            InjectionAction::Block => Action::Block,
+        }
+    }
+}
+
 /// The classifier's default threshold (see [`crate::classifier::head`]).
 pub const DEFAULT_CLASSIFIER_THRESHOLD: f32 = 0.5;
 
@@ -161,7 +175,8 @@ impl Guard {
                     .rules
                     .scan(&cleaned.text)
                     .categories_over(config.injection_threshold);
-                if classifier.is_some_and(|score| score >= config.classifier_threshold) {
+                if classifier.is_some_and(|score| config.classifier_action(score) != Action::Allow)
+                {
                     categories.push(Category::Classifier);
                 }
                 categories

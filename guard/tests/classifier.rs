@@ -176,6 +176,28 @@ fn an_attack_deep_inside_a_long_text_is_still_found() {
 }
 
 #[test]
+fn the_tenant_action_decides_what_a_score_over_the_threshold_does() {
+    use sluice_guard::pipeline::InjectionAction;
+    let block = GuardConfig::default();
+    assert_eq!(
+        block.classifier_action(0.5),
+        Action::Block,
+        "the threshold itself fires"
+    );
+    assert_eq!(block.classifier_action(0.49), Action::Allow);
+    let flag = GuardConfig {
+        injection_action: InjectionAction::Flag,
+        ..block
+    };
+    assert_eq!(flag.classifier_action(0.9), Action::Flag);
+    let off = GuardConfig {
+        injection_action: InjectionAction::Off,
+        ..block
+    };
+    assert_eq!(off.classifier_action(1.0), Action::Allow);
+}
+
+#[test]
 fn the_classifier_score_blocks_through_the_pipeline() {
     let guard = Guard::with_builtin(None);
     let config = GuardConfig::default();

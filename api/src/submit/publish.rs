@@ -1,0 +1,28 @@
+//! The publish stage's undo: an admission whose publish failed, or whose answer was lost, is
+//! rolled back, now or in the background once Redis answers.
+
+use uuid::Uuid;
+
+/// Undoes an admission that may have been written for a job that was never published: now, or,
+/// while Redis is unreachable, in the background with backoff for up to an hour. Until then
+/// the record holds a reservation and a queue slot; it never runs (nothing was published).
+/// `ROLLBACK` acts only on a `queued` record, so a retry after success changes nothing.
+pub(super) async fn rollback_eventually(store: sluice_shared::store::JobStore, id: Uuid) {
+    if store.rollback(&id).await.is_ok() {
+        return;
+    }
+    tracing::warn!(job_id = %id, "cannot roll back an unpublished admission yet; retrying");
+    tokio::spawn(async move {
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+        let mut delay = std::time::Duration::from_millis(200);
+        while std::time::Instant::now() < give_up {
+            tokio::time::sleep(delay).await;
+            if store.rollback(&id).await.is_ok() {
+                tracing::info!(job_id = %id, "unpublished admission rolled back");
+                return;
+            }
+            delay = (delay * 2).min(std::time::Duration::from_secs(10));
+        }
+        tracing::error!(job_id = %id, "gave up rolling back an unpublished admission");
+    });
+}
