@@ -106,12 +106,59 @@ pub struct PiiSpan {
 }
 
 /// Every PII span in `text`, sorted by start, non-overlapping (the longer match wins).
+///
+/// Detection reads a folded view of the text ([`fold`]): every decimal digit of any script
+/// (full-width `１３８…`, Arabic-Indic, Devanagari, mathematical bold, ...) as its ASCII digit,
+/// and full-width letters and address punctuation as ASCII. The fold maps each
+/// character to exactly one character, so the spans, which count characters, are the
+/// original text's: redaction replaces the characters the client sent.
 pub fn detect(text: &str) -> Vec<PiiSpan> {
+    let folded = fold(text);
+    let text = folded.as_deref().unwrap_or(text);
     let mut found = Vec::new();
     scan(text, &mut found);
     secrets::scan_keys(text.as_bytes(), &mut found);
     let chosen = resolve(found);
     to_char_spans(text.as_bytes(), &chosen)
+}
+
+/// The first code point (the zero) of every run of ten decimal digits outside ASCII (Unicode
+/// general category Nd, 14.0).
+const DIGIT_ZEROS: [u32; 65] = [
+    0x0660, 0x06F0, 0x07C0, 0x0966, 0x09E6, 0x0A66, 0x0AE6, 0x0B66, 0x0BE6, 0x0C66, 0x0CE6, 0x0D66,
+    0x0DE6, 0x0E50, 0x0ED0, 0x0F20, 0x1040, 0x1090, 0x17E0, 0x1810, 0x1946, 0x19D0, 0x1A80, 0x1A90,
+    0x1B50, 0x1BB0, 0x1C40, 0x1C50, 0xA620, 0xA8D0, 0xA900, 0xA9D0, 0xA9F0, 0xAA50, 0xABF0, 0xFF10,
+    0x104A0, 0x10D30, 0x11066, 0x110F0, 0x11136, 0x111D0, 0x112F0, 0x11450, 0x114D0, 0x11650,
+    0x116C0, 0x11730, 0x118E0, 0x11950, 0x11C50, 0x11D50, 0x11DA0, 0x16A60, 0x16AC0, 0x16B50,
+    0x1D7CE, 0x1D7D8, 0x1D7E2, 0x1D7EC, 0x1D7F6, 0x1E140, 0x1E2F0, 0x1E950, 0x1FBF0,
+];
+
+/// One character of the folded view: a decimal digit of any script as its ASCII digit; a
+/// full-width letter, or the full-width `@ . - + _` that addresses are made of, as its ASCII
+/// form; anything else unchanged. Other full-width punctuation (`，：（`) stays: like any
+/// non-ASCII character it separates a match from its neighbours.
+fn fold_char(c: char) -> char {
+    let cp = c as u32;
+    let full_width = matches!(cp, 0xFF21..=0xFF3A | 0xFF41..=0xFF5A)
+        || matches!(c, '＠' | '．' | '－' | '＋' | '＿');
+    if full_width {
+        return char::from_u32(cp - 0xFEE0).unwrap_or(c);
+    }
+    // The last run that starts at or below `cp`; `cp` is a digit if it lies within its ten.
+    let i = DIGIT_ZEROS.partition_point(|&zero| zero <= cp);
+    if i > 0 && cp - DIGIT_ZEROS[i - 1] < 10 {
+        return char::from(b'0' + (cp - DIGIT_ZEROS[i - 1]) as u8);
+    }
+    c
+}
+
+/// The folded view of `text`, or `None` when folding changes nothing (all ASCII, the common
+/// case, costs one pass over the bytes).
+fn fold(text: &str) -> Option<String> {
+    if text.is_ascii() || !text.chars().any(|c| fold_char(c) != c) {
+        return None;
+    }
+    Some(text.chars().map(fold_char).collect())
 }
 
 /// `text` with each span replaced by its placeholder (`[EMAIL]`, `[PHONE]`, ...).
@@ -467,6 +514,34 @@ fn alnum_at(b: &[u8], i: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digits_of_every_script_and_full_width_forms_are_found_and_redacted_in_place() {
+        // Full-width mobile number, Chinese context.
+        let text = "我的手机号是１３８１２３４５６７８，请回电";
+        let spans = detect(text);
+        assert_eq!(spans.len(), 1, "{spans:?}");
+        assert_eq!(spans[0].kind, PiiKind::Phone);
+        assert_eq!(redact(text), "我的手机号是[PHONE]，请回电");
+        // Arabic-Indic digits, a Luhn-valid card number.
+        let card: String = "4111111111111111"
+            .chars()
+            .map(|d| char::from_u32(0x0660 + d.to_digit(10).unwrap_or(0)).unwrap_or(d))
+            .collect();
+        assert_eq!(redact(&format!("card {card} ok")), "card [CREDIT_CARD] ok");
+        // A full-width e-mail address.
+        assert_eq!(
+            redact("mail ｊｏｈｎ＠ｅｘａｍｐｌｅ．ｃｏｍ now"),
+            "mail [EMAIL] now"
+        );
+        // Nothing to fold, nothing found.
+        assert!(detect("version ３.１２ of the app").is_empty());
+        assert_eq!(fold_char('٣'), '3');
+        assert_eq!(fold_char('𝟗'), '9');
+        assert_eq!(fold_char('好'), '好');
+        assert_eq!(fold_char('：'), '：');
+        assert_eq!(fold("plain ascii"), None);
+    }
 
     #[test]
     fn cursor_maps_chars_to_bytes() {
