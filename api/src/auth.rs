@@ -80,6 +80,20 @@ pub struct CreatedKey {
     pub secret: String,
 }
 
+/// The longest lifetime a key may be given: ten years.
+pub const MAX_KEY_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// Whether a key lifetime can be honoured: 1 second to [`MAX_KEY_LIFETIME_SECS`] (a bigger
+/// number would wrap into a key that is dead on arrival).
+pub fn check_key_lifetime(expires_in_secs: Option<u64>) -> Result<(), String> {
+    match expires_in_secs {
+        Some(secs) if secs == 0 || secs > MAX_KEY_LIFETIME_SECS => Err(format!(
+            "expires_in_secs must be between 1 and {MAX_KEY_LIFETIME_SECS} (ten years), got {secs}"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// API keys in Redis.
 #[derive(Clone)]
 pub struct ApiKeys {
@@ -163,6 +177,8 @@ impl ApiKeys {
         Ok(self.pool.get().await?)
     }
 
+    /// Creates a key; `expires_in_secs` must pass [`check_key_lifetime`] (callers check it
+    /// first, to answer with their own error).
     pub async fn create(
         &self,
         tenant: &str,
@@ -181,7 +197,8 @@ impl ApiKeys {
             ("created_at", now.to_string()),
         ];
         if let Some(secs) = expires_in_secs {
-            fields.push(("expires_at", (now + secs * 1000).to_string()));
+            let expires_at = now.saturating_add(secs.saturating_mul(1000));
+            fields.push(("expires_at", expires_at.to_string()));
         }
         let mut conn = self.conn().await?;
         redis::pipe()
@@ -479,6 +496,16 @@ impl FromRequestParts<AppState> for Admin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_lifetimes_that_would_wrap_are_refused() {
+        assert!(check_key_lifetime(None).is_ok());
+        assert!(check_key_lifetime(Some(1)).is_ok());
+        assert!(check_key_lifetime(Some(MAX_KEY_LIFETIME_SECS)).is_ok());
+        for bad in [0, MAX_KEY_LIFETIME_SECS + 1, u64::MAX / 1000 + 1, u64::MAX] {
+            assert!(check_key_lifetime(Some(bad)).is_err(), "{bad}");
+        }
+    }
 
     #[tokio::test]
     async fn last_used_is_written_at_most_once_a_minute_per_key() {

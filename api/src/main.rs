@@ -65,6 +65,7 @@ async fn keys(mut command: KeysCommand) -> anyhow::Result<()> {
             expires_in_secs,
             common,
         } => {
+            sluice_api::auth::check_key_lifetime(expires_in_secs).map_err(anyhow::Error::msg)?;
             let keys = ApiKeys::new(
                 create_pool(&common.redis_url, 1)?,
                 Keyspace::new(common.namespace),

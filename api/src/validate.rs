@@ -146,7 +146,14 @@ pub fn validate(req: SubmitRequest, limits: &Limits) -> Result<ValidatedJob, Api
             req.messages.len()
         )));
     }
-    if req.messages.iter().all(|m| m.content.trim().is_empty()) {
+    // Empty as the model would see it: after the guard strips invisible characters, so a
+    // request of zero-width spaces is refused here rather than charged and queued.
+    if req.messages.iter().all(|m| {
+        sluice_guard::unicode::clean(&m.content)
+            .text
+            .trim()
+            .is_empty()
+    }) {
         return Err(invalid("messages must not all be empty"));
     }
     let defaults = GenerationParams::default();
@@ -287,6 +294,11 @@ mod tests {
             ),
             (
                 r#"{"messages":[{"role":"user","content":"  "}]}"#,
+                InvalidParameter,
+            ),
+            (
+                // Zero-width spaces and a BOM only: empty once cleaned.
+                "{\"messages\":[{\"role\":\"user\",\"content\":\"\u{200b}\u{200b} \u{feff}\"}]}",
                 InvalidParameter,
             ),
             (

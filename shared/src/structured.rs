@@ -119,12 +119,88 @@ pub fn check_format(format: &ResponseFormat) -> Result<(), FormatError> {
             "a schema must be a JSON object".into(),
         ));
     }
+    if let Some(reference) = recursive_ref(&schema) {
+        return Err(FormatError::Unsupported(format!(
+            "recursive schemas are not supported (\"$ref\": {reference:?} refers back to a \
+             schema that contains it)"
+        )));
+    }
     validator(&schema)?;
     let factory = byte_factory()
         .as_ref()
         .map_err(|e| FormatError::Unsupported(e.clone()))?;
     compile(factory, grammar_schema(format).unwrap_or(schema)).map(|_| ())
 }
+
+/// A local `$ref` (`#`, `#/$defs/a`, ...) that leads back into a schema it is part of, if
+/// the schema has one: `{"$ref": "#"}`, or `a` referring to `b` referring to `a`. Output for
+/// such a schema has no bound on its nesting, which the grammar engine cannot enforce; a
+/// schema whose references expand into more than [`MAX_REF_EXPANSIONS`] schemas is refused
+/// the same way. Non-local references are left to the validator, which resolves none.
+fn recursive_ref(schema: &Value) -> Option<String> {
+    /// Every local `$ref` inside `node` (at JSON Pointer `at`): where it is, and its target,
+    /// both as JSON Pointers (the target without its leading `#`).
+    fn refs(node: &Value, at: &str, out: &mut Vec<(String, String)>) {
+        match node {
+            Value::Object(map) => {
+                for (key, value) in map {
+                    let here = format!("{at}/{}", key.replace('~', "~0").replace('/', "~1"));
+                    match (key.as_str(), value) {
+                        ("$ref", Value::String(r)) if r.starts_with('#') => {
+                            out.push((here, r[1..].to_string()));
+                        }
+                        _ => refs(value, &here, out),
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    refs(v, &format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    /// Whether the schema at `outer` contains the location `inner` (or is it).
+    fn contains(outer: &str, inner: &str) -> bool {
+        inner == outer || inner.starts_with(&format!("{outer}/")) || outer.is_empty()
+    }
+    /// Expands the schema at `target`: a reference inside it whose target contains a
+    /// reference already followed on the way here (or itself) loops.
+    fn visit(
+        schema: &Value,
+        target: &str,
+        followed: &mut Vec<String>,
+        budget: &mut usize,
+    ) -> Option<String> {
+        let Some(node) = schema.pointer(target) else {
+            return None; // a dangling reference: the validator reports it
+        };
+        let mut found = Vec::new();
+        refs(node, target, &mut found);
+        for (location, next) in found {
+            if contains(&next, &location) || followed.iter().any(|l| contains(&next, l)) {
+                return Some(format!("#{next}"));
+            }
+            if *budget == 0 {
+                return Some(format!("#{next}"));
+            }
+            *budget -= 1;
+            followed.push(location);
+            let looped = visit(schema, &next, followed, budget);
+            followed.pop();
+            if looped.is_some() {
+                return looped;
+            }
+        }
+        None
+    }
+    let mut budget = MAX_REF_EXPANSIONS;
+    visit(schema, "", &mut Vec::new(), &mut budget)
+}
+
+/// How many `$ref` expansions [`recursive_ref`] follows before it refuses a schema.
+const MAX_REF_EXPANSIONS: usize = 10_000;
 
 /// Checks finished output against the format: it parses as JSON and validates.
 pub fn validate_output(format: &ResponseFormat, text: &str) -> Result<(), String> {
@@ -320,6 +396,30 @@ mod tests {
             check_format(&schema(big)),
             Err(FormatError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn recursive_references_are_refused_before_anything_runs() {
+        for looped in [
+            json!({"$ref": "#"}),
+            json!({"type": "object", "properties": {"child": {"$ref": "#"}}}),
+            json!({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+                   "$ref": "#/$defs/a"}),
+            json!({"$defs": {"node": {"type": "object",
+                   "properties": {"next": {"$ref": "#/$defs/node"}}}},
+                   "$ref": "#/$defs/node"}),
+        ] {
+            let err = check_format(&schema(looped.clone())).expect_err("refused");
+            assert!(
+                matches!(&err, FormatError::Unsupported(m) if m.contains("recursive")),
+                "{looped}: {err}"
+            );
+        }
+        // Shared, non-recursive definitions are fine.
+        let shared = json!({"$defs": {"name": {"type": "string"}}, "type": "object",
+            "properties": {"first": {"$ref": "#/$defs/name"}, "last": {"$ref": "#/$defs/name"}},
+            "required": ["first", "last"]});
+        assert!(check_format(&schema(shared)).is_ok());
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub async fn create_key(
             "name must be 1-64 characters",
         ));
     }
+    crate::auth::check_key_lifetime(req.expires_in_secs)
+        .map_err(|message| ApiError::client(ErrorCode::InvalidParameter, message))?;
     let created = state
         .keys
         .create(&req.tenant, &req.name, req.role, req.expires_in_secs)
