@@ -2,6 +2,7 @@
 //!
 //! - [`settings`]: the one typed settings struct of `sluice-api` (flags + env) and its CLI;
 //! - [`startup`]: builds the state, binds the listener, serves until a shutdown signal;
+//! - [`serve`]: the connection loop: header and body read timeouts, a connection cap, drain;
 //! - [`auth`]: API keys (created by `sluice-api keys create` or `/admin/keys`, stored hashed in
 //!   Redis, compared in constant time) and JWTs ([`jwt`]), and the [`auth::Principal`]
 //!   extractor every authenticated route requires: it also applies the central rate limits
@@ -30,6 +31,7 @@ pub mod guard_cli;
 pub mod jwt;
 pub mod metrics;
 pub mod routes;
+pub mod serve;
 pub mod settings;
 pub mod startup;
 pub mod state;

@@ -335,6 +335,20 @@ pub struct ApiSettings {
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
 
+    /// Seconds a connection may take to send a request's headers, and may sit idle between
+    /// requests; then it is closed (slow or silent clients hold nothing for long).
+    #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_read_timeout_secs: u64,
+
+    /// Seconds a request may take to send its whole body; then it is refused (400) and the
+    /// connection closed.
+    #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_read_timeout_secs: u64,
+
+    /// Open client connections at most; past it, new connections wait in the listen backlog.
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+
     /// Requests per second per client IP (0 = unlimited).
     #[arg(long, env = "SLUICE_IP_REQUESTS_PER_SECOND", default_value_t = 100)]
     pub ip_requests_per_second: u32,

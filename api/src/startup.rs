@@ -1,6 +1,5 @@
 //! Building and running the API: the binary is a thin shell over this.
 
-use axum::serve::ListenerExt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,27 +78,23 @@ impl Application {
             };
             sluice_shared::metrics::spawn(listener, registry, refresh, stopping_rx.clone());
         }
-        // Small responses and event-stream chunks go out at once: with Nagle on, an SSE
-        // event written after the headers waited for the client's delayed ACK (about 40 ms).
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let server = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(signal);
+        let limits = crate::serve::ConnectionLimits {
+            header_read: Duration::from_secs(self.settings.header_read_timeout_secs),
+            body_read: Duration::from_secs(self.settings.body_read_timeout_secs),
+            max_connections: usize::try_from(self.settings.max_connections).unwrap_or(usize::MAX),
+        };
+        let server = crate::serve::serve(self.listener, app, limits, stopping_rx.clone());
+        let signal = tokio::spawn(signal);
         let deadline = async move {
             let mut rx = stopping_rx;
             let _ = rx.wait_for(|stopping| *stopping).await;
             tokio::time::sleep(grace).await;
         };
         tokio::select! {
-            result = server => result?,
+            () = server => {}
             () = deadline => tracing::warn!("drain deadline passed; dropping open connections"),
         }
+        signal.abort();
         self.state.publisher.close().await;
         Ok(())
     }

@@ -1,0 +1,214 @@
+//! The HTTP server loop, with the connection hygiene a public endpoint needs: hyper's own
+//! header-read timeout (which also closes a connection idle between requests), a bound on the
+//! time a request body may take, a cap on open connections, and a graceful drain on shutdown.
+//!
+//! Why not `axum::serve`: it sets no timeout at all, so a client sending one header byte every
+//! few seconds, or nothing, or trickling a body, holds a connection and its task forever
+//! (slowloris).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tower::ServiceExt;
+
+/// What a client connection may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// To send a request's headers, and to stay idle between requests.
+    pub header_read: Duration,
+    /// To send a request's whole body.
+    pub body_read: Duration,
+    /// Open connections at once.
+    pub max_connections: usize,
+}
+
+/// Serves `app` on `listener` until `stopping` turns true, then stops accepting, tells every
+/// open connection to finish its current request and close, and returns once all have closed
+/// (the caller bounds that wait with its grace period).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let app = app.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        limits.body_read,
+    ));
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::channel::<()>(1);
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = stopped(&mut stopping) => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stopping) => break,
+        };
+        // Small responses and event-stream chunks go out at once: with Nagle on, an SSE
+        // event written after the headers waited for the client's delayed ACK (about 40 ms).
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let service = app
+            .clone()
+            .map_request(move |mut request: axum::http::Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request
+            });
+        let mut stopping = stopping.clone();
+        let closed = closed_tx.clone();
+        tokio::spawn(async move {
+            // HTTP/1.1 only (hyper-util's version-sniffing builder waits for the first bytes
+            // with no timeout, before hyper's own header timer starts).
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read)
+                .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service))
+                .with_upgrades();
+            let mut connection = std::pin::pin!(connection);
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    () = stopped(&mut stopping), if !draining => {
+                        draining = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+            drop(permit);
+            drop(closed);
+        });
+    }
+    // Every connection task holds a sender: once all are gone, the drain is over.
+    drop(closed_tx);
+    let _ = closed_rx.recv().await;
+}
+
+/// Resolves once `stopping` is true (or its sender is gone).
+async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is dropped here: it must not live across an await.
+    let _ = stopping.wait_for(|s| *s).await.map(|_| ());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn server(limits: ConnectionLimits) -> (SocketAddr, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route(
+            "/",
+            axum::routing::post(|body: axum::body::Bytes| async move { body.len().to_string() }),
+        );
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(serve(listener, app, limits, rx));
+        (addr, tx)
+    }
+
+    const LIMITS: ConnectionLimits = ConnectionLimits {
+        header_read: Duration::from_millis(300),
+        body_read: Duration::from_millis(300),
+        max_connections: 2,
+    };
+
+    /// Reads until the server closes the connection; how long that took.
+    async fn closed_after(stream: &mut tokio::net::TcpStream, what: &str) -> (Duration, String) {
+        let started = std::time::Instant::now();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out));
+        assert!(
+            read.await.is_ok(),
+            "the server never closed the {what} connection"
+        );
+        (
+            started.elapsed(),
+            String::from_utf8_lossy(&out).into_owned(),
+        )
+    }
+
+    #[tokio::test]
+    async fn silent_slow_and_idle_connections_are_closed() {
+        let (addr, _stop) = server(LIMITS).await;
+        // Sends nothing.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (took, _) = closed_after(&mut silent, "silent").await;
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        // Half a request line, then nothing more.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(b"POST / HT").await.expect("write");
+        let (took, _) = closed_after(&mut slow, "slow").await;
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        // A finished request on a keep-alive connection, then idle.
+        let mut idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        idle.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi")
+            .await
+            .expect("write");
+        let (took, answer) = closed_after(&mut idle, "idle").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_trickled_body_is_cut_off() {
+        let (addr, _stop) = server(LIMITS).await;
+        let mut trickle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        trickle
+            .write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nab")
+            .await
+            .expect("write");
+        let (took, answer) = closed_after(&mut trickle, "trickling").await;
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_wait_and_shutdown_drains() {
+        let (addr, stop) = server(ConnectionLimits {
+            header_read: Duration::from_secs(30),
+            ..LIMITS
+        })
+        .await;
+        let _a = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _b = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // The third is accepted by the kernel but not served while two are open.
+        let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        c.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 16];
+        let early = tokio::time::timeout(Duration::from_millis(500), c.read(&mut buf)).await;
+        assert!(early.is_err(), "served past the cap");
+        drop(_a);
+        let served = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await;
+        assert!(matches!(served, Ok(Ok(n)) if n > 0), "{served:?}");
+        stop.send(true).expect("stop");
+    }
+}
