@@ -94,6 +94,35 @@ async fn events_stream_the_text_then_the_terminal_job_and_resume() {
     );
     assert_eq!(rest.last().map(|e| e.event.as_str()), Some("done"));
 
+    // Resume after the last event, as a browser's EventSource does on reconnect: the stream
+    // ends at once with the terminal job instead of waiting for events that never come.
+    let done_id = done.id.clone().expect("the done event has an id");
+    // (`read_events` fails if the stream has not ended within a minute.)
+    let after = read_events(&app, &key, &id, Some(&done_id)).await;
+    assert_eq!(
+        after.len(),
+        1,
+        "{:?}",
+        after.iter().map(|e| &e.event).collect::<Vec<_>>()
+    );
+    assert_eq!(after[0].event, "done");
+    assert_eq!(after[0].data["job"]["status"], "succeeded");
+
+    // A malformed id is refused, not retried against Redis.
+    for bad in ["nonsense", "99999999999999999999-0"] {
+        let r = app
+            .http
+            .get(format!("{}/v1/jobs/{id}/events", app.base))
+            .bearer_auth(&key)
+            .header("last-event-id", bad)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status().as_u16(), 400, "{bad}");
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["error"]["code"], "invalid_parameter", "{bad}");
+    }
+
     // Another tenant cannot read it.
     let other = app.key("other").await;
     let r = app

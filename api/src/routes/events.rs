@@ -35,12 +35,22 @@ struct Cursor {
     key: String,
     last: String,
     finished: bool,
+    /// Reads that failed in a row; the stream ends after [`MAX_READ_ERRORS`] (the client
+    /// resumes with `Last-Event-ID`).
+    errors: u32,
 }
 
+/// Failed stream reads in a row before an event stream gives up.
+const MAX_READ_ERRORS: u32 = 5;
+
+/// A Redis stream entry id: two decimal numbers that fit in 64 bits, joined by `-`.
 fn valid_stream_id(s: &str) -> bool {
     let mut parts = s.split('-');
-    let ok =
-        |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let ok = |p: Option<&str>| {
+        p.is_some_and(|p| {
+            !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u64>().is_ok()
+        })
+    };
     ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
 }
 
@@ -86,6 +96,7 @@ async fn next_events(mut c: Cursor) -> Option<(Vec<JobEvent>, Cursor)> {
     let mut events = Vec::new();
     match read {
         Ok(Some(streams)) => {
+            c.errors = 0;
             for (_, entries) in streams {
                 for (entry_id, fields) in entries {
                     let get = |name: &str| {
@@ -110,22 +121,39 @@ async fn next_events(mut c: Cursor) -> Option<(Vec<JobEvent>, Cursor)> {
             }
         }
         Ok(None) => {
-            // Nothing new: a job that is terminal but never streamed ends here.
+            c.errors = 0;
+            // Nothing new. A terminal job has nothing more to stream: its `done` entry, if it
+            // has one, is at or before the cursor (a client resuming after it), or there is
+            // no stream at all (it ended without generating). One last look without waiting
+            // catches an entry written since the blocking read returned.
             let view = c.state.store.get(&c.tenant, &c.id).await.ok().flatten();
             let terminal = view.as_ref().is_none_or(|v| v.status.is_terminal());
-            let exists: bool = c
-                .conn
-                .query(redis::cmd("EXISTS").arg(&c.key))
-                .await
-                .unwrap_or(true);
-            if terminal && !exists {
-                events.push(done_event(&c, None).await);
-                c.finished = true;
+            if terminal {
+                let late: Result<Entries, _> = c
+                    .conn
+                    .query(
+                        redis::cmd("XREAD")
+                            .arg("COUNT")
+                            .arg(1)
+                            .arg("STREAMS")
+                            .arg(&c.key)
+                            .arg(&c.last),
+                    )
+                    .await;
+                if matches!(late, Ok(None)) {
+                    events.push(done_event(&c, None).await);
+                    c.finished = true;
+                }
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "event stream read failed");
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            c.errors += 1;
+            tracing::warn!(error = %e, errors = c.errors, "event stream read failed");
+            if c.errors >= MAX_READ_ERRORS {
+                c.finished = true;
+            } else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
     }
     Some((events, c))
@@ -157,6 +185,7 @@ pub async fn job_events(
         id,
         last,
         finished: false,
+        errors: 0,
     };
     Ok(stream::unfold(cursor, next_events).flat_map(stream::iter))
 }
@@ -168,12 +197,21 @@ pub async fn events(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
-    let last = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| valid_stream_id(v))
-        .unwrap_or("0-0")
-        .to_string();
+    let last = match headers.get("last-event-id") {
+        None => "0-0".to_string(),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .filter(|v| valid_stream_id(v))
+            .ok_or_else(|| {
+                ApiError::client(
+                    sluice_proto::ErrorCode::InvalidParameter,
+                    "Last-Event-ID must be the id of an event of this stream (such as \
+                     1700000000000-0)",
+                )
+            })?
+            .to_string(),
+    };
     let events = job_events(state, principal.tenant, id, last).await?;
     let stream = events.map(|event| {
         Ok(match event {
@@ -206,5 +244,6 @@ mod tests {
         assert!(!valid_stream_id("a-b"));
         assert!(!valid_stream_id("1-2-3"));
         assert!(!valid_stream_id("$"));
+        assert!(!valid_stream_id("99999999999999999999-0"), "over 64 bits");
     }
 }
