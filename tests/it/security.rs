@@ -882,3 +882,48 @@ async fn the_api_refuses_to_start_without_the_classifier_unless_it_is_off() {
     drop(app);
     std::fs::remove_dir_all(&empty).expect("clean up");
 }
+
+/// Framing refused before a byte of the body is read: a non-JSON body is a 415, and a declared
+/// `Content-Length` over the limit is a 413 at once, without waiting for the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_json_and_oversized_bodies_are_refused_up_front() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ns = unique_namespace("framing");
+    let mut backends = Backends::connect(&ns).await;
+    let app = TestApp::spawn(&ns).await;
+    let key = app.key("acme").await;
+
+    let r = app
+        .http
+        .post(format!("{}/v1/jobs", app.base))
+        .bearer_auth(&key)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(chat("hello", json!({})).to_string())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 415);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "unsupported_media_type");
+
+    // Headers only: a body of 10 MB is announced and never sent.
+    let addr = app.base.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST /v1/jobs HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: 10000000\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.expect("write");
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(T, tcp.read(&mut answer))
+        .await
+        .expect("answered without the body")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+
+    assert_eq!(backends.ready_count(&backends.ks.jobs_queue()).await, 0);
+    assert!(backends.job_keys().await.is_empty());
+    backends.cleanup().await;
+}
