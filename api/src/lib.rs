@@ -16,7 +16,8 @@
 //!   unless every limit holds;
 //! - [`routes`]: `/v1/jobs` (submit, poll, cancel), `/v1/usage`, `/admin/*`, `/healthz`,
 //!   `/readyz`;
-//! - [`error`]: [`error::ApiError`], the one place errors become HTTP responses.
+//! - [`error`]: [`error::ApiError`], the one place errors become HTTP responses;
+//! - [`extract`]: path and query extractors whose rejections are such errors.
 //!
 //! A submit flows: auth → rate limits → validate → guard → count tokens → admit (reserve
 //! quota, take an active slot, write the record as `queued`) → publish to RabbitMQ and wait
@@ -27,6 +28,7 @@ pub mod audit;
 pub mod auth;
 pub mod client_ip;
 pub mod error;
+pub mod extract;
 pub mod guard_cli;
 pub mod jwt;
 pub mod metrics;

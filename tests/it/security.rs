@@ -923,6 +923,24 @@ async fn non_json_and_oversized_bodies_are_refused_up_front() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("payload_too_large"), "{answer}");
 
+    // A path that is not UTF-8, and a missing query parameter: JSON errors with a code.
+    let admin = app.admin_key().await;
+    for (url, token) in [
+        (format!("{}/v1/jobs/%FF%FE", app.base), &key),
+        (format!("{}/admin/keys", app.base), &admin),
+    ] {
+        let r = app
+            .http
+            .get(&url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status().as_u16(), 400, "{url}");
+        let v: Value = r.json().await.expect("a JSON error body");
+        assert_eq!(v["error"]["code"], "invalid_parameter", "{url}: {v}");
+    }
+
     assert_eq!(backends.ready_count(&backends.ks.jobs_queue()).await, 0);
     assert!(backends.job_keys().await.is_empty());
     backends.cleanup().await;

@@ -1,7 +1,7 @@
 //! `/admin`: key management, tenant policies and usage. Admin role only (403 otherwise).
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -10,6 +10,7 @@ use sluice_proto::ErrorCode;
 use crate::audit::{self, AuditContext};
 use crate::auth::{Admin, Role};
 use crate::error::ApiError;
+use crate::extract::{PathParam, QueryParams};
 use crate::state::AppState;
 use crate::validate::parse_json;
 
@@ -88,7 +89,7 @@ pub struct TenantQuery {
 pub async fn list_keys(
     _admin: Admin,
     State(state): State<AppState>,
-    Query(q): Query<TenantQuery>,
+    QueryParams(q): QueryParams<TenantQuery>,
 ) -> Result<Json<Value>, ApiError> {
     tenant_name(&q.tenant)?;
     Ok(Json(json!({ "keys": state.keys.list(&q.tenant).await? })))
@@ -98,7 +99,7 @@ pub async fn list_keys(
 pub async fn revoke_key(
     admin: Admin,
     State(state): State<AppState>,
-    Path(key_id): Path<String>,
+    PathParam(key_id): PathParam,
 ) -> Result<Json<Value>, ApiError> {
     if !state.keys.revoke(&key_id).await? {
         return Err(ApiError::client(ErrorCode::NotFound, "no such key"));
@@ -111,7 +112,7 @@ pub async fn revoke_key(
 pub async fn tenant(
     _admin: Admin,
     State(state): State<AppState>,
-    Path(tenant): Path<String>,
+    PathParam(tenant): PathParam,
 ) -> Result<Json<Value>, ApiError> {
     tenant_name(&tenant)?;
     let (usage, policy) =
@@ -136,7 +137,7 @@ pub async fn workers(
 pub async fn set_limits(
     admin: Admin,
     State(state): State<AppState>,
-    Path(tenant): Path<String>,
+    PathParam(tenant): PathParam,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     tenant_name(&tenant)?;

@@ -1,11 +1,12 @@
 //! `/v1/sessions`: erasing a conversation's stored history.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::extract::PathParam;
 use crate::state::AppState;
 
 /// `DELETE /v1/sessions/{id}` → 204 once the caller's tenant's session is erased (its history
@@ -14,7 +15,7 @@ use crate::state::AppState;
 pub async fn delete(
     principal: Principal,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<Response, ApiError> {
     crate::validate::session_id(&id)?;
     if state.sessions.delete(&principal.tenant, &id).await? {
