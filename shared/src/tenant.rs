@@ -112,6 +112,30 @@ impl TenantPolicy {
     /// and validates the result.
     pub fn merged(&self, overrides: &serde_json::Value) -> Result<Self, String> {
         let merged = self.apply(overrides)?;
+        // One meaning of 0 everywhere would be "unlimited" (as in the `--default-*` flags), and
+        // an admin who sets 0 to stop a tenant would get the opposite: refuse it instead.
+        let zero = [
+            (
+                "requests_per_second",
+                merged.requests_per_second.map(u64::from),
+            ),
+            (
+                "requests_per_minute",
+                merged.requests_per_minute.map(u64::from),
+            ),
+            ("tokens_per_day", merged.tokens_per_day),
+            ("tokens_per_month", merged.tokens_per_month),
+            ("max_active_jobs", merged.max_active_jobs.map(u64::from)),
+            ("max_queued_jobs", merged.max_queued_jobs.map(u64::from)),
+        ]
+        .into_iter()
+        .find(|(_, v)| *v == Some(0));
+        if let Some((field, _)) = zero {
+            return Err(format!(
+                "{field} must be at least 1, or null for unlimited (0 means unlimited in the \
+                 --default-* flags and is refused here); revoke the tenant's keys to stop it"
+            ));
+        }
         if !(0.0..=1.0).contains(&merged.injection_threshold) {
             return Err("injection_threshold must be between 0 and 1".into());
         }
@@ -357,6 +381,12 @@ mod tests {
             d.merged(&serde_json::json!({"injection_threshold": 3}))
                 .is_err()
         );
+        for field in ["requests_per_second", "tokens_per_day", "max_queued_jobs"] {
+            let err = d
+                .merged(&serde_json::json!({ field: 0 }))
+                .expect_err("0 is refused");
+            assert!(err.contains(field) && err.contains("null"), "{err}");
+        }
         assert!(
             d.merged(&serde_json::json!({"pii_action": "reject"}))
                 .expect("valid")
