@@ -395,46 +395,79 @@ fn rate_limits(
     policy: &sluice_shared::tenant::TenantPolicy,
     ip: IpAddr,
 ) -> Vec<sluice_shared::ratelimit::Limit> {
-    let ks = state.store.keyspace();
     let subject = format!("{}:{}", principal.tenant, principal.key_id);
-    let second = Duration::from_secs(1);
-    let minute = Duration::from_secs(60);
-    [
-        (
-            format!("sub:{subject}:s"),
-            policy.requests_per_second,
-            second,
-        ),
-        (
-            format!("sub:{subject}:m"),
-            policy.requests_per_minute,
-            minute,
-        ),
-        (format!("ip:{ip}:s"), state.ip_limits.0, second),
-        (format!("ip:{ip}:m"), state.ip_limits.1, minute),
-    ]
-    .into_iter()
-    .filter_map(|(scope, limit, period)| {
-        limit.map(|limit| sluice_shared::ratelimit::Limit {
-            key: ks.rate_limit(&scope),
-            limit,
-            period,
+    let mut limits = limits_of(
+        state,
+        [
+            (
+                format!("sub:{subject}:s"),
+                policy.requests_per_second,
+                SECOND,
+            ),
+            (
+                format!("sub:{subject}:m"),
+                policy.requests_per_minute,
+                MINUTE,
+            ),
+        ],
+    );
+    limits.extend(ip_limits(state, ip));
+    limits
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// The client address's limits: every request from it counts, authenticated or not.
+fn ip_limits(state: &AppState, ip: IpAddr) -> Vec<sluice_shared::ratelimit::Limit> {
+    limits_of(
+        state,
+        [
+            (format!("ip:{ip}:s"), state.ip_limits.0, SECOND),
+            (format!("ip:{ip}:m"), state.ip_limits.1, MINUTE),
+        ],
+    )
+}
+
+fn limits_of<const N: usize>(
+    state: &AppState,
+    scopes: [(String, Option<u32>, Duration); N],
+) -> Vec<sluice_shared::ratelimit::Limit> {
+    let ks = state.store.keyspace();
+    scopes
+        .into_iter()
+        .filter_map(|(scope, limit, period)| {
+            limit.map(|limit| sluice_shared::ratelimit::Limit {
+                key: ks.rate_limit(&scope),
+                limit,
+                period,
+            })
         })
-    })
-    .collect()
+        .collect()
 }
 
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     /// Authenticates (API key or JWT), then applies the per-subject and per-IP rate limits in
-    /// one atomic check. Failures are written to the audit log.
+    /// one atomic check. A failed authentication is counted against the per-IP limits, and
+    /// written to the audit log while they hold.
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let ip = request_ip(parts, state);
         let principal = match authenticate(parts, state).await {
             Ok(p) => p,
             Err(e) => {
                 if let ApiError::Unauthorized(reason) = &e {
+                    // A failed attempt counts against the client address's limits like any
+                    // request: past them, guessing (and filling the audit log) gets a 429.
+                    let limits = ip_limits(state, ip);
+                    if !limits.is_empty()
+                        && let Ok(decision) =
+                            sluice_shared::ratelimit::check(state.store.pool(), &limits).await
+                        && !decision.allowed
+                    {
+                        return Err(ApiError::RateLimited(decision));
+                    }
                     let ctx = AuditContext {
                         ip: Some(ip),
                         ..AuditContext::default()

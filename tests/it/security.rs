@@ -546,6 +546,31 @@ async fn jwts_hs256_rs256_es256_and_jwks() {
     backends.cleanup().await;
 }
 
+/// Guessing keys counts against the client address's limit: past it, failed attempts get a
+/// 429 instead of another 401 (and another audit line), and the address's valid requests wait
+/// too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentication_counts_against_the_ip_limit() {
+    let ns = unique_namespace("authlimit");
+    let backends = Backends::connect(&ns).await;
+    let args = [
+        "--ip-requests-per-minute",
+        "3",
+        "--ip-requests-per-second",
+        "0",
+    ];
+    let app = TestApp::spawn_full(&ns, tiny_model_dir(), AMQP_URL, &args).await;
+    let mut seen = Vec::new();
+    for i in 0..5 {
+        seen.push(
+            app.status_of("/v1/usage", &format!("sk-guess{i}_nope"))
+                .await,
+        );
+    }
+    assert_eq!(seen, vec![401, 401, 401, 429, 429]);
+    backends.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_ip_limits_trust_forwarded_for_only_from_trusted_proxies() {
     let ns = unique_namespace("iplimit");
