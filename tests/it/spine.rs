@@ -631,3 +631,42 @@ async fn keys_cli_creates_and_revokes_keys() {
 
     backends.cleanup().await;
 }
+
+/// The fixture cleans up after a failed test too: dropping `Backends` without calling
+/// `cleanup` (as a panicking test does) removes the namespace's queues and Redis keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_dropped_without_cleanup_remove_their_namespace() {
+    let ns = unique_namespace("dropclean");
+    let backends = Backends::connect(&ns).await;
+    let queue = backends.ks.jobs_queue();
+    let mut redis = backends.redis.clone();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{ns}:leftover"))
+        .arg(1)
+        .query_async(&mut redis)
+        .await
+        .expect("set");
+    drop(backends);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{ns}:*"))
+        .query_async(&mut redis)
+        .await
+        .expect("keys");
+    assert!(keys.is_empty(), "{keys:?}");
+    let amqp = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("amqp");
+    let channel = amqp.create_channel().await.expect("channel");
+    let passive = channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await;
+    assert!(passive.is_err(), "the queue {queue} is still there");
+    let _ = amqp.close(200, "done".into()).await;
+}

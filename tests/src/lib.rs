@@ -578,6 +578,11 @@ pub struct Backends {
     pub amqp: lapin::Connection,
     pub channel: lapin::Channel,
     pub redis: redis::aio::MultiplexedConnection,
+    redis_url: String,
+    amqp_url: String,
+    /// Set by [`Backends::cleanup`]; otherwise (a test that failed or returned early) the
+    /// namespace is cleaned up when the fixture is dropped.
+    cleaned: bool,
 }
 
 impl Backends {
@@ -609,6 +614,9 @@ impl Backends {
             amqp,
             channel,
             redis,
+            redis_url: redis_url.to_string(),
+            amqp_url: amqp_url.to_string(),
+            cleaned: false,
         }
     }
 
@@ -695,28 +703,80 @@ impl Backends {
 
     /// Deletes this namespace's queues, exchanges and keys.
     pub async fn cleanup(mut self) {
-        // Best effort, and bounded: a broker call that never answers (seen once: a
-        // `queue.delete` on this connection after a long test) must not hang a test that
-        // has already passed.
-        const STEP: Duration = Duration::from_secs(10);
-        for q in [
-            self.ks.jobs_queue(),
-            self.ks.jobs_queue_for(sluice_proto::Priority::Batch),
-            self.ks.dead_letter_queue(),
-        ] {
-            let delete = self
-                .channel
-                .queue_delete(q.into(), QueueDeleteOptions::default());
-            let _ = tokio::time::timeout(STEP, delete).await;
+        self.cleaned = true;
+        remove_namespace(&self.ks, &self.channel, &mut self.redis).await;
+        let _ = tokio::time::timeout(CLEANUP_STEP, self.amqp.close(200, "done".into())).await;
+    }
+}
+
+/// The longest a cleanup waits for one broker call: best effort, and bounded, since a call
+/// that never answers (seen once: a `queue.delete` after a long test) must not hang a test.
+const CLEANUP_STEP: Duration = Duration::from_secs(10);
+
+/// Deletes a namespace's queues, exchanges and Redis keys.
+async fn remove_namespace(
+    ks: &Keyspace,
+    channel: &lapin::Channel,
+    redis: &mut redis::aio::MultiplexedConnection,
+) {
+    for q in [
+        ks.jobs_queue(),
+        ks.jobs_queue_for(sluice_proto::Priority::Batch),
+        ks.dead_letter_queue(),
+    ] {
+        let delete = channel.queue_delete(q.into(), QueueDeleteOptions::default());
+        let _ = tokio::time::timeout(CLEANUP_STEP, delete).await;
+    }
+    for x in [ks.jobs_exchange(), ks.dead_letter_exchange()] {
+        let delete =
+            channel.exchange_delete(x.into(), lapin::options::ExchangeDeleteOptions::default());
+        let _ = tokio::time::timeout(CLEANUP_STEP, delete).await;
+    }
+    delete_namespace_keys(redis, ks.namespace()).await;
+}
+
+impl Drop for Backends {
+    /// A test that failed (or returned without calling [`Backends::cleanup`]) still leaves
+    /// nothing behind: the namespace is removed over fresh connections, on a thread of its own
+    /// (the test's runtime may be the one unwinding).
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
         }
-        for x in [self.ks.jobs_exchange(), self.ks.dead_letter_exchange()] {
-            let delete = self
-                .channel
-                .exchange_delete(x.into(), lapin::options::ExchangeDeleteOptions::default());
-            let _ = tokio::time::timeout(STEP, delete).await;
-        }
-        delete_namespace_keys(&mut self.redis, self.ks.namespace()).await;
-        let _ = tokio::time::timeout(STEP, self.amqp.close(200, "done".into())).await;
+        let (ks, redis_url, amqp_url) = (
+            self.ks.clone(),
+            self.redis_url.clone(),
+            self.amqp_url.clone(),
+        );
+        let cleaner = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                let work = async {
+                    let amqp = lapin::Connection::connect(
+                        &amqp_url,
+                        lapin::ConnectionProperties::default(),
+                    )
+                    .await
+                    .ok()?;
+                    let channel = amqp.create_channel().await.ok()?;
+                    let mut redis = redis::Client::open(redis_url.as_str())
+                        .ok()?
+                        .get_multiplexed_async_connection()
+                        .await
+                        .ok()?;
+                    remove_namespace(&ks, &channel, &mut redis).await;
+                    let _ = amqp.close(200, "done".into()).await;
+                    Some(())
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(60), work).await;
+            });
+        });
+        let _ = cleaner.join();
     }
 }
 
