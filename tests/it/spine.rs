@@ -75,11 +75,15 @@ async fn greedy_jobs_are_isolated_and_repeatable() {
     let worker = InProcessWorker::spawn(&ns, tiny_model_dir()).await;
     let key = app.key("acme").await;
 
-    let a1 = app.submit_ok(&key, &chat("first prompt", greedy(32))).await;
+    let a1 = app
+        .submit_ok(&key, &chat("the opening prompt", greedy(32)))
+        .await;
     let b = app
         .submit_ok(&key, &chat("a different, longer prompt", greedy(48)))
         .await;
-    let a2 = app.submit_ok(&key, &chat("first prompt", greedy(32))).await;
+    let a2 = app
+        .submit_ok(&key, &chat("the opening prompt", greedy(32)))
+        .await;
     let mut contents = Vec::new();
     for id in [&a1, &b, &a2] {
         let job = app.wait_terminal(&key, id, T).await;
