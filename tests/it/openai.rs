@@ -166,6 +166,17 @@ async fn errors_come_in_openai_shape_and_enqueue_nothing() {
             "invalid_parameter",
         ),
         (json!({"model": model}), 400, "invalid_request"),
+        (
+            json!({"model": model, "messages": [{"role": "user", "content": "x", "colour": 1}]}),
+            400,
+            "invalid_request",
+        ),
+        (
+            json!({"model": model, "messages": [{"role": "assistant", "content": "x",
+                "tool_calls": [{"id": "c1"}]}, {"role": "user", "content": "y"}]}),
+            400,
+            "unsupported_parameter",
+        ),
     ];
     for (body, want_status, want_code) in cases {
         let (status, v) = post(&app, &key, &body).await;

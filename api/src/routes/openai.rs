@@ -97,13 +97,19 @@ struct ContentPart {
     text: Option<String>,
 }
 
+/// One message. Unknown fields are refused like the request's own; `name` is ignored, and the
+/// fields an assistant message from an OpenAI response carries back (`refusal`, `tool_calls`)
+/// are accepted when null or empty, refused otherwise.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ChatMessage {
     role: Role,
     content: Content,
     /// Accepted and ignored (a speaker's name), as in OpenAI's API.
     #[allow(dead_code)]
     name: Option<String>,
+    refusal: Option<Value>,
+    tool_calls: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,6 +209,18 @@ impl ChatCompletionRequest {
         }
         let mut messages = Vec::with_capacity(self.messages.len());
         for m in self.messages {
+            if m.refusal.as_ref().is_some_and(|r| !r.is_null()) {
+                return Err(unsupported(
+                    "a message's refusal",
+                    "send the text as content",
+                ));
+            }
+            if m.tool_calls
+                .as_ref()
+                .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
+            {
+                return Err(unsupported("tool_calls", "tools are not supported"));
+            }
             let content = match m.content {
                 Content::Text(t) => t,
                 Content::Parts(parts) => {
