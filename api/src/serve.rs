@@ -42,7 +42,6 @@ pub async fn serve(
         limits.body_read,
     ));
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::channel::<()>(1);
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&permits).acquire_owned() => match permit {
@@ -75,7 +74,6 @@ pub async fn serve(
                 request
             });
         let mut stopping = stopping.clone();
-        let closed = closed_tx.clone();
         tokio::spawn(async move {
             // HTTP/1.1 only (hyper-util's version-sniffing builder waits for the first bytes
             // with no timeout, before hyper's own header timer starts).
@@ -101,12 +99,11 @@ pub async fn serve(
                 }
             }
             drop(permit);
-            drop(closed);
         });
     }
-    // Every connection task holds a sender: once all are gone, the drain is over.
-    drop(closed_tx);
-    let _ = closed_rx.recv().await;
+    // Every open connection holds a permit: once all are back, the drain is over.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = permits.acquire_many(all).await;
 }
 
 /// Resolves once `stopping` is true (or its sender is gone).
