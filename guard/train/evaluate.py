@@ -62,7 +62,8 @@ def judge_verdicts(worker, model, texts):
     out = [l for l in out if l.strip()]
     Path(path).unlink()
     assert len(out) == len(texts), "one verdict per text"
-    return [(json.loads(l)["verdict"], json.loads(l)["ms"]) for l in out]
+    rows = [json.loads(l) for l in out]
+    return [(r["verdict"], r["ms"]) for r in rows]
 
 
 def report_judge(worker, model, rows, v, blocked):

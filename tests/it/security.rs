@@ -568,6 +568,12 @@ async fn failed_authentication_counts_against_the_ip_limit() {
         );
     }
     assert_eq!(seen, vec![401, 401, 401, 429, 429]);
+    let key = app.key("acme").await;
+    assert_eq!(
+        app.status_of("/v1/usage", &key).await,
+        429,
+        "a valid key from the same address waits too"
+    );
     backends.cleanup().await;
 }
 
