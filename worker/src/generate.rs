@@ -355,14 +355,8 @@ impl<'m> Sequence<'m> {
         }
         let mut safe = stops.safe_len(&self.text);
         if let Some(leak) = &self.guards.leak {
-            // Unchecked-for-leaks text stays back: the last `hold_back_chars` characters.
-            let hold_from = self
-                .text
-                .char_indices()
-                .rev()
-                .nth(leak.hold_back_chars().saturating_sub(1))
-                .map_or(0, |(i, _)| i);
-            safe = safe.min(hold_from);
+            // What may be the start of a leak stays back until checked.
+            safe = safe.min(leak.hold_from(&self.text));
         }
         if safe > self.released {
             on_text(&self.text[self.released..safe]);

@@ -80,6 +80,46 @@ impl LeakGuard {
         (2 * SPAN_CHARS).max(self.canary.chars().count())
     }
 
+    /// Byte offset in `text` from which output stays back from the stream: the longest end of
+    /// `text` that is the start of the canary, or whose whitespace-normalised form occurs in
+    /// the system prompt (it may be the start of a verbatim copy), at most
+    /// [`LeakGuard::hold_back_chars`] characters. Text that does not look like the system
+    /// prompt is released at once; a copy in progress stays back until [`LeakGuard::leaked`]
+    /// ends the job.
+    pub fn hold_from(&self, text: &str) -> usize {
+        // Start offsets of the last characters, nearest first: `starts[k]` begins the suffix
+        // of k + 1 characters.
+        let starts: Vec<usize> = text
+            .char_indices()
+            .rev()
+            .take(self.hold_back_chars())
+            .map(|(i, _)| i)
+            .collect();
+        let mut hold = text.len();
+        if let Some(&s) = starts
+            .iter()
+            .rev()
+            .find(|&&s| self.canary.starts_with(&text[s..]))
+        {
+            hold = s;
+        }
+        // A suffix of a suffix found in the prompt is found too: search the longest.
+        let in_prompt = |s: usize| self.system.contains(normalise(&text[s..]).as_str());
+        let (mut lo, mut hi) = (0, starts.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if in_prompt(starts[mid]) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        if lo > 0 {
+            hold = hold.min(starts[lo - 1]);
+        }
+        hold
+    }
+
     /// Whether `text` leaks, looking only at stretches that end in its last `new_chars`
     /// characters (earlier ones were checked before).
     pub fn leaked(&self, text: &str, new_chars: usize) -> bool {
@@ -173,6 +213,55 @@ mod tests {
             content: "x".into(),
         }];
         assert!(LeakGuard::install(&mut none, &[7; 32], "acme", None).is_none());
+    }
+
+    /// Streams `text` a character at a time as a sequence does: stops when the guard reports
+    /// a leak; returns what was released by then.
+    fn stream(g: &LeakGuard, text: &str) -> (String, bool) {
+        let mut released = 0;
+        let mut so_far = String::new();
+        for c in text.chars() {
+            so_far.push(c);
+            if g.leaked(&so_far, 1) {
+                return (so_far[..released].to_string(), true);
+            }
+            released = released.max(g.hold_from(&so_far));
+        }
+        (so_far[..released].to_string(), false)
+    }
+
+    #[test]
+    fn unrelated_text_is_held_back_only_where_it_matches_the_prompt() {
+        let (g, _) = guard();
+        let text = "Sure! Here is a short poem about autumn leaves falling slowly.";
+        let (released, leaked) = stream(&g, text);
+        assert!(!leaked);
+        assert!(released.len() + 8 >= text.len(), "{released:?}");
+    }
+
+    #[test]
+    fn a_verbatim_copy_never_reaches_the_stream() {
+        let (g, _) = guard();
+        let normalised_system = normalise(SYSTEM);
+        let system: Vec<char> = normalised_system.chars().collect();
+        for (prefix, start) in [("Okay. ", 0), ("Well: ", 10), ("", 31)] {
+            let text = format!(
+                "{prefix}{} and then some more.",
+                system[start..].iter().collect::<String>()
+            );
+            let (released, leaked) = stream(&g, &text);
+            assert!(leaked, "{text}");
+            let released: Vec<char> = normalise(&released).chars().collect();
+            let leaked_span = released
+                .windows(SPAN_CHARS)
+                .any(|w| normalised_system.contains(w.iter().collect::<String>().as_str()));
+            assert!(!leaked_span, "{released:?}");
+        }
+        // The canary, too, stays back while it is being written.
+        let text = format!("My marker is {} ok", g.canary());
+        let (released, leaked) = stream(&g, &text);
+        assert!(leaked);
+        assert!(!released.contains(&g.canary()[..4]), "{released:?}");
     }
 
     #[test]
