@@ -15,7 +15,9 @@ Sources (each recorded in guard/train/sources.json with licence, rows and SHA-25
       data, reserved for the independent evaluation).
   - guard/train/data/*-{attacks,benign}.jsonl: the project's own (zh, en and others),
     and guard/tests/corpus/*.jsonl (the rule tests' multilingual corpus, full of hard
-    negatives), each split 70/15/15 by a hash of the text.
+    negatives), each split 70/15/15 by a hash of the text; except
+    guard/train/data/translated-*.jsonl: translations (into 16 languages) of rows sampled from
+    the s-labs and neuralchemy *training* splits, which go to train only.
 
 Splits written to guard/train/build/:
   train.jsonl  training only
@@ -237,10 +239,15 @@ def main() -> None:
         if label is None:
             sys.exit(f"prepare: {path.name} must end in -attacks.jsonl or -benign.jsonl")
         data = path.read_bytes()
+        # translated-*: translations of rows of the training splits above (each row names its
+        # original in `translated_from`); they train only, so no evaluation row has a
+        # translated twin in training.
+        translated = path.stem.startswith("translated-")
         for line in data.decode("utf-8").split("\n"):
             if line.strip():
                 r = json.loads(line)
-                add(r["text"], label, "authored", authored_split(r["text"]), r.get("category"), r.get("lang"))
+                split = "train" if translated else authored_split(r["text"])
+                add(r["text"], label, "authored", split, r.get("category"), r.get("lang"))
         sources.append({"name": path.stem, "origin": f"guard/train/data/{path.name} (this project)",
                         "licence": "Apache-2.0", "files": {path.name: sha256(data)}})
 
