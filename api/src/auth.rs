@@ -27,9 +27,18 @@ use crate::state::AppState;
 
 /// What a key may do.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "lowercase")]
+#[schema(as = KeyRole)]
 pub enum Role {
     User,
     Admin,
@@ -60,16 +69,21 @@ pub struct Principal {
 #[derive(Debug, Clone)]
 pub struct Admin(pub Principal);
 
-/// A key as listed to admins (never the secret or its digest).
-#[derive(Debug, Clone, serde::Serialize)]
+/// A key as listed to admins (never the secret or its digest). Times are ms since the epoch.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct KeyInfo {
     pub key_id: String,
     pub tenant: String,
     pub name: String,
+    /// `user` or `admin`, as stored.
     pub role: String,
+    #[schema(required = true)]
     pub created_at: Option<u64>,
+    #[schema(required = true)]
     pub expires_at: Option<u64>,
+    #[schema(required = true)]
     pub revoked_at: Option<u64>,
+    #[schema(required = true)]
     pub last_used_at: Option<u64>,
 }
 

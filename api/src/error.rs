@@ -3,11 +3,17 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use sluice_proto::{ErrorBody, ErrorCode};
 use sluice_shared::amqp::AmqpError;
 use sluice_shared::ratelimit::Decision;
 use sluice_shared::store::StoreError;
+
+/// The body of every error response of Sluice's own routes: `{"error": {"code", "message"}}`
+/// (the OpenAI-compatible routes use OpenAI's envelope instead).
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorBody,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -150,9 +156,10 @@ impl IntoResponse for ApiError {
             ApiError::Guard(e) => tracing::error!(error = %e, "guard classifier error"),
             ApiError::Internal(e) => tracing::error!(error = %e, "internal error"),
         }
-        let mut response = (status, Json(json!({ "error": body }))).into_response();
+        let code = body.code;
+        let mut response = (status, Json(ErrorResponse { error: body })).into_response();
         // For the metrics middleware: rejections are counted by code.
-        response.extensions_mut().insert(body.code);
+        response.extensions_mut().insert(code);
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

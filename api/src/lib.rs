@@ -15,7 +15,9 @@
 //! - [`validate`]: turns a submitted body into a [`validate::ValidatedJob`] that cannot exist
 //!   unless every limit holds;
 //! - [`routes`]: `/v1/jobs` (submit, poll, cancel), `/v1/usage`, `/admin/*`, `/healthz`,
-//!   `/readyz`;
+//!   `/readyz`, each registered together with its OpenAPI description;
+//! - [`openapi`]: the OpenAPI 3.1 document generated from those descriptions, served at
+//!   `/openapi.json`;
 //! - [`error`]: [`error::ApiError`], the one place errors become HTTP responses;
 //! - [`extract`]: path and query extractors whose rejections are such errors.
 //!
@@ -32,6 +34,7 @@ pub mod extract;
 pub mod guard_cli;
 pub mod jwt;
 pub mod metrics;
+pub mod openapi;
 pub mod routes;
 pub mod serve;
 pub mod settings;
@@ -40,6 +43,7 @@ pub mod state;
 pub mod stream_conns;
 pub mod submit;
 pub mod validate;
+pub mod wire;
 
 pub use settings::ApiSettings;
 pub use startup::Application;

@@ -1,12 +1,17 @@
 //! The HTTP server loop, with the connection hygiene a public endpoint needs: hyper's own
 //! header-read timeout (which also closes a connection idle between requests), a bound on the
-//! time a request body may take, a cap on open connections, and a graceful drain on shutdown.
+//! time a request body may take, a cap on open connections overall and per client address, a
+//! 400 for a request framed both by `Transfer-Encoding` and `Content-Length` ([`crate::wire`]),
+//! and a graceful drain on shutdown.
 //!
 //! Why not `axum::serve`: it sets no timeout at all, so a client sending one header byte every
 //! few seconds, or nothing, or trickling a body, holds a connection and its task forever
 //! (slowloris).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -14,9 +19,14 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use sluice_proto::ErrorCode;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
+
+use crate::error::ApiError;
+use crate::wire::ScannedIo;
 
 /// What a client connection may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +37,9 @@ pub struct ConnectionLimits {
     pub body_read: Duration,
     /// Open connections at once.
     pub max_connections: usize,
+    /// Open connections at once from one client address (the TCP peer: behind a proxy, the
+    /// proxy). `0`: no per-address cap.
+    pub max_connections_per_client: usize,
 }
 
 /// Serves `app` on `listener` until `stopping` turns true, then stops accepting, tells every
@@ -42,6 +55,7 @@ pub async fn serve(
         limits.body_read,
     ));
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let per_client = PerClient::default();
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&permits).acquire_owned() => match permit {
@@ -67,12 +81,25 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let service = app
-            .clone()
-            .map_request(move |mut request: axum::http::Request<Incoming>| {
+        let Some(client_slot) = per_client.enter(peer.ip(), limits.max_connections_per_client)
+        else {
+            tokio::spawn(refuse_over_client_cap(tcp, permit));
+            continue;
+        };
+        let io = ScannedIo::new(tcp);
+        let ambiguous = io.flag();
+        let app = app.clone();
+        let service = tower::service_fn(move |mut request: axum::http::Request<Incoming>| {
+            let app = app.clone();
+            let ambiguous = ambiguous.load(Ordering::Acquire);
+            async move {
+                if ambiguous {
+                    return Ok(ambiguous_framing());
+                }
                 request.extensions_mut().insert(ConnectInfo(peer));
-                request
-            });
+                app.oneshot(request).await
+            }
+        });
         let mut stopping = stopping.clone();
         tokio::spawn(async move {
             // HTTP/1.1 only (hyper-util's version-sniffing builder waits for the first bytes
@@ -80,7 +107,7 @@ pub async fn serve(
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read)
-                .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service))
+                .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
                 .with_upgrades();
             let mut connection = std::pin::pin!(connection);
             let mut draining = false;
@@ -98,12 +125,85 @@ pub async fn serve(
                     }
                 }
             }
+            drop(client_slot);
             drop(permit);
         });
     }
     // Every open connection holds a permit: once all are back, the drain is over.
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = permits.acquire_many(all).await;
+}
+
+/// 400 for a request whose header block held both `Transfer-Encoding` and `Content-Length`.
+fn ambiguous_framing() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut response = ApiError::client(
+        ErrorCode::InvalidRequest,
+        "the request has both Transfer-Encoding and Content-Length: send one",
+    )
+    .into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    response
+}
+
+/// Open connections per client address.
+#[derive(Clone, Default)]
+struct PerClient(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One open connection of one address; counted down on drop.
+struct ClientSlot {
+    clients: PerClient,
+    ip: IpAddr,
+}
+
+impl PerClient {
+    /// A slot for one more connection from `ip`, or `None` when it holds `cap` already.
+    fn enter(&self, ip: IpAddr, cap: usize) -> Option<ClientSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(ip).or_insert(0);
+        if cap > 0 && *count >= cap {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            clients: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.clients.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Answers a connection over its address's cap with a 429 and closes it, without reading the
+/// request (a bounded write: a client that does not read is dropped after a second).
+async fn refuse_over_client_cap(
+    mut tcp: tokio::net::TcpStream,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    const BODY: &str = r#"{"error":{"code":"rate_limited","message":"too many open connections from this address"}}"#;
+    let response = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        tcp.write_all(response.as_bytes()).await?;
+        tcp.shutdown().await
+    })
+    .await;
+    drop(permit);
 }
 
 /// Resolves once `stopping` is true (or its sender is gone).
@@ -134,6 +234,7 @@ mod tests {
         header_read: Duration::from_millis(300),
         body_read: Duration::from_millis(300),
         max_connections: 2,
+        max_connections_per_client: 0,
     };
 
     /// Reads until the server closes the connection; how long that took.
@@ -207,5 +308,50 @@ mod tests {
         let served = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await;
         assert!(matches!(served, Ok(Ok(n)) if n > 0), "{served:?}");
         stop.send(true).expect("stop");
+    }
+
+    #[tokio::test]
+    async fn a_client_past_its_own_cap_gets_a_429() {
+        let (addr, _stop) = server(ConnectionLimits {
+            header_read: Duration::from_secs(30),
+            max_connections: 8,
+            max_connections_per_client: 2,
+            ..LIMITS
+        })
+        .await;
+        let a = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _b = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (_, answer) = closed_after(&mut c, "third").await;
+        assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+        assert!(answer.contains(r#""code":"rate_limited""#), "{answer}");
+        // A closed connection frees its slot.
+        drop(a);
+        let mut d = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        d.write_all(
+            b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\nconnection: close\r\n\r\nhi",
+        )
+        .await
+        .expect("write");
+        let (_, answer) = closed_after(&mut d, "freed").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn ambiguous_framing_is_refused_and_smuggles_nothing() {
+        let (addr, _stop) = server(LIMITS).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // Framed by Content-Length, the body is "0\r\n\r\n" followed by a second request; framed
+        // by Transfer-Encoding, the body is empty and the second request is smuggled in.
+        stream
+            .write_all(
+                b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nPOST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi",
+            )
+            .await
+            .expect("write");
+        let (_, answer) = closed_after(&mut stream, "ambiguous").await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains(r#""code":"invalid_request""#), "{answer}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
     }
 }

@@ -349,6 +349,16 @@ pub struct ApiSettings {
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_connections: u64,
 
+    /// Open connections at most from one client address (the TCP peer: behind a load balancer,
+    /// set 0 and cap per client there); past it, a new connection gets a 429 and is closed
+    /// (0 = no per-address cap).
+    #[arg(
+        long,
+        env = "SLUICE_MAX_CONNECTIONS_PER_CLIENT",
+        default_value_t = 1024
+    )]
+    pub max_connections_per_client: u64,
+
     /// Requests per second per client IP (0 = unlimited).
     #[arg(long, env = "SLUICE_IP_REQUESTS_PER_SECOND", default_value_t = 100)]
     pub ip_requests_per_second: u32,

@@ -82,6 +82,8 @@ impl Application {
             header_read: Duration::from_secs(self.settings.header_read_timeout_secs),
             body_read: Duration::from_secs(self.settings.body_read_timeout_secs),
             max_connections: usize::try_from(self.settings.max_connections).unwrap_or(usize::MAX),
+            max_connections_per_client: usize::try_from(self.settings.max_connections_per_client)
+                .unwrap_or(usize::MAX),
         };
         let server = crate::serve::serve(self.listener, app, limits, stopping_rx.clone());
         let signal = tokio::spawn(signal);

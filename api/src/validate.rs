@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use sluice_proto::{ErrorCode, GenerationParams, Message, Priority, ResponseFormat};
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+use utoipa::openapi::{RefOr, Schema};
 
 use crate::error::ApiError;
 use crate::settings::ApiSettings;
@@ -50,25 +52,73 @@ pub(crate) enum StopField {
     Many(Vec<String>),
 }
 
-/// The body of `POST /v1/jobs`, exactly as the client sent it. Unknown fields are rejected.
-#[derive(Debug, Deserialize)]
+impl utoipa::PartialSchema for StopField {
+    fn schema() -> RefOr<Schema> {
+        // A stop sequence is 1 to 64 bytes: at most 64 characters, the bound a schema can say.
+        let sequence = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(sluice_proto::job::MAX_STOP_SEQUENCE_BYTES))
+        };
+        OneOfBuilder::new()
+            .item(sequence())
+            .item(
+                ArrayBuilder::new()
+                    .items(sequence())
+                    .max_items(Some(sluice_proto::job::MAX_STOP_SEQUENCES)),
+            )
+            .description(Some(
+                "Generation stops before any of these strings (one, or a list of up to 8, each \
+                 1 to 64 bytes of UTF-8); the stop sequence is not part of the output.",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for StopField {}
+
+/// The body of `POST /v1/jobs`, exactly as the client sent it. Unknown fields are rejected
+/// (`invalid_request`); values out of range are `invalid_parameter`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
+    /// The conversation: at most `--max-messages` messages, each at most
+    /// `--max-message-chars` characters (413 `payload_too_large` past it), not all empty.
+    #[schema(min_items = 1)]
     pub(crate) messages: Vec<Message>,
+    /// Upper bound on generated tokens: 1 to `--max-tokens-limit`; default 256.
+    #[schema(minimum = 1, maximum = 4294967295_u64)]
     pub(crate) max_tokens: Option<u32>,
+    /// 0 to 2; 0 is greedy decoding. Default 0.7.
+    #[schema(minimum = 0.0, maximum = 2.0)]
     pub(crate) temperature: Option<f32>,
+    /// Nucleus sampling mass in (0, 1].
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub(crate) top_p: Option<f32>,
+    /// Keep only the `top_k` most likely tokens: at least 1.
+    #[schema(minimum = 1, maximum = 4294967295_u64)]
     pub(crate) top_k: Option<u32>,
+    /// Seed of the sampler: the same seed, prompt and parameters give the same text.
+    #[schema(maximum = 18446744073709551615_u64)]
     pub(crate) seed: Option<u64>,
+    /// Cannot be combined with a JSON `response_format`.
     pub(crate) stop: Option<StopField>,
+    /// Penalty over the last 64 tokens: 0.5 to 2; 1 (the default) disables it.
+    #[schema(minimum = 0.5, maximum = 2.0)]
     pub(crate) repetition_penalty: Option<f32>,
+    /// Keep generating past the model's end-of-turn tokens.
     pub(crate) ignore_eos: Option<bool>,
+    /// Makes the job a turn of this stored conversation of the caller's tenant.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,128}$")]
     pub(crate) session_id: Option<String>,
     /// Structured output, as OpenAI's `response_format`.
     pub(crate) response_format: Option<ResponseFormat>,
     /// `interactive` or `batch`; the tenant's default when left out.
     pub(crate) priority: Option<Priority>,
-    /// Deadline for queue plus run, in seconds.
+    /// Deadline for queue plus run, in seconds: at least 1, at most `--max-job-timeout-secs`;
+    /// default `--job-timeout-secs`.
+    #[schema(minimum = 1, maximum = 18446744073709551615_u64)]
     pub(crate) timeout_secs: Option<u64>,
 }
 
@@ -335,5 +385,111 @@ mod tests {
                 .expect_err("bad utf-8"),
             InvalidJson
         );
+    }
+
+    mod props {
+        //! The request parser and validator on arbitrary input: never a panic, and every
+        //! refusal is a client error with a stable 4xx code.
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::{Value, json};
+
+        /// JSON values of any shape, small enough to stay fast.
+        fn any_json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(|n| json!(n)),
+                any::<f64>().prop_map(|f| json!(f)),
+                "\\PC{0,20}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::btree_map("[a-z_]{1,12}", inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Submit bodies near the real shape: real field names with values of any type.
+        fn submit_like() -> impl Strategy<Value = Value> {
+            let field = prop_oneof![
+                Just("messages"),
+                Just("max_tokens"),
+                Just("temperature"),
+                Just("top_p"),
+                Just("top_k"),
+                Just("seed"),
+                Just("stop"),
+                Just("repetition_penalty"),
+                Just("ignore_eos"),
+                Just("session_id"),
+                Just("response_format"),
+                Just("priority"),
+                Just("timeout_secs"),
+                Just("role"),
+                Just("content"),
+            ];
+            let message = (
+                prop_oneof![
+                    Just("user"),
+                    Just("system"),
+                    Just("assistant"),
+                    Just("tool")
+                ],
+                "\\PC{0,40}",
+            )
+                .prop_map(|(role, content)| json!({"role": role, "content": content}));
+            (
+                prop::collection::vec(message, 0..6),
+                prop::collection::btree_map(field, any_json(), 0..6),
+            )
+                .prop_map(|(messages, extra)| {
+                    let mut body = serde_json::Map::new();
+                    body.insert("messages".into(), Value::Array(messages));
+                    for (k, v) in extra {
+                        body.insert(k.to_string(), v);
+                    }
+                    Value::Object(body)
+                })
+        }
+
+        fn client_error(result: Result<ValidatedJob, ApiError>) -> Result<(), TestCaseError> {
+            if let Err(e) = result {
+                let ApiError::Client(body) = &e else {
+                    return Err(TestCaseError::fail(format!("not a client error: {e:?}")));
+                };
+                let status = body.code.http_status();
+                prop_assert!(
+                    (400..500).contains(&status),
+                    "{:?} -> {}",
+                    body.code,
+                    status
+                );
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn arbitrary_bytes_are_refused_cleanly(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+                client_error(parse_body(&bytes).and_then(|r| validate(r, &limits())))?;
+            }
+
+            #[test]
+            fn arbitrary_json_is_refused_cleanly(body in any_json()) {
+                let bytes = serde_json::to_vec(&body).expect("serialize");
+                client_error(parse_body(&bytes).and_then(|r| validate(r, &limits())))?;
+            }
+
+            #[test]
+            fn submit_shaped_bodies_validate_or_are_refused_cleanly(body in submit_like()) {
+                let bytes = serde_json::to_vec(&body).expect("serialize");
+                client_error(parse_body(&bytes).and_then(|r| validate(r, &limits())))?;
+            }
+        }
     }
 }

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// A stable, machine-readable error code. Clients match on the string form, so a variant's
 /// `snake_case` name never changes once released; add variants instead.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     // Client errors at submit.
@@ -82,6 +82,43 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order (what the OpenAPI document's `ErrorCode` schema is
+    /// checked against).
+    pub const ALL: &'static [ErrorCode] = &[
+        Self::InvalidJson,
+        Self::InvalidRequest,
+        Self::InvalidParameter,
+        Self::PayloadTooLarge,
+        Self::ContextLengthExceeded,
+        Self::UnsupportedMediaType,
+        Self::PromptInjectionDetected,
+        Self::PiiDetected,
+        Self::SystemMessageNotAllowed,
+        Self::UnsupportedParameter,
+        Self::ModelNotFound,
+        Self::InvalidResponseFormat,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::NotFound,
+        Self::MethodNotAllowed,
+        Self::RateLimited,
+        Self::QuotaExceeded,
+        Self::ConcurrencyLimited,
+        Self::QueueFull,
+        Self::JobAlreadyFinished,
+        Self::IdempotencyKeyReused,
+        Self::QueueUnavailable,
+        Self::StoreUnavailable,
+        Self::GuardUnavailable,
+        Self::Internal,
+        Self::ModelError,
+        Self::JobTooLarge,
+        Self::AttemptsExhausted,
+        Self::DeadlineExceeded,
+        Self::DeadLettered,
+        Self::OutputValidationFailed,
+    ];
+
     /// The HTTP status for this code: the one place the mapping lives.
     pub fn http_status(self) -> u16 {
         use ErrorCode::*;
@@ -160,7 +197,7 @@ impl std::fmt::Display for ErrorCode {
 
 /// `{code, message}`: the error of a failed job, and the body of every HTTP error
 /// (wrapped as `{"error": {...}}`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
@@ -179,44 +216,25 @@ impl ErrorBody {
 mod tests {
     use super::*;
 
-    const ALL: &[ErrorCode] = &[
-        ErrorCode::InvalidJson,
-        ErrorCode::InvalidRequest,
-        ErrorCode::InvalidParameter,
-        ErrorCode::PayloadTooLarge,
-        ErrorCode::ContextLengthExceeded,
-        ErrorCode::UnsupportedMediaType,
-        ErrorCode::PromptInjectionDetected,
-        ErrorCode::PiiDetected,
-        ErrorCode::SystemMessageNotAllowed,
-        ErrorCode::UnsupportedParameter,
-        ErrorCode::ModelNotFound,
-        ErrorCode::InvalidResponseFormat,
-        ErrorCode::Unauthorized,
-        ErrorCode::Forbidden,
-        ErrorCode::NotFound,
-        ErrorCode::MethodNotAllowed,
-        ErrorCode::RateLimited,
-        ErrorCode::QuotaExceeded,
-        ErrorCode::ConcurrencyLimited,
-        ErrorCode::QueueFull,
-        ErrorCode::JobAlreadyFinished,
-        ErrorCode::IdempotencyKeyReused,
-        ErrorCode::QueueUnavailable,
-        ErrorCode::StoreUnavailable,
-        ErrorCode::GuardUnavailable,
-        ErrorCode::Internal,
-        ErrorCode::ModelError,
-        ErrorCode::JobTooLarge,
-        ErrorCode::AttemptsExhausted,
-        ErrorCode::DeadlineExceeded,
-        ErrorCode::DeadLettered,
-        ErrorCode::OutputValidationFailed,
-    ];
+    #[test]
+    fn all_lists_every_code() {
+        // The derived schema's enum comes from the enum definition itself, so it names every
+        // variant: `ALL` must name the same ones.
+        let schema = serde_json::to_value(<ErrorCode as utoipa::PartialSchema>::schema())
+            .expect("serialize");
+        let derived: Vec<&str> = schema["enum"]
+            .as_array()
+            .expect("an enum schema")
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        let listed: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(derived, listed);
+    }
 
     #[test]
     fn string_form_round_trips_through_serde() {
-        for code in ALL {
+        for code in ErrorCode::ALL {
             let json = serde_json::to_string(code).expect("serialize");
             assert_eq!(json, format!("\"{}\"", code.as_str()));
             let back: ErrorCode = serde_json::from_str(&json).expect("deserialize");

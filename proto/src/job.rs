@@ -15,7 +15,7 @@ pub const MAX_STOP_SEQUENCE_BYTES: usize = 64;
 pub const MAX_STOP_SEQUENCES: usize = 8;
 
 /// Who wrote a chat message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
@@ -34,7 +34,7 @@ impl Role {
 }
 
 /// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Message {
     pub role: Role,
@@ -70,7 +70,7 @@ pub struct GenerationParams {
 }
 
 /// The shape the output must take, as in OpenAI's `response_format`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ResponseFormat {
     /// Free text.
@@ -98,12 +98,14 @@ impl ResponseFormat {
 }
 
 /// OpenAI's `json_schema` object.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JsonSchemaFormat {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// A JSON Schema (an object).
+    #[schema(value_type = Object)]
     pub schema: serde_json::Value,
     /// Accepted for compatibility; output is always constrained to the schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,7 +183,9 @@ impl GenerationParams {
 
 /// Scheduling class. Interactive jobs are served first: a worker takes a batch job only when
 /// it has room and no interactive job is waiting.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
     #[default]

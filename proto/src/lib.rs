@@ -10,7 +10,8 @@
 //!   exactly one place.
 //!
 //! The crate has no I/O. Changing a type here changes the contract: bump [`JOB_MESSAGE_VERSION`]
-//! for anything an older worker could not read.
+//! for anything an older worker could not read. The types that appear in HTTP bodies derive
+//! `utoipa::ToSchema`, so the API's OpenAPI document describes them from their definitions.
 
 pub mod error;
 pub mod job;

@@ -7,7 +7,7 @@ use crate::error::ErrorBody;
 
 /// `queued → running → succeeded | failed | cancelled | expired`. A queued job can also go
 /// straight to `cancelled` or `expired`. Terminal states never change again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     Queued,
@@ -48,7 +48,7 @@ impl JobStatus {
 }
 
 /// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// The model ended its turn or produced a stop sequence.
@@ -65,14 +65,14 @@ pub enum FinishReason {
     ContentFilter,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
 }
 
 /// Milliseconds spent in each phase.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Timings {
     /// From acceptance by the API to the start of generation.
     pub queued_ms: u64,
@@ -88,7 +88,7 @@ pub struct Timings {
 
 /// What a worker writes back for a job that generated (also a cancelled one, with the text it
 /// had so far).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobResult {
     pub content: String,
     pub finish_reason: FinishReason,
@@ -97,7 +97,7 @@ pub struct JobResult {
 }
 
 /// A job as a client sees it on `GET /v1/jobs/{id}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobView {
     pub id: Uuid,
     pub status: JobStatus,

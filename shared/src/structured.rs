@@ -434,4 +434,83 @@ mod tests {
         assert!(validate_output(&ResponseFormat::JsonObject, "[1]").is_err());
         assert!(validate_output(&ResponseFormat::Text, "anything").is_ok());
     }
+
+    mod props {
+        //! The schema check on arbitrary schemas: it answers (accept or a reason) without
+        //! panicking or looping, and what it accepts can check any output.
+        use super::*;
+        use proptest::prelude::*;
+        use sluice_proto::JsonSchemaFormat;
+
+        /// Schemas built from JSON Schema's own keywords (with `$ref`s that may loop), and
+        /// values of the wrong type in their place.
+        fn schema() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                prop::sample::select(vec![
+                    "string", "integer", "number", "boolean", "null", "object", "array", "nope"
+                ])
+                .prop_map(|t| json!({"type": t})),
+                prop::sample::select(vec![
+                    "#",
+                    "#/$defs/a",
+                    "#/$defs/b",
+                    "#/properties/x",
+                    "#/nowhere",
+                    "http://example.com/s"
+                ])
+                .prop_map(|r| json!({"$ref": r})),
+                Just(json!({"enum": [1, "a", null]})),
+                Just(json!({"const": "x"})),
+                Just(json!({"pattern": "^(a+)+$", "type": "string"})),
+                Just(json!({"pattern": "(", "type": "string"})),
+                Just(json!({"minimum": 5, "maximum": 1, "type": "integer"})),
+                Just(json!(true)),
+                Just(json!(1)),
+                Just(json!(null)),
+                Just(json!("string")),
+            ];
+            leaf.prop_recursive(4, 32, 4, |inner| {
+                prop_oneof![
+                    prop::collection::btree_map("[a-z]{1,3}", inner.clone(), 0..4).prop_map(
+                        |props| {
+                            let required: Vec<_> = props.keys().take(2).cloned().collect();
+                            json!({"type": "object", "properties": props, "required": required})
+                        }
+                    ),
+                    inner
+                        .clone()
+                        .prop_map(|items| json!({"type": "array", "items": items, "minItems": 1})),
+                    prop::collection::vec(inner.clone(), 1..3).prop_map(|v| json!({"anyOf": v})),
+                    prop::collection::vec(inner.clone(), 1..3).prop_map(|v| json!({"oneOf": v})),
+                    (inner.clone(), inner.clone())
+                        .prop_map(|(a, b)| json!({"$defs": {"a": a, "b": b}, "$ref": "#/$defs/a"})),
+                    (inner.clone(), inner).prop_map(|(a, b)| json!({"allOf": [a], "not": b})),
+                ]
+            })
+        }
+
+        fn format(schema: Value) -> ResponseFormat {
+            ResponseFormat::JsonSchema {
+                json_schema: JsonSchemaFormat {
+                    name: "p".into(),
+                    description: None,
+                    schema,
+                    strict: None,
+                },
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(192))]
+
+            #[test]
+            fn the_schema_check_answers_every_schema(schema in schema(), output in "\\PC{0,40}") {
+                let format = format(schema);
+                if check_format(&format).is_ok() {
+                    let _ = validate_output(&format, &output);
+                    let _ = validate_output(&format, "{}");
+                }
+            }
+        }
+    }
 }

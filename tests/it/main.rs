@@ -6,6 +6,7 @@
 //! against the shared RabbitMQ and Redis; the helpers are in `tests/src/lib.rs`.
 
 mod backpressure;
+mod contract;
 mod deploy;
 mod faults;
 mod idempotency;

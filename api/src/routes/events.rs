@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::PathParam;
+use crate::openapi::error_responses;
 use crate::state::AppState;
 use crate::stream_conns::StreamConnection;
 
@@ -191,6 +192,63 @@ pub async fn job_events(
     Ok(stream::unfold(cursor, next_events).flat_map(stream::iter))
 }
 
+/// The `data` of a `text` event.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct TextEvent {
+    /// Generated text (PII-redacted on the way).
+    text: String,
+}
+
+/// The `data` of the `done` event.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct DoneEvent {
+    /// The terminal job (`null` if it has expired from the store).
+    #[schema(required = true)]
+    job: Option<JobView>,
+}
+
+error_responses!(EventsErrors: Sluice, User, [InvalidParameter, NotFound]);
+
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/events",
+    operation_id = "stream_job_events",
+    tag = "jobs",
+    summary = "A job's text as Server-Sent Events",
+    description = "`text` events as the model writes (`data`: a `TextEvent`, `{\"text\": ...}`), \
+                   then one `done` event with the terminal job (`data`: a `DoneEvent`, \
+                   `{\"job\": ...}`), then the stream ends; a comment every 15 s keeps it \
+                   open. Each event's `id` is its stream entry id: reconnect with \
+                   `Last-Event-ID` to resume after it. Text is PII-redacted on the way: what \
+                   could still become personal data, or the start of a leaked system prompt, \
+                   is held back until it is decided; the stream's text always equals the \
+                   redacted result.",
+    security(("bearer" = [])),
+    params(
+        ("id" = Uuid, Path, description = "The job's id."),
+        (
+            "Last-Event-ID" = Option<String>,
+            Header,
+            description = "Resume after this event: the `id` of an event of this stream, two \
+                           decimal numbers joined by `-` (such as `1700000000000-0`). The \
+                           pattern allows 19 digits each, more than real ids have; the server \
+                           takes any number up to 2^64 - 1.",
+            pattern = "^[0-9]{1,19}-[0-9]{1,19}$",
+            nullable = false,
+        ),
+    ),
+    responses(
+        (
+            status = 200,
+            description = "The event stream.",
+            content_type = "text/event-stream",
+            body = crate::openapi::schemas::SseEvent,
+        ),
+        EventsErrors,
+    ),
+)]
 pub async fn events(
     principal: Principal,
     State(state): State<AppState>,

@@ -8,20 +8,107 @@ use std::net::SocketAddr;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
-use sluice_proto::{ErrorCode, TraceContext};
+use serde::Serialize;
+use sluice_proto::{ErrorCode, JobStatus, JobView, TraceContext};
 use sluice_shared::store::CancelOutcome;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::PathParam;
+use crate::openapi::{consts, error_responses};
 use crate::state::AppState;
-use crate::validate::{body_bytes, parse_body, validate};
+use crate::validate::{SubmitRequest, body_bytes, parse_body, validate};
+
+/// The 202 of `POST /v1/jobs`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobAccepted {
+    id: Uuid,
+    /// Always `queued`.
+    #[schema(schema_with = consts::queued)]
+    status: JobStatus,
+}
+
+/// W3C trace context a job carries across the queue (invalid values start a new trace).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct TraceHeaders {
+    /// W3C `traceparent`: the job's trace continues the caller's.
+    #[param(nullable = false)]
+    traceparent: Option<String>,
+    /// W3C `tracestate`, passed on with a valid `traceparent` (at most 512 bytes).
+    #[param(nullable = false)]
+    tracestate: Option<String>,
+}
+
+error_responses!(SubmitErrors: Sluice, User, [
+    InvalidJson,
+    InvalidRequest,
+    InvalidParameter,
+    InvalidResponseFormat,
+    SystemMessageNotAllowed,
+    PromptInjectionDetected,
+    PiiDetected,
+    PayloadTooLarge,
+    ContextLengthExceeded,
+    IdempotencyKeyReused,
+    QuotaExceeded,
+    ConcurrencyLimited,
+    QueueFull,
+    QueueUnavailable,
+    GuardUnavailable,
+]);
 
 /// `POST /v1/jobs` → 202 `{"id", "status": "queued"}`. With an `Idempotency-Key` seen in the
 /// last 24 hours for the same request, the same answer for the same job, marked
 /// `Idempotent-Replayed: true`; for a different request, 422 `idempotency_key_reused`.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    operation_id = "submit_job",
+    tag = "jobs",
+    summary = "Submit a chat job",
+    description = "Validates the request, runs the input guard, counts the prompt's tokens, \
+                   reserves quota and enqueues the job: 202 with its id. Prompt tokens plus \
+                   `max_tokens` beyond the model's context are 413 `context_length_exceeded`; \
+                   input is never truncated. With an `Idempotency-Key` seen in the last 24 \
+                   hours for the same request, the same 202 for the same job, marked \
+                   `Idempotent-Replayed: true`; for a different request, 422 \
+                   `idempotency_key_reused`. A refused request consumes nothing.",
+    security(("bearer" = [])),
+    params(
+        (
+            "Idempotency-Key" = Option<String>,
+            Header,
+            description = "Makes retries safe: a retry of the same request by the same tenant \
+                           within 24 hours gets the same job. 1 to 255 visible ASCII \
+                           characters.",
+            min_length = 1,
+            max_length = 255,
+            pattern = "^[!-~]+$",
+            nullable = false,
+        ),
+        TraceHeaders,
+    ),
+    request_body(content = SubmitRequest, content_type = "application/json"),
+    responses(
+        (
+            status = 202,
+            description = "Queued (or, for a replayed `Idempotency-Key`, the earlier job).",
+            body = JobAccepted,
+            headers(
+                ("Location" = String, description = "`/v1/jobs/{id}`: where to poll the job."),
+                ("Idempotent-Replayed" = String, description = "`true` when the answer is the \
+                                                                earlier job of this \
+                                                                `Idempotency-Key`; absent \
+                                                                otherwise."),
+            ),
+        ),
+        SubmitErrors,
+    ),
+)]
 #[tracing::instrument(skip_all, fields(tenant = %principal.tenant, job_id))]
 pub async fn submit(
     principal: Principal,
@@ -37,7 +124,10 @@ pub async fn submit(
     let mut response = (
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/v1/jobs/{id}"))],
-        Json(json!({ "id": id, "status": "queued" })),
+        Json(JobAccepted {
+            id,
+            status: JobStatus::Queued,
+        }),
     )
         .into_response();
     if submitted.replayed {
@@ -49,7 +139,25 @@ pub async fn submit(
     Ok(response)
 }
 
+error_responses!(GetErrors: Sluice, User, [InvalidParameter, NotFound]);
+
 /// `GET /v1/jobs/{id}` → the job as its tenant sees it.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    operation_id = "get_job",
+    tag = "jobs",
+    summary = "A job",
+    description = "The job as its tenant sees it; once terminal, with its `result` or \
+                   `error`. Another tenant's job is 404, like a missing one (so is an id that \
+                   is not a UUID).",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The job's id.")),
+    responses(
+        (status = 200, description = "The job.", body = JobView),
+        GetErrors,
+    ),
+)]
 pub async fn get(
     principal: Principal,
     State(state): State<AppState>,
@@ -64,8 +172,28 @@ pub async fn get(
     Ok(Json(view).into_response())
 }
 
+error_responses!(CancelErrors: Sluice, User, [InvalidParameter, NotFound, JobAlreadyFinished]);
+
 /// `DELETE /v1/jobs/{id}` cancels: a queued job is never generated; a running one stops at its
 /// next token with `finish_reason: "cancelled"`.
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{id}",
+    operation_id = "cancel_job",
+    tag = "jobs",
+    summary = "Cancel a job",
+    description = "A queued job is never generated; a running one stops at its next token \
+                   with `finish_reason: \"cancelled\"` and keeps its text so far. Cancelling \
+                   a cancelled job answers the same. 409 `job_already_finished` for a job that \
+                   ended otherwise.",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The job's id.")),
+    responses(
+        (status = 200, description = "The job after the cancellation (`cancelled`, or still \
+                                      `running` until its worker stops it).", body = JobView),
+        CancelErrors,
+    ),
+)]
 pub async fn cancel(
     principal: Principal,
     State(state): State<AppState>,

@@ -1,5 +1,9 @@
-//! The HTTP routes: one file per resource. Every route but `/healthz` and `/readyz` requires
-//! credentials; `/admin` requires the admin role.
+//! The HTTP routes: one file per resource. Every route but `/healthz`, `/readyz` and
+//! `/openapi.json` requires credentials; `/admin` requires the admin role.
+//!
+//! Each handler carries its OpenAPI description (`#[utoipa::path]`) and is registered with
+//! `routes!`, which adds it to the router and to the document ([`crate::openapi`]) at once:
+//! [`api`] is the one list of routes.
 
 pub mod admin;
 pub mod events;
@@ -10,39 +14,40 @@ pub mod sessions;
 pub mod usage;
 
 use axum::Router;
-use axum::routing::get;
 use sluice_proto::ErrorCode;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// The whole router. Every route but `/healthz` and `/readyz` requires a key (the
-/// [`crate::auth::Principal`] extractor in each handler).
+/// Every route with its description. Register routes here, with `routes!`, and nowhere else:
+/// a route registered with plain axum would be served but missing from the document (the
+/// tests look for one).
+pub fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(crate::openapi::base())
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(crate::openapi::document))
+        .routes(routes!(jobs::submit))
+        .routes(routes!(jobs::get, jobs::cancel))
+        .routes(routes!(events::events))
+        .routes(routes!(usage::usage))
+        .routes(routes!(openai::chat_completions))
+        .routes(routes!(openai::models))
+        .routes(routes!(sessions::delete))
+        .routes(routes!(admin::list_keys, admin::create_key))
+        .routes(routes!(admin::revoke_key))
+        .routes(routes!(admin::tenant))
+        .routes(routes!(admin::workers))
+        .routes(routes!(admin::set_limits))
+}
+
+/// The whole router. Every route but `/healthz`, `/readyz` and `/openapi.json` requires a key
+/// (the [`crate::auth::Principal`] extractor in each handler).
 pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/v1/jobs", axum::routing::post(jobs::submit))
-        .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
-        .route("/v1/jobs/{id}/events", get(events::events))
-        .route("/v1/usage", get(usage::usage))
-        .route(
-            "/v1/chat/completions",
-            axum::routing::post(openai::chat_completions),
-        )
-        .route("/v1/models", get(openai::models))
-        .route("/v1/sessions/{id}", axum::routing::delete(sessions::delete))
-        .route("/admin/keys", get(admin::list_keys).post(admin::create_key))
-        .route(
-            "/admin/keys/{key_id}",
-            axum::routing::delete(admin::revoke_key),
-        )
-        .route("/admin/tenants/{tenant}", get(admin::tenant))
-        .route("/admin/workers", get(admin::workers))
-        .route(
-            "/admin/tenants/{tenant}/limits",
-            axum::routing::patch(admin::set_limits),
-        )
+    let (routes, _) = api().split_for_parts();
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit_bytes))

@@ -20,17 +20,21 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sluice_proto::{
     ErrorBody, ErrorCode, FinishReason, JobStatus, JobView, Message, Priority, ResponseFormat,
     Role, Usage,
 };
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::events::{JobEvent, job_events};
+use super::jobs::TraceHeaders;
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::openapi::openai::{ChatCompletion, ChatCompletionPending};
+use crate::openapi::{consts, error_responses};
 use crate::state::AppState;
 use crate::validate::{StopField, SubmitRequest, body_bytes, parse_json, validate};
 
@@ -44,7 +48,7 @@ impl From<ApiError> for OpenAiError {
 }
 
 /// OpenAI's error `type` for a status.
-fn error_type(status: StatusCode) -> &'static str {
+pub(crate) fn error_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
         401 => "authentication_error",
         403 => "permission_error",
@@ -55,7 +59,8 @@ fn error_type(status: StatusCode) -> &'static str {
     }
 }
 
-/// An error body in OpenAI's shape (its `type` follows the code's HTTP status).
+/// An error body in OpenAI's shape (its `type` follows the code's HTTP status); described by
+/// [`crate::openapi::openai::OpenAiErrorResponse`].
 fn error_json(body: &ErrorBody) -> Value {
     let status =
         StatusCode::from_u16(body.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -83,24 +88,30 @@ impl IntoResponse for OpenAiError {
 }
 
 /// Message content: a string, or a list of parts of which only text is supported.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
+#[schema(as = ChatContent)]
 enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Deserialize)]
+/// A part of a message's content; only `text` parts are accepted (400
+/// `unsupported_parameter` otherwise). Their texts are joined.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(as = ChatContentPart)]
 struct ContentPart {
     #[serde(rename = "type")]
+    #[schema(schema_with = consts::text)]
     kind: String,
+    #[schema(required = true, nullable = false)]
     text: Option<String>,
 }
 
 /// One message. Unknown fields are refused like the request's own; `name` is ignored, and the
 /// fields an assistant message from an OpenAI response carries back (`refusal`, `tool_calls`)
 /// are accepted when null or empty, refused otherwise.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ChatMessage {
     role: Role,
@@ -108,47 +119,135 @@ struct ChatMessage {
     /// Accepted and ignored (a speaker's name), as in OpenAI's API.
     #[allow(dead_code)]
     name: Option<String>,
+    /// Accepted when `null` (as an assistant message from an earlier response carries it).
+    #[schema(schema_with = schema::null)]
     refusal: Option<Value>,
+    /// Accepted when `null` or empty (as an assistant message from an earlier response
+    /// carries it).
+    #[schema(schema_with = schema::no_tool_calls)]
     tool_calls: Option<Value>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 struct StreamOptions {
+    /// End the stream with a chunk that carries the usage.
     include_usage: Option<bool>,
 }
 
 /// The body of `POST /v1/chat/completions`. Fields Sluice does not implement are rejected by
 /// name (400 `unsupported_parameter`) rather than silently ignored.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ChatCompletionRequest {
+    /// The id `GET /v1/models` lists; another is 404 `model_not_found`.
     model: String,
+    /// At most `--max-messages`, each at most `--max-message-chars` characters, not all empty.
+    #[schema(min_items = 1)]
     messages: Vec<ChatMessage>,
+    /// Upper bound on generated tokens: 1 to `--max-tokens-limit`; default 256. Not with
+    /// `max_completion_tokens`.
+    #[schema(minimum = 1, maximum = 4294967295_u64)]
     max_tokens: Option<u32>,
+    /// The same as `max_tokens`; give one of them.
+    #[schema(minimum = 1, maximum = 4294967295_u64)]
     max_completion_tokens: Option<u32>,
+    #[schema(minimum = 0.0, maximum = 2.0)]
     temperature: Option<f32>,
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     top_p: Option<f32>,
+    #[schema(maximum = 18446744073709551615_u64)]
     seed: Option<u64>,
     stop: Option<StopField>,
+    /// Only one choice per request: `1` or `null`.
+    #[schema(schema_with = schema::one)]
     n: Option<u32>,
+    /// Stream `chat.completion.chunk` events instead of waiting for the completion.
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
+    /// OpenAI's `response_format`; 400 `invalid_response_format` when malformed.
+    #[schema(value_type = Option<ResponseFormat>)]
     response_format: Option<Value>,
     /// An end-user id; recorded nowhere (Sluice's audit log keys on the credential).
     #[allow(dead_code)]
     user: Option<String>,
+    /// Only `0` (or `null`) is accepted.
+    #[schema(schema_with = schema::zero)]
     presence_penalty: Option<f32>,
+    /// Only `0` (or `null`) is accepted.
+    #[schema(schema_with = schema::zero)]
     frequency_penalty: Option<f32>,
+    /// Not returned by this server: only `false` (or `null`) is accepted.
+    #[schema(schema_with = schema::not_true)]
     logprobs: Option<bool>,
+    /// Not returned by this server: only `null` is accepted.
+    #[schema(schema_with = schema::null)]
     top_logprobs: Option<u32>,
+    /// Not applied by this server: only `null` is accepted.
+    #[schema(schema_with = schema::null)]
     logit_bias: Option<Value>,
+    /// Tool calls are not implemented: only `null` is accepted.
+    #[schema(schema_with = schema::null)]
     tools: Option<Value>,
+    /// Tool calls are not implemented: only `null` is accepted.
+    #[schema(schema_with = schema::null)]
     tool_choice: Option<Value>,
     /// Sluice extensions, as on `/v1/jobs`.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,128}$")]
     session_id: Option<String>,
     priority: Option<Priority>,
+    #[schema(minimum = 1, maximum = 18446744073709551615_u64)]
     timeout_secs: Option<u64>,
+}
+
+/// Schemas of the request fields that accept only what this server can honour.
+mod schema {
+    use serde_json::json;
+    use utoipa::openapi::schema::{Array, ArrayBuilder, Object, ObjectBuilder, SchemaType, Type};
+
+    fn only(values: serde_json::Value, description: &str) -> Object {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::AnyValue)
+            .enum_values(values.as_array().cloned())
+            .description(Some(description))
+            .build()
+    }
+
+    pub(super) fn null() -> Object {
+        let mut schema = crate::openapi::consts::null();
+        schema.description = Some("Not implemented here: only `null` is accepted.".into());
+        schema
+    }
+
+    pub(super) fn one() -> Object {
+        only(
+            json!([1, null]),
+            "One choice per request: only `1` (or `null`).",
+        )
+    }
+
+    pub(super) fn zero() -> Object {
+        only(json!([0, null]), "Not applied here: only `0` (or `null`).")
+    }
+
+    pub(super) fn not_true() -> Object {
+        only(
+            json!([false, null]),
+            "Log probabilities are not returned: only `false` (or `null`).",
+        )
+    }
+
+    pub(super) fn no_tool_calls() -> Array {
+        ArrayBuilder::new()
+            .schema_type(SchemaType::from_iter([Type::Array, Type::Null]))
+            .items(ObjectBuilder::new().schema_type(SchemaType::AnyValue))
+            .max_items(Some(0))
+            .description(Some(
+                "Accepted when `null` or empty, as an assistant message from an earlier \
+                 response carries it.",
+            ))
+            .build()
+    }
 }
 
 fn unsupported(name: &str, why: &str) -> ApiError {
@@ -318,7 +417,85 @@ fn completion(view: &JobView, model: &str) -> Result<Value, ApiError> {
     }
 }
 
+error_responses!(ChatCompletionErrors: OpenAi, User, [
+    // The request, as on `POST /v1/jobs`.
+    InvalidJson,
+    InvalidRequest,
+    InvalidParameter,
+    InvalidResponseFormat,
+    SystemMessageNotAllowed,
+    PromptInjectionDetected,
+    PiiDetected,
+    PayloadTooLarge,
+    ContextLengthExceeded,
+    IdempotencyKeyReused,
+    QuotaExceeded,
+    ConcurrencyLimited,
+    QueueFull,
+    QueueUnavailable,
+    GuardUnavailable,
+    // Only here.
+    UnsupportedParameter,
+    ModelNotFound,
+    NotFound,
+    // The job's own error, when it failed while the request waited for it.
+    JobAlreadyFinished,
+    JobTooLarge,
+    ModelError,
+    AttemptsExhausted,
+    DeadLettered,
+    DeadlineExceeded,
+    OutputValidationFailed,
+]);
+
 /// `POST /v1/chat/completions`.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    operation_id = "create_chat_completion",
+    tag = "openai",
+    summary = "Create a chat completion (OpenAI-compatible)",
+    description = "A job like any other (the same authentication, guard, limits, quotas and \
+                   queue as `POST /v1/jobs`), in OpenAI's shapes. Without `stream`, waits for \
+                   the job up to `--completion-wait-secs`: 200 with the completion, the job's \
+                   own error if it failed, or 202 with the job to poll on `/v1/jobs/{id}` if \
+                   it is still queued or running. With `stream`, `chat.completion.chunk` \
+                   events (each `data:` a `ChatCompletionChunk`, or an `OpenAiErrorResponse` \
+                   if the job fails mid-stream) ending with `data: [DONE]`. Errors come in \
+                   OpenAI's envelope with Sluice's stable code in `code`.",
+    security(("bearer" = [])),
+    params(
+        (
+            "Idempotency-Key" = Option<String>,
+            Header,
+            description = "As on `POST /v1/jobs`: a retry within 24 hours gets the same job.",
+            min_length = 1,
+            max_length = 255,
+            pattern = "^[!-~]+$",
+            nullable = false,
+        ),
+        TraceHeaders,
+    ),
+    request_body(content = ChatCompletionRequest, content_type = "application/json"),
+    responses(
+        (
+            status = 200,
+            description = "The completion (`application/json`), or with `stream` its chunks \
+                           (`text/event-stream`).",
+            content(
+                (ChatCompletion = "application/json"),
+                (crate::openapi::schemas::SseEvent = "text/event-stream"),
+            ),
+        ),
+        (
+            status = 202,
+            description = "The job outlived the wait: poll it.",
+            body = ChatCompletionPending,
+            headers(("Location" = String, description = "`/v1/jobs/{id}`: where to poll the job.")),
+        ),
+        ChatCompletionErrors,
+    ),
+)]
 #[tracing::instrument(skip_all, fields(tenant, job_id))]
 pub async fn chat_completions(
     principal: Result<Principal, ApiError>,
@@ -360,18 +537,31 @@ pub async fn chat_completions(
             return Ok((
                 StatusCode::ACCEPTED,
                 [(axum::http::header::LOCATION, format!("/v1/jobs/{id}"))],
-                Json(json!({
-                    "id": id,
-                    "object": "sluice.job",
-                    "status": view.status,
-                    "poll": format!("/v1/jobs/{id}"),
-                })),
+                Json(pending(id, view.status)),
             )
                 .into_response());
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(100));
     }
+}
+
+/// The 202 body of a completion whose job outlived the wait.
+fn pending(id: Uuid, status: JobStatus) -> Value {
+    json!({
+        "id": id,
+        "object": "sluice.job",
+        "status": status,
+        "poll": format!("/v1/jobs/{id}"),
+    })
+}
+
+/// The last chunk of a stream that asked for usage: no choices, the usage.
+fn usage_chunk(id: Uuid, created: u64, model: &str, usage: Usage) -> Value {
+    let mut last = chunk(id, created, model, json!({}), None);
+    last["choices"] = json!([]);
+    last["usage"] = usage_json(usage);
+    last
 }
 
 fn chunk(id: Uuid, created: u64, model: &str, delta: Value, finish: Option<&str>) -> Value {
@@ -422,10 +612,7 @@ async fn relay(
                     let reason = finish_reason(result.finish_reason);
                     let mut out = vec![chunk(id, created, &model, json!({}), Some(reason))];
                     if include_usage {
-                        let mut last = chunk(id, created, &model, json!({}), None);
-                        last["choices"] = json!([]);
-                        last["usage"] = usage_json(result.usage);
-                        out.push(last);
+                        out.push(usage_chunk(id, created, &model, result.usage));
                     }
                     out
                 }
@@ -443,21 +630,59 @@ async fn relay(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
+/// `GET /v1/models` in OpenAI's list shape.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelList {
+    #[schema(schema_with = consts::list)]
+    object: &'static str,
+    /// The one model this deployment serves.
+    #[schema(min_items = 1, max_items = 1)]
+    data: Vec<Model>,
+}
+
+/// A served model.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Model {
+    /// What `model` must name in a chat completion.
+    id: String,
+    #[schema(schema_with = consts::model)]
+    object: &'static str,
+    /// Always 0.
+    created: u64,
+    #[schema(schema_with = consts::sluice)]
+    owned_by: &'static str,
+}
+
+error_responses!(ModelsErrors: OpenAi, User, []);
+
 /// `GET /v1/models`: the one model this deployment serves.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    operation_id = "list_models",
+    tag = "openai",
+    summary = "The served model (OpenAI-compatible)",
+    description = "The one model this deployment serves, in OpenAI's list shape.",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The served model.", body = ModelList),
+        ModelsErrors,
+    ),
+)]
 pub async fn models(
     principal: Result<Principal, ApiError>,
     State(state): State<AppState>,
 ) -> Result<Response, OpenAiError> {
     principal?;
-    Ok(Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.codec.name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "sluice",
+    Ok(Json(ModelList {
+        object: "list",
+        data: vec![Model {
+            id: state.codec.name.clone(),
+            object: "model",
+            created: 0,
+            owned_by: "sluice",
         }],
-    }))
+    })
     .into_response())
 }
 
@@ -484,6 +709,71 @@ mod tests {
         assert_eq!(s.max_tokens, Some(5));
         assert_eq!(s.messages[1].content, "hi there");
         assert_eq!(s.seed, Some(3));
+    }
+
+    /// What this module writes matches the document's schemas of it
+    /// ([`crate::openapi::openai`]).
+    #[test]
+    fn its_json_matches_the_documented_shapes() {
+        use crate::openapi::tests::assert_matches_schema;
+        use sluice_proto::{JobResult, Timings};
+
+        let id = Uuid::now_v7();
+        let view = |status, result, error| JobView {
+            id,
+            status,
+            created_at: 1_700_000_000_000,
+            started_at: Some(1_700_000_000_001),
+            finished_at: Some(1_700_000_000_002),
+            attempts: 1,
+            result,
+            error,
+        };
+        let usage = Usage {
+            prompt_tokens: 3,
+            completion_tokens: 2,
+        };
+        for reason in [
+            FinishReason::Stop,
+            FinishReason::Length,
+            FinishReason::ContextLength,
+            FinishReason::Cancelled,
+            FinishReason::Deadline,
+            FinishReason::ContentFilter,
+        ] {
+            let result = JobResult {
+                content: "hi".into(),
+                finish_reason: reason,
+                usage,
+                timings: Timings::default(),
+            };
+            let done = view(JobStatus::Succeeded, Some(result), None);
+            let completion = completion(&done, "qwen").expect("a completion");
+            assert_matches_schema("ChatCompletion", &completion);
+            let last = chunk(id, 1, "qwen", json!({}), Some(finish_reason(reason)));
+            assert_matches_schema("ChatCompletionChunk", &last);
+        }
+        for delta in [
+            json!({ "role": "assistant", "content": "" }),
+            json!({ "content": "x" }),
+        ] {
+            assert_matches_schema("ChatCompletionChunk", &chunk(id, 1, "qwen", delta, None));
+        }
+        assert_matches_schema("ChatCompletionChunk", &usage_chunk(id, 1, "qwen", usage));
+        for status in [JobStatus::Queued, JobStatus::Running] {
+            assert_matches_schema("ChatCompletionPending", &pending(id, status));
+        }
+        for code in ErrorCode::ALL {
+            let error = error_json(&ErrorBody::new(*code, "m"));
+            assert_matches_schema("OpenAiErrorResponse", &error);
+        }
+        let expired = view(JobStatus::Expired, None, None);
+        assert_eq!(
+            completion(&expired, "qwen")
+                .map_err(|e| e.body().code)
+                .err(),
+            Some(ErrorCode::JobAlreadyFinished)
+        );
     }
 
     #[test]
