@@ -92,36 +92,38 @@ pub async fn serve(
         let service = tower::service_fn(move |mut request: axum::http::Request<Incoming>| {
             let app = app.clone();
             let ambiguous = ambiguous.load(Ordering::Acquire);
-            async move {
+            // Boxed: the connection is polled without shutdown, which needs an `Unpin` future.
+            Box::pin(async move {
                 if ambiguous {
                     return Ok(ambiguous_framing());
                 }
                 request.extensions_mut().insert(ConnectInfo(peer));
                 app.oneshot(request).await
-            }
+            })
         });
         let mut stopping = stopping.clone();
         tokio::spawn(async move {
             // HTTP/1.1 only (hyper-util's version-sniffing builder waits for the first bytes
             // with no timeout, before hyper's own header timer starts).
-            let connection = hyper::server::conn::http1::Builder::new()
+            let mut connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read)
-                .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
-                .with_upgrades();
-            let mut connection = std::pin::pin!(connection);
+                .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
             let mut draining = false;
             loop {
                 tokio::select! {
-                    result = connection.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    result = std::future::poll_fn(|cx| connection.poll_without_shutdown(cx)) => {
+                        match result {
+                            Ok(()) => linger(connection.into_parts().io.into_inner().into_inner()).await,
+                            Err(e) => {
+                                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                            }
                         }
                         break;
                     }
                     () = stopped(&mut stopping), if !draining => {
                         draining = true;
-                        connection.as_mut().graceful_shutdown();
+                        std::pin::Pin::new(&mut connection).graceful_shutdown();
                     }
                 }
             }
@@ -133,6 +135,34 @@ pub async fn serve(
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = permits.acquire_many(all).await;
 }
+
+/// Closes a connection the way a server that may have refused a body should: send FIN, then
+/// read and discard what the client still sends (the body of a request answered 413 at once,
+/// say) until it closes too, for at most [`LINGER`] and [`LINGER_BYTES`]. Closing a socket
+/// with unread input makes the kernel answer with a reset, which can destroy the response
+/// still on its way to the client.
+async fn linger(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    if tcp.shutdown().await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 8192];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+            left = left.saturating_sub(n);
+            if left == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// How long [`linger`] waits for the client to close.
+const LINGER: Duration = Duration::from_secs(2);
+/// How much of an unwanted body [`linger`] reads at most.
+const LINGER_BYTES: usize = 1 << 20;
 
 /// 400 for a request whose header block held both `Transfer-Encoding` and `Content-Length`.
 fn ambiguous_framing() -> axum::response::Response {
@@ -335,6 +365,44 @@ mod tests {
         .expect("write");
         let (_, answer) = closed_after(&mut d, "freed").await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_body_refused_unread_still_gets_its_answer() {
+        // A route that answers before reading the body, as the 413 on a declared
+        // Content-Length over the limit does.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route(
+            "/",
+            axum::routing::post(|| async { (axum::http::StatusCode::PAYLOAD_TOO_LARGE, "no") }),
+        );
+        let (_stop, rx) = watch::channel(false);
+        tokio::spawn(serve(listener, app, LIMITS, rx));
+        for _ in 0..20 {
+            let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (mut read, mut write) = stream.into_split();
+            let body = vec![b'x'; 512 * 1024];
+            let writer = tokio::spawn(async move {
+                let head = format!(
+                    "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = write.write_all(head.as_bytes()).await;
+                let _ = write.write_all(&body).await;
+                write
+            });
+            let mut answer = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), read.read_to_end(&mut answer));
+            let result = read.await.expect("closed in time");
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(
+                result.is_ok(),
+                "reset before the answer: {result:?} {answer}"
+            );
+            assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+            drop(writer.await);
+        }
     }
 
     #[tokio::test]

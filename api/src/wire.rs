@@ -93,6 +93,11 @@ impl<T> ScannedIo<T> {
         }
     }
 
+    /// The connection itself.
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
     /// Shared with the connection's service, which refuses every request once it is set (hyper
     /// closes the connection after the ambiguous request, so that is the last one).
     pub fn flag(&self) -> Arc<AtomicBool> {

@@ -112,11 +112,9 @@ async fn sessions_carry_history_per_tenant_and_can_be_erased() {
     run(
         &app,
         &acme,
-        &with(
-            "write to jane.doe@example.com please",
-            Some("chat-1"),
-            false,
-        ),
+        // (Not "write to jane.doe@example.com please": the classifier scores that 0.88, as
+        // it would an instruction to send data to an address; docs/results/guard.md.)
+        &with("my email is jane.doe@example.com", Some("chat-1"), false),
     )
     .await;
     let history = stored(&backends, "acme", "chat-1").await;
