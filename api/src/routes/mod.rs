@@ -80,24 +80,45 @@ async fn framing(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > body_limit_bytes as u64) {
-        return ApiError::client(
-            ErrorCode::PayloadTooLarge,
-            format!("the request body is larger than the limit ({body_limit_bytes} bytes)"),
-        )
-        .into_response();
+        return closing(
+            ApiError::client(
+                ErrorCode::PayloadTooLarge,
+                format!("the request body is larger than the limit ({body_limit_bytes} bytes)"),
+            )
+            .into_response(),
+        );
     }
     let has_body = declared.is_some_and(|n| n > 0) || headers.contains_key("transfer-encoding");
     if has_body
         && let Some(kind) = headers.get(CONTENT_TYPE)
         && !is_json(kind.to_str().unwrap_or(""))
     {
-        return ApiError::client(
-            ErrorCode::UnsupportedMediaType,
-            "the body must be JSON: send Content-Type: application/json",
-        )
-        .into_response();
+        return closing(
+            ApiError::client(
+                ErrorCode::UnsupportedMediaType,
+                "the body must be JSON: send Content-Type: application/json",
+            )
+            .into_response(),
+        );
     }
-    next.run(request).await
+    let response = next.run(request).await;
+    if response.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        // The body was cut off at the limit, so the rest of it is still unread.
+        return closing(response);
+    }
+    response
+}
+
+/// Marks an answer given without reading the whole request body `Connection: close`: the
+/// server closes the connection after it (the unread rest cannot be told from a next request),
+/// and a client that pooled the connection would otherwise send its next request into the
+/// closing socket and see it fail.
+fn closing(mut response: axum::response::Response) -> axum::response::Response {
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 /// `application/json`, or any `+json` type, with or without parameters.
