@@ -69,9 +69,14 @@ const FRAMING: [ErrorCode; 4] = [
 
 /// Declares a unit type whose `utoipa::IntoResponses` are an operation's error responses, for
 /// its `#[utoipa::path(responses(...))]`:
-/// `error_responses!(Name: Envelope, Caller, [Code, ...])`.
+/// `error_responses!(Name: Envelope, Caller, [Code, ...])`, or
+/// `error_responses!(Name: Envelope, Caller, BASE, [Code, ...])` to add codes to a shared
+/// `&[ErrorCode]` list.
 macro_rules! error_responses {
     ($name:ident: $envelope:ident, $caller:ident, [$($code:ident),* $(,)?]) => {
+        $crate::openapi::errors::error_responses!($name: $envelope, $caller, &[], [$($code),*]);
+    };
+    ($name:ident: $envelope:ident, $caller:ident, $base:expr, [$($code:ident),* $(,)?]) => {
         #[doc = concat!("The error responses of the operation that names `", stringify!($name), "`.")]
         pub struct $name;
 
@@ -80,10 +85,12 @@ macro_rules! error_responses {
                 String,
                 utoipa::openapi::RefOr<utoipa::openapi::response::Response>,
             > {
+                let base: &[sluice_proto::ErrorCode] = $base;
+                let own: &[sluice_proto::ErrorCode] = &[$(sluice_proto::ErrorCode::$code),*];
                 $crate::openapi::errors::responses(
                     $crate::openapi::Envelope::$envelope,
                     $crate::openapi::Caller::$caller,
-                    &[$(sluice_proto::ErrorCode::$code),*],
+                    &[base, own].concat(),
                 )
             }
         }

@@ -43,23 +43,27 @@ pub struct TraceHeaders {
     tracestate: Option<String>,
 }
 
-error_responses!(SubmitErrors: Sluice, User, [
-    InvalidJson,
-    InvalidRequest,
-    InvalidParameter,
-    InvalidResponseFormat,
-    SystemMessageNotAllowed,
-    PromptInjectionDetected,
-    PiiDetected,
-    PayloadTooLarge,
-    ContextLengthExceeded,
-    IdempotencyKeyReused,
-    QuotaExceeded,
-    ConcurrencyLimited,
-    QueueFull,
-    QueueUnavailable,
-    GuardUnavailable,
-]);
+/// What the submit path (validation, guard, admission, publish) refuses with: shared by
+/// `POST /v1/jobs` and `POST /v1/chat/completions`.
+pub(crate) const SUBMIT_CODES: &[ErrorCode] = &[
+    ErrorCode::InvalidJson,
+    ErrorCode::InvalidRequest,
+    ErrorCode::InvalidParameter,
+    ErrorCode::InvalidResponseFormat,
+    ErrorCode::SystemMessageNotAllowed,
+    ErrorCode::PromptInjectionDetected,
+    ErrorCode::PiiDetected,
+    ErrorCode::PayloadTooLarge,
+    ErrorCode::ContextLengthExceeded,
+    ErrorCode::IdempotencyKeyReused,
+    ErrorCode::QuotaExceeded,
+    ErrorCode::ConcurrencyLimited,
+    ErrorCode::QueueFull,
+    ErrorCode::QueueUnavailable,
+    ErrorCode::GuardUnavailable,
+];
+
+error_responses!(SubmitErrors: Sluice, User, SUBMIT_CODES, []);
 
 /// `POST /v1/jobs` → 202 `{"id", "status": "queued"}`. With an `Idempotency-Key` seen in the
 /// last 24 hours for the same request, the same answer for the same job, marked

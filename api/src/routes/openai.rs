@@ -417,24 +417,8 @@ fn completion(view: &JobView, model: &str) -> Result<Value, ApiError> {
     }
 }
 
-error_responses!(ChatCompletionErrors: OpenAi, User, [
-    // The request, as on `POST /v1/jobs`.
-    InvalidJson,
-    InvalidRequest,
-    InvalidParameter,
-    InvalidResponseFormat,
-    SystemMessageNotAllowed,
-    PromptInjectionDetected,
-    PiiDetected,
-    PayloadTooLarge,
-    ContextLengthExceeded,
-    IdempotencyKeyReused,
-    QuotaExceeded,
-    ConcurrencyLimited,
-    QueueFull,
-    QueueUnavailable,
-    GuardUnavailable,
-    // Only here.
+error_responses!(ChatCompletionErrors: OpenAi, User, super::jobs::SUBMIT_CODES, [
+    // Only here (the request's own are the submit path's, as on `POST /v1/jobs`).
     UnsupportedParameter,
     ModelNotFound,
     NotFound,
