@@ -2,11 +2,10 @@
 # Starts RabbitMQ with the `sluice` user's password taken from the rabbitmq_password secret.
 #
 # Why a wrapper: the definitions file (definitions.json) must carry the user's password, plain or
-# as a salted hash, and the official image reads no *_FILE variables since 3.9 (it refuses to
-# start when RABBITMQ_DEFAULT_PASS_FILE is set); a password in `environment:` would show in
-# `docker inspect`. So this script copies definitions.json into a tmpfs with the placeholder
-# replaced by the secret, readable by this container's user only, and then runs the image's own
-# entrypoint. RabbitMQ hashes a plain `password` field itself when it imports the file (as
+# as a salted hash, and RabbitMQ reads no password from a file of its own; a password in
+# `environment:` would show in `docker inspect`. So this script copies definitions.json into a
+# tmpfs with the placeholder replaced by the secret, readable by this container's user only, and
+# then runs the broker (the command, `rabbitmq-server`). RabbitMQ hashes a plain `password` field itself when it imports the file (as
 # `rabbitmqctl import_definitions` and the HTTP API do), and it imports at every boot, so a new
 # secret takes effect with a restart.
 set -eu
@@ -45,4 +44,4 @@ SLUICE_RABBITMQ_PASSWORD="$password" awk -v placeholder="$placeholder" \
   '{ gsub(placeholder, ENVIRON["SLUICE_RABBITMQ_PASSWORD"]); print }' "$template" >"$rendered"
 unset password
 
-exec docker-entrypoint.sh "$@"
+exec "$@"

@@ -39,4 +39,4 @@ mkdir -p "$(dirname "$acl")"
 } >"$acl"
 unset password
 
-exec docker-entrypoint.sh redis-server /etc/sluice/redis.conf --aclfile "$acl"
+exec redis-server /etc/sluice/redis.conf --aclfile "$acl"

@@ -1181,9 +1181,15 @@ fn prometheus_grafana_and_collector_point_at_the_compose_services() {
 
     // Traces: Sluice → the collector's OTLP/HTTP receiver → Jaeger's OTLP receiver.
     let collector = yaml_file(&repo().join("compose/otel/collector.yaml"));
+    // Off unless the `observability` profile runs, when scripts/stack points it at the collector.
     let endpoint = compose_env(&services["api-1"])["OTEL_EXPORTER_OTLP_ENDPOINT"].clone();
-    assert_eq!(endpoint, "http://otel-collector:4318");
-    assert!(services.contains_key("otel-collector"));
+    assert_eq!(endpoint, "${SLUICE_OTLP_ENDPOINT:-}");
+    let stack = read(&repo().join("scripts/stack"));
+    assert!(
+        stack.contains("SLUICE_OTLP_ENDPOINT:-http://otel-collector:4318"),
+        "scripts/stack does not point traces at the collector"
+    );
+    assert_eq!(services["otel-collector"]["profiles"], json!(["observability"]));
     assert_eq!(
         collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"],
         "0.0.0.0:4318"
@@ -1259,10 +1265,23 @@ fn images_build_portable_code_and_run_as_non_root() {
             // RUSTFLAGS would replace .cargo/config.toml's target-cpu instead of adding to it.
             assert!(!line.contains("RUSTFLAGS"), "{dockerfile}: {line}");
         }
+        // The Rust images build from the lock file; the services' image installs packages only.
+        let builds_rust = code.iter().any(|l| l.contains("cargo build"));
         assert!(
-            code.iter().any(|l| l.contains("--locked")),
+            !builds_rust || code.iter().any(|l| l.contains("--locked")),
             "{dockerfile} builds without --locked"
         );
+        if dockerfile == "compose/Dockerfile.services" {
+            assert!(!builds_rust, "{dockerfile} builds Rust");
+            // Only Debian's packages: every stage starts from the Debian base or another stage.
+            let stages = dockerfile_stages(&text);
+            for (stage, base, _) in &stages {
+                assert!(
+                    base.starts_with("debian:") || stages.iter().any(|(n, _, _)| n == base),
+                    "{dockerfile}: stage {stage} builds on {base}"
+                );
+            }
+        }
         let stages = dockerfile_stages(&text);
         let image = match service["build"]["target"].as_str() {
             Some(target) => stages.iter().find(|(n, _, _)| n == target),
@@ -1307,7 +1326,8 @@ fn images_build_portable_code_and_run_as_non_root() {
         built,
         BTreeSet::from([
             "compose/Dockerfile".to_string(),
-            "compose/Dockerfile.cuda".to_string()
+            "compose/Dockerfile.cuda".to_string(),
+            "compose/Dockerfile.services".to_string(),
         ])
     );
     // The stage parser follows users through stages.
