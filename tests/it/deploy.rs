@@ -1189,7 +1189,10 @@ fn prometheus_grafana_and_collector_point_at_the_compose_services() {
         stack.contains("SLUICE_OTLP_ENDPOINT:-http://otel-collector:4318"),
         "scripts/stack does not point traces at the collector"
     );
-    assert_eq!(services["otel-collector"]["profiles"], json!(["observability"]));
+    assert_eq!(
+        services["otel-collector"]["profiles"],
+        json!(["observability"])
+    );
     assert_eq!(
         collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"],
         "0.0.0.0:4318"
