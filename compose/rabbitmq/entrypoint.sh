@@ -5,9 +5,9 @@
 # as a salted hash, and RabbitMQ reads no password from a file of its own; a password in
 # `environment:` would show in `docker inspect`. So this script copies definitions.json into a
 # tmpfs with the placeholder replaced by the secret, readable by this container's user only, and
-# then runs the broker (the command, `rabbitmq-server`). RabbitMQ hashes a plain `password` field itself when it imports the file (as
-# `rabbitmqctl import_definitions` and the HTTP API do), and it imports at every boot, so a new
-# secret takes effect with a restart.
+# then runs the broker (the command, `rabbitmq-server`). RabbitMQ hashes a plain `password`
+# field itself when it imports the file (as `rabbitmqctl import_definitions` and the HTTP API
+# do), and it imports at every boot, so a new secret takes effect with a restart.
 set -eu
 
 secret=/run/secrets/rabbitmq_password

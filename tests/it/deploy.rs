@@ -1274,10 +1274,10 @@ fn images_build_portable_code_and_run_as_non_root() {
             !builds_rust || code.iter().any(|l| l.contains("--locked")),
             "{dockerfile} builds without --locked"
         );
+        let stages = dockerfile_stages(&text);
         if dockerfile == "compose/Dockerfile.services" {
             assert!(!builds_rust, "{dockerfile} builds Rust");
             // Only Debian's packages: every stage starts from the Debian base or another stage.
-            let stages = dockerfile_stages(&text);
             for (stage, base, _) in &stages {
                 assert!(
                     base.starts_with("debian:") || stages.iter().any(|(n, _, _)| n == base),
@@ -1285,7 +1285,6 @@ fn images_build_portable_code_and_run_as_non_root() {
                 );
             }
         }
-        let stages = dockerfile_stages(&text);
         let image = match service["build"]["target"].as_str() {
             Some(target) => stages.iter().find(|(n, _, _)| n == target),
             None => stages.last(),

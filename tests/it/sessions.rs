@@ -112,8 +112,8 @@ async fn sessions_carry_history_per_tenant_and_can_be_erased() {
     run(
         &app,
         &acme,
-        // (Not "write to jane.doe@example.com please": the classifier scores that 0.88, as
-        // it would an instruction to send data to an address; docs/results/guard.md.)
+        // (Not a request to send something to an address, such as "send it to ... please":
+        // the classifier can read that as data exfiltration; docs/results/guard.md.)
         &with("my email is jane.doe@example.com", Some("chat-1"), false),
     )
     .await;
