@@ -27,7 +27,9 @@ mod structured;
 /// which cargo runs one after another, so no two of them ever competed for the cores (the two
 /// tests of `restarts` ran beside each other). In one binary they would all start at once: each
 /// holds this lock for its whole run, so they still run one at a time. A `tokio` mutex, so a
-/// test that panics while holding it does not poison it for the others.
+/// test that panics while holding it does not poison it for the others. Under cargo-nextest
+/// (one process per test) the lock does nothing and the `load` test group of
+/// `.config/nextest.toml` runs them one at a time instead.
 pub(crate) async fn load_test_lock() -> tokio::sync::MutexGuard<'static, ()> {
     static LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOAD.lock().await

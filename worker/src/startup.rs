@@ -199,12 +199,26 @@ impl Worker {
                     // Batch jobs are pulled, not pushed: only while this worker has room and
                     // no interactive job is waiting in the broker.
                     _ = batch_poll.tick(), if in_flight.len() < capacity => {
-                        match self.take_batch_job(&channel, &mut consumer).await {
-                            Ok(Taken::Job(delivery)) => self.spawn_job(&mut in_flight, *delivery),
-                            Ok(Taken::Nothing) => {}
-                            Ok(Taken::ConsumerEnded) => break,
-                            Err(e) => {
+                        // The other branches (stop included) wait while this runs: a broker
+                        // that stops answering must not hold the worker here forever.
+                        let taken = tokio::time::timeout(
+                            BROKER_CALL_TIMEOUT,
+                            self.take_batch_job(&channel, &mut consumer),
+                        )
+                        .await;
+                        match taken {
+                            Ok(Ok(Taken::Job(delivery))) => self.spawn_job(&mut in_flight, *delivery),
+                            Ok(Ok(Taken::Nothing)) => {}
+                            Ok(Ok(Taken::ConsumerEnded)) => break,
+                            Ok(Err(e)) => {
                                 tracing::warn!(error = %e, "cannot poll the batch queue; reconnecting");
+                                break;
+                            }
+                            Err(_) => {
+                                tracing::warn!(
+                                    timeout_s = BROKER_CALL_TIMEOUT.as_secs(),
+                                    "the broker did not answer a batch poll; reconnecting"
+                                );
                                 break;
                             }
                         }
@@ -221,9 +235,8 @@ impl Worker {
                     Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {},
                     () = stopped(&mut stop_rx) => {
                         for tag in [consumer.tag(), dead.tag()] {
-                            let _ = channel
-                                .basic_cancel(tag, BasicCancelOptions::default())
-                                .await;
+                            let cancel = channel.basic_cancel(tag, BasicCancelOptions::default());
+                            let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, cancel).await;
                         }
                         break;
                     }
@@ -233,11 +246,25 @@ impl Worker {
         }
         self.drain(&mut in_flight).await;
         heartbeat.abort();
-        if let Err(e) = self.registry.remove(&self.runner.worker_id).await {
-            tracing::warn!(error = %e, "could not leave the worker registry");
+        match tokio::time::timeout(
+            BROKER_CALL_TIMEOUT,
+            self.registry.remove(&self.runner.worker_id),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not leave the worker registry"),
+            // The entry expires with its heartbeat's TTL.
+            Err(_) => tracing::warn!("Redis did not answer; leaving the worker registry by TTL"),
         }
         if let Some(conn) = connection {
-            let _ = conn.close(200, "shutdown".into()).await;
+            let close = conn.close(200, "shutdown".into());
+            if tokio::time::timeout(BROKER_CALL_TIMEOUT, close)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the broker did not answer the connection close");
+            }
         }
         tracing::info!("worker stopped");
         Ok(())
@@ -436,6 +463,9 @@ fn delivered(
 
 /// How often a worker with room looks for batch jobs.
 const BATCH_POLL: Duration = Duration::from_millis(50);
+/// The longest the consume loop and shutdown wait on one broker (or registry) call before they
+/// give up on it: reconnect in the loop, carry on with shutdown.
+const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Completes once the stop flag is set (the guard `wait_for` returns is dropped inside, so the
 /// future stays `Send`).
