@@ -619,27 +619,31 @@ impl JobStore {
     }
 
     /// Appends generated text to the job's event stream (read by `GET /v1/jobs/{id}/events`).
+    /// With `expire_secs`, the stream also gets that time to live (one more command in the
+    /// same round trip): a pump sets it on its first append only, since `FINISH` sets the
+    /// stream's final TTL with the terminal write.
     pub async fn append_text(
         &self,
         id: &Uuid,
         text: &str,
-        ttl_secs: u64,
+        expire_secs: Option<u64>,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
         let key = self.ks.job_events(id);
-        redis::pipe()
-            .cmd("XADD")
+        let mut pipe = redis::pipe();
+        pipe.cmd("XADD")
             .arg(&key)
             .arg("*")
             .arg("type")
             .arg("text")
             .arg("text")
             .arg(text)
-            .ignore()
-            .expire(&key, ttl_secs as i64)
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await?;
+            .ignore();
+        if let Some(ttl) = expire_secs {
+            pipe.expire(&key, i64::try_from(ttl).unwrap_or(i64::MAX))
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
         Ok(())
     }
 

@@ -152,3 +152,90 @@ async fn a_job_that_never_ran_ends_its_stream_with_its_status() {
     assert_eq!(events[0].data["job"]["status"], "cancelled");
     backends.cleanup().await;
 }
+
+/// The worker's stream pump on the real Redis: the text arrives whole and in order, the stream
+/// gets its time to live with the first append, and the later appends leave the TTL alone (a
+/// single `XADD` each; `FINISH` sets the final TTL): a TTL removed after the first append stays
+/// removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pump_appends_in_order_and_sets_the_ttl_once() {
+    let ns = unique_namespace("pump");
+    let backends = Backends::connect(&ns).await;
+    let pool = sluice_shared::redis_pool::create_pool(
+        &sluice_shared::Secret::new(REDIS_URL.to_string()),
+        2,
+    )
+    .expect("pool");
+    let store = sluice_shared::store::JobStore::new(pool, backends.ks.clone(), 600);
+    let id = uuid::Uuid::now_v7();
+    let key = backends.ks.job_events(&id);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let pump = tokio::spawn(sluice_worker::stream::pump(store, id, 300, false, rx));
+    let mut redis = backends.redis.clone();
+    let mut sent = String::new();
+    for i in 0..40 {
+        let word = format!("word{i} ");
+        sent.push_str(&word);
+        tx.send(word).expect("send");
+        // One append per delta: wait until this one is in the stream before the next.
+        wait_for("the append", T, || {
+            let mut redis = redis.clone();
+            let key = key.clone();
+            async move {
+                let n: usize = redis::cmd("XLEN")
+                    .arg(&key)
+                    .query_async(&mut redis)
+                    .await
+                    .expect("xlen");
+                (n > i).then_some(())
+            }
+        })
+        .await;
+        if i == 0 {
+            let ttl: i64 = redis::cmd("TTL")
+                .arg(&key)
+                .query_async(&mut redis)
+                .await
+                .expect("ttl");
+            assert!(
+                (1..=300).contains(&ttl),
+                "the first append set the TTL: {ttl}"
+            );
+            let _: i64 = redis::cmd("PERSIST")
+                .arg(&key)
+                .query_async(&mut redis)
+                .await
+                .expect("persist");
+        }
+    }
+    drop(tx);
+    pump.await.expect("pump");
+
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(&key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis)
+        .await
+        .expect("xrange");
+    let text: String = entries
+        .iter()
+        .map(|(_, fields)| {
+            assert_eq!(fields[0], ("type".to_string(), "text".to_string()));
+            fields[1].1.clone()
+        })
+        .collect();
+    assert_eq!(text, sent, "the stream holds the text whole and in order");
+    assert!(
+        entries.len() >= 40,
+        "one entry per delta sent apart: {}",
+        entries.len()
+    );
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .expect("ttl");
+    assert_eq!(ttl, -1, "no later append set the TTL again");
+    backends.cleanup().await;
+}

@@ -279,22 +279,28 @@ pub async fn pump(
     mut rx: mpsc::UnboundedReceiver<String>,
 ) {
     let mut redactor = StreamRedactor::new(redact);
+    // The stream's TTL is set until an append carrying it succeeds, then left to `FINISH`:
+    // one command per append instead of two.
+    let mut expiring = false;
+    let mut append = async |text: String| {
+        let expire = (!expiring).then_some(ttl_secs);
+        match store.append_text(&id, &text, expire).await {
+            Ok(()) => expiring = true,
+            Err(e) => tracing::warn!(error = %e, "cannot append to the job's event stream"),
+        }
+    };
     while let Some(first) = rx.recv().await {
         let mut delta = first;
         // Coalesce whatever else is already waiting: one XADD per burst, not per token.
         while let Ok(more) = rx.try_recv() {
             delta.push_str(&more);
         }
-        if let Some(text) = redactor.push(&delta)
-            && let Err(e) = store.append_text(&id, &text, ttl_secs).await
-        {
-            tracing::warn!(error = %e, "cannot append to the job's event stream");
+        if let Some(text) = redactor.push(&delta) {
+            append(text).await;
         }
     }
-    if let Some(text) = redactor.finish()
-        && let Err(e) = store.append_text(&id, &text, ttl_secs).await
-    {
-        tracing::warn!(error = %e, "cannot append to the job's event stream");
+    if let Some(text) = redactor.finish() {
+        append(text).await;
     }
 }
 
