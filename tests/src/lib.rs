@@ -27,10 +27,12 @@ pub fn unique_namespace(tag: &str) -> String {
     )
 }
 
-/// The tiny random-weight model, written once per test process.
+/// The tiny random-weight model, written once per test process. Under cargo-nextest every test
+/// is a process of its own: the folders of processes that have exited are removed first.
 pub fn tiny_model_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        remove_exited_tiny_models();
         let dir = std::env::temp_dir().join(format!("sluice-tiny-model-{}", std::process::id()));
         sluice_worker::model::tiny::write_tiny_model(
             &dir,
@@ -40,6 +42,26 @@ pub fn tiny_model_dir() -> &'static Path {
         .expect("write tiny model");
         dir
     })
+}
+
+/// Removes `sluice-tiny-model-<pid>` folders whose process is gone (Linux: no `/proc/<pid>`).
+fn remove_exited_tiny_models() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("sluice-tiny-model-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// The real Qwen2.5 GGUF: `SLUICE_TEST_MODEL`, else what `scripts/fetch-test-model` caches.
