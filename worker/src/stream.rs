@@ -281,11 +281,11 @@ pub async fn pump(
     let mut redactor = StreamRedactor::new(redact);
     // The stream's TTL is set until an append carrying it succeeds, then left to `FINISH`:
     // one command per append instead of two.
-    let mut expiring = false;
+    let mut ttl_set = false;
     let mut append = async |text: String| {
-        let expire = (!expiring).then_some(ttl_secs);
+        let expire = (!ttl_set).then_some(ttl_secs);
         match store.append_text(&id, &text, expire).await {
-            Ok(()) => expiring = true,
+            Ok(()) => ttl_set = true,
             Err(e) => tracing::warn!(error = %e, "cannot append to the job's event stream"),
         }
     };
