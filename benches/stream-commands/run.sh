@@ -44,10 +44,17 @@ pids+=($!)
 SLUICE_TOKENIZER="$model" SLUICE_API_ADDR="127.0.0.1:$api_port" SLUICE_GUARD_CLASSIFIER=off \
   "$bin/sluice-api" serve >"$dir/api.log" 2>&1 &
 pids+=($!)
+ready=0
 for _ in $(seq 120); do
-  curl -fsS "http://127.0.0.1:$api_port/readyz" >/dev/null 2>&1 && break
+  if curl -fsS "http://127.0.0.1:$api_port/readyz" >/dev/null 2>&1; then ready=1; break; fi
+  kill -0 "${pids[@]}" 2>/dev/null || break
   sleep 1
 done
+if ((!ready)); then
+  echo "stream-commands: the API or the worker did not come up:" >&2
+  tail -n 20 "$dir/api.log" "$dir/worker.log" >&2
+  exit 1
+fi
 key="$("$bin/sluice-api" keys create --tenant bench)"
 
 stats() {
