@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluice_api::auth::{ApiKeys, Role};
+use sluice_api::ratelimit::{self, Limit};
+use sluice_api::tenant::{TenantPolicy, TenantStore};
+use sluice_jobs::Keyspace;
+use sluice_jobs::redis_pool::create_pool;
+use sluice_jobs::store::{Admission, JobStore};
 use sluice_proto::{GenerationParams, JOB_MESSAGE_VERSION, JobMessage, Message, TraceContext};
-use sluice_shared::ratelimit::{self, Limit};
-use sluice_shared::redis_pool::create_pool;
-use sluice_shared::store::{Admission, JobStore};
-use sluice_shared::tenant::{TenantPolicy, TenantStore};
-use sluice_shared::{Keyspace, Secret};
+use sluice_shared::Secret;
 
 fn bench(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()

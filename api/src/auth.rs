@@ -11,14 +11,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::tenant::TenantStore;
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use sha2::{Digest, Sha256};
-use sluice_shared::Keyspace;
-use sluice_shared::redis_pool::Pool;
-use sluice_shared::store::StoreError;
-use sluice_shared::tenant::TenantStore;
+use sluice_jobs::Keyspace;
+use sluice_jobs::redis_pool::Pool;
+use sluice_jobs::store::StoreError;
 use subtle::ConstantTimeEq;
 
 use crate::audit::{self, AuditContext};
@@ -62,7 +62,7 @@ pub struct Principal {
     pub role: Role,
     /// The tenant's policy as read for this request's rate limits, so the handler does not
     /// read it again (`None` until the extractor has read it).
-    pub policy: Option<sluice_shared::tenant::TenantPolicy>,
+    pub policy: Option<crate::tenant::TenantPolicy>,
 }
 
 /// A principal with the `admin` role (403 otherwise).
@@ -187,7 +187,7 @@ impl ApiKeys {
         }
     }
 
-    async fn conn(&self) -> Result<sluice_shared::redis_pool::Connection, StoreError> {
+    async fn conn(&self) -> Result<sluice_jobs::redis_pool::Connection, StoreError> {
         Ok(self.pool.get().await?)
     }
 
@@ -406,9 +406,9 @@ async fn authenticate(parts: &Parts, state: &AppState) -> Result<Principal, ApiE
 fn rate_limits(
     state: &AppState,
     principal: &Principal,
-    policy: &sluice_shared::tenant::TenantPolicy,
+    policy: &crate::tenant::TenantPolicy,
     ip: IpAddr,
-) -> Vec<sluice_shared::ratelimit::Limit> {
+) -> Vec<crate::ratelimit::Limit> {
     let subject = format!("{}:{}", principal.tenant, principal.key_id);
     let mut limits = limits_of(
         state,
@@ -433,7 +433,7 @@ const SECOND: Duration = Duration::from_secs(1);
 const MINUTE: Duration = Duration::from_secs(60);
 
 /// The client address's limits: every request from it counts, authenticated or not.
-fn ip_limits(state: &AppState, ip: IpAddr) -> Vec<sluice_shared::ratelimit::Limit> {
+fn ip_limits(state: &AppState, ip: IpAddr) -> Vec<crate::ratelimit::Limit> {
     limits_of(
         state,
         [
@@ -446,12 +446,12 @@ fn ip_limits(state: &AppState, ip: IpAddr) -> Vec<sluice_shared::ratelimit::Limi
 fn limits_of<const N: usize>(
     state: &AppState,
     scopes: [(String, Option<u32>, Duration); N],
-) -> Vec<sluice_shared::ratelimit::Limit> {
+) -> Vec<crate::ratelimit::Limit> {
     let ks = state.store.keyspace();
     scopes
         .into_iter()
         .filter_map(|(scope, limit, period)| {
-            limit.map(|limit| sluice_shared::ratelimit::Limit {
+            limit.map(|limit| crate::ratelimit::Limit {
                 key: ks.rate_limit(&scope),
                 limit,
                 period,
@@ -477,7 +477,7 @@ impl FromRequestParts<AppState> for Principal {
                     let limits = ip_limits(state, ip);
                     if !limits.is_empty()
                         && let Ok(decision) =
-                            sluice_shared::ratelimit::check(state.store.pool(), &limits).await
+                            crate::ratelimit::check(state.store.pool(), &limits).await
                         && !decision.allowed
                     {
                         return Err(ApiError::RateLimited(decision));
@@ -502,7 +502,7 @@ impl FromRequestParts<AppState> for Principal {
             None => state.tenants.policy(&principal.tenant).await?,
         };
         let limits = rate_limits(state, &principal, &policy, ip);
-        let decision = sluice_shared::ratelimit::check(state.store.pool(), &limits).await?;
+        let decision = crate::ratelimit::check(state.store.pool(), &limits).await?;
         if !decision.allowed {
             let ctx = AuditContext {
                 tenant: Some(principal.tenant.clone()),
@@ -556,7 +556,7 @@ mod tests {
 
     #[tokio::test]
     async fn last_used_is_written_at_most_once_a_minute_per_key() {
-        let pool = sluice_shared::redis_pool::create_pool(
+        let pool = sluice_jobs::redis_pool::create_pool(
             &sluice_shared::Secret::new("redis://127.0.0.1:6379"),
             1,
         )

@@ -1,12 +1,12 @@
 //! [`ApiError`]: every way a request can fail, turned into an HTTP response in one place.
 
+use crate::ratelimit::Decision;
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use sluice_jobs::amqp::AmqpError;
+use sluice_jobs::store::StoreError;
 use sluice_proto::{ErrorBody, ErrorCode};
-use sluice_shared::amqp::AmqpError;
-use sluice_shared::ratelimit::Decision;
-use sluice_shared::store::StoreError;
 
 /// The body of every error response of Sluice's own routes: `{"error": {"code", "message"}}`
 /// (the OpenAI-compatible routes use OpenAI's envelope instead).

@@ -10,6 +10,8 @@
 //! - [`submit`]: the submit path after validation: the input guard (`sluice-guard`), the exact
 //!   prompt token count (the served model's tokenizer), the context limit, admission (token
 //!   quotas and the active-job cap, one atomic Redis script) and the publish;
+//! - [`tenant`]: each tenant's policy (limits, quotas, guard actions), loaded once per request,
+//!   and its usage; [`ratelimit`]: the GCRA limits kept in Redis;
 //! - [`audit`]: the security audit log (never content);
 //! - [`guard_cli`]: `sluice-api guard check`, the guard over JSON lines for operators;
 //! - [`validate`]: turns a submitted body into a [`validate::ValidatedJob`] that cannot exist
@@ -35,6 +37,7 @@ pub mod guard_cli;
 pub mod jwt;
 pub mod metrics;
 pub mod openapi;
+pub mod ratelimit;
 pub mod routes;
 pub mod serve;
 pub mod settings;
@@ -42,6 +45,7 @@ pub mod startup;
 pub mod state;
 pub mod stream_conns;
 pub mod submit;
+pub mod tenant;
 pub mod validate;
 pub mod wire;
 

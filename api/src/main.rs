@@ -3,8 +3,8 @@
 use sluice_api::auth::ApiKeys;
 use sluice_api::settings::{GuardCommand, Invocation, KeysCommand};
 use sluice_api::startup::{Application, shutdown_signal};
-use sluice_shared::Keyspace;
-use sluice_shared::redis_pool::create_pool;
+use sluice_jobs::Keyspace;
+use sluice_jobs::redis_pool::create_pool;
 
 /// mimalloc: under load glibc's allocator spent about 14 % of the API's CPU (and contended on
 /// its arena locks) in the submit profile.

@@ -3,9 +3,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use crate::tenant::TenantPolicy;
 use clap::{ArgAction, Parser, Subcommand};
 use sluice_guard::pipeline::{InjectionAction, PiiAction};
-use sluice_shared::tenant::TenantPolicy;
 use sluice_shared::{CommonSettings, Secret};
 
 use crate::client_ip::Cidr;

@@ -5,16 +5,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::tenant::TenantStore;
 use sluice_guard::classifier::ClassifierService;
 use sluice_guard::{Guard, Rules};
-use sluice_shared::Keyspace;
-use sluice_shared::amqp::{Publisher, QueueSettings};
-use sluice_shared::chat::ChatCodec;
-use sluice_shared::redis_pool::create_pool;
-use sluice_shared::session::SessionStore;
-use sluice_shared::store::JobStore;
-use sluice_shared::tenant::TenantStore;
-use sluice_shared::workers::WorkerRegistry;
+use sluice_jobs::Keyspace;
+use sluice_jobs::amqp::{Publisher, QueueSettings};
+use sluice_jobs::redis_pool::create_pool;
+use sluice_jobs::session::SessionStore;
+use sluice_jobs::store::JobStore;
+use sluice_jobs::workers::WorkerRegistry;
+use sluice_prompt::chat::ChatCodec;
 use tokio::net::TcpListener;
 
 use crate::auth::ApiKeys;

@@ -2,14 +2,14 @@
 
 use std::sync::Arc;
 
+use crate::tenant::TenantStore;
 use sluice_guard::Guard;
 use sluice_guard::classifier::ClassifierService;
-use sluice_shared::amqp::Publisher;
-use sluice_shared::chat::ChatCodec;
-use sluice_shared::session::SessionStore;
-use sluice_shared::store::JobStore;
-use sluice_shared::tenant::TenantStore;
-use sluice_shared::workers::WorkerRegistry;
+use sluice_jobs::amqp::Publisher;
+use sluice_jobs::session::SessionStore;
+use sluice_jobs::store::JobStore;
+use sluice_jobs::workers::WorkerRegistry;
+use sluice_prompt::chat::ChatCodec;
 
 use crate::auth::ApiKeys;
 use crate::client_ip::Cidr;

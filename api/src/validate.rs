@@ -227,7 +227,7 @@ pub fn validate(req: SubmitRequest, limits: &Limits) -> Result<ValidatedJob, Api
     params
         .validate(limits.max_tokens_limit)
         .map_err(ApiError::Client)?;
-    sluice_shared::structured::check_format(&params.response_format)
+    sluice_prompt::structured::check_format(&params.response_format)
         .map_err(|e| ApiError::client(ErrorCode::InvalidResponseFormat, e.to_string()))?;
     if !params.response_format.is_text() && !params.stop.is_empty() {
         // A stop sequence would cut the JSON short of its schema.

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use sluice_api::auth::{ApiKeys, Role};
-use sluice_shared::{Keyspace, Secret};
+use sluice_jobs::Keyspace;
+use sluice_shared::Secret;
 use sluice_tests::{
     AMQP_URL, Backends, InProcessWorker, REDIS_URL, TestApp, free_port, sample, scrape,
     tiny_model_dir, unique_namespace, wait_for, workspace_bin,
@@ -345,7 +346,7 @@ async fn one_trace_runs_from_the_http_request_through_the_queue_into_the_worker(
         async move { http.get(url).send().await.ok().map(|_| ()) }
     })
     .await;
-    let pool = sluice_shared::redis_pool::create_pool(&Secret::new(REDIS_URL), 2).expect("pool");
+    let pool = sluice_jobs::redis_pool::create_pool(&Secret::new(REDIS_URL), 2).expect("pool");
     let key = ApiKeys::new(pool, Keyspace::new(ns.clone()))
         .create("acme", "test", Role::User, None)
         .await

@@ -647,7 +647,7 @@ async fn per_ip_limits_trust_forwarded_for_only_from_trusted_proxies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_text_never_becomes_control_tokens() {
     // At the token-id level, against the real Qwen tokenizer and chat template.
-    let codec = sluice_shared::chat::ChatCodec::load(&real_model_path()).expect("codec");
+    let codec = sluice_prompt::chat::ChatCodec::load(&real_model_path()).expect("codec");
     let im_start = codec
         .tokenizer()
         .token_to_id("<|im_start|>")

@@ -161,9 +161,9 @@ async fn a_job_that_never_ran_ends_its_stream_with_its_status() {
 async fn the_pump_appends_in_order_and_sets_the_ttl_once() {
     let ns = unique_namespace("pump");
     let backends = Backends::connect(&ns).await;
-    let pool = sluice_shared::redis_pool::create_pool(&sluice_shared::Secret::new(REDIS_URL), 2)
+    let pool = sluice_jobs::redis_pool::create_pool(&sluice_shared::Secret::new(REDIS_URL), 2)
         .expect("pool");
-    let store = sluice_shared::store::JobStore::new(pool, backends.ks.clone(), 600);
+    let store = sluice_jobs::store::JobStore::new(pool, backends.ks.clone(), 600);
     let id = uuid::Uuid::now_v7();
     let key = backends.ks.job_events(&id);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

@@ -13,7 +13,8 @@ use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOption
 use lapin::types::FieldTable;
 use serde_json::Value;
 use sluice_api::auth::{ApiKeys, Role};
-use sluice_shared::{Keyspace, Secret};
+use sluice_jobs::Keyspace;
+use sluice_shared::Secret;
 use tokio::sync::oneshot;
 
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -268,7 +269,7 @@ impl TestApp {
 
     /// Creates an admin key (for `/admin`).
     pub async fn admin_key(&self) -> String {
-        let pool = sluice_shared::redis_pool::create_pool(&Secret::new(self.redis_url.clone()), 2)
+        let pool = sluice_jobs::redis_pool::create_pool(&Secret::new(self.redis_url.clone()), 2)
             .expect("pool");
         ApiKeys::new(pool, Keyspace::new(self.ns.clone()))
             .create("ops", "admin", Role::Admin, None)
@@ -318,7 +319,7 @@ impl TestApp {
 
     /// Creates an API key for `tenant` straight in Redis (as `sluice-api keys create` does).
     pub async fn key(&self, tenant: &str) -> String {
-        let pool = sluice_shared::redis_pool::create_pool(&Secret::new(self.redis_url.clone()), 2)
+        let pool = sluice_jobs::redis_pool::create_pool(&Secret::new(self.redis_url.clone()), 2)
             .expect("pool");
         ApiKeys::new(pool, Keyspace::new(self.ns.clone()))
             .create(tenant, "test", Role::User, None)
@@ -619,10 +620,10 @@ impl Backends {
             .expect("amqp");
         let channel = amqp.create_channel().await.expect("channel");
         let ks = Keyspace::new(ns);
-        sluice_shared::amqp::declare_topology(
+        sluice_jobs::amqp::declare_topology(
             &channel,
             &ks,
-            sluice_shared::amqp::QueueSettings::for_max_attempts(3),
+            sluice_jobs::amqp::QueueSettings::for_max_attempts(3),
         )
         .await
         .expect("topology");

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
+use sluice_jobs::session::SessionStore;
+use sluice_jobs::store::{JobStore, StartOutcome, Terminal};
 use sluice_proto::{
     ErrorBody, ErrorCode, FinishReason, JobMessage, JobResult, JobStatus, Message, Role, Timings,
     Usage,
 };
-use sluice_shared::session::SessionStore;
-use sluice_shared::store::{JobStore, StartOutcome, Terminal};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -72,7 +72,7 @@ impl JobRunner {
     /// it there (this worker's nack, the broker's delivery limit).
     pub async fn handle_dead_letter(&self, delivery: Delivery) {
         self.metrics.ended("dead_lettered");
-        let death = sluice_shared::amqp::death_of(&delivery.properties);
+        let death = sluice_jobs::amqp::death_of(&delivery.properties);
         let (reason, deliveries) = death
             .as_ref()
             .map_or(("unknown", 0), |d| (d.reason.as_str(), d.count));
@@ -216,7 +216,7 @@ impl JobRunner {
                 }
                 let format = &job.params.response_format;
                 let check = if generation.finish_reason == FinishReason::Stop {
-                    sluice_shared::structured::validate_output(format, &generation.content)
+                    sluice_prompt::structured::validate_output(format, &generation.content)
                 } else {
                     // Cut short (length, cancel, deadline, content filter): the finish
                     // reason already says the output is incomplete.

@@ -17,7 +17,7 @@ use tokenizers::Tokenizer;
 use crate::leak::LeakGuard;
 use crate::model::{LoadedModel, ModelError};
 use crate::qwen::SeqCache;
-use sluice_shared::structured::Constraint;
+use sluice_prompt::structured::Constraint;
 
 /// How many recent tokens the repetition penalty looks at.
 const REPEAT_LAST_N: usize = 64;

@@ -63,14 +63,14 @@ impl LeakGuard {
             }
             None => rand::random::<u64>(),
         };
-        let canary = sluice_shared::chat::canary(nonce);
+        let canary = sluice_prompt::chat::canary(nonce);
         let guard = Self {
             canary: canary.clone(),
             system: normalise(&system.content),
         };
         system
             .content
-            .push_str(&sluice_shared::chat::canary_instruction(&canary));
+            .push_str(&sluice_prompt::chat::canary_instruction(&canary));
         Some(guard)
     }
 

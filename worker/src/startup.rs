@@ -12,12 +12,12 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use sha2::{Digest, Sha256};
+use sluice_jobs::Keyspace;
+use sluice_jobs::amqp::{QueueSettings, connect, declare_topology};
+use sluice_jobs::redis_pool::create_pool;
+use sluice_jobs::store::JobStore;
+use sluice_jobs::workers::{WorkerInfo, WorkerRegistry};
 use sluice_proto::Priority;
-use sluice_shared::Keyspace;
-use sluice_shared::amqp::{QueueSettings, connect, declare_topology};
-use sluice_shared::redis_pool::create_pool;
-use sluice_shared::store::JobStore;
-use sluice_shared::workers::{WorkerInfo, WorkerRegistry};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 

@@ -22,7 +22,7 @@
 //! is redacted as the whole text is.
 
 use sluice_guard::pii;
-use sluice_shared::store::JobStore;
+use sluice_jobs::store::JobStore;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 

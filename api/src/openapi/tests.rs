@@ -240,7 +240,7 @@ fn routes_are_registered_only_with_their_description() {
 /// An [`AppState`] whose Redis and RabbitMQ do not answer (nothing listens on port 1): enough
 /// for every request that fails authentication, which touches neither.
 fn unreachable_state(dir: &std::path::Path) -> AppState {
-    use sluice_shared::Keyspace;
+    use sluice_jobs::Keyspace;
     use sluice_shared::Secret;
     std::fs::create_dir_all(dir).expect("dir");
     let tokenizer = json!({
@@ -260,9 +260,9 @@ fn unreachable_state(dir: &std::path::Path) -> AppState {
         json!({ "max_position_embeddings": 64 }).to_string(),
     )
     .expect("write");
-    let codec = sluice_shared::chat::ChatCodec::load(dir).expect("codec");
+    let codec = sluice_prompt::chat::ChatCodec::load(dir).expect("codec");
     let redis = Secret::new("redis://127.0.0.1:1");
-    let pool = sluice_shared::redis_pool::create_pool(&redis, 1).expect("pool");
+    let pool = sluice_jobs::redis_pool::create_pool(&redis, 1).expect("pool");
     let ks = Keyspace::new("openapi-test");
     let limits = crate::validate::Limits {
         max_tokens_limit: 64,
@@ -277,20 +277,20 @@ fn unreachable_state(dir: &std::path::Path) -> AppState {
         session_max_tokens: 64,
     };
     AppState {
-        store: sluice_shared::store::JobStore::new(pool.clone(), ks.clone(), 60),
-        publisher: Arc::new(sluice_shared::amqp::Publisher::new(
+        store: sluice_jobs::store::JobStore::new(pool.clone(), ks.clone(), 60),
+        publisher: Arc::new(sluice_jobs::amqp::Publisher::new(
             Secret::new("amqp://127.0.0.1:1"),
             ks.clone(),
-            sluice_shared::amqp::QueueSettings::for_max_attempts(3),
+            sluice_jobs::amqp::QueueSettings::for_max_attempts(3),
             "openapi-test".to_string(),
         )),
         keys: crate::auth::ApiKeys::new(pool.clone(), ks.clone()),
-        tenants: sluice_shared::tenant::TenantStore::new(
+        tenants: crate::tenant::TenantStore::new(
             pool.clone(),
             ks.clone(),
-            sluice_shared::tenant::TenantPolicy::default(),
+            crate::tenant::TenantPolicy::default(),
         ),
-        sessions: sluice_shared::session::SessionStore::new(pool.clone(), ks.clone()),
+        sessions: sluice_jobs::session::SessionStore::new(pool.clone(), ks.clone()),
         jwt: None,
         guard: Arc::new(sluice_guard::Guard::with_builtin(None)),
         classifier: None,
@@ -302,7 +302,7 @@ fn unreachable_state(dir: &std::path::Path) -> AppState {
         stream_conns: crate::stream_conns::StreamConnections::new(
             redis::Client::open(redis.expose()).expect("client"),
         ),
-        workers: sluice_shared::workers::WorkerRegistry::new(pool, ks),
+        workers: sluice_jobs::workers::WorkerRegistry::new(pool, ks),
         metrics: Arc::new(crate::metrics::ApiMetrics::new()),
     }
 }
@@ -405,8 +405,8 @@ async fn the_router_answers_every_documented_operation_as_documented() {
 
 #[test]
 fn shared_types_match_their_doc_schemas() {
-    use sluice_shared::tenant::{TenantPolicy, TenantUsage};
-    use sluice_shared::workers::WorkerInfo;
+    use crate::tenant::{TenantPolicy, TenantUsage};
+    use sluice_jobs::workers::WorkerInfo;
 
     let policy = TenantPolicy::default();
     assert_same_fields("TenantPolicy", &json!(policy));

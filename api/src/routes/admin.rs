@@ -1,13 +1,13 @@
 //! `/admin`: key management, tenant policies and usage. Admin role only (403 otherwise).
 
+use crate::tenant::{TenantPolicy, TenantUsage};
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sluice_jobs::workers::WorkerInfo;
 use sluice_proto::ErrorCode;
-use sluice_shared::tenant::{TenantPolicy, TenantUsage};
-use sluice_shared::workers::WorkerInfo;
 use utoipa::ToSchema;
 
 use crate::audit::{self, AuditContext};

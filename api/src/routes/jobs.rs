@@ -9,8 +9,8 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use sluice_jobs::store::CancelOutcome;
 use sluice_proto::{ErrorCode, JobStatus, JobView, TraceContext};
-use sluice_shared::store::CancelOutcome;
 use utoipa::ToSchema;
 use uuid::Uuid;
 

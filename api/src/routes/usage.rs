@@ -1,9 +1,9 @@
 //! `GET /v1/usage`: a tenant's consumption and limits.
 
+use crate::tenant::{TenantPolicy, TenantUsage};
 use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
-use sluice_shared::tenant::{TenantPolicy, TenantUsage};
 use utoipa::ToSchema;
 
 use crate::auth::Principal;

@@ -3,8 +3,8 @@
 
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
+use sluice_jobs::store::{AdmitOutcome, QuotaPeriod};
 use sluice_proto::ErrorCode;
-use sluice_shared::store::{AdmitOutcome, QuotaPeriod};
 use uuid::Uuid;
 
 use super::Rejection;
@@ -91,7 +91,7 @@ pub(super) fn admitted(
                 used,
                 limit,
                 reserve,
-                reset_secs: sluice_shared::tenant::seconds_until_reset(
+                reset_secs: sluice_jobs::calendar::seconds_until_reset(
                     created_at,
                     period == QuotaPeriod::Month,
                 ),

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use sluice_guard::classifier::ClassifierService;
 use sluice_guard::pipeline::{Action, BlockReason};
 use sluice_guard::{Guard, GuardConfig};
+use sluice_jobs::session::History;
+use sluice_prompt::chat::ChatCodec;
 use sluice_proto::{ErrorCode, Message, Role};
-use sluice_shared::chat::ChatCodec;
-use sluice_shared::session::History;
 
 use super::Rejection;
 use crate::error::ApiError;

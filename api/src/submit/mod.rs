@@ -24,8 +24,8 @@ use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
 use sluice_guard::Category;
 use sluice_guard::pipeline::{Action, InjectionAction};
+use sluice_jobs::store::Admission;
 use sluice_proto::{ErrorCode, JOB_MESSAGE_VERSION, JobMessage, SessionTurn};
-use sluice_shared::store::Admission;
 use uuid::Uuid;
 
 pub use admission::IDEMPOTENCY_KEY;

@@ -1,8 +1,8 @@
 //! The tenant-policy stage: what the tenant's policy and the deployment's limits allow of a
 //! request before any guard stage spends time on it.
 
+use crate::tenant::TenantPolicy;
 use sluice_proto::{ErrorCode, GenerationParams, Message, Role};
-use sluice_shared::tenant::TenantPolicy;
 
 use super::Rejection;
 use crate::error::ApiError;

@@ -7,7 +7,7 @@ use uuid::Uuid;
 /// while Redis is unreachable, in the background with backoff for up to an hour. Until then
 /// the record holds a reservation and a queue slot; it never runs (nothing was published).
 /// `ROLLBACK` acts only on a `queued` record, so a retry after success changes nothing.
-pub(super) async fn rollback_eventually(store: sluice_shared::store::JobStore, id: Uuid) {
+pub(super) async fn rollback_eventually(store: sluice_jobs::store::JobStore, id: Uuid) {
     if store.rollback(&id).await.is_ok() {
         return;
     }

@@ -7,7 +7,7 @@
 //! - [`tiny`]: a deterministic random-weight Qwen2 for fast tests (not a real model).
 //!
 //! [`LoadedModel`] owns the weights (Sluice's own batched forward pass, [`crate::qwen`]) and the
-//! chat codec (`sluice_shared::chat`: tokenizer and template). KV caches belong to sequences,
+//! chat codec (`sluice_prompt::chat`: tokenizer and template). KV caches belong to sequences,
 //! not to the model, so no job can see another's context.
 
 pub mod requant;
@@ -20,9 +20,9 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use candle_transformers::models::qwen2;
+use sluice_prompt::chat::{ChatCodec, ChatError};
+use sluice_prompt::structured::GrammarEnv;
 use sluice_proto::Message;
-use sluice_shared::chat::{ChatCodec, ChatError};
-use sluice_shared::structured::GrammarEnv;
 use tokenizers::Tokenizer;
 
 use crate::qwen::Qwen2;

@@ -13,7 +13,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
 use super::ModelError;
-use sluice_shared::chat::template::CHATML;
+use sluice_prompt::chat::template::CHATML;
 
 /// The shape of the tiny model.
 #[derive(Debug, Clone, Copy)]

@@ -17,7 +17,7 @@ use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
-use crate::settings::Secret;
+use sluice_shared::settings::Secret;
 
 /// A pool of multiplexed Redis connections.
 pub type Pool = managed::Pool<Manager, Connection>;

@@ -26,8 +26,8 @@ use lapin::{
 use tokio::sync::Mutex;
 
 use crate::keyspace::Keyspace;
-use crate::settings::Secret;
 use sluice_proto::{JobMessage, Priority};
+use sluice_shared::settings::Secret;
 
 /// How long connecting (TCP + AMQP handshake) may take before it counts as an outage.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

@@ -139,231 +139,29 @@ pub struct Terminal {
 ///   unused part of the token reservation to the day and month counters it came from and
 ///   removes the job from the tenant's active set and the queued sets, exactly once
 ///   (`settled` flips from 0 to 1).
-const SETTLE: &str = r#"
-local QUEUED = {'queued_key', 'gqueued_key'}
-local function listed(job, fields, score)
-  local id = redis.call('HGET', job, 'id') or ''
-  for _, field in ipairs(fields) do
-    local set = redis.call('HGET', job, field)
-    if set then
-      if score then redis.call('ZADD', set, score, id) else redis.call('ZREM', set, id) end
-    end
-  end
-end
-local function settle(job, used)
-  if redis.call('HGET', job, 'settled') ~= '0' then return end
-  redis.call('HSET', job, 'settled', '1')
-  local refund = tonumber(redis.call('HGET', job, 'reserved') or '0') - used
-  if refund > 0 then
-    for _, field in ipairs({'qday', 'qmonth'}) do
-      local counter = redis.call('HGET', job, field)
-      if counter and redis.call('EXISTS', counter) == 1 then
-        redis.call('DECRBY', counter, refund)
-      end
-    end
-  end
-  listed(job, {'active_key', QUEUED[1], QUEUED[2]})
-end
-"#;
+const SETTLE: &str = include_str!("lua/settle.lua");
 
 fn with_settle(body: &str) -> Script {
     Script::new(&format!("{SETTLE}\n{body}"))
 }
 
-// KEYS[1] job, KEYS[2] tenant active set, KEYS[3] day counter, KEYS[4] month counter,
-// KEYS[5] idempotency record (KEYS[1] again when there is none), KEYS[6] queued set,
-// KEYS[7] tenant queued set.
-// ARGV: now, max_active (-1 = unlimited), day limit, month limit, reserve, job ttl,
-// idempotency fingerprint ('' = none), idempotency ttl, max queued, max queued for the tenant
-// (-1 = unlimited), drain counter prefix, then the job's field/value pairs.
-static ADMIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local now = tonumber(ARGV[1])
-local fingerprint = ARGV[7]
-if fingerprint ~= '' then
-  local prev = redis.call('GET', KEYS[5])
-  if prev then
-    local sep = string.find(prev, '|', 1, true)
-    if string.sub(prev, sep + 1) ~= fingerprint then return {'idempotency_mismatch', 0, 0, ''} end
-    return {'duplicate', 0, 0, string.sub(prev, 1, sep - 1)}
-  end
-end
--- Backpressure: queued jobs, globally and per tenant. Retry-After from the measured drain
--- rate (jobs that left the queue per second over the last minute).
-local function retry_after(excess)
-  local sec = math.floor(now / 1000)
-  local drained = 0
-  for i = 0, 59 do drained = drained + tonumber(redis.call('GET', ARGV[11] .. (sec - i)) or '0') end
-  if drained == 0 then return 30 end
-  return math.min(300, math.max(1, math.ceil(excess * 60 / drained)))
-end
-local caps = {{KEYS[6], tonumber(ARGV[9]), 'queue_full'}, {KEYS[7], tonumber(ARGV[10]), 'tenant_queue_full'}}
-for _, c in ipairs(caps) do
-  redis.call('ZREMRANGEBYSCORE', c[1], '-inf', now)
-  local queued = redis.call('ZCARD', c[1])
-  if c[2] >= 0 and queued >= c[2] then
-    return {c[3], queued, c[2], tostring(retry_after(queued - c[2] + 1))}
-  end
-end
--- Jobs past their deadline have stopped or will stop at their next token: they no longer
--- count, even if their settlement was lost with a record that expired.
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local max_active = tonumber(ARGV[2])
-local active = redis.call('ZCARD', KEYS[2])
-if max_active >= 0 and active >= max_active then return {'concurrency', active, max_active, ''} end
-local reserve = tonumber(ARGV[5])
-local limits = {tonumber(ARGV[3]), tonumber(ARGV[4])}
-local names = {'day', 'month'}
-for i = 1, 2 do
-  local used = tonumber(redis.call('GET', KEYS[2 + i]) or '0')
-  if limits[i] >= 0 and used + reserve > limits[i] then
-    return {'quota_' .. names[i], used, limits[i], ''}
-  end
-end
-local fields = {}
-for i = 12, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(fields))
-local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline'))
-redis.call('ZADD', KEYS[2], deadline, redis.call('HGET', KEYS[1], 'id'))
-redis.call('ZADD', KEYS[6], deadline, redis.call('HGET', KEYS[1], 'id'))
-redis.call('ZADD', KEYS[7], deadline, redis.call('HGET', KEYS[1], 'id'))
-redis.call('INCRBY', KEYS[3], reserve)
-redis.call('EXPIRE', KEYS[3], 172800)
-redis.call('INCRBY', KEYS[4], reserve)
-redis.call('EXPIRE', KEYS[4], 3024000)
-redis.call('HSET', KEYS[1], 'reserved', reserve, 'qday', KEYS[3], 'qmonth', KEYS[4],
-  'active_key', KEYS[2], 'gqueued_key', KEYS[6], 'queued_key', KEYS[7], 'drain', ARGV[11],
-  'settled', '0')
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
-if fingerprint ~= '' then
-  local id = redis.call('HGET', KEYS[1], 'id')
-  redis.call('SET', KEYS[5], id .. '|' .. fingerprint, 'EX', tonumber(ARGV[8]))
-  redis.call('HSET', KEYS[1], 'idem_key', KEYS[5])
-end
-return {'ok', 0, 0, ''}
-"#,
-    )
-});
+// The `admit` transition: keys and arguments are described in `lua/admit.lua`.
+static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/admit.lua")));
 
-// KEYS[1] job. Undoes an admission whose publish failed.
-static ROLLBACK: LazyLock<Script> = LazyLock::new(|| {
-    with_settle(
-        r#"
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
-settle(KEYS[1], 0)
--- The key may be used again: this request created nothing.
-local idem = redis.call('HGET', KEYS[1], 'idem_key')
-if idem then
-  local prev = redis.call('GET', idem)
-  local id = redis.call('HGET', KEYS[1], 'id')
-  if prev and string.sub(prev, 1, #id) == id then redis.call('DEL', idem) end
-end
-redis.call('DEL', KEYS[1])
-return 1
-"#,
-    )
-});
+// The `rollback` transition: keys and arguments are described in `lua/rollback.lua`.
+static ROLLBACK: LazyLock<Script> = LazyLock::new(|| with_settle(include_str!("lua/rollback.lua")));
 
-// KEYS[1] job; ARGV: now, max_attempts, worker
-static START: LazyLock<Script> = LazyLock::new(|| {
-    with_settle(
-        r#"
-local s = redis.call('HGET', KEYS[1], 'status')
-if not s then return {'missing', 0, 0} end
-if s ~= 'queued' and s ~= 'running' then return {s, 0, 0} end
-local now = tonumber(ARGV[1])
-if s == 'queued' then
-  -- The job leaves the queue (to run, or to a terminal state): count it for the drain rate.
-  listed(KEYS[1], QUEUED)
-  local drain = redis.call('HGET', KEYS[1], 'drain')
-  if drain then
-    local bucket = drain .. math.floor(now / 1000)
-    redis.call('INCR', bucket)
-    redis.call('EXPIRE', bucket, 120)
-  end
-end
-local function finish(status, code, msg)
-  redis.call('HSET', KEYS[1], 'status', status, 'finished_at', ARGV[1])
-  settle(KEYS[1], 0)
-  if code then
-    redis.call('HSET', KEYS[1], 'error', cjson.encode({code = code, message = msg}))
-  end
-  return {status, 0, 1}
-end
-if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
-  return finish('cancelled', nil, nil)
-end
-if now > tonumber(redis.call('HGET', KEYS[1], 'deadline') or '0') then
-  return finish('expired', 'deadline_exceeded', 'the job deadline passed before it could run')
-end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-if attempts > tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'attempts', attempts - 1)
-  return finish('failed', 'attempts_exhausted',
-    'the job was started ' .. (attempts - 1) .. ' times without finishing')
-end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[3])
-return {'running', attempts, 0}
-"#,
-    )
-});
+// The `start` transition: keys and arguments are described in `lua/start.lua`.
+static START: LazyLock<Script> = LazyLock::new(|| with_settle(include_str!("lua/start.lua")));
 
-// KEYS[1] job, KEYS[2] its event stream; ARGV: status, result json or '', error json or '', now,
-// ttl seconds, tokens used
-static FINISH: LazyLock<Script> = LazyLock::new(|| {
-    with_settle(
-        r#"
-local s = redis.call('HGET', KEYS[1], 'status')
-if s ~= 'queued' and s ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[4])
-settle(KEYS[1], tonumber(ARGV[6]))
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[2]) end
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
-redis.call('XADD', KEYS[2], '*', 'type', 'done', 'status', ARGV[1])
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
-return 1
-"#,
-    )
-});
+// The `finish` transition: keys and arguments are described in `lua/finish.lua`.
+static FINISH: LazyLock<Script> = LazyLock::new(|| with_settle(include_str!("lua/finish.lua")));
 
-// KEYS[1] job; ARGV: tenant, now, ttl seconds
-static CANCEL: LazyLock<Script> = LazyLock::new(|| {
-    with_settle(
-        r#"
-local t = redis.call('HGET', KEYS[1], 'tenant')
-if t ~= ARGV[1] then return 'missing' end
-local s = redis.call('HGET', KEYS[1], 'status')
-if s == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2], 'cancel_requested', '1')
-  settle(KEYS[1], 0)
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-  return 'cancelled_now'
-end
-if s == 'running' then
-  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
-  return 'cancelling'
-end
-return s
-"#,
-    )
-});
+// The `cancel` transition: keys and arguments are described in `lua/cancel.lua`.
+static CANCEL: LazyLock<Script> = LazyLock::new(|| with_settle(include_str!("lua/cancel.lua")));
 
-// KEYS[1] job. A job given back unfinished (worker shutdown) is queued again and its attempt
-// is not counted against it.
-static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    with_settle(
-        r#"
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1')
-redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', math.max(attempts - 1, 0))
-redis.call('HDEL', KEYS[1], 'worker')
-listed(KEYS[1], QUEUED, tonumber(redis.call('HGET', KEYS[1], 'deadline') or '0'))
-return 1
-"#,
-    )
-});
+// The `release` transition: keys and arguments are described in `lua/release.lua`.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| with_settle(include_str!("lua/release.lua")));
 
 /// The job records of one namespace.
 #[derive(Clone)]
@@ -416,7 +214,7 @@ impl JobStore {
     ) -> Result<AdmitOutcome, StoreError> {
         let mut conn = self.conn().await?;
         let key = self.ks.job(&job.id);
-        let (day, month) = crate::tenant::utc_day_and_month(job.created_at);
+        let (day, month) = crate::calendar::utc_day_and_month(job.created_at);
         let ttl = job.deadline.saturating_sub(job.created_at) / 1000 + self.result_ttl_secs;
         let limit = |l: Option<u64>| l.map_or(-1, |v| v as i64);
         let mut invocation = ADMIT.prepare_invoke();
@@ -698,35 +496,9 @@ pub struct QueueStats {
     pub oldest_created_ms: Option<u64>,
 }
 
-// KEYS[1] the global queued set. ARGV: now (ms), job key prefix.
-// Returns {priority, count, oldest created_at} per class present. Jobs admitted before the
-// record carried a priority count as interactive.
-static QUEUE_STATS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local stats = {}
-local order = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do
-  local f = redis.call('HMGET', ARGV[2] .. id, 'priority', 'created_at')
-  if f[2] then
-    local p = f[1] or 'interactive'
-    local created = tonumber(f[2])
-    local s = stats[p]
-    if not s then
-      s = {0, created}
-      stats[p] = s
-      order[#order + 1] = p
-    end
-    s[1] = s[1] + 1
-    if created < s[2] then s[2] = created end
-  end
-end
-local out = {}
-for _, p in ipairs(order) do out[#out + 1] = {p, stats[p][1], stats[p][2]} end
-return out
-"#,
-    )
-});
+// A read, not a transition: keys and arguments are described in `lua/queue_stats.lua`.
+static QUEUE_STATS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/queue_stats.lua")));
 
 fn view_from_fields(
     id: Uuid,
@@ -765,3 +537,6 @@ fn view_from_fields(
         error,
     })
 }
+
+#[cfg(test)]
+mod tests;

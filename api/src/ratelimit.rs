@@ -8,10 +8,10 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use crate::redis_pool::Pool;
 use redis::Script;
+use sluice_jobs::redis_pool::Pool;
 
-use crate::store::StoreError;
+use sluice_jobs::store::StoreError;
 
 /// One limit on one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
