@@ -167,7 +167,9 @@ async fn the_pump_appends_in_order_and_sets_the_ttl_once() {
     let id = uuid::Uuid::now_v7();
     let key = backends.ks.job_events(&id);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let pump = tokio::spawn(sluice_worker::stream::pump(store, id, 300, false, rx));
+    let pump = tokio::spawn(sluice_worker::intake::stream::pump(
+        store, id, 300, false, rx,
+    ));
     let mut redis = backends.redis.clone();
     let mut sent = String::new();
     for i in 0..40 {

@@ -1,10 +1,10 @@
-//! The batched 8-bit CPU matmul ([`sluice_worker::qmm`]) at Qwen2.5-0.5B's shapes, for 1, 2, 4
+//! The batched 8-bit CPU matmul ([`sluice_worker::kernels::qmm`]) at Qwen2.5-0.5B's shapes, for 1, 2, 4
 //! and 8 activation rows (one decode step of that many sequences) and 64 rows (a prefill
 //! chunk), on the engine's compute pool. `cargo bench -p sluice-worker --bench qmm`;
 //! `SLUICE_CPU_KERNEL` (`avx2`, `avxvnni`, `avx512vnni`, `portable`) runs another kernel.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
-use sluice_worker::qmm::Q8Matrix;
+use sluice_worker::kernels::qmm::Q8Matrix;
 
 fn weights(n: usize, k: usize) -> Q8Matrix {
     let mut seed = 1u32;

@@ -18,9 +18,9 @@ use candle_core::quantized::gguf_file;
 use candle_core::{D, DType, Device, Tensor};
 use serde::Serialize;
 
+use crate::model::qwen::Qwen2;
 use crate::model::source::safetensors_in;
 use crate::model::{compute_dtype, qwen2_from_safetensors};
-use crate::qwen::Qwen2;
 
 /// Arguments of `sluice-worker bench`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -30,8 +30,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// `cpu`, `cuda` or `cuda:N`.
-    #[arg(long, default_value = "cpu", value_parser = crate::settings::parse_device)]
-    pub device: crate::settings::DeviceSpec,
+    #[arg(long, default_value = "cpu", value_parser = crate::device::parse_device)]
+    pub device: crate::device::DeviceSpec,
     /// Prompt length in tokens (synthetic token ids, the same on every run).
     #[arg(long, default_value_t = 64)]
     pub prompt_tokens: usize,
@@ -48,7 +48,7 @@ pub struct BenchArgs {
     /// tokens of the single-stream run to the same path with `.tokens.json` appended.
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
-    /// CPU matmul kernels: `sluice` (the batched 8-bit kernel of `crate::qmm`, what CPU
+    /// CPU matmul kernels: `sluice` (the batched 8-bit kernel of `crate::kernels::qmm`, what CPU
     /// workers run) or `candle` (candle's quantized kernels, for comparison).
     #[arg(long, default_value = "sluice", value_parser = ["candle", "sluice"])]
     pub kernel: String,
@@ -128,7 +128,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
 }
 
 fn run_on_this_thread(args: &BenchArgs) -> anyhow::Result<BenchReport> {
-    let device = crate::startup::device(args.device)?;
+    let device = crate::device::device(args.device)?;
     let started = Instant::now();
     let mut model = load(args, &device)?;
     if args.kernel == "sluice" && device.is_cpu() {
@@ -136,7 +136,7 @@ fn run_on_this_thread(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     }
     let load_s = started.elapsed().as_secs_f64();
     let kernels = if args.kernel == "sluice" && device.is_cpu() {
-        format!("sluice kernels, {}", crate::qmm::kernel_name())
+        format!("sluice kernels, {}", crate::kernels::qmm::kernel_name())
     } else {
         format!("{} kernels", args.kernel)
     };

@@ -13,7 +13,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Invocation::Bench(args) => sluice_worker::bench::run(&args).map(|_| ()),
-        Invocation::Judge(args) => sluice_worker::judge::run_cli(&args),
+        Invocation::Judge(args) => sluice_worker::engine::judge::run_cli(&args),
         Invocation::Run(mut settings) => {
             settings.resolve_secrets()?;
             run(*settings)

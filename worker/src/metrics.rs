@@ -10,7 +10,7 @@ use std::sync::Arc;
 use prometheus::{Gauge, Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use sluice_shared::metrics::{Families, LATENCY_BUCKETS, TOKEN_BUCKETS, TenantLabels};
 
-use crate::generate::Generation;
+use crate::engine::generate::Generation;
 
 /// How many tenants get a series of their own in `sluice_tenant_tokens_total`.
 pub const MAX_TENANT_LABELS: usize = 100;

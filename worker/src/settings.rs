@@ -1,5 +1,6 @@
 //! `sluice-worker`'s settings and command line.
 
+use crate::device::{DeviceSpec, parse_device};
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -16,7 +17,7 @@ pub enum Invocation {
     Bench(crate::bench::BenchArgs),
     /// `sluice-worker judge --model ... --input FILE`: the injection judge over a file of
     /// texts (no broker, no Redis).
-    Judge(crate::judge::JudgeArgs),
+    Judge(crate::engine::judge::JudgeArgs),
 }
 
 #[derive(Debug, Parser)]
@@ -62,7 +63,7 @@ impl Invocation {
             }
             Some("judge") => {
                 args.remove(0);
-                crate::judge::JudgeArgs::try_parse_from(args).map(Invocation::Judge)
+                crate::engine::judge::JudgeArgs::try_parse_from(args).map(Invocation::Judge)
             }
             Some("run") => {
                 args.remove(1);
@@ -71,13 +72,6 @@ impl Invocation {
             _ => RunCli::try_parse_from(args).map(|c| Invocation::Run(Box::new(c.settings))),
         }
     }
-}
-
-/// Where the model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceSpec {
-    Cpu,
-    Cuda(usize),
 }
 
 impl WorkerSettings {
@@ -92,28 +86,6 @@ impl WorkerSettings {
             )?);
         }
         Ok(())
-    }
-}
-
-impl DeviceSpec {
-    /// `cpu` or `cuda:N`, as the registry and metrics report it.
-    pub fn label(self) -> String {
-        match self {
-            DeviceSpec::Cpu => "cpu".to_string(),
-            DeviceSpec::Cuda(n) => format!("cuda:{n}"),
-        }
-    }
-}
-
-pub(crate) fn parse_device(s: &str) -> Result<DeviceSpec, String> {
-    match s {
-        "cpu" => Ok(DeviceSpec::Cpu),
-        "cuda" => Ok(DeviceSpec::Cuda(0)),
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(DeviceSpec::Cuda)
-            .ok_or_else(|| format!("device must be cpu, cuda or cuda:N, got {s}")),
     }
 }
 

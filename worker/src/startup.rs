@@ -6,26 +6,21 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use candle_core::Device;
-use futures_util::{FutureExt, StreamExt};
-use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
 use sha2::{Digest, Sha256};
 use sluice_jobs::Keyspace;
-use sluice_jobs::amqp::{QueueSettings, connect, declare_topology};
 use sluice_jobs::redis_pool::create_pool;
 use sluice_jobs::store::JobStore;
 use sluice_jobs::workers::{WorkerInfo, WorkerRegistry};
-use sluice_proto::Priority;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::consumer::JobRunner;
+use crate::device::device;
 use crate::engine::{EngineConfig, EngineHandle};
+use crate::intake::consumer::JobRunner;
+use crate::intake::{BROKER_CALL_TIMEOUT, Ended, Session, stopped};
 use crate::metrics::WorkerMetrics;
 use crate::model::{LoadedModel, ModelSource};
-use crate::settings::{DeviceSpec, WorkerSettings};
+use crate::settings::WorkerSettings;
 
 /// A worker with its model loaded, ready to consume.
 pub struct Worker {
@@ -36,31 +31,6 @@ pub struct Worker {
     registry: WorkerRegistry,
     device: Device,
     metrics_listener: Option<tokio::net::TcpListener>,
-}
-
-pub(crate) fn device(spec: DeviceSpec) -> anyhow::Result<Device> {
-    Ok(match spec {
-        DeviceSpec::Cpu => Device::Cpu,
-        DeviceSpec::Cuda(n) => {
-            let device = Device::new_cuda(n)?;
-            #[cfg(feature = "cuda")]
-            if let Device::Cuda(cuda) = &device
-                && std::env::var("SLUICE_CUDA_EVENT_TRACKING").map_or(true, |v| v != "on")
-            {
-                // cudarc creates two CUDA events for every allocation (and destroys them
-                // with it) to order uses across streams, but uses them only once a context
-                // has a second stream, which candle's device never creates: two driver calls
-                // saved per tensor of every step. `SLUICE_CUDA_EVENT_TRACKING=on` keeps them.
-                #[allow(unsafe_code)]
-                // SAFETY: every tensor of this device is used on the stream of the thread
-                // that runs the model; nothing needs cross-stream ordering.
-                unsafe {
-                    cuda.disable_event_tracking()
-                };
-            }
-            device
-        }
-    })
 }
 
 impl Worker {
@@ -82,7 +52,7 @@ impl Worker {
             model = %model.info().name,
             context_length = model.info().context_length,
             load_ms = started.elapsed().as_millis() as u64,
-            cpu_kernel = if device.is_cpu() { crate::qmm::kernel_name() } else { "-" },
+            cpu_kernel = if device.is_cpu() { crate::kernels::qmm::kernel_name() } else { "-" },
             "model loaded"
         );
         let metrics = Arc::new(WorkerMetrics::new(device.is_cuda()));
@@ -162,15 +132,22 @@ impl Worker {
         let mut in_flight: JoinSet<()> = JoinSet::new();
         let mut backoff = Duration::from_millis(200);
         let mut connection = None;
+        let capacity = self.runner.engine.capacity();
         loop {
             if *stop_rx.borrow() {
                 break;
             }
-            let session = tokio::select! {
-                s = self.open_consumer() => s,
+            let opened = tokio::select! {
+                s = Session::open(
+                    &self.settings.common.amqp_url,
+                    &self.ks,
+                    &self.runner.worker_id,
+                    self.settings.common.max_attempts,
+                    capacity,
+                ) => s,
                 () = stopped(&mut stop_rx) => break,
             };
-            let (conn, channel, mut consumer, mut dead) = match session {
+            let mut session = match opened {
                 Ok(s) => {
                     backoff = Duration::from_millis(200);
                     s
@@ -185,64 +162,13 @@ impl Worker {
                     continue;
                 }
             };
-            tracing::info!(
-                worker = %self.runner.worker_id,
-                interactive = %self.ks.jobs_queue(),
-                batch = %self.ks.jobs_queue_for(Priority::Batch),
-                "consuming"
-            );
-            let capacity = self.runner.engine.capacity();
-            let mut batch_poll = tokio::time::interval(BATCH_POLL);
-            batch_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            loop {
-                tokio::select! {
-                    // Batch jobs are pulled, not pushed: only while this worker has room and
-                    // no interactive job is waiting in the broker.
-                    _ = batch_poll.tick(), if in_flight.len() < capacity => {
-                        // The other branches (stop included) wait while this runs: a broker
-                        // that stops answering must not hold the worker here forever.
-                        let taken = tokio::time::timeout(
-                            BROKER_CALL_TIMEOUT,
-                            self.take_batch_job(&channel, &mut consumer),
-                        )
-                        .await;
-                        match taken {
-                            Ok(Ok(Taken::Job(delivery))) => self.spawn_job(&mut in_flight, *delivery),
-                            Ok(Ok(Taken::Nothing)) => {}
-                            Ok(Ok(Taken::ConsumerEnded)) => break,
-                            Ok(Err(e)) => {
-                                tracing::warn!(error = %e, "cannot poll the batch queue; reconnecting");
-                                break;
-                            }
-                            Err(_) => {
-                                tracing::warn!(
-                                    timeout_s = BROKER_CALL_TIMEOUT.as_secs(),
-                                    "the broker did not answer a batch poll; reconnecting"
-                                );
-                                break;
-                            }
-                        }
-                    }
-                    next = consumer.next() => {
-                        let Some(delivery) = delivered(next, "jobs") else { break };
-                        self.spawn_job(&mut in_flight, delivery);
-                    }
-                    next = dead.next() => {
-                        let Some(delivery) = delivered(next, "dead letters") else { break };
-                        let runner = self.runner.clone();
-                        in_flight.spawn(async move { runner.handle_dead_letter(delivery).await });
-                    }
-                    Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {},
-                    () = stopped(&mut stop_rx) => {
-                        for tag in [consumer.tag(), dead.tag()] {
-                            let cancel = channel.basic_cancel(tag, BasicCancelOptions::default());
-                            let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, cancel).await;
-                        }
-                        break;
-                    }
-                }
+            let ended = session
+                .consume(&self.runner, capacity, &mut in_flight, &mut stop_rx)
+                .await;
+            connection = Some(session.connection);
+            if ended == Ended::Stopped {
+                break;
             }
-            connection = Some(conn);
         }
         self.drain(&mut in_flight).await;
         heartbeat.abort();
@@ -343,132 +269,4 @@ impl Worker {
             .await;
         }
     }
-
-    /// Runs a job delivery (interactive or batch) on its own task.
-    fn spawn_job(&self, in_flight: &mut JoinSet<()>, delivery: lapin::message::Delivery) {
-        let runner = self.runner.clone();
-        in_flight.spawn(async move { runner.handle(delivery).await });
-    }
-
-    /// One batch job, unless an interactive one is waiting (the interactive consumer will get
-    /// it) or the batch queue is empty. An interactive job the broker has already pushed to
-    /// this worker counts as waiting: right after a job's ack the broker delivers the next
-    /// interactive message, which then no longer shows in the queue's count but may still sit
-    /// in the consumer's buffer; it is taken first.
-    async fn take_batch_job(
-        &self,
-        channel: &lapin::Channel,
-        consumer: &mut lapin::Consumer,
-    ) -> Result<Taken, lapin::Error> {
-        let interactive = channel
-            .queue_declare(
-                self.ks.jobs_queue().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        if interactive.message_count() > 0 {
-            return Ok(Taken::Nothing);
-        }
-        // Frames arrive in order on the connection: a delivery the broker sent before it
-        // answered the count above is in the consumer's buffer by now.
-        if let Some(next) = consumer.next().now_or_never() {
-            return Ok(
-                delivered(next, "jobs").map_or(Taken::ConsumerEnded, |d| Taken::Job(Box::new(d)))
-            );
-        }
-        let message = channel
-            .basic_get(
-                self.ks.jobs_queue_for(Priority::Batch).into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?;
-        Ok(message.map_or(Taken::Nothing, |m| Taken::Job(Box::new(m.delivery))))
-    }
-
-    async fn open_consumer(
-        &self,
-    ) -> anyhow::Result<(
-        lapin::Connection,
-        lapin::Channel,
-        lapin::Consumer,
-        lapin::Consumer,
-    )> {
-        let conn = connect(
-            &self.settings.common.amqp_url,
-            &format!("sluice-worker@{}", self.runner.worker_id),
-        )
-        .await?;
-        let channel = conn.create_channel().await?;
-        declare_topology(
-            &channel,
-            &self.ks,
-            QueueSettings::for_max_attempts(self.settings.common.max_attempts),
-        )
-        .await?;
-        let prefetch = u16::try_from(self.runner.engine.capacity()).unwrap_or(u16::MAX);
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await?;
-        let consumer = channel
-            .basic_consume(
-                self.ks.jobs_queue().into(),
-                self.runner.worker_id.clone().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let dead = channel
-            .basic_consume(
-                self.ks.dead_letter_queue().into(),
-                format!("{}.dead", self.runner.worker_id).into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok((conn, channel, consumer, dead))
-    }
-}
-
-/// What a batch poll took.
-enum Taken {
-    /// A batch job, or an interactive one found waiting in the consumer's buffer.
-    Job(Box<lapin::message::Delivery>),
-    Nothing,
-    /// The interactive consumer failed or closed (logged): the caller reconnects.
-    ConsumerEnded,
-}
-
-/// A consumer's next delivery, or `None` (logged) when the consumer failed or closed: the
-/// caller reconnects.
-fn delivered(
-    next: Option<Result<lapin::message::Delivery, lapin::Error>>,
-    consumer: &str,
-) -> Option<lapin::message::Delivery> {
-    match next {
-        Some(Ok(delivery)) => Some(delivery),
-        Some(Err(e)) => {
-            tracing::warn!(error = %e, consumer, "consumer failed; reconnecting");
-            None
-        }
-        None => {
-            tracing::warn!(consumer, "consumer closed; reconnecting");
-            None
-        }
-    }
-}
-
-/// How often a worker with room looks for batch jobs.
-const BATCH_POLL: Duration = Duration::from_millis(50);
-/// The longest the consume loop and shutdown wait on one broker (or registry) call before they
-/// give up on it: reconnect in the loop, carry on with shutdown.
-const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Completes once the stop flag is set (the guard `wait_for` returns is dropped inside, so the
-/// future stays `Send`).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
 }

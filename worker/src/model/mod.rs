@@ -4,12 +4,18 @@
 //!   downloaded with `hf-hub`);
 //! - [`requant`]: Q5 GGUF tensors re-quantised to Q8_0 on CPU (candle has no SIMD Q5 kernel),
 //!   per tensor at load or as a rewritten file for the benchmarks' candle reference;
-//! - [`tiny`]: a deterministic random-weight Qwen2 for fast tests (not a real model).
+//! - [`tiny`]: a deterministic random-weight Qwen2 for fast tests (not a real model);
+//! - [`qwen`]: Sluice's own Qwen2 forward pass for continuous batching, its weight loading in
+//!   `qwen/load.rs`;
+//! - `graphs` (CUDA): decode steps recorded once and replayed as CUDA graphs.
 //!
-//! [`LoadedModel`] owns the weights (Sluice's own batched forward pass, [`crate::qwen`]) and the
+//! [`LoadedModel`] owns the weights (Sluice's own batched forward pass, [`crate::model::qwen`]) and the
 //! chat codec (`sluice_prompt::chat`: tokenizer and template). KV caches belong to sequences,
 //! not to the model, so no job can see another's context.
 
+#[cfg(feature = "cuda")]
+pub mod graphs;
+pub mod qwen;
 pub mod requant;
 pub mod source;
 pub mod tiny;
@@ -25,7 +31,7 @@ use sluice_prompt::structured::GrammarEnv;
 use sluice_proto::Message;
 use tokenizers::Tokenizer;
 
-use crate::qwen::Qwen2;
+use crate::model::qwen::Qwen2;
 pub use source::{LocalModel, ModelSource};
 
 #[derive(Debug, thiserror::Error)]

@@ -21,9 +21,9 @@ use sluice_proto::{
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use crate::engine::generate::{GenerateError, Generation, JobControl};
+use crate::engine::judge::{JudgeError, Verdict};
 use crate::engine::{EngineError, EngineHandle};
-use crate::generate::{GenerateError, Generation, JobControl};
-use crate::judge::{JudgeError, Verdict};
 use crate::metrics::WorkerMetrics;
 
 /// What to tell the broker about a delivery.
@@ -190,7 +190,7 @@ impl JobRunner {
         }
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let ttl = job.deadline.saturating_sub(started_ms) / 1000 + self.result_ttl_secs;
-        let pump = tokio::spawn(crate::stream::pump(
+        let pump = tokio::spawn(crate::intake::stream::pump(
             self.store.clone(),
             job.id,
             ttl,
@@ -277,13 +277,13 @@ impl JobRunner {
     }
 
     /// The served model's second opinion on a job in its tenant's classifier grey band
-    /// ([`crate::judge`]): the terminal state that ends the job here, or `None` to generate it.
+    /// ([`crate::engine::judge`]): the terminal state that ends the job here, or `None` to generate it.
     /// A judge that cannot answer fails the job closed (`guard_unavailable`); one that was
     /// interrupted (cancel, deadline, shutdown, a stopped engine) lets the generation meet the
     /// same interruption and end the job the way it always does.
     async fn judge(&self, job: &JobMessage, control: &JobControl) -> Option<Terminal> {
         let started = Instant::now();
-        let verdict = crate::judge::judge(&self.engine, job, control.clone())
+        let verdict = crate::engine::judge::judge(&self.engine, job, control.clone())
             .instrument(tracing::info_span!("judge"))
             .await;
         self.metrics

@@ -139,7 +139,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qmm::tests::lcg;
+    use crate::kernels::qmm::tests::lcg;
 
     /// Attention of one query head over explicit key and value rows, in f64.
     fn reference(q: &[f32], keys: &[&[f32]], values: &[&[f32]]) -> Vec<f64> {

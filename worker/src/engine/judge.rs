@@ -12,8 +12,8 @@ use sluice_proto::{
     GenerationParams, JobMessage, JsonSchemaFormat, Message, ResponseFormat, Role, SessionTurn,
 };
 
+use crate::engine::generate::JobControl;
 use crate::engine::{EngineError, EngineHandle};
-use crate::generate::JobControl;
 
 /// The judge's instructions (the system message of its classification job).
 pub const JUDGE_SYSTEM: &str = "You are a security filter in front of an AI assistant. You \
@@ -228,8 +228,8 @@ pub struct JudgeArgs {
     #[arg(long)]
     pub model: String,
     /// `cpu`, `cuda` or `cuda:N`.
-    #[arg(long, default_value = "cpu", value_parser = crate::settings::parse_device)]
-    pub device: crate::settings::DeviceSpec,
+    #[arg(long, default_value = "cpu", value_parser = crate::device::parse_device)]
+    pub device: crate::device::DeviceSpec,
     /// JSON lines, each with a `text` field (other fields are ignored).
     #[arg(long)]
     pub input: std::path::PathBuf,
@@ -263,7 +263,7 @@ pub fn run_cli(args: &JudgeArgs) -> anyhow::Result<()> {
         let source =
             crate::model::source::ModelSource::parse(&args.model).map_err(anyhow::Error::msg)?;
         let local = source.resolve().await?;
-        let device = crate::startup::device(args.device)?;
+        let device = crate::device::device(args.device)?;
         let model =
             tokio::task::spawn_blocking(move || crate::model::LoadedModel::load(&local, &device))
                 .await??;
@@ -277,7 +277,7 @@ pub fn run_cli(args: &JudgeArgs) -> anyhow::Result<()> {
             },
             std::sync::Arc::new(crate::metrics::WorkerMetrics::new(!matches!(
                 args.device,
-                crate::settings::DeviceSpec::Cpu
+                crate::device::DeviceSpec::Cpu
             ))),
         )?;
         let started = std::time::Instant::now();

@@ -185,7 +185,7 @@ pub(crate) struct StepRows {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub lens: Option<Tensor>,
     /// For single-token steps on the CPU: the read rows and each sequence's key count on the
-    /// host, for [`crate::cpu_attention`].
+    /// host, for [`crate::kernels::cpu_attention`].
     pub host: Option<HostStep>,
 }
 

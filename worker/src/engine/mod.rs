@@ -12,6 +12,19 @@
 //! 4. runs one batched decode step for every sequence that has a next token;
 //! 5. replies for the sequences that finished and drops their KV caches (their pages go back
 //!    to the pool, which was allocated once at start for the whole budget).
+//!
+//! Beside the loop:
+//! - [`generate`]: one sequence (sampling, stop sequences, incremental UTF-8-safe
+//!   detokenization, cancellation, deadline);
+//! - [`kv`]: the paged KV pool and each sequence's pages;
+//! - [`leak`]: the leak check of each job's output (canary, verbatim system-prompt spans);
+//! - [`judge`]: the served model's second opinion on a request in its tenant's classifier grey
+//!   band, run before the job generates.
+
+pub mod generate;
+pub mod judge;
+pub mod kv;
+pub mod leak;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -19,9 +32,9 @@ use std::sync::Arc;
 use sluice_proto::{JobMessage, Priority};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::generate::{GenerateError, Generation, Guards, JobControl, Sequence, Step};
-use crate::kv::KvPool;
-use crate::leak::LeakGuard;
+use crate::engine::generate::{GenerateError, Generation, Guards, JobControl, Sequence, Step};
+use crate::engine::kv::KvPool;
+use crate::engine::leak::LeakGuard;
 use crate::metrics::WorkerMetrics;
 use crate::model::{LoadedModel, ModelInfo};
 
@@ -122,7 +135,7 @@ impl EngineHandle {
         let info = model.info().clone();
         let pool = model
             .model()
-            .new_pool(config.kv_token_budget + config.max_batch * crate::kv::PAGE)
+            .new_pool(config.kv_token_budget + config.max_batch * crate::engine::kv::PAGE)
             .map_err(std::io::Error::other)?;
         tracing::info!(
             tokens = pool.capacity(),
@@ -224,7 +237,7 @@ fn engine_loop(
         finish_done(&mut running);
         metrics.running.set(running.len() as i64);
         metrics.waiting.set(waiting.len() as i64);
-        let pages = pool.capacity() / crate::kv::PAGE;
+        let pages = pool.capacity() / crate::engine::kv::PAGE;
         if pages > 0 {
             let used = pages.saturating_sub(pool.free_pages());
             metrics.kv_usage.set(used as f64 / pages as f64);
@@ -371,7 +384,7 @@ fn decode_step(model: &LoadedModel, running: &mut [Running<'_>]) -> usize {
     let size = batch.len();
     let tokens: Vec<u32> = batch.iter().filter_map(|r| r.next).collect();
     let result = {
-        let mut caches: Vec<&mut crate::qwen::SeqCache> =
+        let mut caches: Vec<&mut crate::model::qwen::SeqCache> =
             batch.iter_mut().map(|r| &mut r.seq.cache).collect();
         model.model().decode(&tokens, &mut caches)
     };

@@ -14,9 +14,9 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use sluice_proto::{FinishReason, GenerationParams};
 use tokenizers::Tokenizer;
 
-use crate::leak::LeakGuard;
+use crate::engine::leak::LeakGuard;
+use crate::model::qwen::SeqCache;
 use crate::model::{LoadedModel, ModelError};
-use crate::qwen::SeqCache;
 use sluice_prompt::structured::Constraint;
 
 /// How many recent tokens the repetition penalty looks at.
@@ -418,7 +418,7 @@ mod tests {
         use crate::model::source::{LocalModel, files_in_dir};
         use crate::model::tiny::{TinyShape, write_tiny_model};
 
-        use crate::leak::fixtures::{SYSTEM, conversation};
+        use crate::engine::leak::fixtures::{SYSTEM, conversation};
 
         fn tiny() -> LoadedModel {
             let dir = std::env::temp_dir().join(format!(
