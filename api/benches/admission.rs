@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use sluice_api::auth::{ApiKeys, Role};
+use sluice_api::keys::ApiKeys;
+use sluice_api::principal::Role;
 use sluice_api::ratelimit::{self, Limit};
 use sluice_api::tenant::{TenantPolicy, TenantStore};
 use sluice_jobs::Keyspace;

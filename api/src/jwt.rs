@@ -7,7 +7,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
 
-use crate::auth::{Principal, Role};
+use crate::principal::{Principal, Role};
 use crate::settings::JwtSettings;
 
 #[derive(Debug, thiserror::Error)]

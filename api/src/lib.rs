@@ -3,10 +3,10 @@
 //! - [`settings`]: the one typed settings struct of `sluice-api` (flags + env) and its CLI;
 //! - [`startup`]: builds the state, binds the listener, serves until a shutdown signal;
 //! - [`serve`]: the connection loop: header and body read timeouts, a connection cap, drain;
-//! - [`auth`]: API keys (created by `sluice-api keys create` or `/admin/keys`, stored hashed in
-//!   Redis, compared in constant time) and JWTs ([`jwt`]), and the [`auth::Principal`]
-//!   extractor every authenticated route requires: it also applies the central rate limits
-//!   (per key or JWT subject, per client IP from [`client_ip`]);
+//! - [`auth`]: the [`principal::Principal`] extractor every authenticated route requires, from
+//!   an API key ([`keys`]: created by `sluice-api keys create` or `/admin/keys`, stored hashed
+//!   in Redis, compared in constant time) or a JWT ([`jwt`]); it also applies the central rate
+//!   limits (per key or JWT subject, per client IP from [`client_ip`]);
 //! - [`submit`]: the submit path after validation: the input guard (`sluice-guard`), the exact
 //!   prompt token count (the served model's tokenizer), the context limit, admission (token
 //!   quotas and the active-job cap, one atomic Redis script) and the publish;
@@ -21,7 +21,9 @@
 //! - [`openapi`]: the OpenAPI 3.1 document generated from those descriptions, served at
 //!   `/openapi.json`;
 //! - [`error`]: [`error::ApiError`], the one place errors become HTTP responses;
-//! - [`extract`]: path and query extractors whose rejections are such errors.
+//! - [`extract`]: extractors whose rejections are such errors: path and query parameters, and
+//!   [`extract::ValidJob`], the opening both submit handlers share (body → wire format →
+//!   [`validate::JobRequest`] → [`validate::ValidatedJob`]).
 //!
 //! A submit flows: auth → rate limits → validate → guard → count tokens → admit (reserve
 //! quota, take an active slot, write the record as `queued`) → publish to RabbitMQ and wait
@@ -35,8 +37,10 @@ pub mod error;
 pub mod extract;
 pub mod guard_cli;
 pub mod jwt;
+pub mod keys;
 pub mod metrics;
 pub mod openapi;
+pub mod principal;
 pub mod ratelimit;
 pub mod routes;
 pub mod serve;

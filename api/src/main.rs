@@ -1,6 +1,6 @@
 //! `sluice-api`: serve the HTTP API, manage API keys, or run the guard over JSON lines.
 
-use sluice_api::auth::ApiKeys;
+use sluice_api::keys::ApiKeys;
 use sluice_api::settings::{GuardCommand, Invocation, KeysCommand};
 use sluice_api::startup::{Application, shutdown_signal};
 use sluice_jobs::Keyspace;
@@ -65,7 +65,7 @@ async fn keys(mut command: KeysCommand) -> anyhow::Result<()> {
             expires_in_secs,
             common,
         } => {
-            sluice_api::auth::check_key_lifetime(expires_in_secs).map_err(anyhow::Error::msg)?;
+            sluice_api::keys::check_key_lifetime(expires_in_secs).map_err(anyhow::Error::msg)?;
             let keys = ApiKeys::new(
                 create_pool(&common.redis_url, 1)?,
                 Keyspace::new(common.namespace),

@@ -17,8 +17,6 @@ use sluice_proto::ErrorCode;
 use sluice_shared::metrics::{Families, LATENCY_BUCKETS, TenantLabels};
 use tracing::Instrument;
 
-use crate::state::AppState;
-
 /// How many tenants get a series of their own in per-tenant metrics.
 pub const MAX_TENANT_LABELS: usize = 100;
 
@@ -128,9 +126,13 @@ impl ApiMetrics {
 
     /// Reads the gauges that live in Redis: queue depth and age per class, live workers.
     /// A Redis outage leaves the previous values (and `/readyz` reports it).
-    pub async fn refresh(&self, state: &AppState) {
+    pub async fn refresh(
+        &self,
+        store: &sluice_jobs::store::JobStore,
+        workers: &sluice_jobs::workers::WorkerRegistry,
+    ) {
         let now = sluice_proto::now_ms();
-        match state.store.queue_stats(now).await {
+        match store.queue_stats(now).await {
             Ok(stats) => {
                 for s in stats {
                     let class = s.priority.as_str();
@@ -145,7 +147,7 @@ impl ApiMetrics {
             }
             Err(e) => tracing::debug!(error = %e, "cannot read queue stats"),
         }
-        match state.workers.live().await {
+        match workers.live().await {
             Ok(live) => self
                 .live_workers
                 .set(i64::try_from(live.len()).unwrap_or(i64::MAX)),
@@ -162,7 +164,11 @@ impl Default for ApiMetrics {
 
 /// Records every request (count, latency, rejection code) and runs it in a server span that
 /// continues the caller's W3C trace when OpenTelemetry export is on.
-pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn track(
+    State(metrics): State<Arc<ApiMetrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let method = request.method().as_str().to_string();
     let route = request
@@ -192,7 +198,7 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
     let response = next.run(request).instrument(span.clone()).await;
     let status = response.status();
     span.record("http.status_code", status.as_u16());
-    let m = &state.metrics;
+    let m = &metrics;
     m.http_requests
         .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
         .inc();

@@ -9,6 +9,7 @@ use sluice_guard::pipeline::{InjectionAction, PiiAction};
 use sluice_shared::{CommonSettings, Secret};
 
 use crate::client_ip::Cidr;
+use crate::validate::Limits;
 
 /// What `sluice-api` was asked to do: `serve` (the default, also with no subcommand),
 /// `keys ...` or `guard ...`.
@@ -139,7 +140,7 @@ pub enum KeysCommand {
         name: String,
         /// `user` or `admin`.
         #[arg(long, default_value = "user")]
-        role: crate::auth::Role,
+        role: crate::principal::Role,
         /// Expire the key after this many seconds.
         #[arg(long)]
         expires_in_secs: Option<u64>,
@@ -403,6 +404,26 @@ impl ApiSettings {
             settings: ApiSettings,
         }
         Only::try_parse_from(args).map(|o| o.settings)
+    }
+}
+
+impl ApiSettings {
+    /// The limits a submit is checked against.
+    pub fn limits(&self) -> Limits {
+        use std::time::Duration;
+        let s = self;
+        Limits {
+            max_tokens_limit: s.common.max_tokens_limit,
+            max_messages: s.max_messages,
+            max_message_chars: s.max_message_chars,
+            default_timeout: Duration::from_secs(s.job_timeout_secs),
+            max_timeout: Duration::from_secs(s.max_job_timeout_secs),
+            completion_wait: Duration::from_secs(s.completion_wait_secs),
+            max_queued_jobs: (s.max_queued_jobs > 0).then_some(s.max_queued_jobs),
+            session_ttl: Duration::from_secs(s.session_ttl_secs),
+            session_max_messages: s.session_max_messages,
+            session_max_tokens: s.session_max_tokens,
+        }
     }
 }
 

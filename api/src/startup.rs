@@ -17,13 +17,12 @@ use sluice_jobs::workers::WorkerRegistry;
 use sluice_prompt::chat::ChatCodec;
 use tokio::net::TcpListener;
 
-use crate::auth::ApiKeys;
 use crate::jwt::JwtVerifier;
+use crate::keys::ApiKeys;
 use crate::metrics::ApiMetrics;
 use crate::routes::router;
 use crate::settings::ApiSettings;
 use crate::state::AppState;
-use crate::validate::Limits;
 
 /// A built API: listener bound, state ready, not yet serving.
 pub struct Application {
@@ -74,7 +73,7 @@ impl Application {
             let registry = state.metrics.registry.clone();
             let refresh = move || {
                 let state = state.clone();
-                async move { state.metrics.refresh(&state).await }
+                async move { state.metrics.refresh(&state.store, &state.workers).await }
             };
             sluice_shared::metrics::spawn(listener, registry, refresh, stopping_rx.clone());
         }
@@ -143,7 +142,7 @@ pub fn build_state(settings: &ApiSettings) -> anyhow::Result<AppState> {
         guard: Arc::new(Guard::with_builtin(extra_rules)),
         classifier,
         codec: Arc::new(codec),
-        limits: Arc::new(Limits::from_settings(settings)),
+        limits: Arc::new(settings.limits()),
         ip_limits: (
             (settings.ip_requests_per_second > 0).then_some(settings.ip_requests_per_second),
             (settings.ip_requests_per_minute > 0).then_some(settings.ip_requests_per_minute),

@@ -11,9 +11,9 @@ use sluice_jobs::store::JobStore;
 use sluice_jobs::workers::WorkerRegistry;
 use sluice_prompt::chat::ChatCodec;
 
-use crate::auth::ApiKeys;
 use crate::client_ip::Cidr;
 use crate::jwt::JwtVerifier;
+use crate::keys::ApiKeys;
 use crate::metrics::ApiMetrics;
 use crate::validate::Limits;
 
@@ -40,4 +40,11 @@ pub struct AppState {
     pub stream_conns: Arc<crate::stream_conns::StreamConnections>,
     pub workers: WorkerRegistry,
     pub metrics: Arc<ApiMetrics>,
+}
+
+/// What the request-metrics middleware ([`crate::metrics::track`]) takes from the state.
+impl axum::extract::FromRef<AppState> for Arc<ApiMetrics> {
+    fn from_ref(state: &AppState) -> Self {
+        Arc::clone(&state.metrics)
+    }
 }

@@ -8,7 +8,6 @@ use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
 use utoipa::openapi::{RefOr, Schema};
 
 use crate::error::ApiError;
-use crate::settings::ApiSettings;
 
 /// The limits a submit is checked against.
 #[derive(Debug, Clone)]
@@ -25,23 +24,6 @@ pub struct Limits {
     pub session_ttl: Duration,
     pub session_max_messages: u32,
     pub session_max_tokens: usize,
-}
-
-impl Limits {
-    pub fn from_settings(s: &ApiSettings) -> Self {
-        Self {
-            max_tokens_limit: s.common.max_tokens_limit,
-            max_messages: s.max_messages,
-            max_message_chars: s.max_message_chars,
-            default_timeout: Duration::from_secs(s.job_timeout_secs),
-            max_timeout: Duration::from_secs(s.max_job_timeout_secs),
-            completion_wait: Duration::from_secs(s.completion_wait_secs),
-            max_queued_jobs: (s.max_queued_jobs > 0).then_some(s.max_queued_jobs),
-            session_ttl: Duration::from_secs(s.session_ttl_secs),
-            session_max_messages: s.session_max_messages,
-            session_max_tokens: s.session_max_tokens,
-        }
-    }
 }
 
 /// `stop` may be one string or a list, as in the OpenAI API.
@@ -122,6 +104,57 @@ pub struct SubmitRequest {
     pub(crate) timeout_secs: Option<u64>,
 }
 
+/// A job as a client described it, in either wire format, before any check: what
+/// [`SubmitRequest`] and the OpenAI route's request each convert into once, and the one input
+/// of [`validate`].
+#[derive(Debug)]
+pub struct JobRequest {
+    pub messages: Vec<Message>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub repetition_penalty: Option<f32>,
+    pub ignore_eos: Option<bool>,
+    pub session_id: Option<String>,
+    pub response_format: Option<ResponseFormat>,
+    pub priority: Option<Priority>,
+    pub timeout_secs: Option<u64>,
+}
+
+impl StopField {
+    /// The stop sequences as a list, however they were written (`None` is no list).
+    pub(crate) fn list(stop: Option<StopField>) -> Vec<String> {
+        match stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s],
+            Some(StopField::Many(v)) => v,
+        }
+    }
+}
+
+impl From<SubmitRequest> for JobRequest {
+    fn from(r: SubmitRequest) -> Self {
+        Self {
+            messages: r.messages,
+            max_tokens: r.max_tokens,
+            temperature: r.temperature,
+            top_p: r.top_p,
+            top_k: r.top_k,
+            seed: r.seed,
+            stop: StopField::list(r.stop),
+            repetition_penalty: r.repetition_penalty,
+            ignore_eos: r.ignore_eos,
+            session_id: r.session_id,
+            response_format: r.response_format,
+            priority: r.priority,
+            timeout_secs: r.timeout_secs,
+        }
+    }
+}
+
 /// A job that passed every check; the only way to get one is [`validate`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidatedJob {
@@ -185,7 +218,7 @@ pub fn session_id(session: &str) -> Result<(), ApiError> {
     }
 }
 
-pub fn validate(req: SubmitRequest, limits: &Limits) -> Result<ValidatedJob, ApiError> {
+pub fn validate(req: JobRequest, limits: &Limits) -> Result<ValidatedJob, ApiError> {
     if req.messages.is_empty() {
         return Err(invalid("messages must not be empty"));
     }
@@ -213,11 +246,7 @@ pub fn validate(req: SubmitRequest, limits: &Limits) -> Result<ValidatedJob, Api
         top_p: req.top_p,
         top_k: req.top_k,
         seed: req.seed,
-        stop: match req.stop {
-            None => Vec::new(),
-            Some(StopField::One(s)) => vec![s],
-            Some(StopField::Many(v)) => v,
-        },
+        stop: req.stop,
         repetition_penalty: req
             .repetition_penalty
             .unwrap_or(defaults.repetition_penalty),
@@ -279,7 +308,7 @@ mod tests {
 
     fn check(body: &str) -> Result<ValidatedJob, ErrorCode> {
         parse_body(body.as_bytes())
-            .and_then(|r| validate(r, &limits()))
+            .and_then(|r| validate(r.into(), &limits()))
             .map_err(|e| e.body().code)
     }
 
@@ -476,19 +505,19 @@ mod tests {
 
             #[test]
             fn arbitrary_bytes_are_refused_cleanly(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
-                client_error(parse_body(&bytes).and_then(|r| validate(r, &limits())))?;
+                client_error(parse_body(&bytes).and_then(|r| validate(r.into(), &limits())))?;
             }
 
             #[test]
             fn arbitrary_json_is_refused_cleanly(body in any_json()) {
                 let bytes = serde_json::to_vec(&body).expect("serialize");
-                client_error(parse_body(&bytes).and_then(|r| validate(r, &limits())))?;
+                client_error(parse_body(&bytes).and_then(|r| validate(r.into(), &limits())))?;
             }
 
             #[test]
             fn submit_shaped_bodies_validate_or_are_refused_cleanly(body in submit_like()) {
                 let bytes = serde_json::to_vec(&body).expect("serialize");
-                client_error(parse_body(&bytes).and_then(|r| validate(r, &limits())))?;
+                client_error(parse_body(&bytes).and_then(|r| validate(r.into(), &limits())))?;
             }
         }
     }

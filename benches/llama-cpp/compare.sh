@@ -78,7 +78,7 @@ cargo build --quiet --release -p sluice-worker >&2
 sluice_out="$(RAYON_NUM_THREADS="$threads" target/release/sluice-worker bench --model "$model" \
   --steps "$steps" --batches 1,2,4,8)"
 echo "$sluice_out"
-# The same engine on candle's quantized kernels instead of Sluice's (worker/src/qmm.rs).
+# The same engine on candle's quantized kernels instead of Sluice's (worker/src/kernels/qmm.rs).
 RAYON_NUM_THREADS="$threads" target/release/sluice-worker bench --model "$model" \
   --steps "$steps" --batches 1,8 --kernel candle
 

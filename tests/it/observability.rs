@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sluice_api::auth::{ApiKeys, Role};
+use sluice_api::keys::ApiKeys;
+use sluice_api::principal::Role;
 use sluice_jobs::Keyspace;
 use sluice_shared::Secret;
 use sluice_tests::{

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
-use sluice_api::auth::{ApiKeys, Role};
+use sluice_api::keys::ApiKeys;
+use sluice_api::principal::Role;
 use sluice_jobs::Keyspace;
 use sluice_shared::Secret;
 use tokio::sync::oneshot;
@@ -561,7 +562,7 @@ impl WorkerProcess {
             .arg(model)
             .env("SLUICE_REDIS_URL", redis_url)
             .env("SLUICE_AMQP_URL", amqp_url)
-            .env("RUST_LOG", "warn,sluice_worker::consumer=info")
+            .env("RUST_LOG", "warn,sluice_worker::intake::consumer=info")
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
             .spawn()

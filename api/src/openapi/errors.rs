@@ -31,9 +31,9 @@ pub enum Envelope {
 pub enum Caller {
     /// No credentials are read.
     Anyone,
-    /// Any valid credential ([`crate::auth::Principal`]).
+    /// Any valid credential ([`crate::principal::Principal`]).
     User,
-    /// A credential with the admin role ([`crate::auth::Admin`]).
+    /// A credential with the admin role ([`crate::principal::Admin`]).
     Admin,
 }
 

@@ -284,7 +284,7 @@ fn unreachable_state(dir: &std::path::Path) -> AppState {
             sluice_jobs::amqp::QueueSettings::for_max_attempts(3),
             "openapi-test".to_string(),
         )),
-        keys: crate::auth::ApiKeys::new(pool.clone(), ks.clone()),
+        keys: crate::keys::ApiKeys::new(pool.clone(), ks.clone()),
         tenants: crate::tenant::TenantStore::new(
             pool.clone(),
             ks.clone(),
@@ -455,7 +455,7 @@ fn shared_types_match_their_doc_schemas() {
     };
     assert_same_fields("WorkerInfo", &json!(gpu));
 
-    let key = crate::auth::KeyInfo {
+    let key = crate::keys::KeyInfo {
         key_id: "0123456789abcdef".into(),
         tenant: "acme".into(),
         name: "default".into(),

@@ -11,10 +11,11 @@ use sluice_proto::ErrorCode;
 use utoipa::ToSchema;
 
 use crate::audit::{self, AuditContext};
-use crate::auth::{Admin, KeyInfo, Role};
 use crate::error::ApiError;
 use crate::extract::{PathParam, QueryParams};
+use crate::keys::KeyInfo;
 use crate::openapi::{consts, error_responses, schemas};
+use crate::principal::{Admin, Role};
 use crate::state::AppState;
 use crate::validate::{body_bytes, parse_json};
 
@@ -144,7 +145,7 @@ pub async fn create_key(
             "name must be 1-64 characters",
         ));
     }
-    crate::auth::check_key_lifetime(req.expires_in_secs)
+    crate::keys::check_key_lifetime(req.expires_in_secs)
         .map_err(|message| ApiError::client(ErrorCode::InvalidParameter, message))?;
     let created = state
         .keys

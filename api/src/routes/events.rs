@@ -20,10 +20,10 @@ use serde_json::json;
 use sluice_proto::JobView;
 use uuid::Uuid;
 
-use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::PathParam;
 use crate::openapi::error_responses;
+use crate::principal::Principal;
 use crate::state::AppState;
 use crate::stream_conns::StreamConnection;
 

@@ -44,7 +44,7 @@ pub fn api() -> OpenApiRouter<AppState> {
 }
 
 /// The whole router. Every route but `/healthz`, `/readyz` and `/openapi.json` requires a key
-/// (the [`crate::auth::Principal`] extractor in each handler).
+/// (the [`crate::principal::Principal`] extractor in each handler).
 pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
     let (routes, _) = api().split_for_parts();
     routes

@@ -1,8 +1,9 @@
 //! The OpenAI-compatible surface: `POST /v1/chat/completions` and `GET /v1/models`.
 //!
 //! A chat completion is a job like any other: the same authentication, guard, rate limits,
-//! quotas and queue as `POST /v1/jobs` (the request is translated into a submit body and goes
-//! through [`crate::validate`] and [`crate::submit`]). Without `stream`, the handler waits for
+//! quotas and queue as `POST /v1/jobs` (the request converts once into the
+//! [`crate::validate::JobRequest`] both routes validate, through [`crate::extract::ValidJob`],
+//! then goes through [`crate::submit`]). Without `stream`, the handler waits for
 //! the job (up to `--completion-wait-secs`, then it answers 202 with the job's id to poll on
 //! `/v1/jobs/{id}`); with `stream`, the job's token stream is relayed as OpenAI
 //! `chat.completion.chunk` events ending with `data: [DONE]`. Errors use OpenAI's shape
@@ -13,8 +14,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -31,12 +30,13 @@ use uuid::Uuid;
 
 use super::events::{JobEvent, job_events};
 use super::jobs::TraceHeaders;
-use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::extract::{SubmitWire, ValidJob};
 use crate::openapi::openai::{ChatCompletion, ChatCompletionPending};
 use crate::openapi::{consts, error_responses};
+use crate::principal::Principal;
 use crate::state::AppState;
-use crate::validate::{StopField, SubmitRequest, body_bytes, parse_json, validate};
+use crate::validate::{JobRequest, StopField};
 
 /// An [`ApiError`] rendered in OpenAI's error shape (same status and headers).
 pub struct OpenAiError(pub ApiError);
@@ -138,7 +138,7 @@ struct StreamOptions {
 /// name (400 `unsupported_parameter`) rather than silently ignored.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ChatCompletionRequest {
+pub struct ChatCompletionRequest {
     /// The id `GET /v1/models` lists; another is 404 `model_not_found`.
     model: String,
     /// At most `--max-messages`, each at most `--max-message-chars` characters, not all empty.
@@ -257,9 +257,19 @@ fn unsupported(name: &str, why: &str) -> ApiError {
     )
 }
 
-impl ChatCompletionRequest {
-    /// The equivalent `/v1/jobs` body, or a 400 naming what cannot be honoured.
-    fn into_submit(self, served_model: &str) -> Result<(SubmitRequest, bool, bool), ApiError> {
+/// How a chat completion is answered: streamed (`stream`), with a last usage chunk
+/// (`stream_options.include_usage`), or as one body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+impl SubmitWire for ChatCompletionRequest {
+    type Extra = Delivery;
+
+    /// The job this request describes, or a 400 naming what cannot be honoured.
+    fn into_request(self, served_model: &str) -> Result<(JobRequest, Delivery), ApiError> {
         if self.model != served_model {
             return Err(ApiError::client(
                 ErrorCode::ModelNotFound,
@@ -347,14 +357,14 @@ impl ChatCompletionRequest {
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        let submit = SubmitRequest {
+        let request = JobRequest {
             messages,
             max_tokens: self.max_tokens.or(self.max_completion_tokens),
             temperature: self.temperature,
             top_p: self.top_p,
             top_k: None,
             seed: self.seed,
-            stop: self.stop,
+            stop: StopField::list(self.stop),
             repetition_penalty: None,
             ignore_eos: None,
             session_id: self.session_id,
@@ -362,7 +372,13 @@ impl ChatCompletionRequest {
             priority: self.priority,
             timeout_secs: self.timeout_secs,
         };
-        Ok((submit, self.stream, include_usage))
+        Ok((
+            request,
+            Delivery {
+                stream: self.stream,
+                include_usage,
+            },
+        ))
     }
 }
 
@@ -486,15 +502,18 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    valid: Result<ValidJob<ChatCompletionRequest>, ApiError>,
 ) -> Result<Response, OpenAiError> {
     let principal = principal?;
     tracing::Span::current().record("tenant", principal.tenant.as_str());
-    let body = body_bytes(body)?;
-    let request: ChatCompletionRequest = parse_json(&body)?;
+    let ValidJob {
+        job,
+        extra: Delivery {
+            stream,
+            include_usage,
+        },
+    } = valid?;
     let model = state.codec.name.clone();
-    let (submit, stream, include_usage) = request.into_submit(&model)?;
-    let job = validate(submit, &state.limits)?;
     let tenant = principal.tenant.clone();
     let id = crate::submit::submit(&state, principal, peer, job, &headers)
         .await?
@@ -674,9 +693,10 @@ pub async fn models(
 mod tests {
     use super::*;
 
-    fn parse(body: &str) -> Result<(SubmitRequest, bool, bool), ErrorCode> {
-        parse_json::<ChatCompletionRequest>(body.as_bytes())
-            .and_then(|r| r.into_submit("qwen"))
+    fn parse(body: &str) -> Result<(JobRequest, bool, bool), ErrorCode> {
+        crate::validate::parse_json::<ChatCompletionRequest>(body.as_bytes())
+            .and_then(|r| r.into_request("qwen"))
+            .map(|(r, d)| (r, d.stream, d.include_usage))
             .map_err(|e| e.body().code)
     }
 

@@ -4,10 +4,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::PathParam;
 use crate::openapi::error_responses;
+use crate::principal::Principal;
 use crate::state::AppState;
 
 error_responses!(DeleteErrors: Sluice, User, [InvalidParameter, NotFound]);

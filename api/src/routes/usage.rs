@@ -6,9 +6,9 @@ use axum::extract::State;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::openapi::{error_responses, schemas};
+use crate::principal::Principal;
 use crate::state::AppState;
 
 /// The body of `GET /v1/usage`.

@@ -17,6 +17,7 @@ mod admission;
 mod guard;
 mod policy;
 mod publish;
+mod trace;
 
 use std::net::SocketAddr;
 
@@ -31,8 +32,8 @@ use uuid::Uuid;
 pub use admission::IDEMPOTENCY_KEY;
 
 use crate::audit::{self, AuditContext};
-use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::principal::Principal;
 use crate::state::AppState;
 use crate::validate::ValidatedJob;
 
@@ -211,7 +212,7 @@ pub async fn submit(
         created_at,
         deadline: created_at + job.timeout.as_millis() as u64,
         attempt: 1,
-        trace: crate::routes::jobs::trace_context(headers),
+        trace: trace::trace_context(headers),
         judge,
     };
     let reserve = (guarded.prompt_tokens + max_tokens) as u64;
