@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use sluice_tests::*;
+use sluice_worker::intake::stream::PumpConfig;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -167,9 +168,12 @@ async fn the_pump_appends_in_order_and_sets_the_ttl_once() {
     let id = uuid::Uuid::now_v7();
     let key = backends.ks.job_events(&id);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let pump = tokio::spawn(sluice_worker::intake::stream::pump(
-        store, id, 300, false, rx,
-    ));
+    let config = PumpConfig {
+        ttl_secs: 300,
+        redact: false,
+        flush_interval: Duration::ZERO,
+    };
+    let pump = tokio::spawn(sluice_worker::intake::stream::pump(store, id, config, rx));
     let mut redis = backends.redis.clone();
     let mut sent = String::new();
     for i in 0..40 {
@@ -236,5 +240,73 @@ async fn the_pump_appends_in_order_and_sets_the_ttl_once() {
         .await
         .expect("ttl");
     assert_eq!(ttl, -1, "no later append set the TTL again");
+    backends.cleanup().await;
+}
+
+/// With a flush interval, the pump sends a job's first text at once, holds what follows until
+/// the interval since the last append has passed, and never holds the end of a job: here the
+/// interval is longer than the test, so the 39 words after the first arrive as one append when
+/// the job's channel closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pump_coalesces_appends_within_its_interval() {
+    let ns = unique_namespace("pump-window");
+    let backends = Backends::connect(&ns).await;
+    let pool = sluice_jobs::redis_pool::create_pool(&sluice_shared::Secret::new(REDIS_URL), 2)
+        .expect("pool");
+    let store = sluice_jobs::store::JobStore::new(pool, backends.ks.clone(), 600);
+    let id = uuid::Uuid::now_v7();
+    let key = backends.ks.job_events(&id);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let config = PumpConfig {
+        ttl_secs: 300,
+        redact: false,
+        flush_interval: Duration::from_secs(3600),
+    };
+    let pump = tokio::spawn(sluice_worker::intake::stream::pump(store, id, config, rx));
+    let redis = backends.redis.clone();
+    let xlen = move || {
+        let mut redis = redis.clone();
+        let key = key.clone();
+        async move {
+            redis::cmd("XLEN")
+                .arg(&key)
+                .query_async::<usize>(&mut redis)
+                .await
+                .expect("xlen")
+        }
+    };
+    tx.send("word0 ".to_string()).expect("send");
+    wait_for("the first append", T, || {
+        let n = xlen();
+        async move { (n.await == 1).then_some(()) }
+    })
+    .await;
+    let mut sent = "word0 ".to_string();
+    for i in 1..40 {
+        let word = format!("word{i} ");
+        sent.push_str(&word);
+        tx.send(word).expect("send");
+    }
+    // Without the interval the pump would have appended these long before this (it appends
+    // what it receives at once); with it, nothing more is in the stream.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(xlen().await, 1, "held within the interval");
+    drop(tx);
+    pump.await.expect("pump");
+    assert_eq!(
+        xlen().await,
+        2,
+        "the first word, then the rest in one append"
+    );
+    let mut redis = backends.redis.clone();
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(backends.ks.job_events(&id))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis)
+        .await
+        .expect("xrange");
+    let text: String = entries.iter().map(|(_, f)| f[1].1.clone()).collect();
+    assert_eq!(text, sent);
     backends.cleanup().await;
 }

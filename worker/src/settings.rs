@@ -130,6 +130,12 @@ pub struct WorkerSettings {
     #[arg(long, env = "SLUICE_REDACT_OUTPUT", default_value_t = true, action = clap::ArgAction::Set)]
     pub redact_output: bool,
 
+    /// The least time between two appends to a job's event stream, in milliseconds: text
+    /// decoded sooner waits for the next append (one `XADD` per interval instead of one per
+    /// token). A job's first text and its last are never held; 0 appends every token burst.
+    #[arg(long, env = "SLUICE_STREAM_FLUSH_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub stream_flush_ms: u64,
+
     /// Key of the leak canary (any string; every worker of a deployment should share it).
     /// The canary of a job with a seed is derived from it, the tenant, the seed and the
     /// system prompt, so the same request gives the same prompt (and the same text) on any

@@ -92,6 +92,7 @@ impl Worker {
             max_tokens_limit: settings.common.max_tokens_limit,
             cancel_poll: Duration::from_millis(settings.cancel_poll_ms.max(10)),
             redact_output: settings.redact_output,
+            stream_flush: Duration::from_millis(settings.stream_flush_ms),
             result_ttl_secs: settings.common.result_ttl_secs,
             preempt: preempt_rx,
             metrics,

@@ -46,6 +46,8 @@ pub struct JobRunner {
     pub cancel_poll: Duration,
     /// Run the PII redactor over generated text before it is stored or streamed.
     pub redact_output: bool,
+    /// The least time between two appends to a job's event stream (`--stream-flush-ms`).
+    pub stream_flush: Duration,
     /// How long finished jobs (and their event streams) stay readable, in seconds.
     pub result_ttl_secs: u64,
     /// Flips to `true` when in-flight jobs must be given back (shutdown grace expired).
@@ -193,8 +195,11 @@ impl JobRunner {
         let pump = tokio::spawn(crate::intake::stream::pump(
             self.store.clone(),
             job.id,
-            ttl,
-            self.redact_output,
+            crate::intake::stream::PumpConfig {
+                ttl_secs: ttl,
+                redact: self.redact_output,
+                flush_interval: self.stream_flush,
+            },
             events_rx,
         ));
         let result = self

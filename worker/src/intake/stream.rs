@@ -23,7 +23,10 @@
 
 use sluice_guard::pii;
 use sluice_jobs::store::JobStore;
+use std::time::Duration;
+
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 /// The most characters held back when no detected span crosses the cut: far longer than any
@@ -270,33 +273,65 @@ impl StreamRedactor {
     }
 }
 
+/// How a pump writes a job's text into its event stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PumpConfig {
+    /// The stream's time to live, set with the first append (`FINISH` sets the final one).
+    pub ttl_secs: u64,
+    /// Run the redactor over the text before it is appended.
+    pub redact: bool,
+    /// Appends are at least this far apart: text that arrives sooner is held and sent with the
+    /// next append, so a fast decode writes one `XADD` per interval instead of one per token.
+    /// The first append of a job goes out at once, so the time to first token is unchanged,
+    /// and no text waits longer than this. Zero appends every burst as it arrives.
+    pub flush_interval: Duration,
+}
+
 /// Drains a job's text channel into its event stream until the sender is dropped.
 pub async fn pump(
     store: JobStore,
     id: Uuid,
-    ttl_secs: u64,
-    redact: bool,
+    config: PumpConfig,
     mut rx: mpsc::UnboundedReceiver<String>,
 ) {
-    let mut redactor = StreamRedactor::new(redact);
+    let mut redactor = StreamRedactor::new(config.redact);
     // The stream's TTL is set until an append carrying it succeeds, then left to `FINISH`:
     // one command per append instead of two.
     let mut ttl_set = false;
     let mut append = async |text: String| {
-        let expire = (!ttl_set).then_some(ttl_secs);
+        let expire = (!ttl_set).then_some(config.ttl_secs);
         match store.append_text(&id, &text, expire).await {
             Ok(()) => ttl_set = true,
             Err(e) => tracing::warn!(error = %e, "cannot append to the job's event stream"),
         }
     };
-    while let Some(first) = rx.recv().await {
-        let mut delta = first;
-        // Coalesce whatever else is already waiting: one XADD per burst, not per token.
+    let mut last_append: Option<Instant> = None;
+    let mut open = true;
+    while open {
+        let Some(mut delta) = rx.recv().await else {
+            break;
+        };
+        // Within the interval since the last append, gather what arrives until it ends (or
+        // the job does: the last text is never held back).
+        if let Some(last) = last_append {
+            let due = last + config.flush_interval;
+            while open && Instant::now() < due {
+                tokio::select! {
+                    more = rx.recv() => match more {
+                        Some(more) => delta.push_str(&more),
+                        None => open = false,
+                    },
+                    () = tokio::time::sleep_until(due) => break,
+                }
+            }
+        }
+        // Whatever else is already waiting goes in the same append.
         while let Ok(more) = rx.try_recv() {
             delta.push_str(&more);
         }
         if let Some(text) = redactor.push(&delta) {
             append(text).await;
+            last_append = Some(Instant::now());
         }
     }
     if let Some(text) = redactor.finish() {
