@@ -8,7 +8,8 @@
 #
 # Prints, for the whole job (submit, queue, generation, the SSE reader, the terminal write),
 # each Redis command with its count, then the totals per generated token. The worker's
-# heartbeat and the API's background loops run during the job and are counted too.
+# heartbeat and the API's background loops run during the job and are counted too. The
+# worker's --stream-flush-ms comes from SLUICE_STREAM_FLUSH_MS when set (default 20).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -78,11 +79,15 @@ delta = {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(
 delta.pop("info", None)
 usage = (job.get("result") or {}).get("usage") or {}
 generated = usage.get("completion_tokens") or 0
-print(f"job {job['status']}, {generated} tokens generated, {chunks} text events streamed")
+timings = (job.get("result") or {}).get("timings") or {}
+decode_ms = timings.get("generation_ms", 0) - timings.get("time_to_first_token_ms", 0)
+rate = f", {decode_ms / max(generated - 1, 1):.1f} ms per token after the first" if generated > 1 else ""
+print(f"job {job['status']}, {generated} tokens generated{rate}, {chunks} text events streamed")
 for k, v in sorted(delta.items(), key=lambda kv: -kv[1]):
     print(f"  {k:<16} {v}")
 total = sum(delta.values())
 if generated:
     print(f"{total} commands, {total / generated:.2f} per generated token; "
-          f"xadd {delta.get('xadd', 0) / generated:.2f}, expire {delta.get('expire', 0) / generated:.2f} per token")
+          f"xadd {delta.get('xadd', 0) / generated:.2f}, xread {delta.get('xread', 0) / generated:.2f}, "
+          f"expire {delta.get('expire', 0) / generated:.2f} per token")
 PY
