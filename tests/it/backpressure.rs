@@ -63,6 +63,22 @@ async fn full_queues_say_when_to_retry_and_write_nothing() {
         (backends.ready_count(&backends.ks.jobs_queue()).await == 0).then_some(())
     })
     .await;
+    // Delivered is not yet started: a job counts as queued until the worker's start script
+    // takes it out of the queued set, and a worker stopped before that gives it back.
+    let queued = backends.ks.queued();
+    wait_for("the jobs to start", Duration::from_secs(60), || {
+        let mut redis = backends.redis.clone();
+        let queued = queued.clone();
+        async move {
+            let n: u64 = redis::cmd("ZCARD")
+                .arg(&queued)
+                .query_async(&mut redis)
+                .await
+                .expect("zcard");
+            (n == 0).then_some(())
+        }
+    })
+    .await;
     worker.stop().await;
     for _ in 0..4 {
         assert_eq!(submit(&app, &acme).await.0, 202);
