@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Where a streamed job's time to first token goes: one API and one worker (the real test model,
+# the classifier on), then N jobs one at a time, each submitted and its event stream read. For
+# each job it prints the submit's HTTP time, when the first text event arrived (after the
+# submit began), and the job's own timings: queued_ms (accepted → the worker starts it) and
+# the worker's time_to_first_token_ms (prefill and the first decode step).
+#
+#   benches/serving/ttft-breakdown.sh [jobs]      (default 6; the first one warms up)
+#
+# Binaries from SLUICE_BIN_DIR, else target/debug (built if missing). Uses the shared RabbitMQ
+# and Redis under a namespace of its own.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+jobs="${1:-6}"
+bin="${SLUICE_BIN_DIR:-target/debug}"
+if [[ -z "${SLUICE_BIN_DIR:-}" ]]; then
+  cargo build --quiet -p sluice-api -p sluice-worker --bins
+fi
+scripts/ensure-services >/dev/null
+model="${SLUICE_MODEL:-$(scripts/fetch-test-model)}"
+port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+dir="$(mktemp -d)"
+export SLUICE_NAMESPACE="bench-ttft-$$" RUST_LOG=warn
+SLUICE_MODEL="$model" "$bin/sluice-worker" run >"$dir/worker.log" 2>&1 &
+pids=($!)
+SLUICE_GUARD_MODEL="$(scripts/fetch-guard-model)" SLUICE_TOKENIZER="$model" \
+  SLUICE_API_ADDR="127.0.0.1:$port" "$bin/sluice-api" serve >"$dir/api.log" 2>&1 &
+pids+=($!)
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; rm -rf "$dir"' EXIT
+ready=0
+for _ in $(seq 120); do
+  if curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then ready=1; break; fi
+  kill -0 "${pids[@]}" 2>/dev/null || break
+  sleep 1
+done
+if ((!ready)); then
+  echo "ttft-breakdown: the API or the worker did not come up:" >&2
+  tail -n 20 "$dir/api.log" "$dir/worker.log" >&2
+  exit 1
+fi
+key="$("$bin/sluice-api" keys create --tenant bench 2>/dev/null)"
+
+python3 - "http://127.0.0.1:$port" "$key" "$jobs" <<'PY'
+import json, sys, time, urllib.request
+
+base, key, jobs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+auth = {"Authorization": f"Bearer {key}"}
+
+def call(method, path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={**auth, "Content-Type": "application/json"})
+    return urllib.request.urlopen(req, timeout=120)
+
+for i in range(jobs):
+    body = {"messages": [{"role": "user", "content":
+            f"Write a long, detailed essay about the water cycle ({i})."}],
+            "max_tokens": 16, "temperature": 0}
+    t0 = time.perf_counter()
+    job = json.load(call("POST", "/v1/jobs", body))
+    t1 = time.perf_counter()
+    first = None
+    with call("GET", f"/v1/jobs/{job['id']}/events") as events:
+        for line in events:
+            if first is None and line.startswith(b"event: text"):
+                first = time.perf_counter()
+            if line.startswith(b"event: done"):
+                break
+    view = json.load(call("GET", f"/v1/jobs/{job['id']}"))
+    t, u = view["result"]["timings"], view["result"]["usage"]
+    print(f"job {i}{' (warm-up)' if i == 0 else ''}: submit {1000 * (t1 - t0):.1f} ms, "
+          f"first text event {1000 * (first - t0):.1f} ms after the submit began; "
+          f"queued_ms {t['queued_ms']}, worker time_to_first_token_ms "
+          f"{t['time_to_first_token_ms']}, prompt {u['prompt_tokens']} tokens")
+PY
