@@ -181,11 +181,6 @@ pub fn body_bytes(
     })
 }
 
-/// Parses a submit body (see [`parse_json`]).
-pub fn parse_body(bytes: &[u8]) -> Result<SubmitRequest, ApiError> {
-    parse_json(bytes)
-}
-
 /// Parses a JSON body, telling malformed JSON (`invalid_json`) from JSON of the wrong shape
 /// (`invalid_request`).
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
@@ -290,6 +285,11 @@ pub fn validate(req: JobRequest, limits: &Limits) -> Result<ValidatedJob, ApiErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `POST /v1/jobs` body as `ValidJob` parses it.
+    fn parse_body(bytes: &[u8]) -> Result<SubmitRequest, ApiError> {
+        parse_json(bytes)
+    }
 
     fn limits() -> Limits {
         Limits {

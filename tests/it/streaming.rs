@@ -154,6 +154,30 @@ async fn a_job_that_never_ran_ends_its_stream_with_its_status() {
     backends.cleanup().await;
 }
 
+/// A worker stream pump for a new job id of `backends`' namespace (a stream TTL of 300 s, no
+/// redaction), fed through the returned sender.
+fn spawn_pump(
+    backends: &Backends,
+    flush_interval: Duration,
+) -> (
+    uuid::Uuid,
+    tokio::sync::mpsc::UnboundedSender<String>,
+    tokio::task::JoinHandle<()>,
+) {
+    let pool = sluice_jobs::redis_pool::create_pool(&sluice_shared::Secret::new(REDIS_URL), 2)
+        .expect("pool");
+    let store = sluice_jobs::store::JobStore::new(pool, backends.ks.clone(), 600);
+    let id = uuid::Uuid::now_v7();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let config = PumpConfig {
+        ttl_secs: 300,
+        redact: false,
+        flush_interval,
+    };
+    let pump = tokio::spawn(sluice_worker::intake::stream::pump(store, id, config, rx));
+    (id, tx, pump)
+}
+
 /// The worker's stream pump on the real Redis: the text arrives whole and in order, the stream
 /// gets its time to live with the first append, and the later appends leave the TTL alone (a
 /// single `XADD` each; `FINISH` sets the final TTL): a TTL removed after the first append stays
@@ -162,18 +186,8 @@ async fn a_job_that_never_ran_ends_its_stream_with_its_status() {
 async fn the_pump_appends_in_order_and_sets_the_ttl_once() {
     let ns = unique_namespace("pump");
     let backends = Backends::connect(&ns).await;
-    let pool = sluice_jobs::redis_pool::create_pool(&sluice_shared::Secret::new(REDIS_URL), 2)
-        .expect("pool");
-    let store = sluice_jobs::store::JobStore::new(pool, backends.ks.clone(), 600);
-    let id = uuid::Uuid::now_v7();
+    let (id, tx, pump) = spawn_pump(&backends, Duration::ZERO);
     let key = backends.ks.job_events(&id);
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let config = PumpConfig {
-        ttl_secs: 300,
-        redact: false,
-        flush_interval: Duration::ZERO,
-    };
-    let pump = tokio::spawn(sluice_worker::intake::stream::pump(store, id, config, rx));
     let mut redis = backends.redis.clone();
     let mut sent = String::new();
     for i in 0..40 {
@@ -251,18 +265,8 @@ async fn the_pump_appends_in_order_and_sets_the_ttl_once() {
 async fn the_pump_coalesces_appends_within_its_interval() {
     let ns = unique_namespace("pump-window");
     let backends = Backends::connect(&ns).await;
-    let pool = sluice_jobs::redis_pool::create_pool(&sluice_shared::Secret::new(REDIS_URL), 2)
-        .expect("pool");
-    let store = sluice_jobs::store::JobStore::new(pool, backends.ks.clone(), 600);
-    let id = uuid::Uuid::now_v7();
+    let (id, tx, pump) = spawn_pump(&backends, Duration::from_secs(3600));
     let key = backends.ks.job_events(&id);
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let config = PumpConfig {
-        ttl_secs: 300,
-        redact: false,
-        flush_interval: Duration::from_secs(3600),
-    };
-    let pump = tokio::spawn(sluice_worker::intake::stream::pump(store, id, config, rx));
     let redis = backends.redis.clone();
     let xlen = move || {
         let mut redis = redis.clone();
