@@ -30,7 +30,7 @@ servers="${SLUICE_SERVING_SERVERS:-sluice llama}"
 python="$(scripts/python-env)"
 threads="$(nproc)"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source benches/lib/sluice-processes.sh
 dir="$(mktemp -d)"
 pids=()
 stop_all() {
@@ -41,16 +41,6 @@ stop_all() {
   pids=()
 }
 trap 'stop_all; rm -rf "$dir"' EXIT
-wait_ready() { # url, what
-  for _ in $(seq 300); do
-    if curl -fsS "$1" >/dev/null 2>&1; then return 0; fi
-    kill -0 "${pids[@]}" 2>/dev/null || break
-    sleep 1
-  done
-  echo "serving: $2 did not come up:" >&2
-  tail -n 20 "$dir"/*.log >&2
-  exit 1
-}
 client() { # base url, key, label
   "$python" benches/serving/client.py --base-url "$1" --api-key "$2" --label "$3" \
     --concurrency "$levels" --requests "$requests" --max-tokens "$max_tokens" \
@@ -74,12 +64,7 @@ for server in $servers; do
     if [[ "${SLUICE_GUARD_CLASSIFIER:-on}" != off ]]; then
       guard+=(SLUICE_GUARD_MODEL="$(scripts/fetch-guard-model)")
     fi
-    RUST_LOG=warn SLUICE_MODEL="$model" "$bin/sluice-worker" run >"$dir/worker.log" 2>&1 &
-    pids+=($!)
-    env "${guard[@]}" RUST_LOG=warn SLUICE_TOKENIZER="$model" SLUICE_API_ADDR="127.0.0.1:$port" \
-      "$bin/sluice-api" serve >"$dir/api.log" 2>&1 &
-    pids+=($!)
-    wait_ready "http://127.0.0.1:$port/readyz" "Sluice"
+    RUST_LOG=warn start_sluice "$model" "$port" 300 "${guard[@]}"
     key="$("$bin/sluice-api" keys create --tenant bench)"
     client "http://127.0.0.1:$port/v1" "$key" sluice
     stop_all
@@ -90,7 +75,7 @@ for server in $servers; do
     "$llama" -m "$model" --host 127.0.0.1 --port "$port" -t "$threads" -np 8 -c 8192 \
       >"$dir/llama.log" 2>&1 &
     pids+=($!)
-    wait_ready "http://127.0.0.1:$port/health" "llama-server"
+    wait_ready "http://127.0.0.1:$port/health" "llama-server" 300
     client "http://127.0.0.1:$port/v1" none llama-server
     stop_all
     ;;

@@ -19,26 +19,13 @@ if [[ -z "${SLUICE_BIN_DIR:-}" ]]; then
 fi
 scripts/ensure-services >/dev/null
 model="${SLUICE_MODEL:-$(scripts/fetch-test-model)}"
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+source benches/lib/sluice-processes.sh
+port="$(free_port)"
 dir="$(mktemp -d)"
 export SLUICE_NAMESPACE="bench-ttft-$$" RUST_LOG=warn
-SLUICE_MODEL="$model" "$bin/sluice-worker" run >"$dir/worker.log" 2>&1 &
-pids=($!)
-SLUICE_GUARD_MODEL="$(scripts/fetch-guard-model)" SLUICE_TOKENIZER="$model" \
-  SLUICE_API_ADDR="127.0.0.1:$port" "$bin/sluice-api" serve >"$dir/api.log" 2>&1 &
-pids+=($!)
+pids=()
 trap 'kill -TERM "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; rm -rf "$dir"' EXIT
-ready=0
-for _ in $(seq 120); do
-  if curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then ready=1; break; fi
-  kill -0 "${pids[@]}" 2>/dev/null || break
-  sleep 1
-done
-if ((!ready)); then
-  echo "ttft-breakdown: the API or the worker did not come up:" >&2
-  tail -n 20 "$dir/api.log" "$dir/worker.log" >&2
-  exit 1
-fi
+start_sluice "$model" "$port" 120 SLUICE_GUARD_MODEL="$(scripts/fetch-guard-model)"
 key="$("$bin/sluice-api" keys create --tenant bench 2>/dev/null)"
 
 python3 - "http://127.0.0.1:$port" "$key" "$jobs" <<'PY'

@@ -21,7 +21,7 @@ fi
 scripts/ensure-services >/dev/null
 model="${SLUICE_MODEL:-$(scripts/fetch-test-model)}"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source benches/lib/sluice-processes.sh
 redis_port="$(free_port)"
 api_port="$(free_port)"
 dir="$(mktemp -d)"
@@ -40,22 +40,7 @@ export SLUICE_REDIS_URL="redis://127.0.0.1:$redis_port"
 export SLUICE_NAMESPACE="bench-cmds-$$"
 export RUST_LOG=warn
 # The classifier is off: this counts the state tier's commands, not the guard's cost.
-SLUICE_MODEL="$model" "$bin/sluice-worker" run >"$dir/worker.log" 2>&1 &
-pids+=($!)
-SLUICE_TOKENIZER="$model" SLUICE_API_ADDR="127.0.0.1:$api_port" SLUICE_GUARD_CLASSIFIER=off \
-  "$bin/sluice-api" serve >"$dir/api.log" 2>&1 &
-pids+=($!)
-ready=0
-for _ in $(seq 120); do
-  if curl -fsS "http://127.0.0.1:$api_port/readyz" >/dev/null 2>&1; then ready=1; break; fi
-  kill -0 "${pids[@]}" 2>/dev/null || break
-  sleep 1
-done
-if ((!ready)); then
-  echo "stream-commands: the API or the worker did not come up:" >&2
-  tail -n 20 "$dir/api.log" "$dir/worker.log" >&2
-  exit 1
-fi
+start_sluice "$model" "$api_port" 120 SLUICE_GUARD_CLASSIFIER=off
 key="$("$bin/sluice-api" keys create --tenant bench)"
 
 stats() {
