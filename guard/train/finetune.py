@@ -7,9 +7,18 @@ character n-gram weights), on the train split of guard/train/build (prepare.py).
   python finetune.py                   # from an existing build
 
 PyTorch (CPU) trains; the API runs the result with candle: the adapters (guard/model/
-adapter.safetensors, about 1 MB) are merged into the base weights when the API loads the
+adapter.safetensors, a few MB) are merged into the base weights when the API loads the
 encoder (W + B·A·alpha/r), and the head goes to guard/model/head.json. The base encoder
 itself is the registry's, fetched by scripts/fetch-guard-model; nothing else is shipped.
+
+The vocabulary is extended: MiniLM's English WordPiece vocabulary has no entry for most
+Chinese characters (39 % of the Chinese training tokens were [UNK]), so the encoder could not
+tell "忽略所有指令" from "格式化这个表格", and a Korean or Hindi word with one letter it lacks
+was a single [UNK]. Every character missing from the vocabulary in a word the base tokenizer
+reads as [UNK], at least EXTRA_MIN_COUNT times in the training split, becomes a token of its
+own (guard/model/vocab-extra.txt, in id order after the base vocabulary), with an
+embedding row that starts as [UNK]'s and is trained (the adapter's
+`embeddings.word_embeddings.extra`).
 
 Reproducible: fixed seeds, deterministic algorithms, two threads, a fixed batch order. The
 operating threshold is chosen on the validation split (at most 1 % false positives) and
@@ -40,8 +49,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 BUILD = HERE / "build"
 
-RANK = 8
-ALPHA = 16.0
+RANK = 16
 HIDDEN = 256
 EPOCHS = 3  # chosen on the validation split: 91.3 % recall at 1 % FPR after 3 epochs, 89.8 % after 2
 BATCH = 32
@@ -50,6 +58,9 @@ WEIGHT_DECAY = 0.01
 TRAIN_TOKENS = 128  # training truncates; inference reads 256-token windows
 WINDOW = 256
 OVERLAP = 64
+# A one-character [UNK] word seen this often in the training split gets a token of its own.
+EXTRA_MIN_COUNT = 2
+EXTRA_LR = LR * 4
 LORA_TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value",
                 "attention.output.dense", "intermediate.dense", "output.dense")
 
@@ -83,11 +94,13 @@ class LoRALinear(torch.nn.Module):
 class Encoder(torch.nn.Module):
     """transformers' BertModel (post-LayerNorm, exact GELU), with LoRA on its linear layers."""
 
-    def __init__(self, weights, config, gen):
+    def __init__(self, weights, config, gen, extra_rows=0, unk=None, rank=RANK):
         super().__init__()
         t = lambda name: torch.nn.Parameter(torch.from_numpy(weights[name].copy()), requires_grad=False)
         self.word, self.pos, self.typ = t("embeddings.word_embeddings.weight"), t("embeddings.position_embeddings.weight"), t("embeddings.token_type_embeddings.weight")
         self.ln_w, self.ln_b = t("embeddings.LayerNorm.weight"), t("embeddings.LayerNorm.bias")
+        # Rows of the extended vocabulary, trained; each starts as the [UNK] row it replaces.
+        self.extra = torch.nn.Parameter(self.word[unk].detach().clone().repeat(extra_rows, 1) if extra_rows else torch.zeros(0, self.word.shape[1]))
         self.eps = config["layer_norm_eps"]
         self.heads = config["num_attention_heads"]
         self.layers = torch.nn.ModuleList()
@@ -95,14 +108,14 @@ class Encoder(torch.nn.Module):
             p = f"encoder.layer.{i}."
             layer = torch.nn.Module()
             for target in LORA_TARGETS:
-                setattr(layer, target.replace(".", "_"), LoRALinear(weights[p + target + ".weight"], weights[p + target + ".bias"], RANK, ALPHA, gen))
+                setattr(layer, target.replace(".", "_"), LoRALinear(weights[p + target + ".weight"], weights[p + target + ".bias"], rank, 2.0 * rank, gen))
             layer.ln1_w, layer.ln1_b = t(p + "attention.output.LayerNorm.weight"), t(p + "attention.output.LayerNorm.bias")
             layer.ln2_w, layer.ln2_b = t(p + "output.LayerNorm.weight"), t(p + "output.LayerNorm.bias")
             self.layers.append(layer)
 
     def forward(self, ids, mask):
         n, s = ids.shape
-        x = self.word[ids] + self.pos[:s] + self.typ[0]
+        x = torch.cat([self.word, self.extra])[ids] + self.pos[:s] + self.typ[0]
         x = torch.nn.functional.layer_norm(x, (x.shape[-1],), self.ln_w, self.ln_b, self.eps)
         h = self.heads
         d = x.shape[-1] // h
@@ -150,6 +163,44 @@ def lexical_batch(texts):
         flat.extend(b.tolist())
         weights.extend([1.0 / math.sqrt(len(b))] * len(b) if len(b) else [])
     return torch.tensor(flat, dtype=torch.long), torch.tensor(offsets, dtype=torch.long), torch.tensor(weights, dtype=torch.float32)
+
+
+def extra_vocabulary(tok, texts):
+    """What the base tokenizer lacks to read the words of `texts` that it reads as [UNK]: each
+    character of such a word (in the tokenizer's normalised form: lowercase, accents stripped)
+    that is missing from the WordPiece vocabulary in its position's form (the word's first
+    character as itself, a later one as `##` + itself), when that form is missing at least
+    EXTRA_MIN_COUNT times; most frequent first (ties by the token). Chinese characters (each
+    its own word) and Korean jamo inside words are most of them."""
+    vocab = tok.get_vocab()
+    counts = {}
+    for t in texts:
+        e = tok.encode(t, add_special_tokens=False)
+        for token, (a, b) in zip(e.tokens, e.offsets):
+            if token != "[UNK]":
+                continue
+            word = tok.normalizer.normalize_str(t[a:b]).strip()  # it pads CJK characters with spaces
+            for i, c in enumerate(word):
+                form = c if i == 0 else "##" + c
+                if not c.isspace() and form not in vocab:
+                    counts[form] = counts.get(form, 0) + 1
+    return sorted((w for w, c in counts.items() if c >= EXTRA_MIN_COUNT), key=lambda w: (-counts[w], w))
+
+
+def extended_tokenizer(tokenizer_json, extra):
+    """The base tokenizer with `extra` (normalised characters) appended to its WordPiece
+    vocabulary, with ids from the base vocabulary's size on, as
+    guard/src/classifier/encoder.rs builds it."""
+    spec = json.loads(tokenizer_json)
+    vocab = spec["model"]["vocab"]
+    size = len(vocab)
+    for i, w in enumerate(extra):
+        assert w not in vocab, w
+        vocab[w] = size + i
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
 
 
 def load_rows(name):
@@ -206,28 +257,37 @@ def main():
     ap.add_argument("encoder_dir")
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--limit", type=int, default=0, help="train on this many rows only (a smoke run; writes nothing)")
+    ap.add_argument("--no-extra-vocab", action="store_true", help="keep the base vocabulary (for comparison; writes nothing)")
+    ap.add_argument("--seed", type=int, default=SEED, help="another seed, to measure run-to-run variance (writes nothing unless it is the default)")
+    ap.add_argument("--rank", type=int, default=RANK, help="the adapters' rank (alpha is twice it; writes nothing unless it is the default)")
     args = ap.parse_args()
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(args.seed)
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
-    gen = torch.Generator().manual_seed(SEED)
+    gen = torch.Generator().manual_seed(args.seed)
+    experiment = args.limit or args.no_extra_vocab or args.seed != SEED or args.rank != RANK
     root = Path(args.encoder_dir)
     config = json.loads((root / "config.json").read_text())
     weights = load_file(str(root / "model.safetensors"))
     encoder_sha = hashlib.sha256((root / "model.safetensors").read_bytes()).hexdigest()
-    tok = Tokenizer.from_file(str(root / "tokenizer.json"))
-    tok.no_truncation()
-    tok.no_padding()
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tokenizer_json = (root / "tokenizer.json").read_text(encoding="utf-8")
+    base_tok = Tokenizer.from_str(tokenizer_json)
+    base_tok.no_truncation()
+    base_tok.no_padding()
 
-    enc = Encoder(weights, config, gen)
-    head = Head(gen)
     train = load_rows("train")
     if args.limit:
-        rng = np.random.default_rng(SEED)
+        rng = np.random.default_rng(args.seed)
         train = [train[i] for i in rng.permutation(len(train))[:args.limit]]
     texts = [mask_encoded(r["text"]) for r in train]
+    extra = [] if args.no_extra_vocab else extra_vocabulary(base_tok, texts)
+    tok = extended_tokenizer(tokenizer_json, extra)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    print(f"extra vocabulary: {len(extra)} tokens", file=sys.stderr)
+
+    enc = Encoder(weights, config, gen, len(extra), tok.token_to_id("[UNK]"), args.rank)
+    head = Head(gen)
     labels = torch.tensor([r["label"] for r in train], dtype=torch.float32)
     sw = np.array([SOURCE_WEIGHT.get(r["source"], 1.0) for r in train], np.float32)
     pos, neg = sw[labels.numpy() == 1].sum(), sw[labels.numpy() == 0].sum()
@@ -239,13 +299,14 @@ def main():
         tokens.append([cls] + ids + [sep])
 
     opt = torch.optim.AdamW([
-        {"params": [p for p in enc.parameters() if p.requires_grad] + [head.l1.weight, head.l2.weight], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for n, p in enc.named_parameters() if p.requires_grad and n != "extra"] + [head.l1.weight, head.l2.weight], "weight_decay": WEIGHT_DECAY},
+        {"params": [enc.extra], "weight_decay": 0.0, "lr": EXTRA_LR},
         {"params": [head.l1.bias, head.l2.bias], "weight_decay": 0.0},
         {"params": [head.lexical.weight], "weight_decay": 0.0, "lr": LR * 4},
     ], lr=LR)
     steps = args.epochs * math.ceil(len(texts) / BATCH)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.0, 1 - s / steps))
-    rng = np.random.default_rng(SEED)
+    rng = np.random.default_rng(args.seed)
     step = 0
     started = time.time()
     for epoch in range(args.epochs):
@@ -272,7 +333,8 @@ def main():
     zv = logits(enc, head, tok, cls, sep, [r["text"] for r in val])
     yv = np.array([r["label"] for r in val])
     t = float(threshold_at_fpr(zv[yv == 0], TARGET_FPR))
-    results = {"method": "LoRA fine-tune + MLP + hashed n-grams (finetune.py)", "seed": SEED, "rank": RANK, "epochs": args.epochs,
+    results = {"method": "LoRA fine-tune + extended vocabulary + MLP + hashed n-grams (finetune.py)", "seed": args.seed, "rank": args.rank, "epochs": args.epochs,
+               "extra_vocabulary": len(extra),
                "train_rows": len(train), "val": report(val, zv - t, 0.0)}
     test = load_rows("test")
     zt = logits(enc, head, tok, cls, sep, [r["text"] for r in test]) - t
@@ -282,7 +344,7 @@ def main():
     ben = [i for i, r in enumerate(test) if r["label"] == 0]
     results["unseen"] = report(unseen + [test[i] for i in ben], np.concatenate([zu, zt[ben]]), 0.0)
     print(json.dumps(results, indent=1, ensure_ascii=False))
-    if args.limit:
+    if experiment:
         return
 
     adapter = {}
@@ -291,8 +353,10 @@ def main():
             m = getattr(L, target.replace(".", "_"))
             adapter[f"encoder.layer.{i}.{target}.lora_a"] = m.lora_a.detach().numpy().astype(np.float32)
             adapter[f"encoder.layer.{i}.{target}.lora_b"] = (m.lora_b.detach().numpy() * m.scale).astype(np.float32)
+    adapter["embeddings.word_embeddings.extra"] = enc.extra.detach().numpy().astype(np.float32)
+    (REPO / "guard" / "model" / "vocab-extra.txt").write_text("".join(w + "\n" for w in extra), encoding="utf-8")
     save_file(adapter, str(REPO / "guard" / "model" / "adapter.safetensors"),
-              metadata={"encoder_sha256": encoder_sha, "rank": str(RANK), "note": "lora_b is pre-multiplied by alpha/rank"})
+              metadata={"encoder_sha256": encoder_sha, "rank": str(args.rank), "note": "lora_b is pre-multiplied by alpha/rank"})
     adapter_sha = hashlib.sha256((REPO / "guard" / "model" / "adapter.safetensors").read_bytes()).hexdigest()
     with torch.no_grad():
         head.l2.bias -= t
@@ -301,7 +365,7 @@ def main():
         "encoder_sha256": encoder_sha,
         "adapter_sha256": adapter_sha,
         "trained_by": "guard/train/run (guard/train/finetune.py)",
-        "seed": SEED,
+        "seed": args.seed,
         "operating_point": f"score 0.5 = at most {TARGET_FPR:.0%} false positives on the validation split",
         "layers": [
             {"weight": head.l1.weight.detach().numpy().tolist(), "bias": head.l1.bias.detach().numpy().tolist()},

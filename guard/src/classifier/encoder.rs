@@ -6,6 +6,7 @@
 //! in one window; the classifier scores every window and keeps the maximum.
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr as _;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -72,25 +73,26 @@ impl Encoder {
         Self::load_adapted(dir, None)
     }
 
-    /// [`Encoder::load`], with low-rank adapters merged into the weights: for every
-    /// `NAME.lora_a` (`[r, in]`) and `NAME.lora_b` (`[out, r]`, already scaled by alpha/r) in
-    /// `adapter` (safetensors), `NAME.weight` becomes `NAME.weight + lora_b · lora_a`.
-    pub fn load_adapted(dir: &Path, adapter: Option<&[u8]>) -> Result<Self, ClassifierError> {
+    /// [`Encoder::load`], with an adapter merged into the base weights and vocabulary:
+    /// - for every `NAME.lora_a` (`[r, in]`) and `NAME.lora_b` (`[out, r]`, already scaled by
+    ///   alpha/r) in its weights (safetensors), `NAME.weight` becomes
+    ///   `NAME.weight + lora_b · lora_a`;
+    /// - its extended vocabulary: the tokens of [`Adapter::vocabulary`] (one per line, already
+    ///   in the tokenizer's normalised form) join the WordPiece vocabulary with ids from the
+    ///   base vocabulary's size on, and `embeddings.word_embeddings.extra` holds their rows.
+    pub fn load_adapted(dir: &Path, adapter: Option<Adapter<'_>>) -> Result<Self, ClassifierError> {
         let config_path = file(dir, CONFIG_FILE)?;
         let tokenizer_path = file(dir, TOKENIZER_FILE)?;
         let weights_path = file(dir, WEIGHTS_FILE)?;
 
-        let config: Config = std::fs::read_to_string(&config_path)
+        let mut config: Config = std::fs::read_to_string(&config_path)
             .map_err(|e| corrupt(&config_path, e))
             .and_then(|s| serde_json::from_str(&s).map_err(|e| corrupt(&config_path, e)))?;
 
-        let mut tokenizer =
-            Tokenizer::from_file(&tokenizer_path).map_err(|e| corrupt(&tokenizer_path, e))?;
-        // Windows are cut here, not by the tokenizer's own truncation and padding settings.
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| corrupt(&tokenizer_path, e))?;
-        tokenizer.with_padding(None);
+        let extra: Vec<&str> = adapter
+            .map(|a| a.vocabulary.lines().filter(|l| !l.is_empty()).collect())
+            .unwrap_or_default();
+        let tokenizer = load_tokenizer(&tokenizer_path, &extra)?;
         let special = |token: &str| {
             tokenizer
                 .token_to_id(token)
@@ -105,10 +107,13 @@ impl Encoder {
             .map_err(|e| corrupt(&weights_path, e))?;
         drop(bytes);
         if let Some(adapter) = adapter {
-            merge_adapter(&mut tensors, adapter).map_err(|detail| ClassifierError::Corrupt {
+            let built_in = |detail| ClassifierError::Corrupt {
                 path: "guard/model/adapter.safetensors (built in)".into(),
                 detail,
-            })?;
+            };
+            let rows = merge_adapter(&mut tensors, adapter.weights).map_err(built_in)?;
+            config.vocab_size =
+                extend_embeddings(&mut tensors, rows, extra.len()).map_err(built_in)?;
         }
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
         let model = BertModel::load(vb, &config).map_err(|e| corrupt(&weights_path, e))?;
@@ -236,13 +241,98 @@ impl Encoder {
     }
 }
 
-/// Adds each adapter's `lora_b · lora_a` to the weight it names.
+/// A fine-tuned adapter for the base encoder: its weights (safetensors) and the tokens of its
+/// extended vocabulary, one per line.
+#[derive(Debug, Clone, Copy)]
+pub struct Adapter<'a> {
+    pub weights: &'a [u8],
+    pub vocabulary: &'a str,
+}
+
+/// The name of the extended vocabulary's embedding rows in an adapter.
+const EXTRA_EMBEDDINGS: &str = "embeddings.word_embeddings.extra";
+const WORD_EMBEDDINGS: &str = "embeddings.word_embeddings.weight";
+
+/// The encoder's tokenizer with `extra` appended to its WordPiece vocabulary (ids from the base
+/// vocabulary's size on), without truncation or padding.
+fn load_tokenizer(path: &Path, extra: &[&str]) -> Result<Tokenizer, ClassifierError> {
+    let text = std::fs::read_to_string(path).map_err(|e| corrupt(path, e))?;
+    let mut tokenizer = if extra.is_empty() {
+        Tokenizer::from_str(&text).map_err(|e| corrupt(path, e))?
+    } else {
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| corrupt(path, e))?;
+        let vocab = spec
+            .pointer_mut("/model/vocab")
+            .and_then(serde_json::Value::as_object_mut)
+            .ok_or_else(|| corrupt(path, "no WordPiece vocabulary (model.vocab)"))?;
+        let base = vocab.len();
+        for (n, token) in extra.iter().enumerate() {
+            if vocab
+                .insert((*token).to_string(), serde_json::Value::from(base + n))
+                .is_some()
+            {
+                return Err(corrupt(
+                    path,
+                    format!("the classifier's extra token {token:?} is already in the vocabulary"),
+                ));
+            }
+        }
+        Tokenizer::from_str(&spec.to_string()).map_err(|e| corrupt(path, e))?
+    };
+    // Windows are cut here, not by the tokenizer's own truncation and padding settings.
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| corrupt(path, e))?;
+    tokenizer.with_padding(None);
+    Ok(tokenizer)
+}
+
+/// Appends the adapter's extra embedding rows (one per extra token) to the word embeddings and
+/// returns the new vocabulary size.
+fn extend_embeddings(
+    tensors: &mut std::collections::HashMap<String, Tensor>,
+    rows: Option<Tensor>,
+    extra_tokens: usize,
+) -> Result<usize, String> {
+    let word = tensors
+        .get(WORD_EMBEDDINGS)
+        .ok_or_else(|| format!("{WORD_EMBEDDINGS} is not a weight of the encoder"))?
+        .to_dtype(DType::F32)
+        .map_err(|e| e.to_string())?;
+    let Some(rows) = rows else {
+        return if extra_tokens == 0 {
+            Ok(word.dims()[0])
+        } else {
+            Err(format!(
+                "{extra_tokens} extra tokens but no {EXTRA_EMBEDDINGS}"
+            ))
+        };
+    };
+    let rows = rows.to_dtype(DType::F32).map_err(|e| e.to_string())?;
+    if rows.dims().len() != 2 || rows.dims()[0] != extra_tokens || rows.dims()[1] != word.dims()[1]
+    {
+        return Err(format!(
+            "{EXTRA_EMBEDDINGS} has shape {:?}, expected [{extra_tokens}, {}]",
+            rows.dims(),
+            word.dims()[1]
+        ));
+    }
+    let joined = Tensor::cat(&[&word, &rows], 0).map_err(|e| e.to_string())?;
+    let size = joined.dims()[0];
+    tensors.insert(WORD_EMBEDDINGS.to_string(), joined);
+    Ok(size)
+}
+
+/// Adds each adapter's `lora_b · lora_a` to the weight it names, and returns the adapter's
+/// extra embedding rows, if it has them.
 fn merge_adapter(
     tensors: &mut std::collections::HashMap<String, Tensor>,
     adapter: &[u8],
-) -> Result<(), String> {
-    let adapter =
+) -> Result<Option<Tensor>, String> {
+    let mut adapter =
         candle_core::safetensors::load_buffer(adapter, &Device::Cpu).map_err(|e| e.to_string())?;
+    let rows = adapter.remove(EXTRA_EMBEDDINGS);
     let mut merged = 0;
     for (name, a) in &adapter {
         let Some(base) = name.strip_suffix(".lora_a") else {
@@ -276,5 +366,5 @@ fn merge_adapter(
     if merged == 0 {
         return Err("no lora_a/lora_b pairs".into());
     }
-    Ok(())
+    Ok(rows)
 }

@@ -19,6 +19,8 @@ pub const BUILTIN_HEAD: &str = include_str!("../../model/head.json");
 /// The encoder's fine-tuned low-rank adapters, built into the binary (see
 /// [`super::encoder::Encoder::load_adapted`]).
 pub const BUILTIN_ADAPTER: &[u8] = include_bytes!("../../model/adapter.safetensors");
+/// The tokens of the adapter's extended vocabulary, one per line, in id order.
+pub const BUILTIN_VOCABULARY: &str = include_str!("../../model/vocab-extra.txt");
 
 #[derive(Debug, Clone, Deserialize)]
 struct Layer {

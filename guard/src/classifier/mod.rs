@@ -53,7 +53,11 @@ impl Classifier {
     /// Loads the encoder from `dir`, with the built-in adapter merged in and the built-in
     /// head.
     pub fn load(dir: &Path) -> Result<Self, ClassifierError> {
-        let encoder = Encoder::load_adapted(dir, Some(head::BUILTIN_ADAPTER))?;
+        let adapter = encoder::Adapter {
+            weights: head::BUILTIN_ADAPTER,
+            vocabulary: head::BUILTIN_VOCABULARY,
+        };
+        let encoder = Encoder::load_adapted(dir, Some(adapter))?;
         let head = Head::builtin(encoder.hidden_size())?;
         Self::new(encoder, head, dir)
     }
