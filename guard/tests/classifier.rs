@@ -129,40 +129,26 @@ fn the_adapted_encoder_reads_chinese_characters_the_base_vocabulary_lacks() {
 fn an_adapter_whose_vocabulary_and_rows_disagree_is_refused() {
     use sluice_guard::classifier::encoder::Adapter;
     use sluice_guard::classifier::head::{BUILTIN_ADAPTER, BUILTIN_VOCABULARY};
+    let refusal = |vocabulary: &str| {
+        let adapter = Adapter {
+            weights: BUILTIN_ADAPTER,
+            vocabulary,
+        };
+        match Encoder::load_adapted(&encoder_dir(), Some(adapter)) {
+            Err(e @ ClassifierError::Corrupt { .. }) => e.to_string(),
+            other => panic!("expected a refused adapter, got {other:?}"),
+        }
+    };
     let fewer: String = BUILTIN_VOCABULARY
         .lines()
         .skip(1)
         .map(|l| format!("{l}\n"))
         .collect();
-    let adapter = Adapter {
-        weights: BUILTIN_ADAPTER,
-        vocabulary: &fewer,
-    };
-    match Encoder::load_adapted(&encoder_dir(), Some(adapter)) {
-        Err(e @ ClassifierError::Corrupt { .. }) => {
-            assert!(e.to_string().contains("adapter.safetensors"), "{e}")
-        }
-        other => panic!("expected a corrupt adapter, got {other:?}"),
-    }
+    let e = refusal(&fewer);
+    assert!(e.contains("adapter.safetensors"), "{e}");
     // A token the base vocabulary already has would silently shadow it: refused as well.
-    let clash = format!(
-        "the\n{}",
-        BUILTIN_VOCABULARY
-            .lines()
-            .skip(1)
-            .map(|l| format!("{l}\n"))
-            .collect::<String>()
-    );
-    let adapter = Adapter {
-        weights: BUILTIN_ADAPTER,
-        vocabulary: &clash,
-    };
-    match Encoder::load_adapted(&encoder_dir(), Some(adapter)) {
-        Err(e @ ClassifierError::Corrupt { .. }) => {
-            assert!(e.to_string().contains("tokenizer.json"), "{e}")
-        }
-        other => panic!("expected a refused vocabulary, got {other:?}"),
-    }
+    let e = refusal(&format!("the\n{fewer}"));
+    assert!(e.contains("tokenizer.json"), "{e}");
 }
 
 #[test]
