@@ -1,6 +1,20 @@
 # Sourced by the benchmark scripts that run Sluice as processes for one measurement
-# (benches/stream-commands, benches/serving). The caller sets `bin` (the binaries' folder) and
-# `dir` (a scratch folder for the logs), and owns the `pids` array (for its cleanup).
+# (benches/stream-commands, benches/serving). The caller sets `bin` (the binaries' folder,
+# or through sluice_binaries) and `dir` (a scratch folder for the logs), and owns the `pids`
+# array (for its cleanup).
+
+# sluice_binaries PROFILE: sets `bin` to SLUICE_BIN_DIR, else target/PROFILE after building
+# sluice-api and sluice-worker there (debug or release), and makes sure the shared RabbitMQ and
+# Redis answer.
+sluice_binaries() {
+  bin="${SLUICE_BIN_DIR:-target/$1}"
+  if [[ -z "${SLUICE_BIN_DIR:-}" ]]; then
+    local profile=()
+    [[ "$1" == release ]] && profile=(--release)
+    cargo build "${profile[@]}" --quiet -p sluice-api -p sluice-worker --bins
+  fi
+  scripts/ensure-services >/dev/null
+}
 
 # A free TCP port on 127.0.0.1.
 free_port() {

@@ -53,11 +53,7 @@ echo "== model: $model; levels $levels; $requests requests per level; max_tokens
 for server in $servers; do
   case "$server" in
   sluice)
-    bin="${SLUICE_BIN_DIR:-target/release}"
-    if [[ -z "${SLUICE_BIN_DIR:-}" ]]; then
-      cargo build --release --quiet -p sluice-api -p sluice-worker --bins
-    fi
-    scripts/ensure-services >/dev/null
+    sluice_binaries release
     port="$(free_port)"
     export SLUICE_NAMESPACE="bench-serving-$$"
     guard=(SLUICE_GUARD_CLASSIFIER="${SLUICE_GUARD_CLASSIFIER:-on}")

@@ -13,13 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 jobs="${1:-6}"
-bin="${SLUICE_BIN_DIR:-target/debug}"
-if [[ -z "${SLUICE_BIN_DIR:-}" ]]; then
-  cargo build --quiet -p sluice-api -p sluice-worker --bins
-fi
-scripts/ensure-services >/dev/null
-model="${SLUICE_MODEL:-$(scripts/fetch-test-model)}"
 source benches/lib/sluice-processes.sh
+sluice_binaries debug
+model="${SLUICE_MODEL:-$(scripts/fetch-test-model)}"
 port="$(free_port)"
 dir="$(mktemp -d)"
 export SLUICE_NAMESPACE="bench-ttft-$$" RUST_LOG=warn

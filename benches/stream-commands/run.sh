@@ -14,14 +14,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 tokens="${1:-200}"
-bin="${SLUICE_BIN_DIR:-target/debug}"
-if [[ -z "${SLUICE_BIN_DIR:-}" ]]; then
-  cargo build --quiet -p sluice-api -p sluice-worker --bins
-fi
-scripts/ensure-services >/dev/null
+source benches/lib/sluice-processes.sh
+sluice_binaries debug
 model="${SLUICE_MODEL:-$(scripts/fetch-test-model)}"
 
-source benches/lib/sluice-processes.sh
 redis_port="$(free_port)"
 api_port="$(free_port)"
 dir="$(mktemp -d)"
