@@ -58,7 +58,8 @@ WEIGHT_DECAY = 0.01
 TRAIN_TOKENS = 128  # training truncates; inference reads 256-token windows
 WINDOW = 256
 OVERLAP = 64
-# A one-character [UNK] word seen this often in the training split gets a token of its own.
+# A character the vocabulary lacks (as itself, or as ##itself inside a word) in a word read as
+# [UNK], this often in the training split, gets a token of its own.
 EXTRA_MIN_COUNT = 2
 EXTRA_LR = LR * 4
 LORA_TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value",
