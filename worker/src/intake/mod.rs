@@ -5,8 +5,8 @@
 //! - [`stream`]: generated text into the job's Redis stream as it is produced, redacted;
 //! - this module: the broker session (the interactive consumer, the batch queue and the dead
 //!   letters) and the intake policy between them: interactive jobs are pushed by the broker up
-//!   to the engine's capacity; batch jobs are pulled, one at a time, only while this worker has
-//!   room and no interactive job is waiting.
+//!   to the engine's capacity; batch jobs are pulled, as many as there is room for, only while
+//!   no interactive job is waiting.
 
 pub mod consumer;
 pub mod stream;
@@ -126,24 +126,29 @@ impl Session {
         loop {
             tokio::select! {
                 _ = batch_poll.tick(), if in_flight.len() < capacity => {
-                    // The other branches (stop included) wait while this runs: a broker that
-                    // stops answering must not hold the worker here forever.
-                    let taken =
-                        tokio::time::timeout(BROKER_CALL_TIMEOUT, self.take_batch_job()).await;
-                    match taken {
-                        Ok(Ok(Taken::Job(delivery))) => spawn(in_flight, *delivery),
-                        Ok(Ok(Taken::Nothing)) => {}
-                        Ok(Ok(Taken::ConsumerEnded)) => return Ended::Reconnect,
-                        Ok(Err(e)) => {
-                            tracing::warn!(error = %e, "cannot poll the batch queue; reconnecting");
-                            return Ended::Reconnect;
-                        }
-                        Err(_) => {
-                            tracing::warn!(
-                                timeout_s = BROKER_CALL_TIMEOUT.as_secs(),
-                                "the broker did not answer a batch poll; reconnecting"
-                            );
-                            return Ended::Reconnect;
+                    // Batch jobs are taken while there is room and the queue has them (each
+                    // take checks for waiting interactive jobs first): one per tick would cap
+                    // a worker at 20 batch jobs a second, whatever its capacity. The other
+                    // branches (stop included) wait while this runs: a broker that stops
+                    // answering must not hold the worker here forever.
+                    while in_flight.len() < capacity {
+                        let taken =
+                            tokio::time::timeout(BROKER_CALL_TIMEOUT, self.take_batch_job()).await;
+                        match taken {
+                            Ok(Ok(Taken::Job(delivery))) => spawn(in_flight, *delivery),
+                            Ok(Ok(Taken::Nothing)) => break,
+                            Ok(Ok(Taken::ConsumerEnded)) => return Ended::Reconnect,
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = %e, "cannot poll the batch queue; reconnecting");
+                                return Ended::Reconnect;
+                            }
+                            Err(_) => {
+                                tracing::warn!(
+                                    timeout_s = BROKER_CALL_TIMEOUT.as_secs(),
+                                    "the broker did not answer a batch poll; reconnecting"
+                                );
+                                return Ended::Reconnect;
+                            }
                         }
                     }
                 }
