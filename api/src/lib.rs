@@ -20,6 +20,8 @@
 //!   `/readyz`, each registered together with its OpenAPI description;
 //! - [`openapi`]: the OpenAPI 3.1 document generated from those descriptions, served at
 //!   `/openapi.json`;
+//! - [`webhooks`]: signed, durable webhooks (Standard Webhooks): endpoints per tenant,
+//!   events queued on RabbitMQ, delivered with retries by a consumer in every API process;
 //! - [`error`]: [`error::ApiError`], the one place errors become HTTP responses;
 //! - [`extract`]: extractors whose rejections are such errors: path and query parameters, and
 //!   [`extract::ValidJob`], the opening both submit handlers share (body → wire format →
@@ -32,9 +34,11 @@
 
 pub mod audit;
 pub mod auth;
+pub mod batches;
 pub mod client_ip;
 pub mod error;
 pub mod extract;
+pub mod files;
 pub mod guard_cli;
 pub mod jwt;
 pub mod keys;
@@ -51,6 +55,7 @@ pub mod stream_conns;
 pub mod submit;
 pub mod tenant;
 pub mod validate;
+pub mod webhooks;
 pub mod wire;
 
 pub use settings::ApiSettings;

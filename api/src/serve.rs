@@ -35,6 +35,8 @@ pub struct ConnectionLimits {
     pub header_read: Duration,
     /// To send a request's whole body.
     pub body_read: Duration,
+    /// To send a file upload's whole body (`POST /v1/files`).
+    pub upload_read: Duration,
     /// Open connections at once.
     pub max_connections: usize,
     /// Open connections at once from one client address (the TCP peer: behind a proxy, the
@@ -51,8 +53,18 @@ pub async fn serve(
     limits: ConnectionLimits,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let app = app.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-        limits.body_read,
+    let (body_read, upload_read) = (limits.body_read, limits.upload_read);
+    let app = app.layer(axum::middleware::map_request(
+        move |request: axum::extract::Request| async move {
+            let timeout = if request.uri().path() == crate::routes::FILES_PATH {
+                upload_read
+            } else {
+                body_read
+            };
+            request.map(|body| {
+                axum::body::Body::new(tower_http::timeout::TimeoutBody::new(timeout, body))
+            })
+        },
     ));
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let per_client = PerClient::default();
@@ -263,6 +275,7 @@ mod tests {
     const LIMITS: ConnectionLimits = ConnectionLimits {
         header_read: Duration::from_millis(300),
         body_read: Duration::from_millis(300),
+        upload_read: Duration::from_millis(300),
         max_connections: 2,
         max_connections_per_client: 0,
     };

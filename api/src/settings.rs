@@ -102,7 +102,7 @@ pub struct ClassifierSettings {
     pub guard_classifier: bool,
 }
 
-fn parse_on_off(s: &str) -> Result<bool, String> {
+pub(crate) fn parse_on_off(s: &str) -> Result<bool, String> {
     match s {
         "on" => Ok(true),
         "off" => Ok(false),
@@ -271,6 +271,7 @@ impl DefaultPolicySettings {
             // Per tenant only (an admin registers it); no deployment-wide default.
             required_output_schema: None,
             default_priority: sluice_proto::Priority::Interactive,
+            batch_weight: 1,
         }
     }
 }
@@ -388,6 +389,15 @@ pub struct ApiSettings {
 
     #[command(flatten)]
     pub jwt: JwtSettings,
+
+    #[command(flatten)]
+    pub webhooks: crate::webhooks::WebhookSettings,
+
+    #[command(flatten)]
+    pub files: crate::files::FileSettings,
+
+    #[command(flatten)]
+    pub batches: crate::batches::BatchSettings,
 }
 
 impl ApiSettings {

@@ -80,10 +80,31 @@ impl Application {
         let limits = crate::serve::ConnectionLimits {
             header_read: Duration::from_secs(self.settings.header_read_timeout_secs),
             body_read: Duration::from_secs(self.settings.body_read_timeout_secs),
+            upload_read: Duration::from_secs(self.settings.files.files_upload_timeout_secs),
             max_connections: usize::try_from(self.settings.max_connections).unwrap_or(usize::MAX),
             max_connections_per_client: usize::try_from(self.settings.max_connections_per_client)
                 .unwrap_or(usize::MAX),
         };
+        let batches = self.settings.batches.batch_runner.then(|| {
+            crate::batches::runner::spawn(
+                self.state.clone(),
+                self.settings.batches.clone(),
+                stopping_rx.clone(),
+            )
+        });
+        let webhook_consumer = self
+            .state
+            .webhooks
+            .spawn_consumer(stopping_rx.clone(), grace);
+        // Jobs' end events go with the deliveries: a process that delivers also watches.
+        let job_events = self.settings.webhooks.webhook_deliveries.then(|| {
+            crate::webhooks::job_events::spawn_watcher(
+                self.state.store.clone(),
+                self.state.webhooks.clone(),
+                self.settings.batches.poll(),
+                stopping_rx.clone(),
+            )
+        });
         let server = crate::serve::serve(self.listener, app, limits, stopping_rx.clone());
         let signal = tokio::spawn(signal);
         let deadline = async move {
@@ -96,6 +117,19 @@ impl Application {
             () = deadline => tracing::warn!("drain deadline passed; dropping open connections"),
         }
         signal.abort();
+        if let Some(batches) = batches {
+            // Its drivers give their leases back within a poll; another replica resumes.
+            let _ = tokio::time::timeout(Duration::from_secs(2), batches).await;
+        }
+        if let Some(watcher) = job_events {
+            let _ = tokio::time::timeout(Duration::from_secs(2), watcher).await;
+        }
+        if let Some(consumer) = webhook_consumer {
+            // It drains its deliveries within the same grace period; any still unacked go
+            // back to the queue when its connection closes.
+            let _ = tokio::time::timeout(grace, consumer).await;
+        }
+        self.state.webhooks.close().await;
         self.state.publisher.close().await;
         Ok(())
     }
@@ -124,6 +158,19 @@ pub fn build_state(settings: &ApiSettings) -> anyhow::Result<AppState> {
             None
         }
     };
+    let (objects, prefix) = settings.files.open()?;
+    let files = crate::files::FileStore::new(
+        objects,
+        prefix,
+        pool.clone(),
+        ks.clone(),
+        settings.files.limits(settings.body_limit_bytes),
+    );
+    let batches = crate::batches::store::BatchStore::new(
+        pool.clone(),
+        ks.clone(),
+        settings.batches.max_window_secs(),
+    );
     let publisher = Publisher::new(
         settings.common.amqp_url.clone(),
         ks.clone(),
@@ -134,9 +181,18 @@ pub fn build_state(settings: &ApiSettings) -> anyhow::Result<AppState> {
         store: JobStore::new(pool.clone(), ks.clone(), settings.common.result_ttl_secs),
         publisher: Arc::new(publisher),
         keys: ApiKeys::new(pool.clone(), ks.clone()),
+        files,
+        batches,
         sessions: SessionStore::new(pool.clone(), ks.clone()),
         workers: WorkerRegistry::new(pool.clone(), ks.clone()),
         metrics,
+        webhooks: crate::webhooks::Webhooks::new(
+            pool.clone(),
+            ks.clone(),
+            settings.common.amqp_url.clone(),
+            &settings.webhooks,
+            format!("sluice-api-webhooks@{}", hostname()),
+        ),
         tenants: TenantStore::new(pool, ks, settings.policy.policy()),
         jwt,
         guard: Arc::new(Guard::with_builtin(extra_rules)),

@@ -22,6 +22,10 @@ pub struct AppState {
     pub store: JobStore,
     pub publisher: Arc<Publisher>,
     pub keys: ApiKeys,
+    /// Uploaded and batch output files.
+    pub files: crate::files::FileStore,
+    /// Batches' state in Redis.
+    pub batches: crate::batches::store::BatchStore,
     pub tenants: TenantStore,
     pub sessions: SessionStore,
     pub jwt: Option<Arc<JwtVerifier>>,
@@ -40,6 +44,8 @@ pub struct AppState {
     pub stream_conns: Arc<crate::stream_conns::StreamConnections>,
     pub workers: WorkerRegistry,
     pub metrics: Arc<ApiMetrics>,
+    /// Webhook endpoints, events and their delivery.
+    pub webhooks: crate::webhooks::Webhooks,
 }
 
 /// What the request-metrics middleware ([`crate::metrics::track`]) takes from the state.

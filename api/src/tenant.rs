@@ -50,6 +50,14 @@ pub struct TenantPolicy {
     /// `response_format` get it, jobs with another one are refused.
     #[serde(default)]
     pub required_output_schema: Option<serde_json::Value>,
+    /// This tenant's weight in the batch lane: it may have `--batch-lane-window` times this
+    /// many batch lines queued or running at once (1 to 100).
+    #[serde(default = "default_batch_weight")]
+    pub batch_weight: u32,
+}
+
+fn default_batch_weight() -> u32 {
+    1
 }
 
 fn default_classifier_threshold() -> f32 {
@@ -74,6 +82,7 @@ impl Default for TenantPolicy {
             pii_action: guard.pii_action,
             required_output_schema: None,
             default_priority: Priority::Interactive,
+            batch_weight: 1,
         }
     }
 }
@@ -112,6 +121,19 @@ impl TenantPolicy {
     /// Applies an admin's overrides (a JSON object of some fields; `null` means unlimited)
     /// and validates the result.
     pub fn merged(&self, overrides: &serde_json::Value) -> Result<Self, String> {
+        // Checked as given: a tiny negative number would round to -0.0 as an `f32` and pass
+        // the range checks below.
+        for field in [
+            "injection_threshold",
+            "classifier_threshold",
+            "injection_judge_from",
+        ] {
+            if let Some(value) = overrides.get(field).and_then(serde_json::Value::as_f64)
+                && !(0.0..=1.0).contains(&value)
+            {
+                return Err(format!("{field} must be between 0 and 1"));
+            }
+        }
         let merged = self.apply(overrides)?;
         // One meaning of 0 everywhere would be "unlimited" (as in the `--default-*` flags), and
         // an admin who sets 0 to stop a tenant would get the opposite: refuse it instead.
@@ -136,6 +158,9 @@ impl TenantPolicy {
                 "{field} must be at least 1, or null for unlimited (0 means unlimited in the \
                  --default-* flags and is refused here); revoke the tenant's keys to stop it"
             ));
+        }
+        if !(1..=100).contains(&merged.batch_weight) {
+            return Err("batch_weight must be from 1 to 100".into());
         }
         if !(0.0..=1.0).contains(&merged.injection_threshold) {
             return Err("injection_threshold must be between 0 and 1".into());

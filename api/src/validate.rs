@@ -102,6 +102,9 @@ pub struct SubmitRequest {
     /// default `--job-timeout-secs`.
     #[schema(minimum = 1, maximum = 18446744073709551615_u64)]
     pub(crate) timeout_secs: Option<u64>,
+    /// Send the tenant's webhook endpoints a `job.succeeded` or `job.failed` event when the
+    /// job ends (endpoints subscribed to that type; a cancelled job sends none).
+    pub(crate) webhook: Option<bool>,
 }
 
 /// A job as a client described it, in either wire format, before any check: what
@@ -122,6 +125,8 @@ pub struct JobRequest {
     pub response_format: Option<ResponseFormat>,
     pub priority: Option<Priority>,
     pub timeout_secs: Option<u64>,
+    /// Whether the job's end is a webhook event.
+    pub webhook: bool,
 }
 
 impl StopField {
@@ -151,6 +156,7 @@ impl From<SubmitRequest> for JobRequest {
             response_format: r.response_format,
             priority: r.priority,
             timeout_secs: r.timeout_secs,
+            webhook: r.webhook.unwrap_or(false),
         }
     }
 }
@@ -163,6 +169,8 @@ pub struct ValidatedJob {
     pub session_id: Option<String>,
     pub timeout: Duration,
     pub priority: Option<Priority>,
+    /// Send a `job.succeeded` / `job.failed` webhook event when it ends.
+    pub webhook: bool,
 }
 
 /// The request body, or the 4xx for a body axum could not read (too large, or not readable).
@@ -279,6 +287,7 @@ pub fn validate(req: JobRequest, limits: &Limits) -> Result<ValidatedJob, ApiErr
         session_id: req.session_id,
         timeout,
         priority: req.priority,
+        webhook: req.webhook,
     })
 }
 

@@ -114,6 +114,64 @@ impl Keyspace {
         format!("{}:rl:{scope}", self.ns)
     }
 
+    /// String (JSON): a tenant's file's metadata. The tenant is part of the key, so another
+    /// tenant's lookup finds nothing.
+    pub fn file(&self, tenant: &str, id: &str) -> String {
+        format!("{}:tenant:{tenant}:file:{id}", self.ns)
+    }
+
+    /// Sorted set: a tenant's file ids, scored by creation time (ms).
+    pub fn tenant_files(&self, tenant: &str) -> String {
+        format!("{}:tenant:{tenant}:files", self.ns)
+    }
+
+    /// Hash: a batch (its tenant, request, status, timestamps, counts and cursor).
+    pub fn batch(&self, id: &str) -> String {
+        format!("{}:batch:{id}", self.ns)
+    }
+
+    /// Hash: a batch's finished lines, line index → its output or error line (JSON).
+    pub fn batch_lines(&self, id: &str) -> String {
+        format!("{}:batch:{id}:lines", self.ns)
+    }
+
+    /// Hash: a batch's lines in the queue or running, line index → job id.
+    pub fn batch_inflight(&self, id: &str) -> String {
+        format!("{}:batch:{id}:inflight", self.ns)
+    }
+
+    /// String (expiring): which API process drives the batch now (its lease).
+    pub fn batch_lease(&self, id: &str) -> String {
+        format!("{}:batch:{id}:lease", self.ns)
+    }
+
+    /// Sorted set: a tenant's batch ids, scored by creation time (ms).
+    pub fn tenant_batches(&self, tenant: &str) -> String {
+        format!("{}:tenant:{tenant}:batches", self.ns)
+    }
+
+    /// Set: `{batch}:{line}` of a tenant's batch lines in the queue or running, across its
+    /// batches: the tenant's share of the batch lane.
+    pub fn tenant_batch_inflight(&self, tenant: &str) -> String {
+        format!("{}:tenant:{tenant}:batch-inflight", self.ns)
+    }
+
+    /// Sorted set: `{tenant}/{job id}` of jobs whose end is a webhook event, scored by when
+    /// they were accepted (ms), until the event is queued.
+    pub fn webhook_jobs(&self) -> String {
+        format!("{}:webhook-jobs", self.ns)
+    }
+
+    /// String (expiring): which API process is queueing a job's end event.
+    pub fn webhook_job_claim(&self, id: &Uuid) -> String {
+        format!("{}:webhook-jobs:{id}:claim", self.ns)
+    }
+
+    /// Set: the ids of batches not yet terminal, which API processes drive.
+    pub fn batches_active(&self) -> String {
+        format!("{}:batches:active", self.ns)
+    }
+
     // AMQP.
 
     /// The direct exchange jobs are published to.
@@ -139,6 +197,43 @@ impl Keyspace {
 
     pub fn dead_letter_queue(&self) -> String {
         format!("{}.jobs.dead", self.ns)
+    }
+
+    // Webhooks.
+
+    /// Hash: a tenant's webhook endpoints, endpoint id → its record (JSON, with the secret).
+    pub fn webhook_endpoints(&self, tenant: &str) -> String {
+        format!("{}:tenant:{tenant}:webhooks", self.ns)
+    }
+
+    /// List: the latest delivery attempts to one webhook endpoint (JSON, newest first).
+    pub fn webhook_deliveries(&self, tenant: &str, endpoint_id: &str) -> String {
+        format!(
+            "{}:tenant:{tenant}:webhook:{endpoint_id}:deliveries",
+            self.ns
+        )
+    }
+
+    /// The direct exchange webhook deliveries are published to (routing keys `deliver`,
+    /// `retry.{n}`, `dead`).
+    pub fn webhooks_exchange(&self) -> String {
+        format!("{}.webhooks", self.ns)
+    }
+
+    /// The quorum queue of webhook deliveries due now.
+    pub fn webhooks_queue(&self) -> String {
+        format!("{}.webhooks", self.ns)
+    }
+
+    /// The queue where a delivery waits out its `n`-th retry delay (1-based), then returns to
+    /// [`Keyspace::webhooks_queue`].
+    pub fn webhooks_retry_queue(&self, n: usize) -> String {
+        format!("{}.webhooks.retry.{n}", self.ns)
+    }
+
+    /// The quorum queue of deliveries whose last attempt failed, kept for an operator.
+    pub fn webhooks_dead_queue(&self) -> String {
+        format!("{}.webhooks.dead", self.ns)
     }
 }
 

@@ -55,11 +55,16 @@ pub enum ErrorCode {
     JobAlreadyFinished,
     /// The `Idempotency-Key` was used within 24 hours for a different request.
     IdempotencyKeyReused,
+    /// The batch already ended (completed, failed or expired), so it cannot be cancelled.
+    BatchAlreadyFinished,
     // Infrastructure.
     /// RabbitMQ refused the job or could not be reached; nothing was enqueued.
     QueueUnavailable,
     /// Redis could not be reached.
     StoreUnavailable,
+    /// The file store (object store or local directory) could not be read or written;
+    /// nothing was stored.
+    StorageUnavailable,
     /// The input guard's classifier could not score the request (overloaded or failed);
     /// nothing was enqueued. Never answered as an "allow".
     GuardUnavailable,
@@ -107,8 +112,10 @@ impl ErrorCode {
         Self::QueueFull,
         Self::JobAlreadyFinished,
         Self::IdempotencyKeyReused,
+        Self::BatchAlreadyFinished,
         Self::QueueUnavailable,
         Self::StoreUnavailable,
+        Self::StorageUnavailable,
         Self::GuardUnavailable,
         Self::Internal,
         Self::ModelError,
@@ -135,7 +142,7 @@ impl ErrorCode {
             Forbidden => 403,
             NotFound | ModelNotFound => 404,
             MethodNotAllowed => 405,
-            JobAlreadyFinished => 409,
+            JobAlreadyFinished | BatchAlreadyFinished => 409,
             IdempotencyKeyReused => 422,
             PayloadTooLarge | ContextLengthExceeded => 413,
             UnsupportedMediaType => 415,
@@ -143,7 +150,7 @@ impl ErrorCode {
             Internal | ModelError | AttemptsExhausted | DeadLettered | OutputValidationFailed => {
                 500
             }
-            QueueUnavailable | StoreUnavailable | GuardUnavailable => 503,
+            QueueUnavailable | StoreUnavailable | StorageUnavailable | GuardUnavailable => 503,
             JobTooLarge => 413,
             DeadlineExceeded => 504,
         }
@@ -175,8 +182,10 @@ impl ErrorCode {
             QueueFull => "queue_full",
             JobAlreadyFinished => "job_already_finished",
             IdempotencyKeyReused => "idempotency_key_reused",
+            BatchAlreadyFinished => "batch_already_finished",
             QueueUnavailable => "queue_unavailable",
             StoreUnavailable => "store_unavailable",
+            StorageUnavailable => "storage_unavailable",
             GuardUnavailable => "guard_unavailable",
             Internal => "internal",
             ModelError => "model_error",

@@ -6,6 +6,7 @@
 //! against the shared RabbitMQ and Redis; the helpers are in `tests/src/lib.rs`.
 
 mod backpressure;
+mod batches;
 mod contract;
 mod deploy;
 mod faults;
@@ -22,6 +23,7 @@ mod soak;
 mod spine;
 mod streaming;
 mod structured;
+mod webhooks;
 
 /// The load tests (`faults`, `restarts`, `scaling`, `soak`) used to be binaries of their own,
 /// which cargo runs one after another, so no two of them ever competed for the cores (the two

@@ -168,6 +168,23 @@ async fn remove_namespace(
             channel.exchange_delete(x.into(), lapin::options::ExchangeDeleteOptions::default());
         let _ = tokio::time::timeout(CLEANUP_STEP, delete).await;
     }
+    // Every API declares the webhook topology when its delivery consumer starts; how many
+    // retry queues depends on its `--webhook-retry-delays` (deleting one that is not there is
+    // a no-op).
+    let retries =
+        (1..=sluice_api::webhooks::settings::MAX_RETRIES).map(|n| ks.webhooks_retry_queue(n));
+    for q in [ks.webhooks_queue(), ks.webhooks_dead_queue()]
+        .into_iter()
+        .chain(retries)
+    {
+        let delete = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default());
+        let _ = tokio::time::timeout(CLEANUP_STEP, delete).await;
+    }
+    let delete = channel.exchange_delete(
+        ks.webhooks_exchange().as_str().into(),
+        lapin::options::ExchangeDeleteOptions::default(),
+    );
+    let _ = tokio::time::timeout(CLEANUP_STEP, delete).await;
     delete_namespace_keys(redis, ks.namespace()).await;
 }
 

@@ -138,7 +138,7 @@ error_responses!(DocumentErrors: Sluice, Anyone, []);
                                          models), with OpenAI's error envelope."),
         (name = "sessions", description = "Stored conversations."),
         (name = "usage", description = "The caller's tenant: consumption and limits."),
-        (name = "admin", description = "Keys, tenant limits and workers (admin role)."),
+        (name = "admin", description = "Keys, tenant limits, webhooks and workers (admin role)."),
         (name = "health", description = "Liveness and readiness, without credentials."),
         (name = "meta", description = "This document."),
     ),

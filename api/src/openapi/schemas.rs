@@ -73,6 +73,10 @@ pub struct TenantPolicy {
     /// A JSON Schema every response of this tenant must match (`null`: none).
     #[schema(required = true, value_type = Option<Object>)]
     required_output_schema: Option<serde_json::Value>,
+    /// This tenant's weight in the batch lane: `--batch-lane-window` times this many of its
+    /// batch lines may be queued or running at once.
+    #[schema(minimum = 1, maximum = 100)]
+    batch_weight: u32,
 }
 
 /// Overrides merged into a tenant's policy: any of its fields. `null` means unlimited (or
@@ -116,6 +120,9 @@ pub struct TenantPolicyPatch {
     default_priority: Priority,
     #[schema(value_type = Option<Object>)]
     required_output_schema: Option<serde_json::Value>,
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 100)]
+    batch_weight: u32,
 }
 
 /// A tenant's consumption now.

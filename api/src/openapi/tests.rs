@@ -285,6 +285,18 @@ fn unreachable_state(dir: &std::path::Path) -> AppState {
             "openapi-test".to_string(),
         )),
         keys: crate::keys::ApiKeys::new(pool.clone(), ks.clone()),
+        files: crate::files::FileStore::new(
+            Arc::new(object_store::memory::InMemory::new()),
+            object_store::path::Path::default(),
+            pool.clone(),
+            ks.clone(),
+            crate::files::FileLimits {
+                max_bytes: 1024,
+                max_lines: 4,
+                max_line_bytes: 512,
+            },
+        ),
+        batches: crate::batches::store::BatchStore::new(pool.clone(), ks.clone(), 3600),
         tenants: crate::tenant::TenantStore::new(
             pool.clone(),
             ks.clone(),
@@ -299,6 +311,21 @@ fn unreachable_state(dir: &std::path::Path) -> AppState {
         ip_limits: (None, None),
         trusted_proxies: Arc::new(Vec::new()),
         anonymize_ips: false,
+        webhooks: crate::webhooks::Webhooks::new(
+            pool.clone(),
+            ks.clone(),
+            Secret::new("amqp://127.0.0.1:1"),
+            &crate::webhooks::WebhookSettings {
+                webhook_allow: Vec::new(),
+                webhook_retry_delays: crate::webhooks::settings::RetryDelays::new(vec![
+                    Duration::from_secs(1),
+                ])
+                .expect("delays"),
+                webhook_timeout_secs: 1,
+                webhook_deliveries: false,
+            },
+            "openapi-test".to_string(),
+        ),
         stream_conns: crate::stream_conns::StreamConnections::new(
             redis::Client::open(redis.expose()).expect("client"),
         ),

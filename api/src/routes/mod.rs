@@ -6,12 +6,15 @@
 //! [`api`] is the one list of routes.
 
 pub mod admin;
+pub mod batches;
 pub mod events;
+pub mod files;
 pub mod health;
 pub mod jobs;
 pub mod openai;
 pub mod sessions;
 pub mod usage;
+pub mod webhooks;
 
 use axum::Router;
 use sluice_proto::ErrorCode;
@@ -36,11 +39,21 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(openai::chat_completions))
         .routes(routes!(openai::models))
         .routes(routes!(sessions::delete))
+        .routes(routes!(files::upload, files::list))
+        .routes(routes!(files::get, files::delete))
+        .routes(routes!(files::content))
+        .routes(routes!(batches::create, batches::list))
+        .routes(routes!(batches::get))
+        .routes(routes!(batches::cancel))
         .routes(routes!(admin::list_keys, admin::create_key))
         .routes(routes!(admin::revoke_key))
         .routes(routes!(admin::tenant))
         .routes(routes!(admin::workers))
         .routes(routes!(admin::set_limits))
+        .routes(routes!(webhooks::list, webhooks::create))
+        .routes(routes!(webhooks::delete))
+        .routes(routes!(webhooks::deliveries))
+        .routes(routes!(webhooks::test_event))
 }
 
 /// The whole router. Every route but `/healthz`, `/readyz` and `/openapi.json` requires a key
@@ -63,6 +76,9 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .with_state(state)
 }
 
+/// The upload route, whose body is multipart and larger than the body limit.
+pub const FILES_PATH: &str = "/v1/files";
+
 /// Refuses, before any handler reads a byte of the body: a declared `Content-Length` over the
 /// body limit (413 at once, rather than after reading up to the limit) and a body that says it
 /// is not JSON (415; every body Sluice takes is JSON, and a missing `Content-Type` is read as
@@ -75,6 +91,11 @@ async fn framing(
     use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
     use axum::response::IntoResponse;
     let headers = request.headers();
+    // An upload is multipart and as large as `--files-max-bytes`: its route reads and bounds
+    // it itself (other methods on the path never read a body).
+    if request.uri().path() == FILES_PATH {
+        return next.run(request).await;
+    }
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

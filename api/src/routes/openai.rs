@@ -61,7 +61,7 @@ pub(crate) fn error_type(status: StatusCode) -> &'static str {
 
 /// An error body in OpenAI's shape (its `type` follows the code's HTTP status); described by
 /// [`crate::openapi::openai::OpenAiErrorResponse`].
-fn error_json(body: &ErrorBody) -> Value {
+pub(crate) fn error_json(body: &ErrorBody) -> Value {
     let status =
         StatusCode::from_u16(body.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     json!({
@@ -371,6 +371,7 @@ impl SubmitWire for ChatCompletionRequest {
             response_format,
             priority: self.priority,
             timeout_secs: self.timeout_secs,
+            webhook: false,
         };
         Ok((
             request,
@@ -413,7 +414,7 @@ fn job_error(view: &JobView) -> ErrorBody {
 }
 
 /// A terminal job as a `chat.completion`, or the job's error in OpenAI's shape.
-fn completion(view: &JobView, model: &str) -> Result<Value, ApiError> {
+pub(crate) fn completion(view: &JobView, model: &str) -> Result<Value, ApiError> {
     match (&view.status, &view.result) {
         (JobStatus::Succeeded | JobStatus::Cancelled, Some(result)) => Ok(json!({
             "id": format!("chatcmpl-{}", view.id),

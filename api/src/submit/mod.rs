@@ -93,6 +93,7 @@ pub async fn submit(
     };
 
     // 1. Policy.
+    let webhook = job.webhook;
     let mut params = job.params;
     policy::apply_required_format(&policy, &mut params).map_err(refuse)?;
     let history = match &job.session_id {
@@ -243,10 +244,20 @@ pub async fn submit(
         });
     }
 
-    // 4. Publish.
+    // 4. Publish, the job's end event watched first, so it cannot end unwatched.
+    if webhook
+        && let Err(e) = crate::webhooks::job_events::watch(&state.store, &message.tenant, &id).await
+    {
+        publish::rollback_eventually(state.store.clone(), id).await;
+        return Err(e.into());
+    }
     if let Err(publish_error) = state.publisher.publish_job(&message).await {
         // Not enqueued: refund, free the slot and delete the record.
         publish::rollback_eventually(state.store.clone(), id).await;
+        if webhook {
+            // Best effort: a watched job whose record is gone leaves the set by itself.
+            let _ = crate::webhooks::job_events::unwatch(&state.store, &message.tenant, &id).await;
+        }
         return Err(publish_error.into());
     }
     state

@@ -25,6 +25,9 @@ pub enum StoreError {
     Command(#[from] redis::RedisError),
     #[error("corrupt job record {id}: {detail}")]
     Corrupt { id: Uuid, detail: String },
+    /// Another record (a batch's, a file's) that does not parse.
+    #[error("corrupt record: {0}")]
+    CorruptRecord(String),
 }
 
 impl From<crate::redis_pool::PoolError> for StoreError {
@@ -312,6 +315,34 @@ impl JobStore {
             return Ok(None);
         }
         view_from_fields(*id, &fields).map(Some)
+    }
+
+    /// Reads many jobs of one tenant in one round trip (a pipeline), in the order of `ids`;
+    /// another tenant's job is `None`, like a missing one.
+    pub async fn get_many(
+        &self,
+        tenant: &str,
+        ids: &[Uuid],
+    ) -> Result<Vec<Option<JobView>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HGETALL").arg(self.ks.job(id));
+        }
+        let mut conn = self.conn().await?;
+        let all: Vec<std::collections::HashMap<String, String>> =
+            pipe.query_async(&mut conn).await?;
+        ids.iter()
+            .zip(all)
+            .map(|(id, fields)| {
+                if fields.get("tenant").map(String::as_str) != Some(tenant) {
+                    return Ok(None);
+                }
+                view_from_fields(*id, &fields).map(Some)
+            })
+            .collect()
     }
 
     /// Cancels a job for its tenant (see [`CancelOutcome`]).
