@@ -1,7 +1,8 @@
 //! The Batch API: files uploaded and checked line by line, batches run through the queue to
-//! output and error files, cancel keeping finished lines, tenants sharing the batch lane, a
-//! batch surviving the death of the API process driving it, and the OpenAI Python SDK's
-//! `files` and `batches` calls unchanged.
+//! output and error files, cancel and expiry keeping finished lines, lines past the quota
+//! failing visibly, tenants sharing the batch lane, a batch surviving the death of the API
+//! process driving it, of a worker and of RabbitMQ (no line lost, none doubled), and the
+//! OpenAI Python SDK's `files` and `batches` calls unchanged.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -691,6 +692,184 @@ async fn the_openai_python_sdk_runs_and_cancels_batches() {
     let report: Value = serde_json::from_str(stdout.trim()).expect("report");
     assert_eq!(report["completed"], 3, "{report}");
     assert_eq!(report["cancelled_status"], "cancelled", "{report}");
+    worker.stop().await;
+    backends.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_survives_a_worker_killed_and_a_rabbitmq_restart() {
+    let _serial = crate::load_test_lock().await;
+    assert!(RabbitNode::available(), "rabbitmq-server is not installed");
+    let mut node = RabbitNode::start_new().await;
+    let amqp = node.url();
+    let ns = unique_namespace("batch-broker");
+    let mut backends = Backends::connect_on(&ns, REDIS_URL, &amqp).await;
+    let app = TestApp::spawn_on(
+        &ns,
+        tiny_model_dir(),
+        REDIS_URL,
+        &amqp,
+        &["--batch-lane-window", "4"],
+    )
+    .await;
+    let mut first = WorkerProcess::spawn_on(&ns, tiny_model_dir(), "w0", REDIS_URL, &amqp, &[]);
+    let key = app.key("acme").await;
+    let model = model_id(&app, &key).await;
+    let lines: Vec<String> = (0..16)
+        .map(|i| {
+            line(
+                &model,
+                &format!("k{i}"),
+                "Tell me a long story about rivers.",
+                96,
+            )
+        })
+        .collect();
+    let (_, file) = upload(&app, &key, form("batch", &lines.join("\n"))).await;
+    let id = create_batch(&app, &key, file["id"].as_str().expect("id")).await;
+    wait_for("a few lines to finish", T, || async {
+        let (_, b) = call(&app, &key, "GET", &format!("/v1/batches/{id}"), None).await;
+        (b["request_counts"]["completed"].as_u64() >= Some(2)).then_some(())
+    })
+    .await;
+    // The worker dies mid-line: its jobs go back to the queue.
+    first.kill9();
+    let _second = WorkerProcess::spawn_on(&ns, tiny_model_dir(), "w1", REDIS_URL, &amqp, &[]);
+    wait_for("more lines to finish", T, || async {
+        let (_, b) = call(&app, &key, "GET", &format!("/v1/batches/{id}"), None).await;
+        (b["request_counts"]["completed"].as_u64() >= Some(6)).then_some(())
+    })
+    .await;
+    // The broker dies too (kill -9), and comes back on the same data.
+    node.kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    node.start().await;
+    let batch = wait_batch(&app, &key, &id, &["completed"]).await;
+    assert_eq!(
+        batch["request_counts"],
+        json!({"total": 16, "completed": 16, "failed": 0}),
+        "{batch}"
+    );
+    let output = file_lines(
+        &app,
+        &key,
+        batch["output_file_id"].as_str().expect("output"),
+    )
+    .await;
+    let ids: Vec<&str> = output
+        .iter()
+        .map(|l| l["custom_id"].as_str().expect("id"))
+        .collect();
+    let expected: Vec<String> = (0..16).map(|i| format!("k{i}")).collect();
+    assert_eq!(ids, expected, "every line once, in input order");
+    let jobs = backends
+        .job_keys()
+        .await
+        .into_iter()
+        .filter(|k| !k.ends_with(":events"))
+        .count();
+    assert_eq!(jobs, 16, "one job per line");
+    backends.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_past_the_quota_fail_visibly_and_nothing_is_overspent() {
+    let ns = unique_namespace("batch-quota");
+    let backends = Backends::connect(&ns).await;
+    let app = TestApp::spawn(&ns).await;
+    let worker = InProcessWorker::spawn(&ns, tiny_model_dir()).await;
+    let key = app.key("acme").await;
+    let admin = app.admin_key().await;
+    let model = model_id(&app, &key).await;
+    // Each line reserves its prompt plus 50 tokens: the day's quota holds three or four.
+    app.set_limits(&admin, "acme", json!({"tokens_per_day": 250}))
+        .await;
+    let lines: Vec<String> = (0..8)
+        .map(|i| line(&model, &format!("q{i}"), "Hi", 50))
+        .collect();
+    let (_, file) = upload(&app, &key, form("batch", &lines.join("\n"))).await;
+    let id = create_batch(&app, &key, file["id"].as_str().expect("id")).await;
+    let batch = wait_batch(&app, &key, &id, &["completed"]).await;
+    let counts = &batch["request_counts"];
+    let failed = counts["failed"].as_u64().expect("failed");
+    assert!(counts["completed"].as_u64() >= Some(1), "{batch}");
+    assert!(failed >= 1, "{batch}");
+    let errors = file_lines(&app, &key, batch["error_file_id"].as_str().expect("errors")).await;
+    assert_eq!(errors.len() as u64, failed);
+    for e in &errors {
+        assert_eq!(e["response"]["status_code"], 429, "{e}");
+        assert_eq!(
+            e["response"]["body"]["error"]["code"], "quota_exceeded",
+            "{e}"
+        );
+    }
+    let usage = app.usage(&key).await;
+    let used = usage["usage"]["tokens_today"].as_u64().expect("tokens");
+    assert!(used <= 250, "overspent: {usage}");
+    worker.stop().await;
+    backends.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_batch_keeps_what_finished_in_its_window() {
+    let ns = unique_namespace("batch-expiry");
+    let backends = Backends::connect(&ns).await;
+    // A minute of polling: no rate limits in the way.
+    let mut flags = vec![
+        "--batch-lane-window",
+        "1",
+        "--default-requests-per-second",
+        "0",
+        "--default-requests-per-minute",
+        "0",
+    ];
+    flags.extend_from_slice(&NO_IP_LIMITS);
+    let app = TestApp::spawn_full(&ns, tiny_model_dir(), AMQP_URL, &flags).await;
+    let worker = InProcessWorker::spawn(&ns, tiny_model_dir()).await;
+    let key = app.key("acme").await;
+    let model = model_id(&app, &key).await;
+    // One line at a time, far more than a minute of them.
+    let lines: Vec<String> = (0..400)
+        .map(|i| line(&model, &format!("e{i}"), "Write a long story.", 256))
+        .collect();
+    let (_, file) = upload(&app, &key, form("batch", &lines.join("\n"))).await;
+    let (status, batch) = call(
+        &app,
+        &key,
+        "POST",
+        "/v1/batches",
+        Some(
+            json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions",
+                    "completion_window": "1m"}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{batch}");
+    let id = batch["id"].as_str().expect("id");
+    let batch = wait_batch(&app, &key, id, &["expired", "completed"]).await;
+    assert_eq!(batch["status"], "expired", "{batch}");
+    assert!(
+        batch["expired_at"].as_u64() >= batch["expires_at"].as_u64(),
+        "{batch}"
+    );
+    let counts = &batch["request_counts"];
+    let (completed, failed) = (
+        counts["completed"].as_u64().expect("completed"),
+        counts["failed"].as_u64().expect("failed"),
+    );
+    assert_eq!(completed + failed, 400, "{batch}");
+    assert!(completed >= 1 && failed >= 1, "{batch}");
+    let errors = file_lines(&app, &key, batch["error_file_id"].as_str().expect("errors")).await;
+    assert!(
+        errors.iter().all(|e| e["error"]["code"] == "batch_expired"),
+        "{errors:?}"
+    );
+    let usage = wait_for("reservations to settle", T, || async {
+        let usage = app.usage(&key).await;
+        (usage["usage"]["active_jobs"] == 0).then_some(usage)
+    })
+    .await;
+    assert_eq!(usage["usage"]["active_jobs"], 0);
     worker.stop().await;
     backends.cleanup().await;
 }
