@@ -37,10 +37,13 @@ use crate::state::AppState;
 /// long after its driver died.
 const LEASE_MS: u64 = 10_000;
 
-/// One input line, as the driver keeps it.
+/// One input line, as the driver keeps it: its `custom_id` and where it is in the file (the
+/// bytes are read again, a window at a time, when the line is submitted, so a driver holds
+/// about a hundred bytes per line, not the file).
 struct InputLine {
     custom_id: String,
-    bytes: bytes::Bytes,
+    start: u64,
+    len: u64,
 }
 
 /// Starts the runner; it stops when `stopping` turns true, giving its leases back.
@@ -246,8 +249,8 @@ impl Driver {
         if files.get(&batch.tenant, file_id).await?.is_none() {
             return Ok(Err(format!("the input file {file_id} was deleted")));
         }
-        let content = match files.read(&batch.tenant, file_id).await {
-            Ok(content) => content,
+        let mut stream = match files.content(&batch.tenant, file_id).await {
+            Ok(stream) => stream,
             Err(FileError::Objects(object_store::Error::NotFound { .. })) => {
                 return Ok(Err(format!("the input file {file_id} was deleted")));
             }
@@ -258,18 +261,71 @@ impl Driver {
             custom_id: String,
         }
         let mut input = Vec::new();
-        for (number, line) in lines::split(&content) {
+        let mut partial: Vec<u8> = Vec::new();
+        let (mut offset, mut number) = (0u64, 0u64);
+        let mut line_start = 0u64;
+        let mut index_line = |line: &[u8], start: u64, number: u64| -> Result<(), String> {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.iter().all(u8::is_ascii_whitespace) {
+                return Ok(());
+            }
             let Ok(Id { custom_id }) = serde_json::from_slice::<Id>(line) else {
-                return Ok(Err(format!(
-                    "line {number} of the input file has no custom_id"
-                )));
+                return Err(format!("line {number} of the input file has no custom_id"));
             };
             input.push(InputLine {
                 custom_id,
-                bytes: content.slice_ref(line),
+                start,
+                len: line.len() as u64,
             });
+            Ok(())
+        };
+        while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+            let chunk = chunk.map_err(FileError::from)?;
+            let mut rest: &[u8] = &chunk;
+            while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+                partial.extend_from_slice(&rest[..end]);
+                number += 1;
+                if let Err(why) = index_line(&partial, line_start, number) {
+                    return Ok(Err(why));
+                }
+                offset += end as u64 + 1;
+                line_start = offset;
+                partial.clear();
+                rest = &rest[end + 1..];
+            }
+            offset += rest.len() as u64;
+            partial.extend_from_slice(rest);
+        }
+        if !partial.is_empty()
+            && let Err(why) = index_line(&partial, line_start, number + 1)
+        {
+            return Ok(Err(why));
         }
         Ok(Ok(input))
+    }
+
+    /// The bytes of `lines`, consecutive lines of the input file, in one read.
+    async fn read_lines(
+        &self,
+        batch: &BatchRecord,
+        lines: &[InputLine],
+    ) -> Result<Vec<bytes::Bytes>, ApiError> {
+        let (Some(first), Some(last)) = (lines.first(), lines.last()) else {
+            return Ok(Vec::new());
+        };
+        let range = first.start..last.start + last.len;
+        let bytes = self
+            .state
+            .files
+            .read_range(&batch.tenant, &batch.view.input_file_id, range)
+            .await?;
+        Ok(lines
+            .iter()
+            .map(|l| {
+                let from = (l.start - first.start) as usize;
+                bytes.slice(from..from + l.len as usize)
+            })
+            .collect())
     }
 
     /// Ends a batch that cannot run (its input file is gone).
@@ -376,9 +432,18 @@ impl Driver {
             .peer
             .parse()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        // The lines this tick may submit, read in one range request.
+        let room = window.saturating_sub(in_lane) as usize;
+        let upto = (cursor as usize + room).min(input.len());
+        let texts = self
+            .read_lines(batch, &input[cursor as usize..upto])
+            .await?;
         while cursor < input.len() as u64 && in_lane < window {
             let line = &input[cursor as usize];
-            let parsed = lines::parse_line(&line.bytes, &self.state.codec.name, &self.state.limits);
+            let Some(text) = texts.get((cursor - batch.cursor) as usize) else {
+                break;
+            };
+            let parsed = lines::parse_line(text, &self.state.codec.name, &self.state.limits);
             let mut job = match parsed {
                 Ok(parsed) => parsed.job,
                 Err(e) => {

@@ -195,15 +195,6 @@ impl<'a> LineChecker<'a> {
     }
 }
 
-/// The lines of a stored input file, as `(line number, bytes)`, blank lines skipped.
-pub fn split(content: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
-    content
-        .split(|&b| b == b'\n')
-        .enumerate()
-        .map(|(i, line)| (i as u64 + 1, line.strip_suffix(b"\r").unwrap_or(line)))
-        .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,8 +241,6 @@ mod tests {
         for chunk in [1, 5, 64, 10_000] {
             assert_eq!(check_all(&file, chunk).expect("valid"), 3, "chunk {chunk}");
         }
-        let stored: Vec<u64> = split(file.as_bytes()).map(|(n, _)| n).collect();
-        assert_eq!(stored, [1, 3, 4]);
     }
 
     #[test]

@@ -343,13 +343,16 @@ impl FileStore {
             .into_stream())
     }
 
-    /// A file's bytes, whole.
-    pub async fn read(&self, tenant: &str, id: &str) -> Result<Bytes, FileError> {
+    /// Bytes `range` of a file.
+    pub async fn read_range(
+        &self,
+        tenant: &str,
+        id: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, FileError> {
         Ok(self
             .objects
-            .get(&self.path(tenant, id))
-            .await?
-            .bytes()
+            .get_range(&self.path(tenant, id), range)
             .await?)
     }
 
