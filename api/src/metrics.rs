@@ -34,6 +34,10 @@ pub struct ApiMetrics {
     pub tenants: TenantLabels,
     pub classifier_batch_seconds: Histogram,
     pub classifier_texts: IntCounter,
+    pub batch_lines: IntCounterVec,
+    pub batches_finished: IntCounterVec,
+    pub batches_active: IntGauge,
+    pub webhook_attempts: IntCounterVec,
 }
 
 /// Feeds the classifier's scoring thread's batches into the metrics.
@@ -112,6 +116,28 @@ impl ApiMetrics {
                 "sluice_guard_classifier_texts_total",
                 "Texts (messages and their decoded layers) scored by the injection classifier.",
             ),
+            batch_lines: f.counter_vec(
+                "sluice_batch_lines_total",
+                "Batch lines this replica's batch drivers finished, by outcome: `completed` (in \
+                 the output file) or `failed` (in the error file: refused, failed, cancelled or \
+                 expired).",
+                &["outcome"],
+            ),
+            batches_finished: f.counter_vec(
+                "sluice_batches_finished_total",
+                "Batches this replica's drivers ended, by status.",
+                &["status"],
+            ),
+            batches_active: f.int_gauge(
+                "sluice_batches_active",
+                "Batches not yet ended, in all replicas (read at scrape).",
+            ),
+            webhook_attempts: f.counter_vec(
+                "sluice_webhook_attempts_total",
+                "Webhook delivery attempts this replica made, by outcome: `delivered`, `failed` \
+                 or `refused` (a retry is scheduled), `dead` (the last one failed).",
+                &["outcome"],
+            ),
             registry: Arc::new(registry),
         }
     }
@@ -124,13 +150,21 @@ impl ApiMetrics {
         }
     }
 
-    /// Reads the gauges that live in Redis: queue depth and age per class, live workers.
+    /// Reads the gauges that live in Redis: queue depth and age per class, live workers,
+    /// active batches.
     /// A Redis outage leaves the previous values (and `/readyz` reports it).
     pub async fn refresh(
         &self,
         store: &sluice_jobs::store::JobStore,
         workers: &sluice_jobs::workers::WorkerRegistry,
+        batches: &crate::batches::store::BatchStore,
     ) {
+        match batches.active_count().await {
+            Ok(n) => self
+                .batches_active
+                .set(i64::try_from(n).unwrap_or(i64::MAX)),
+            Err(e) => tracing::debug!(error = %e, "cannot count active batches"),
+        }
         let now = sluice_proto::now_ms();
         match store.queue_stats(now).await {
             Ok(stats) => {

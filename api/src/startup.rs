@@ -73,7 +73,12 @@ impl Application {
             let registry = state.metrics.registry.clone();
             let refresh = move || {
                 let state = state.clone();
-                async move { state.metrics.refresh(&state.store, &state.workers).await }
+                async move {
+                    state
+                        .metrics
+                        .refresh(&state.store, &state.workers, &state.batches)
+                        .await
+                }
             };
             sluice_shared::metrics::spawn(listener, registry, refresh, stopping_rx.clone());
         }
@@ -92,10 +97,11 @@ impl Application {
                 stopping_rx.clone(),
             )
         });
-        let webhook_consumer = self
-            .state
-            .webhooks
-            .spawn_consumer(stopping_rx.clone(), grace);
+        let webhook_consumer = self.state.webhooks.spawn_consumer(
+            stopping_rx.clone(),
+            grace,
+            self.state.metrics.webhook_attempts.clone(),
+        );
         // Jobs' end events go with the deliveries: a process that delivers also watches.
         let job_events = self.settings.webhooks.webhook_deliveries.then(|| {
             crate::webhooks::job_events::spawn_watcher(

@@ -142,8 +142,15 @@ async fn a_batch_runs_from_upload_to_output_and_error_files() {
     let backends = Backends::connect(&ns).await;
     let dir = files_dir("batch-files");
     let store = dir.path().to_str().expect("path").to_string();
-    let app =
-        TestApp::spawn_full(&ns, tiny_model_dir(), AMQP_URL, &["--files-store", &store]).await;
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let app = TestApp::spawn_full(
+        &ns,
+        tiny_model_dir(),
+        AMQP_URL,
+        &["--files-store", &store, "--metrics-addr", &metrics_addr],
+    )
+    .await;
     let worker = InProcessWorker::spawn(&ns, tiny_model_dir()).await;
     let key = app.key("acme").await;
     let model = model_id(&app, &key).await;
@@ -228,6 +235,25 @@ async fn a_batch_runs_from_upload_to_output_and_error_files() {
     // Nothing stays reserved once the batch is done.
     let usage = app.usage(&key).await;
     assert_eq!(usage["usage"]["active_jobs"], 0, "{usage}");
+
+    // The replica that drove it counted its lines and its end.
+    let text = scrape(&app.http, metrics_port).await;
+    let lines = |outcome: &str| {
+        sample(
+            &text,
+            &format!("sluice_batch_lines_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!(
+        (lines("completed"), lines("failed")),
+        (Some(5.0), Some(1.0)),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "sluice_batches_finished_total{status=\"completed\"}"),
+        Some(1.0)
+    );
+    assert_eq!(sample(&text, "sluice_batches_active"), Some(0.0));
 
     // A finished batch cannot be cancelled.
     let (status, err) = call(

@@ -216,7 +216,9 @@ impl Driver {
             let batch = store.load(&self.id).await?.unwrap_or(batch);
             for index in batch.cursor..input.len() as u64 {
                 let line = ended_line(&input[index as usize].custom_id, code);
-                store.skipped(&self.id, &batch.tenant, index, &line).await?;
+                if store.skipped(&self.id, &batch.tenant, index, &line).await? {
+                    self.count_line(false);
+                }
             }
             return self.end(&batch, end).await;
         }
@@ -362,7 +364,9 @@ impl Driver {
                     "error": {"code": code, "message": "the input file was deleted before this line ran"},
                 })
                 .to_string();
-                store.skipped(&self.id, &batch.tenant, index, &line).await?;
+                if store.skipped(&self.id, &batch.tenant, index, &line).await? {
+                    self.count_line(false);
+                }
             }
             let end = if batch.view.status == BatchStatus::Cancelling {
                 BatchStatus::Cancelled
@@ -412,9 +416,12 @@ impl Driver {
                     false,
                 ),
             };
-            store
+            if store
                 .record_line(&self.id, &batch.tenant, index, &line, completed)
-                .await?;
+                .await?
+            {
+                self.count_line(completed);
+            }
         }
         Ok(in_flight)
     }
@@ -448,7 +455,9 @@ impl Driver {
                 Ok(parsed) => parsed.job,
                 Err(e) => {
                     let refused = failed_line(&line.custom_id, None, &e.body());
-                    store.skipped(&self.id, tenant, cursor, &refused).await?;
+                    if store.skipped(&self.id, tenant, cursor, &refused).await? {
+                        self.count_line(false);
+                    }
                     cursor += 1;
                     continue;
                 }
@@ -485,7 +494,9 @@ impl Driver {
                 }
                 Err(e) => {
                     let refused = failed_line(&line.custom_id, None, &e.body());
-                    store.skipped(&self.id, tenant, cursor, &refused).await?;
+                    if store.skipped(&self.id, tenant, cursor, &refused).await? {
+                        self.count_line(false);
+                    }
                 }
             }
             cursor += 1;
@@ -563,9 +574,22 @@ impl Driver {
         Ok(Tick::Ended)
     }
 
+    fn count_line(&self, completed: bool) {
+        self.state
+            .metrics
+            .batch_lines
+            .with_label_values(&[if completed { "completed" } else { "failed" }])
+            .inc();
+    }
+
     /// Sends the batch's webhook event to the tenant's endpoints (delivery is durable from
     /// here on; a failure to enqueue it is logged, the batch's own state is already final).
     async fn notify(&self, batch: &BatchRecord, end: BatchStatus) {
+        self.state
+            .metrics
+            .batches_finished
+            .with_label_values(&[end.as_str()])
+            .inc();
         let Some(event) = end.event_type() else {
             return;
         };

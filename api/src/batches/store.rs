@@ -394,19 +394,21 @@ impl BatchStore {
     }
 
     /// Records line `index` as done without a job (refused at submit, or never run) and moves
-    /// the cursor past it.
+    /// the cursor past it; `true` if this call recorded it.
     pub async fn skipped(
         &self,
         id: &str,
         tenant: &str,
         index: u64,
         line: &str,
-    ) -> Result<(), StoreError> {
-        self.record_line(id, tenant, index, line, false).await?;
-        self.set(id, &[("cursor", (index + 1).to_string())]).await
+    ) -> Result<bool, StoreError> {
+        let added = self.record_line(id, tenant, index, line, false).await?;
+        self.set(id, &[("cursor", (index + 1).to_string())]).await?;
+        Ok(added)
     }
 
-    /// Records a finished line once (its output line if `completed`, else its error line).
+    /// Records a finished line once (its output line if `completed`, else its error line);
+    /// `true` if this call recorded it.
     pub async fn record_line(
         &self,
         id: &str,
@@ -414,9 +416,9 @@ impl BatchStore {
         index: u64,
         line: &str,
         completed: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut conn = self.pool.get().await?;
-        let _: u8 = RECORD_LINE
+        let added: u8 = RECORD_LINE
             .key(self.ks.batch(id))
             .key(self.ks.batch_lines(id))
             .key(self.ks.batch_inflight(id))
@@ -427,7 +429,7 @@ impl BatchStore {
             .arg(lane_member(id, index))
             .invoke_async(&mut conn)
             .await?;
-        Ok(())
+        Ok(added == 1)
     }
 
     /// The batch's lines in flight: line index → job id.
@@ -481,6 +483,15 @@ impl BatchStore {
     pub async fn active(&self) -> Result<Vec<String>, StoreError> {
         let mut conn = self.pool.get().await?;
         Ok(redis::cmd("SMEMBERS")
+            .arg(self.ks.batches_active())
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// How many batches have not ended.
+    pub async fn active_count(&self) -> Result<u64, StoreError> {
+        let mut conn = self.pool.get().await?;
+        Ok(redis::cmd("SCARD")
             .arg(self.ks.batches_active())
             .query_async(&mut conn)
             .await?)

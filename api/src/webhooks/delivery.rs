@@ -45,6 +45,8 @@ pub struct Deliverer {
     pub(super) queue: Arc<WebhookQueue>,
     pub(super) allow: AllowList,
     pub(super) timeout: Duration,
+    /// `sluice_webhook_attempts_total`, by outcome.
+    pub(super) attempts: prometheus::IntCounterVec,
 }
 
 impl Deliverer {
@@ -115,6 +117,13 @@ impl Deliverer {
                 }
             }
         }
+        let outcome = match record.status {
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed => "failed",
+            DeliveryStatus::Refused => "refused",
+            DeliveryStatus::Dead => "dead",
+        };
+        self.attempts.with_label_values(&[outcome]).inc();
         match record.status {
             DeliveryStatus::Delivered => tracing::debug!(http_status, "webhook delivered"),
             DeliveryStatus::Dead => {

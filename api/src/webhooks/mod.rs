@@ -236,12 +236,13 @@ impl Webhooks {
     }
 
     /// Starts the delivery consumer, unless this process does not deliver
-    /// (`--webhook-deliveries false`). It stops when `stop` turns `true`, after the deliveries
+    /// (`--webhook-deliveries false`), counting its attempts by outcome in `attempts`. It stops when `stop` turns `true`, after the deliveries
     /// in flight finish or `grace` passes.
     pub fn spawn_consumer(
         &self,
         stop: watch::Receiver<bool>,
         grace: Duration,
+        attempts: prometheus::IntCounterVec,
     ) -> Option<JoinHandle<()>> {
         if !self.inner.deliveries {
             tracing::info!("webhook deliveries off in this process");
@@ -252,6 +253,7 @@ impl Webhooks {
             queue: Arc::clone(&self.inner.queue),
             allow: self.inner.allow.clone(),
             timeout: self.inner.timeout,
+            attempts,
         });
         Some(tokio::spawn(consumer::run(deliverer, stop, grace)))
     }
