@@ -132,6 +132,37 @@ async fn model_id(app: &TestApp, key: &str) -> String {
     models["data"][0]["id"].as_str().expect("model").to_string()
 }
 
+/// An API with `flags` and an in-process worker on the tiny model, in a namespace of their own,
+/// and the served model's id.
+struct Stage {
+    backends: Backends,
+    app: TestApp,
+    worker: InProcessWorker,
+    model: String,
+}
+
+impl Stage {
+    async fn start(tag: &str, flags: &[&str]) -> Self {
+        let ns = unique_namespace(tag);
+        let backends = Backends::connect(&ns).await;
+        let app = TestApp::spawn_full(&ns, tiny_model_dir(), AMQP_URL, flags).await;
+        let worker = InProcessWorker::spawn(&ns, tiny_model_dir()).await;
+        let probe = app.key("probe").await;
+        let model = model_id(&app, &probe).await;
+        Self {
+            backends,
+            app,
+            worker,
+            model,
+        }
+    }
+
+    async fn stop(self) {
+        self.worker.stop().await;
+        self.backends.cleanup().await;
+    }
+}
+
 fn files_dir(tag: &str) -> TempDir {
     TempDir::new(tag)
 }
@@ -464,59 +495,36 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_batch_keeps_its_finished_lines_and_refunds_the_rest() {
-    let ns = unique_namespace("batch-cancel");
-    let backends = Backends::connect(&ns).await;
-    let app = TestApp::spawn_full(
-        &ns,
-        tiny_model_dir(),
-        AMQP_URL,
-        &["--batch-lane-window", "1"],
-    )
-    .await;
-    let worker = InProcessWorker::spawn(&ns, tiny_model_dir()).await;
+    let stage = Stage::start("batch-cancel", &["--batch-lane-window", "1"]).await;
+    let (app, model) = (&stage.app, stage.model.as_str());
     let key = app.key("acme").await;
-    let model = model_id(&app, &key).await;
     let lines: Vec<String> = (0..12)
         .map(|i| {
             line(
-                &model,
+                model,
                 &format!("c-{i}"),
                 "Write a long story.",
                 if i == 0 { 2 } else { 200 },
             )
         })
         .collect();
-    let (_, file) = upload(&app, &key, form("batch", &lines.join("\n"))).await;
-    let id = create_batch(&app, &key, file["id"].as_str().expect("id")).await;
+    let (_, file) = upload(app, &key, form("batch", &lines.join("\n"))).await;
+    let id = create_batch(app, &key, file["id"].as_str().expect("id")).await;
     wait_for("a first line to finish", T, || async {
-        let (_, b) = call(&app, &key, "GET", &format!("/v1/batches/{id}"), None).await;
+        let (_, b) = call(app, &key, "GET", &format!("/v1/batches/{id}"), None).await;
         (b["request_counts"]["completed"].as_u64() >= Some(1)).then_some(())
     })
     .await;
-    let (status, batch) = call(
-        &app,
-        &key,
-        "POST",
-        &format!("/v1/batches/{id}/cancel"),
-        None,
-    )
-    .await;
+    let (status, batch) = call(app, &key, "POST", &format!("/v1/batches/{id}/cancel"), None).await;
     assert_eq!(status, 200, "{batch}");
     assert!(
         ["cancelling", "cancelled"].contains(&batch["status"].as_str().unwrap_or("")),
         "{batch}"
     );
     // Cancelling again answers the same.
-    let (status, _) = call(
-        &app,
-        &key,
-        "POST",
-        &format!("/v1/batches/{id}/cancel"),
-        None,
-    )
-    .await;
+    let (status, _) = call(app, &key, "POST", &format!("/v1/batches/{id}/cancel"), None).await;
     assert_eq!(status, 200);
-    let batch = wait_batch(&app, &key, &id, &["cancelled"]).await;
+    let batch = wait_batch(app, &key, &id, &["cancelled"]).await;
     let counts = &batch["request_counts"];
     assert_eq!(counts["total"], 12);
     let (completed, failed) = (
@@ -525,13 +533,8 @@ async fn a_cancelled_batch_keeps_its_finished_lines_and_refunds_the_rest() {
     );
     assert_eq!(completed + failed, 12, "{batch}");
     assert!(completed >= 1 && failed >= 1, "{batch}");
-    let output = file_lines(
-        &app,
-        &key,
-        batch["output_file_id"].as_str().expect("output"),
-    )
-    .await;
-    let errors = file_lines(&app, &key, batch["error_file_id"].as_str().expect("errors")).await;
+    let output = file_lines(app, &key, batch["output_file_id"].as_str().expect("output")).await;
+    let errors = file_lines(app, &key, batch["error_file_id"].as_str().expect("errors")).await;
     assert_eq!(output.len() as u64, completed);
     assert_eq!(errors.len() as u64, failed);
     assert!(
@@ -557,38 +560,28 @@ async fn a_cancelled_batch_keeps_its_finished_lines_and_refunds_the_rest() {
     .await;
     let used = usage["usage"]["tokens_today"].as_u64().expect("tokens");
     assert!(used < 12 * 200, "{usage}");
-    worker.stop().await;
-    backends.cleanup().await;
+    stage.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tenants_batches_share_the_lane() {
-    let ns = unique_namespace("batch-fair");
-    let backends = Backends::connect(&ns).await;
-    let app = TestApp::spawn_full(
-        &ns,
-        tiny_model_dir(),
-        AMQP_URL,
-        &["--batch-lane-window", "1"],
-    )
-    .await;
-    let worker = InProcessWorker::spawn(&ns, tiny_model_dir()).await;
+    let stage = Stage::start("batch-fair", &["--batch-lane-window", "1"]).await;
+    let (app, model) = (&stage.app, stage.model.as_str());
     let (a, b) = (app.key("big").await, app.key("small").await);
-    let model = model_id(&app, &a).await;
     let big: Vec<String> = (0..12)
-        .map(|i| line(&model, &format!("a{i}"), "Tell me about rivers.", 24))
+        .map(|i| line(model, &format!("a{i}"), "Tell me about rivers.", 24))
         .collect();
     let small: Vec<String> = (0..3)
-        .map(|i| line(&model, &format!("b{i}"), "Tell me about rivers.", 24))
+        .map(|i| line(model, &format!("b{i}"), "Tell me about rivers.", 24))
         .collect();
-    let (_, file_a) = upload(&app, &a, form("batch", &big.join("\n"))).await;
-    let (_, file_b) = upload(&app, &b, form("batch", &small.join("\n"))).await;
+    let (_, file_a) = upload(app, &a, form("batch", &big.join("\n"))).await;
+    let (_, file_b) = upload(app, &b, form("batch", &small.join("\n"))).await;
     // The big batch first, then the small one.
-    let batch_a = create_batch(&app, &a, file_a["id"].as_str().expect("id")).await;
+    let batch_a = create_batch(app, &a, file_a["id"].as_str().expect("id")).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let batch_b = create_batch(&app, &b, file_b["id"].as_str().expect("id")).await;
-    let done_b = wait_batch(&app, &b, &batch_b, &["completed"]).await;
-    let (_, now_a) = call(&app, &a, "GET", &format!("/v1/batches/{batch_a}"), None).await;
+    let batch_b = create_batch(app, &b, file_b["id"].as_str().expect("id")).await;
+    let done_b = wait_batch(app, &b, &batch_b, &["completed"]).await;
+    let (_, now_a) = call(app, &a, "GET", &format!("/v1/batches/{batch_a}"), None).await;
     // The small batch did not wait for the big one: it finished while most of the big one
     // was still to run.
     assert_ne!(now_a["status"], "completed", "{now_a}");
@@ -597,20 +590,19 @@ async fn two_tenants_batches_share_the_lane() {
         "the big batch ran first: {now_a}"
     );
     assert_eq!(done_b["request_counts"]["completed"], 3);
-    let done_a = wait_batch(&app, &a, &batch_a, &["completed"]).await;
+    let done_a = wait_batch(app, &a, &batch_a, &["completed"]).await;
     assert_eq!(done_a["request_counts"]["completed"], 12);
 
     // Finish times interleave: the small tenant's jobs ended between the big one's.
-    let a_times = finish_times(&app, &a, done_a["output_file_id"].as_str().expect("out")).await;
-    let b_times = finish_times(&app, &b, done_b["output_file_id"].as_str().expect("out")).await;
+    let a_times = finish_times(app, &a, done_a["output_file_id"].as_str().expect("out")).await;
+    let b_times = finish_times(app, &b, done_b["output_file_id"].as_str().expect("out")).await;
     let last_b = *b_times.iter().max().expect("b");
     let a_after = a_times.iter().filter(|t| **t > last_b).count();
     assert!(
         a_after >= 3,
         "big batch lines after the small batch ended: {a_after}"
     );
-    worker.stop().await;
-    backends.cleanup().await;
+    stage.stop().await;
 }
 
 /// When each completed line's job finished (ms).
@@ -691,16 +683,8 @@ async fn a_batch_outlives_the_api_process_driving_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_python_sdk_runs_and_cancels_batches() {
     let python = std::env::var("SLUICE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ns = unique_namespace("batch-sdk");
-    let backends = Backends::connect(&ns).await;
-    let app = TestApp::spawn_full(
-        &ns,
-        tiny_model_dir(),
-        AMQP_URL,
-        &["--batch-lane-window", "2"],
-    )
-    .await;
-    let worker = InProcessWorker::spawn(&ns, tiny_model_dir()).await;
+    let stage = Stage::start("batch-sdk", &["--batch-lane-window", "2"]).await;
+    let app = &stage.app;
     let key = app.key("acme").await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_batches.py");
     let out = tokio::process::Command::new(&python)
@@ -719,8 +703,7 @@ async fn the_openai_python_sdk_runs_and_cancels_batches() {
     let report: Value = serde_json::from_str(stdout.trim()).expect("report");
     assert_eq!(report["completed"], 3, "{report}");
     assert_eq!(report["cancelled_status"], "cancelled", "{report}");
-    worker.stop().await;
-    backends.cleanup().await;
+    stage.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -839,8 +822,6 @@ async fn lines_past_the_quota_fail_visibly_and_nothing_is_overspent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_batch_keeps_what_finished_in_its_window() {
-    let ns = unique_namespace("batch-expiry");
-    let backends = Backends::connect(&ns).await;
     // A minute of polling: no rate limits in the way.
     let mut flags = vec![
         "--batch-lane-window",
@@ -851,17 +832,16 @@ async fn an_expired_batch_keeps_what_finished_in_its_window() {
         "0",
     ];
     flags.extend_from_slice(&NO_IP_LIMITS);
-    let app = TestApp::spawn_full(&ns, tiny_model_dir(), AMQP_URL, &flags).await;
-    let worker = InProcessWorker::spawn(&ns, tiny_model_dir()).await;
+    let stage = Stage::start("batch-expiry", &flags).await;
+    let (app, model) = (&stage.app, stage.model.as_str());
     let key = app.key("acme").await;
-    let model = model_id(&app, &key).await;
     // One line at a time, far more than a minute of them.
     let lines: Vec<String> = (0..400)
-        .map(|i| line(&model, &format!("e{i}"), "Write a long story.", 256))
+        .map(|i| line(model, &format!("e{i}"), "Write a long story.", 256))
         .collect();
-    let (_, file) = upload(&app, &key, form("batch", &lines.join("\n"))).await;
+    let (_, file) = upload(app, &key, form("batch", &lines.join("\n"))).await;
     let (status, batch) = call(
-        &app,
+        app,
         &key,
         "POST",
         "/v1/batches",
@@ -873,7 +853,7 @@ async fn an_expired_batch_keeps_what_finished_in_its_window() {
     .await;
     assert_eq!(status, 200, "{batch}");
     let id = batch["id"].as_str().expect("id");
-    let batch = wait_batch(&app, &key, id, &["expired", "completed"]).await;
+    let batch = wait_batch(app, &key, id, &["expired", "completed"]).await;
     assert_eq!(batch["status"], "expired", "{batch}");
     assert!(
         batch["expired_at"].as_u64() >= batch["expires_at"].as_u64(),
@@ -886,7 +866,7 @@ async fn an_expired_batch_keeps_what_finished_in_its_window() {
     );
     assert_eq!(completed + failed, 400, "{batch}");
     assert!(completed >= 1 && failed >= 1, "{batch}");
-    let errors = file_lines(&app, &key, batch["error_file_id"].as_str().expect("errors")).await;
+    let errors = file_lines(app, &key, batch["error_file_id"].as_str().expect("errors")).await;
     assert!(
         errors.iter().all(|e| e["error"]["code"] == "batch_expired"),
         "{errors:?}"
@@ -897,6 +877,5 @@ async fn an_expired_batch_keeps_what_finished_in_its_window() {
     })
     .await;
     assert_eq!(usage["usage"]["active_jobs"], 0);
-    worker.stop().await;
-    backends.cleanup().await;
+    stage.stop().await;
 }

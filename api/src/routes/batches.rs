@@ -69,6 +69,15 @@ fn no_such_batch() -> ApiError {
     ApiError::client(ErrorCode::NotFound, "no such batch")
 }
 
+/// The tenant's batch, or the 404 (also for another tenant's).
+async fn find(state: &AppState, tenant: &str, id: &str) -> Result<Batch, ApiError> {
+    state
+        .batches
+        .get(tenant, id)
+        .await?
+        .ok_or_else(no_such_batch)
+}
+
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::client(ErrorCode::InvalidParameter, message)
 }
@@ -161,13 +170,7 @@ pub async fn create(
     };
     state.batches.create(&new).await.map_err(ApiError::from)?;
     tracing::info!(batch = %new.id, tenant = %new.tenant, lines = file.lines, "batch created");
-    let batch = state
-        .batches
-        .get(&principal.tenant, &new.id)
-        .await
-        .map_err(ApiError::from)?
-        .ok_or_else(no_such_batch)?;
-    Ok(Json(batch))
+    Ok(Json(find(&state, &principal.tenant, &new.id).await?))
 }
 
 error_responses!(GetErrors: OpenAi, User, [InvalidParameter, NotFound]);
@@ -195,13 +198,7 @@ pub async fn get(
 ) -> Result<Json<Batch>, OpenAiError> {
     let principal = principal?;
     let PathParam(id) = id?;
-    let batch = state
-        .batches
-        .get(&principal.tenant, &id)
-        .await
-        .map_err(ApiError::from)?
-        .ok_or_else(no_such_batch)?;
-    Ok(Json(batch))
+    Ok(Json(find(&state, &principal.tenant, &id).await?))
 }
 
 error_responses!(ListErrors: OpenAi, User, [InvalidParameter]);
@@ -287,13 +284,6 @@ pub async fn cancel(
             format!("the batch is already {}", status.as_str()),
         )
         .into()),
-        CancelOutcome::Cancelling => Ok(Json(
-            state
-                .batches
-                .get(&principal.tenant, &id)
-                .await
-                .map_err(ApiError::from)?
-                .ok_or_else(no_such_batch)?,
-        )),
+        CancelOutcome::Cancelling => Ok(Json(find(&state, &principal.tenant, &id).await?)),
     }
 }

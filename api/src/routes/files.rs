@@ -80,6 +80,11 @@ fn no_such_file() -> ApiError {
     ApiError::client(ErrorCode::NotFound, "no such file")
 }
 
+/// The tenant's file, or the 404 (also for another tenant's).
+async fn find(state: &AppState, tenant: &str, id: &str) -> Result<FileObject, ApiError> {
+    state.files.get(tenant, id).await?.ok_or_else(no_such_file)
+}
+
 impl From<multer::Error> for ApiError {
     fn from(e: multer::Error) -> Self {
         match e {
@@ -289,13 +294,7 @@ pub async fn get(
 ) -> Result<Json<FileObject>, OpenAiError> {
     let principal = principal?;
     let PathParam(id) = id?;
-    let file = state
-        .files
-        .get(&principal.tenant, &id)
-        .await
-        .map_err(ApiError::from)?
-        .ok_or_else(no_such_file)?;
-    Ok(Json(file))
+    Ok(Json(find(&state, &principal.tenant, &id).await?))
 }
 
 /// `GET /v1/files/{id}/content`.
@@ -320,12 +319,7 @@ pub async fn content(
 ) -> Result<Response, OpenAiError> {
     let principal = principal?;
     let PathParam(id) = id?;
-    let file = state
-        .files
-        .get(&principal.tenant, &id)
-        .await
-        .map_err(ApiError::from)?
-        .ok_or_else(no_such_file)?;
+    let file = find(&state, &principal.tenant, &id).await?;
     let stream = match state.files.content(&principal.tenant, &file.id).await {
         Ok(stream) => stream,
         Err(crate::files::FileError::Objects(object_store::Error::NotFound { .. })) => {
