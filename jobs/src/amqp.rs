@@ -229,30 +229,44 @@ struct Link {
     channel: Channel,
 }
 
-/// Publishes jobs with publisher confirms over one channel, reconnecting lazily: a publish
-/// after an outage opens a fresh connection and re-declares the topology. Cheap to share.
-pub struct Publisher {
+/// One connection with a confirm-mode channel on it, opened on first use and again after it
+/// died (the caller's topology declared on every new channel), and publishing on it with the
+/// broker's confirm. The job [`Publisher`] holds one; so does the API's webhook queue.
+pub struct ConfirmingLink {
     url: Secret,
-    ks: Keyspace,
-    queue: QueueSettings,
     connection_name: String,
     link: Mutex<Option<Link>>,
 }
 
-impl Publisher {
-    /// Creates the publisher without connecting; the first publish (or [`Publisher::ready`])
-    /// connects.
-    pub fn new(url: Secret, ks: Keyspace, queue: QueueSettings, connection_name: String) -> Self {
+impl ConfirmingLink {
+    /// Creates the link without connecting.
+    pub fn new(url: Secret, connection_name: String) -> Self {
         Self {
             url,
-            ks,
-            queue,
             connection_name,
             link: Mutex::new(None),
         }
     }
 
-    async fn open(&self) -> Result<Link, AmqpError> {
+    pub fn url(&self) -> &Secret {
+        &self.url
+    }
+
+    /// A usable channel, reconnecting if the last one died; `declare` runs on every new
+    /// channel before it is used.
+    pub async fn channel<F, Fut>(&self, declare: F) -> Result<Channel, AmqpError>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<(), AmqpError>>,
+    {
+        let mut link = self.link.lock().await;
+        if let Some(l) = link.as_ref()
+            && l.connection.status().connected()
+            && l.channel.status().connected()
+        {
+            return Ok(l.channel.clone());
+        }
+        *link = None;
         let connection = connect(&self.url, &self.connection_name).await?;
         let channel = connection
             .create_channel()
@@ -262,54 +276,38 @@ impl Publisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| AmqpError::Connect(e.to_string()))?;
-        declare_topology(&channel, &self.ks, self.queue).await?;
-        Ok(Link {
+        declare(channel.clone()).await?;
+        *link = Some(Link {
             connection,
-            channel,
-        })
-    }
-
-    /// A usable channel, reconnecting if the last one died.
-    async fn channel(&self) -> Result<Channel, AmqpError> {
-        let mut link = self.link.lock().await;
-        if let Some(l) = link.as_ref()
-            && l.connection.status().connected()
-            && l.channel.status().connected()
-        {
-            return Ok(l.channel.clone());
-        }
-        *link = None;
-        let fresh = self.open().await?;
-        let channel = fresh.channel.clone();
-        *link = Some(fresh);
+            channel: channel.clone(),
+        });
         Ok(channel)
     }
 
-    async fn drop_link(&self) {
-        *self.link.lock().await = None;
-    }
-
-    /// Whether the broker is reachable now (connects if needed).
-    pub async fn ready(&self) -> bool {
-        self.channel().await.is_ok()
-    }
-
-    /// Publishes one job and waits for the broker's confirm. `Ok` means the broker has the
-    /// message on a durable queue; any error means the caller must treat it as not enqueued.
-    pub async fn publish_job(&self, job: &JobMessage) -> Result<(), AmqpError> {
-        let channel = self.channel().await?;
-        let payload = job.encode();
+    /// Publishes one persistent, `mandatory` message on `channel` (from [`Self::channel`])
+    /// and waits for the broker's confirm: `Ok` means a durable queue holds it; any error
+    /// means it is not enqueued. A failure that may have left the link broken drops it, so
+    /// the next publish reconnects and declares the topology again (a queue deleted under a
+    /// live channel is unroutable until then).
+    pub async fn publish(
+        &self,
+        channel: &Channel,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), AmqpError> {
         let publish = async {
             let confirm = channel
                 .basic_publish(
-                    self.ks.jobs_exchange().into(),
-                    job.priority.as_str().into(),
+                    exchange.into(),
+                    routing_key.into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..BasicPublishOptions::default()
                     },
-                    &payload,
-                    job_properties(job),
+                    payload,
+                    properties,
                 )
                 .await
                 .map_err(AmqpError::Publish)?;
@@ -325,17 +323,74 @@ impl Publisher {
             Ok(result) => result,
             Err(_) => Err(AmqpError::Timeout(CONFIRM_TIMEOUT)),
         };
-        if matches!(result, Err(AmqpError::Publish(_) | AmqpError::Timeout(_))) {
-            self.drop_link().await;
+        if matches!(
+            result,
+            Err(AmqpError::Publish(_) | AmqpError::Timeout(_) | AmqpError::Unroutable)
+        ) {
+            *self.link.lock().await = None;
         }
         result
     }
 
-    /// Closes the connection (graceful shutdown).
+    /// Closes the connection (graceful shutdown), waiting at most 2 s for the broker.
     pub async fn close(&self) {
         if let Some(link) = self.link.lock().await.take() {
-            let _ = link.connection.close(200, "shutdown".into()).await;
+            let close = link.connection.close(200, "shutdown".into());
+            let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
         }
+    }
+}
+
+/// Publishes jobs with publisher confirms over one channel, reconnecting lazily: a publish
+/// after an outage opens a fresh connection and re-declares the topology. Cheap to share.
+pub struct Publisher {
+    ks: Keyspace,
+    queue: QueueSettings,
+    link: ConfirmingLink,
+}
+
+impl Publisher {
+    /// Creates the publisher without connecting; the first publish (or [`Publisher::ready`])
+    /// connects.
+    pub fn new(url: Secret, ks: Keyspace, queue: QueueSettings, connection_name: String) -> Self {
+        Self {
+            ks,
+            queue,
+            link: ConfirmingLink::new(url, connection_name),
+        }
+    }
+
+    /// A usable channel, reconnecting (and declaring the job topology) if the last one died.
+    async fn channel(&self) -> Result<Channel, AmqpError> {
+        let (ks, queue) = (self.ks.clone(), self.queue);
+        self.link
+            .channel(|channel| async move { declare_topology(&channel, &ks, queue).await })
+            .await
+    }
+
+    /// Whether the broker is reachable now (connects if needed).
+    pub async fn ready(&self) -> bool {
+        self.channel().await.is_ok()
+    }
+
+    /// Publishes one job and waits for the broker's confirm. `Ok` means the broker has the
+    /// message on a durable queue; any error means the caller must treat it as not enqueued.
+    pub async fn publish_job(&self, job: &JobMessage) -> Result<(), AmqpError> {
+        let channel = self.channel().await?;
+        self.link
+            .publish(
+                &channel,
+                &self.ks.jobs_exchange(),
+                job.priority.as_str(),
+                &job.encode(),
+                job_properties(job),
+            )
+            .await
+    }
+
+    /// Closes the connection (graceful shutdown).
+    pub async fn close(&self) {
+        self.link.close().await;
     }
 }
 

@@ -13,19 +13,13 @@
 //! - a message the main queue's consumer rejects (one it cannot decode) is dead-lettered to
 //!   `dead` too.
 
-use std::time::Duration;
-
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
+use lapin::{BasicProperties, Channel, ExchangeKind};
 use serde::{Deserialize, Serialize};
 use sluice_jobs::Keyspace;
-use sluice_jobs::amqp::{AmqpError, CONFIRM_TIMEOUT, CONNECT_TIMEOUT, connect};
+use sluice_jobs::amqp::{AmqpError, CONNECT_TIMEOUT, ConfirmingLink};
 use sluice_shared::Secret;
-use tokio::sync::Mutex;
 
 use super::settings::RetryDelays;
 
@@ -162,31 +156,22 @@ pub async fn declare_topology(
     }
 }
 
-struct Link {
-    connection: Connection,
-    channel: Channel,
-}
-
-/// Publishes deliveries with publisher confirms over one channel, reconnecting lazily (as
-/// [`sluice_jobs::amqp::Publisher`] does for jobs). Shared by `emit` and the consumer's
-/// retries.
+/// Publishes deliveries with publisher confirms over one channel, reconnecting lazily
+/// ([`ConfirmingLink`], as the job [`sluice_jobs::amqp::Publisher`] does). Shared by `emit`
+/// and the consumer's retries.
 pub struct WebhookQueue {
-    url: Secret,
     ks: Keyspace,
     delays: RetryDelays,
-    connection_name: String,
-    link: Mutex<Option<Link>>,
+    link: ConfirmingLink,
 }
 
 impl WebhookQueue {
     /// Creates the publisher without connecting.
     pub fn new(url: Secret, ks: Keyspace, delays: RetryDelays, connection_name: String) -> Self {
         Self {
-            url,
             ks,
             delays,
-            connection_name,
-            link: Mutex::new(None),
+            link: ConfirmingLink::new(url, connection_name),
         }
     }
 
@@ -199,45 +184,17 @@ impl WebhookQueue {
     }
 
     pub fn url(&self) -> &Secret {
-        &self.url
-    }
-
-    async fn open(&self) -> Result<Link, AmqpError> {
-        let connection = connect(&self.url, &self.connection_name).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| AmqpError::Connect(e.to_string()))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| AmqpError::Connect(e.to_string()))?;
-        declare_topology(&channel, &self.ks, &self.delays).await?;
-        Ok(Link {
-            connection,
-            channel,
-        })
-    }
-
-    async fn channel(&self) -> Result<Channel, AmqpError> {
-        let mut link = self.link.lock().await;
-        if let Some(l) = link.as_ref()
-            && l.connection.status().connected()
-            && l.channel.status().connected()
-        {
-            return Ok(l.channel.clone());
-        }
-        *link = None;
-        let fresh = self.open().await?;
-        let channel = fresh.channel.clone();
-        *link = Some(fresh);
-        Ok(channel)
+        self.link.url()
     }
 
     /// Publishes one delivery and waits for the broker's confirm: `Ok` means a durable queue
     /// holds it.
     pub async fn publish(&self, route: Route, message: &DeliveryMessage) -> Result<(), AmqpError> {
-        let channel = self.channel().await?;
+        let (ks, delays) = (self.ks.clone(), self.delays.clone());
+        let channel = self
+            .link
+            .channel(|channel| async move { declare_topology(&channel, &ks, &delays).await })
+            .await?;
         let Ok(payload) = serde_json::to_vec(message) else {
             unreachable!("strings and integers always serialize");
         };
@@ -245,47 +202,20 @@ impl WebhookQueue {
             .with_delivery_mode(2)
             .with_content_type(ShortString::from("application/json"))
             .with_message_id(ShortString::from(message.event_id.clone()));
-        let publish = async {
-            let confirm = channel
-                .basic_publish(
-                    self.ks.webhooks_exchange().as_str().into(),
-                    route.key().as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &payload,
-                    properties,
-                )
-                .await
-                .map_err(AmqpError::Publish)?;
-            match confirm.await.map_err(AmqpError::Publish)? {
-                Confirmation::Ack(None) => Ok(()),
-                Confirmation::Ack(Some(_)) => Err(AmqpError::Unroutable),
-                Confirmation::Nack(_) | Confirmation::NotRequested => Err(AmqpError::Nacked),
-            }
-        };
-        let result = match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
-            Ok(result) => result,
-            Err(_) => Err(AmqpError::Timeout(CONFIRM_TIMEOUT)),
-        };
-        if matches!(
-            result,
-            Err(AmqpError::Publish(_) | AmqpError::Timeout(_) | AmqpError::Unroutable)
-        ) {
-            // A queue deleted under a live channel is unroutable until the topology is
-            // declared again, which the next connection does.
-            *self.link.lock().await = None;
-        }
-        result
+        self.link
+            .publish(
+                &channel,
+                &self.ks.webhooks_exchange(),
+                &route.key(),
+                &payload,
+                properties,
+            )
+            .await
     }
 
     /// Closes the connection (graceful shutdown).
     pub async fn close(&self) {
-        if let Some(link) = self.link.lock().await.take() {
-            let close = link.connection.close(200, "shutdown".into());
-            let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
-        }
+        self.link.close().await;
     }
 }
 
