@@ -279,18 +279,9 @@ impl BatchStore {
     ) -> Result<(Vec<Batch>, bool), StoreError> {
         let index = self.ks.tenant_batches(tenant);
         let mut conn = self.pool.get().await?;
-        let mut max = "+inf".to_string();
-        if let Some(after) = after {
-            let score: Option<f64> = redis::cmd("ZSCORE")
-                .arg(&index)
-                .arg(after)
-                .query_async(&mut conn)
-                .await?;
-            match score {
-                Some(score) => max = format!("({score}"),
-                None => return Ok((Vec::new(), false)),
-            }
-        }
+        let Some(max) = crate::files::page_start(&mut conn, &index, after).await? else {
+            return Ok((Vec::new(), false));
+        };
         let ids: Vec<String> = redis::cmd("ZREVRANGEBYSCORE")
             .arg(&index)
             .arg(&max)

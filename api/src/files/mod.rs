@@ -128,6 +128,25 @@ impl From<FileError> for ApiError {
     }
 }
 
+/// The upper score bound (for `ZREVRANGEBYSCORE`) of a newest-first page of the sorted set
+/// `index` that starts after the member `after`, or `None` when `after` is not in it (an
+/// empty page). Files and batches list their ids this way.
+pub(crate) async fn page_start(
+    conn: &mut sluice_jobs::redis_pool::Connection,
+    index: &str,
+    after: Option<&str>,
+) -> Result<Option<String>, redis::RedisError> {
+    let Some(after) = after else {
+        return Ok(Some("+inf".to_string()));
+    };
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg(index)
+        .arg(after)
+        .query_async(conn)
+        .await?;
+    Ok(score.map(|score| format!("({score}")))
+}
+
 /// A new file id: `file-` and a UUID v7's 32 hexadecimal digits.
 pub fn new_file_id() -> String {
     format!("file-{}", Uuid::now_v7().simple())
@@ -393,18 +412,9 @@ impl FileStore {
     ) -> Result<(Vec<FileObject>, bool), FileError> {
         let mut conn = self.pool.get().await?;
         let index = self.ks.tenant_files(tenant);
-        let mut max = "+inf".to_string();
-        if let Some(after) = after {
-            let score: Option<f64> = redis::cmd("ZSCORE")
-                .arg(&index)
-                .arg(after)
-                .query_async(&mut conn)
-                .await?;
-            match score {
-                Some(score) => max = format!("({score}"),
-                None => return Ok((Vec::new(), false)),
-            }
-        }
+        let Some(max) = crate::files::page_start(&mut conn, &index, after).await? else {
+            return Ok((Vec::new(), false));
+        };
         let mut found = Vec::new();
         let mut offset = 0usize;
         const PAGE: usize = 100;
