@@ -62,6 +62,7 @@ fn bench(c: &mut Criterion) {
                     attempt: 1,
                     trace: TraceContext::default(),
                     judge: false,
+                    prefix_cache: true,
                 };
                 let admission = Admission {
                     reserve: 300,

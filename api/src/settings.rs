@@ -272,6 +272,7 @@ impl DefaultPolicySettings {
             required_output_schema: None,
             default_priority: sluice_proto::Priority::Interactive,
             batch_weight: 1,
+            prefix_cache: true,
         }
     }
 }

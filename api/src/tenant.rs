@@ -54,6 +54,15 @@ pub struct TenantPolicy {
     /// many batch lines queued or running at once (1 to 100).
     #[serde(default = "default_batch_weight")]
     pub batch_weight: u32,
+    /// Whether workers may reuse this tenant's cached prompt prefixes (pages of KV cache that
+    /// its earlier jobs computed; never another tenant's). Off, every job prefills its whole
+    /// prompt.
+    #[serde(default = "default_prefix_cache")]
+    pub prefix_cache: bool,
+}
+
+fn default_prefix_cache() -> bool {
+    true
 }
 
 fn default_batch_weight() -> u32 {
@@ -83,6 +92,7 @@ impl Default for TenantPolicy {
             required_output_schema: None,
             default_priority: Priority::Interactive,
             batch_weight: 1,
+            prefix_cache: true,
         }
     }
 }

@@ -257,6 +257,18 @@ pub struct JobMessage {
     /// ends the job as `prompt_injection_detected`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub judge: bool,
+    /// Whether the worker may reuse prompt pages its tenant's earlier jobs computed (the
+    /// prefix cache, keyed by tenant); a tenant's policy can turn it off.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub prefix_cache: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl JobMessage {
@@ -305,6 +317,7 @@ mod tests {
             attempt: 1,
             trace: TraceContext::default(),
             judge: false,
+            prefix_cache: true,
         }
     }
 
@@ -336,6 +349,24 @@ mod tests {
                 .expect("utf-8")
                 .contains("\"judge\":true")
         );
+    }
+
+    #[test]
+    fn the_prefix_cache_flag_is_on_unless_turned_off() {
+        // A message without it (from an API that predates it) may use the cache.
+        let encoded = String::from_utf8(sample().encode()).expect("utf-8");
+        assert!(!encoded.contains("prefix_cache"), "{encoded}");
+        assert!(
+            JobMessage::decode(encoded.as_bytes())
+                .expect("decode")
+                .prefix_cache
+        );
+        let off = JobMessage {
+            prefix_cache: false,
+            ..sample()
+        };
+        let decoded = JobMessage::decode(&off.encode()).expect("decode");
+        assert!(!decoded.prefix_cache);
     }
 
     #[test]

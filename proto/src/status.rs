@@ -69,6 +69,10 @@ pub enum FinishReason {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens the worker took from its prefix cache instead of computing them (part of
+    /// `prompt_tokens`; billed the same).
+    #[serde(default)]
+    pub cached_tokens: u32,
 }
 
 /// Milliseconds spent in each phase.

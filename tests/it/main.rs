@@ -14,6 +14,7 @@ mod idempotency;
 mod leak;
 mod observability;
 mod openai;
+mod prefix_cache;
 mod priorities;
 mod restarts;
 mod scaling;

@@ -21,20 +21,6 @@ async fn post(app: &TestApp, key: &str, body: &Value) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-async fn model_id(app: &TestApp, key: &str) -> String {
-    let r = app
-        .http
-        .get(format!("{}/v1/models", app.base))
-        .bearer_auth(key)
-        .send()
-        .await
-        .expect("models");
-    assert_eq!(r.status().as_u16(), 200);
-    let v: Value = r.json().await.expect("json");
-    assert_eq!(v["object"], "list");
-    v["data"][0]["id"].as_str().expect("id").to_string()
-}
-
 /// The `data:` payloads of an SSE response, in order.
 async fn sse_data(resp: reqwest::Response) -> Vec<String> {
     let body = read_to_end(resp, T).await;
@@ -55,7 +41,7 @@ async fn chat_completions_plain_and_streamed_give_the_same_text() {
     let app = TestApp::spawn(&ns).await;
     let worker = InProcessWorker::spawn(&ns, tiny_model_dir()).await;
     let key = app.key("acme").await;
-    let model = model_id(&app, &key).await;
+    let model = app.model_id(&key).await;
 
     let body = json!({
         "model": model,
@@ -131,7 +117,7 @@ async fn errors_come_in_openai_shape_and_enqueue_nothing() {
     let mut backends = Backends::connect(&ns).await;
     let app = TestApp::spawn(&ns).await;
     let key = app.key("acme").await;
-    let model = model_id(&app, &key).await;
+    let model = app.model_id(&key).await;
     let msgs = json!([{"role": "user", "content": "x"}]);
     let cases = [
         (

@@ -170,6 +170,21 @@ impl TestApp {
             .secret
     }
 
+    /// The id of the first model `GET /v1/models` lists (what the OpenAI routes serve).
+    pub async fn model_id(&self, key: &str) -> String {
+        let r = self
+            .http
+            .get(format!("{}/v1/models", self.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("models");
+        assert_eq!(r.status().as_u16(), 200);
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["object"], "list");
+        v["data"][0]["id"].as_str().expect("id").to_string()
+    }
+
     /// `PATCH /admin/tenants/{tenant}/limits` with an admin key; panics unless 200.
     pub async fn set_limits(&self, admin: &str, tenant: &str, limits: Value) {
         let r = self

@@ -202,7 +202,7 @@ fn run_on_this_thread(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         let mut refs: Vec<_> = caches.iter_mut().collect();
         model.decode(&next, &mut refs)?;
         for (c, len) in caches.iter_mut().zip(lens) {
-            c.truncate(len);
+            c.truncate(len)?;
         }
         let mut greedy = vec![next[0]];
         let mut step_s = Vec::with_capacity(args.steps);

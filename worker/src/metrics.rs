@@ -40,6 +40,16 @@ pub struct WorkerMetrics {
     pub judge_verdicts: IntCounterVec,
     /// How long the injection judge took per judged job.
     pub judge_duration: Histogram,
+    /// Admitted jobs that looked their prompt up in the prefix cache, by `hit` or `miss`.
+    pub prefix_lookups: IntCounterVec,
+    /// Prompt tokens taken from the prefix cache instead of prefilled.
+    pub prefix_reused_tokens: IntCounter,
+    /// Pages in the prefix cache now (in use or idle).
+    pub prefix_cached_pages: IntGauge,
+    /// Cached pages no sequence holds now (evictable).
+    pub prefix_idle_pages: IntGauge,
+    /// Cached pages evicted to make room.
+    pub prefix_evicted_pages: IntCounter,
 }
 
 impl WorkerMetrics {
@@ -134,9 +144,48 @@ impl WorkerMetrics {
                 "Time the served model took to judge one job before generating it.",
                 LATENCY_BUCKETS,
             ),
+            prefix_lookups: f.counter_vec(
+                "sluice_prefix_cache_lookups_total",
+                "Admitted jobs that looked their prompt up in the prefix cache (their tenant's \
+                 cached pages), by result: `hit` (at least one page reused) or `miss`.",
+                &["result"],
+            ),
+            prefix_reused_tokens: f.counter(
+                "sluice_prefix_cache_reused_tokens_total",
+                "Prompt tokens taken from the prefix cache instead of prefilled.",
+            ),
+            prefix_cached_pages: f.int_gauge(
+                "sluice_prefix_cache_pages",
+                "KV pages in the prefix cache (held by a sequence or idle).",
+            ),
+            prefix_idle_pages: f.int_gauge(
+                "sluice_prefix_cache_idle_pages",
+                "Cached KV pages no sequence holds (evicted least recently used on demand).",
+            ),
+            prefix_evicted_pages: f.counter(
+                "sluice_prefix_cache_evicted_pages_total",
+                "Cached KV pages evicted to make room for a sequence.",
+            ),
             gpu_memory,
             tenants: TenantLabels::new(MAX_TENANT_LABELS),
             registry: Arc::new(registry),
+        }
+    }
+
+    /// Counts one admitted job's prefix-cache lookup that reused `tokens` prompt tokens.
+    pub fn observe_prefix_lookup(&self, tokens: usize) {
+        let result = if tokens > 0 { "hit" } else { "miss" };
+        self.prefix_lookups.with_label_values(&[result]).inc();
+        self.prefix_reused_tokens.inc_by(tokens as u64);
+    }
+
+    /// The prefix cache's size, and the evictions since the last call.
+    pub fn observe_prefix_cache(&self, stats: crate::engine::kv::PrefixStats) {
+        self.prefix_cached_pages.set(stats.cached_pages as i64);
+        self.prefix_idle_pages.set(stats.idle_pages as i64);
+        let seen = self.prefix_evicted_pages.get();
+        if stats.evicted_pages > seen {
+            self.prefix_evicted_pages.inc_by(stats.evicted_pages - seen);
         }
     }
 

@@ -126,6 +126,18 @@ pub struct WorkerSettings {
     #[arg(long, env = "SLUICE_PREFILL_CHUNK", default_value_t = 256)]
     pub prefill_chunk: usize,
 
+    /// Reuse the KV cache of prompt prefixes a tenant's earlier jobs computed (full pages of
+    /// 16 tokens, keyed by the tenant and every token before them; never across tenants).
+    /// Idle cached pages are evicted least recently used when a job needs room.
+    #[arg(long, env = "SLUICE_PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_cache: bool,
+
+    /// Seconds a tenant's leak canary for one system prompt stays the same, so that prompt's
+    /// pages are reused from the prefix cache; 0 draws a random canary per job (no reuse of
+    /// system prompts).
+    #[arg(long, env = "SLUICE_CANARY_ROTATION_SECS", default_value_t = 3600)]
+    pub canary_rotation_secs: u64,
+
     /// Redact personal data and secrets from generated text before it is stored.
     #[arg(long, env = "SLUICE_REDACT_OUTPUT", default_value_t = true, action = clap::ArgAction::Set)]
     pub redact_output: bool,

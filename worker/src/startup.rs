@@ -70,6 +70,9 @@ impl Worker {
                     Some(k) => Sha256::digest(k.expose().as_bytes()).into(),
                     None => rand::random(),
                 },
+                prefix_cache: settings.prefix_cache,
+                canary_rotation: (settings.canary_rotation_secs > 0)
+                    .then(|| std::time::Duration::from_secs(settings.canary_rotation_secs)),
             },
             metrics.clone(),
         )?;

@@ -98,6 +98,15 @@ pub struct CompletionUsage {
     prompt_tokens: u32,
     completion_tokens: u32,
     total_tokens: u32,
+    prompt_tokens_details: PromptTokensDetails,
+}
+
+/// What the prompt's tokens were.
+#[derive(ToSchema)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens the worker took from its prefix cache (earlier jobs of the same tenant
+    /// computed them) instead of computing them.
+    cached_tokens: u32,
 }
 
 /// One `data:` event of a streamed completion (`object: "chat.completion.chunk"`): first the

@@ -77,6 +77,9 @@ pub struct TenantPolicy {
     /// batch lines may be queued or running at once.
     #[schema(minimum = 1, maximum = 100)]
     batch_weight: u32,
+    /// Whether workers may reuse this tenant's cached prompt prefixes (never another
+    /// tenant's); off, every job prefills its whole prompt.
+    prefix_cache: bool,
 }
 
 /// Overrides merged into a tenant's policy: any of its fields. `null` means unlimited (or
@@ -123,6 +126,8 @@ pub struct TenantPolicyPatch {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 100)]
     batch_weight: u32,
+    #[serde(default)]
+    prefix_cache: bool,
 }
 
 /// A tenant's consumption now.

@@ -400,6 +400,7 @@ fn usage_json(usage: Usage) -> Value {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": usage.cached_tokens },
     })
 }
 
@@ -737,6 +738,7 @@ mod tests {
         let usage = Usage {
             prompt_tokens: 3,
             completion_tokens: 2,
+            cached_tokens: 0,
         };
         for reason in [
             FinishReason::Stop,

@@ -215,6 +215,7 @@ pub async fn submit(
         attempt: 1,
         trace: trace::trace_context(headers),
         judge,
+        prefix_cache: policy.prefix_cache,
     };
     let reserve = (guarded.prompt_tokens + max_tokens) as u64;
     let request = Admission {

@@ -145,6 +145,7 @@ fn job_with(deadline_in_ms: u64, priority: Priority) -> JobMessage {
         attempt: 1,
         trace: TraceContext::default(),
         judge: false,
+        prefix_cache: true,
     }
 }
 
@@ -161,6 +162,7 @@ fn succeeded(prompt: u32, completion: u32) -> Terminal {
             usage: Usage {
                 prompt_tokens: prompt,
                 completion_tokens: completion,
+                cached_tokens: 0,
             },
             timings: Timings::default(),
         }),

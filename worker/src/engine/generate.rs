@@ -73,6 +73,8 @@ pub struct Generation {
     pub content: String,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens taken from the prefix cache rather than prefilled.
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub time_to_first_token: Duration,
     pub total: Duration,
@@ -204,6 +206,8 @@ pub struct Sequence<'m> {
     prompt_len: usize,
     /// Prompt tokens already prefilled.
     prefilled: usize,
+    /// Prompt tokens taken from the prefix cache.
+    cached: usize,
     tokens: Vec<u32>,
     decoder: TextDecoder<'m>,
     sampler: LogitsProcessor,
@@ -241,6 +245,7 @@ impl<'m> Sequence<'m> {
             guards,
             prompt_len: prompt.len(),
             prefilled: 0,
+            cached: 0,
             tokens: prompt,
             decoder: TextDecoder::new(model.tokenizer()),
             eos: &model.info().eos_token_ids,
@@ -259,6 +264,13 @@ impl<'m> Sequence<'m> {
     }
 
     pub fn mark_prefilled(&mut self, n: usize) {
+        self.prefilled += n;
+    }
+
+    /// Records that the first `n` prompt tokens came from the prefix cache (already in this
+    /// sequence's cache).
+    pub fn mark_cached(&mut self, n: usize) {
+        self.cached += n;
         self.prefilled += n;
     }
 
@@ -384,6 +396,7 @@ impl<'m> Sequence<'m> {
             content: std::mem::take(&mut self.text),
             finish_reason: reason,
             prompt_tokens: self.prompt_len,
+            cached_tokens: self.cached,
             completion_tokens: self.completion,
             time_to_first_token: self
                 .first_token_at
@@ -484,8 +497,8 @@ mod tests {
 
         fn guarded() -> (LeakGuard, String) {
             let mut messages = conversation();
-            let leak =
-                LeakGuard::install(&mut messages, &[1; 32], "acme", None).expect("system prompt");
+            let leak = LeakGuard::install(&mut messages, &[1; 32], "acme", None, None)
+                .expect("system prompt");
             let canary = leak.canary().to_string();
             (leak, canary)
         }

@@ -301,6 +301,7 @@ pub fn run_cli(args: &JudgeArgs) -> anyhow::Result<()> {
                     attempt: 1,
                     trace: Default::default(),
                     judge: true,
+                    prefix_cache: true,
                 };
                 let t = std::time::Instant::now();
                 let control = JobControl::new(t + std::time::Duration::from_secs(600));
@@ -366,6 +367,7 @@ mod tests {
             attempt: 1,
             trace: TraceContext::default(),
             judge: true,
+            prefix_cache: true,
         }
     }
 

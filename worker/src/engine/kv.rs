@@ -1,4 +1,5 @@
-//! The KV cache: one pool of rows per layer, handed out to sequences in pages.
+//! The KV cache: one pool of rows per layer, handed out to sequences in pages, and a prefix
+//! cache of full prompt pages that later sequences of the same tenant reuse.
 //!
 //! Each layer's keys and values live in one preallocated tensor of `rows × (kv_heads ·
 //! head_dim)`, sized by the worker's KV token budget (`--max-batch-total-tokens`), so a running
@@ -9,22 +10,149 @@
 //! number of sequences, which is what lets a GPU decode step cost the same few kernel launches
 //! at batch 32 as at batch 1.
 //!
-//! Isolation: a sequence's row list only ever names its own pages; rows past its length are
-//! read from its own first row and masked out of attention (weight exactly 0). Pages return
-//! to the pool when the [`SeqCache`] is dropped.
+//! Isolation: a sequence's row list only ever names its own pages and cached pages of its own
+//! tenant; rows past its length are read from its own first row and masked out of attention
+//! (weight exactly 0). Pages return to the pool when the [`SeqCache`] is dropped.
+//!
+//! **Prefix caching.** A full page of prompt tokens is named by a key chained from the keys of
+//! the pages before it, its own 16 tokens and a salt (the tenant): [`prefix_keys`]. Once a
+//! sequence has prefilled such a page it publishes it ([`SeqCache::publish`]); a later sequence
+//! whose prompt starts with the same pages, under the same salt, takes them read-only
+//! ([`SeqCache::attach_prefix`]) and prefills only the rest. Because the salt is in every key,
+//! a tenant never reuses, and so can never time, another tenant's pages. A published page is
+//! never written again: a sequence writes only at positions past its length, and every page it
+//! shares lies wholly before that. Pages are reference-counted; a cached page that no sequence
+//! holds is idle, and idle pages are evicted least recently used when a sequence needs a page
+//! and none is free. A page in use is never evicted, so eviction cannot touch a running
+//! sequence. Since the engine admits by worst case as before (counting a shared page once per
+//! sequence), free plus idle pages always cover what a running sequence reserves.
 
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Result, Tensor};
+use sha2::{Digest, Sha256};
 
 /// Rows per page.
 pub const PAGE: usize = 16;
 
-/// Every layer's K and V rows, and the free pages.
+/// The name of a cached page: 128 bits of a SHA-256 chain over the salt and every token up to
+/// the page's end.
+pub type PageKey = u128;
+
+/// The keys of `tokens`' full pages under `salt` (the tenant): key `i` names tokens
+/// `0 .. (i + 1) · PAGE`. A partial last page has no key.
+pub fn prefix_keys(salt: &str, tokens: &[u32]) -> Vec<PageKey> {
+    let mut parent = {
+        let mut h = Sha256::new();
+        h.update(b"sluice-prefix-v1\0");
+        h.update((salt.len() as u64).to_le_bytes());
+        h.update(salt.as_bytes());
+        truncate_digest(&h.finalize())
+    };
+    tokens
+        .chunks_exact(PAGE)
+        .map(|page| {
+            let mut h = Sha256::new();
+            h.update(parent.to_le_bytes());
+            for t in page {
+                h.update(t.to_le_bytes());
+            }
+            parent = truncate_digest(&h.finalize());
+            parent
+        })
+        .collect()
+}
+
+fn truncate_digest(d: &[u8]) -> PageKey {
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    u128::from_le_bytes(b)
+}
+
+/// What the prefix cache did, since the pool was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    /// Pages cached (in use or idle) now.
+    pub cached_pages: usize,
+    /// Cached pages no sequence holds now (evictable).
+    pub idle_pages: usize,
+    /// Cached pages evicted to make room.
+    pub evicted_pages: u64,
+}
+
+/// Who holds each page and what the prefix cache knows.
+#[derive(Debug)]
+struct PoolState {
+    /// Pages with no holder and no cached content, popped from the end.
+    free: Vec<u32>,
+    /// Holders of each page.
+    refs: Vec<u32>,
+    /// The key of each cached page.
+    key_of: Vec<Option<PageKey>>,
+    /// Cached pages by key.
+    by_key: HashMap<PageKey, u32>,
+    /// Idle cached pages by the tick they went idle (oldest first), and each idle page's tick.
+    idle: BTreeMap<u64, u32>,
+    idle_at: Vec<Option<u64>>,
+    tick: u64,
+    evicted: u64,
+}
+
+impl PoolState {
+    /// A page for a sequence: a free one, else the least recently used idle cached one.
+    fn take(&mut self) -> Option<u32> {
+        let page = match self.free.pop() {
+            Some(p) => p,
+            None => {
+                let (_, page) = self.idle.pop_first()?;
+                self.idle_at[page as usize] = None;
+                if let Some(key) = self.key_of[page as usize].take() {
+                    self.by_key.remove(&key);
+                }
+                self.evicted += 1;
+                page
+            }
+        };
+        self.refs[page as usize] = 1;
+        Some(page)
+    }
+
+    fn available(&self) -> usize {
+        self.free.len() + self.idle.len()
+    }
+
+    /// One holder fewer; an unheld page becomes idle (cached) or free.
+    fn release(&mut self, page: u32) {
+        let i = page as usize;
+        self.refs[i] = self.refs[i].saturating_sub(1);
+        if self.refs[i] > 0 {
+            return;
+        }
+        if self.key_of[i].is_some() {
+            self.tick += 1;
+            self.idle.insert(self.tick, page);
+            self.idle_at[i] = Some(self.tick);
+        } else {
+            self.free.push(page);
+        }
+    }
+
+    /// One holder more of a cached page (idle or not).
+    fn hold(&mut self, page: u32) {
+        let i = page as usize;
+        if let Some(t) = self.idle_at[i].take() {
+            self.idle.remove(&t);
+        }
+        self.refs[i] += 1;
+    }
+}
+
+/// Every layer's K and V rows, and who holds each page.
 pub struct KvPool {
     pub(crate) k: Vec<Tensor>,
     pub(crate) v: Vec<Tensor>,
-    free: Arc<Mutex<Vec<u32>>>,
+    state: Mutex<PoolState>,
     pages: usize,
     dtype: DType,
     device: Device,
@@ -57,10 +185,20 @@ impl KvPool {
         let v = (0..layers).map(|_| zeros()).collect::<Result<Vec<_>>>()?;
         // Popped from the end: pages are handed out from 0 upwards.
         let free = (0..pages as u32).rev().collect();
+        let state = PoolState {
+            free,
+            refs: vec![0; pages],
+            key_of: vec![None; pages],
+            by_key: HashMap::new(),
+            idle: BTreeMap::new(),
+            idle_at: vec![None; pages],
+            tick: 0,
+            evicted: 0,
+        };
         Ok(Arc::new(Self {
             k,
             v,
-            free: Arc::new(Mutex::new(free)),
+            state: Mutex::new(state),
             pages,
             dtype,
             device: device.clone(),
@@ -72,8 +210,26 @@ impl KvPool {
         self.pages * PAGE
     }
 
+    fn state(&self) -> Result<MutexGuard<'_, PoolState>> {
+        self.state
+            .lock()
+            .map_err(|_| candle_core::Error::msg("KV pool lock poisoned"))
+    }
+
+    /// Pages a sequence can take now: free ones and idle cached ones (evicted on demand).
     pub fn free_pages(&self) -> usize {
-        self.free.lock().map(|f| f.len()).unwrap_or(0)
+        self.state().map(|s| s.available()).unwrap_or(0)
+    }
+
+    /// The prefix cache's size and evictions.
+    pub fn prefix_stats(&self) -> PrefixStats {
+        self.state()
+            .map(|s| PrefixStats {
+                cached_pages: s.by_key.len(),
+                idle_pages: s.idle.len(),
+                evicted_pages: s.evicted,
+            })
+            .unwrap_or_default()
     }
 
     pub fn dtype(&self) -> DType {
@@ -116,32 +272,85 @@ impl SeqCache {
         &self.pool
     }
 
-    /// Forgets every token from `len` on (their rows are overwritten by later writes).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+    /// Forgets every token from `len` on (their rows are overwritten by later writes). Fails,
+    /// changing nothing, where a later write would land in a cached page, which is read-only.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        let len = self.len.min(len);
+        let state = self.pool.state()?;
+        if self.pages[len / PAGE..]
+            .iter()
+            .any(|p| state.key_of[*p as usize].is_some())
+        {
+            return Err(candle_core::Error::msg(format!(
+                "truncating to {len} would rewrite a cached prefix page"
+            )));
+        }
+        self.len = len;
+        Ok(())
     }
 
-    /// Makes room for `extra` more tokens, taking pages from the pool.
+    /// Makes room for `extra` more tokens, taking pages from the pool (free ones first, then
+    /// the least recently used idle cached ones).
     pub(crate) fn reserve(&mut self, extra: usize) -> Result<()> {
         let need = (self.len + extra).div_ceil(PAGE);
         if need <= self.pages.len() {
             return Ok(());
         }
-        let mut free = self
-            .pool
-            .free
-            .lock()
-            .map_err(|_| candle_core::Error::msg("KV pool lock poisoned"))?;
+        let mut state = self.pool.state()?;
         let more = need - self.pages.len();
-        if free.len() < more {
+        if state.available() < more {
             return Err(candle_core::Error::msg(format!(
-                "KV pool exhausted: {more} pages needed, {} free",
-                free.len()
+                "KV pool exhausted: {more} pages needed, {} available",
+                state.available()
             )));
         }
-        let at = free.len() - more;
-        self.pages.extend(free.drain(at..).rev());
+        for _ in 0..more {
+            let page = state
+                .take()
+                .ok_or_else(|| candle_core::Error::msg("KV pool exhausted"))?;
+            self.pages.push(page);
+        }
         Ok(())
+    }
+
+    /// Takes the longest run of cached pages named by `keys` (from the first), read-only, as
+    /// this empty sequence's first tokens; returns how many tokens that is. At most `max_pages`.
+    pub fn attach_prefix(&mut self, keys: &[PageKey], max_pages: usize) -> Result<usize> {
+        if !self.pages.is_empty() || self.len > 0 {
+            return Err(candle_core::Error::msg(
+                "a prefix attaches to an empty sequence only",
+            ));
+        }
+        let mut state = self.pool.state()?;
+        for key in keys.iter().take(max_pages) {
+            let Some(&page) = state.by_key.get(key) else {
+                break;
+            };
+            state.hold(page);
+            self.pages.push(page);
+        }
+        self.len = self.pages.len() * PAGE;
+        Ok(self.len)
+    }
+
+    /// Publishes this sequence's full pages named by `keys` (its prompt's, from the first)
+    /// that it has computed, so later sequences can reuse them; returns how many pages were
+    /// newly cached. A page whose key is cached already (another sequence computed the same
+    /// prefix at the same time) stays private.
+    pub fn publish(&mut self, keys: &[PageKey]) -> Result<usize> {
+        let full = (self.len / PAGE).min(keys.len()).min(self.pages.len());
+        let mut state = self.pool.state()?;
+        let mut added = 0;
+        for (page, key) in self.pages[..full].iter().zip(keys) {
+            let i = *page as usize;
+            if state.key_of[i].is_some() || state.by_key.contains_key(key) {
+                continue;
+            }
+            state.key_of[i] = Some(*key);
+            state.by_key.insert(*key, *page);
+            added += 1;
+        }
+        Ok(added)
     }
 
     /// The pool row of position `pos`.
@@ -162,8 +371,10 @@ impl SeqCache {
 
 impl Drop for SeqCache {
     fn drop(&mut self) {
-        if let Ok(mut free) = self.pool.free.lock() {
-            free.extend(self.pages.drain(..));
+        if let Ok(mut state) = self.pool.state.lock() {
+            for page in self.pages.drain(..) {
+                state.release(page);
+            }
         }
     }
 }
@@ -308,5 +519,159 @@ mod tests {
         assert!(mask[..3].iter().all(|m| *m == 0.0));
         assert!(mask[3..20].iter().all(|m| m.is_infinite()));
         assert!(mask[20..].iter().all(|m| *m == 0.0));
+    }
+
+    /// A sequence that prefilled `tokens` (the rows are not written: the pool's bookkeeping
+    /// is what these tests look at) and published its full pages under `salt`.
+    fn prefilled(pool: &Arc<KvPool>, salt: &str, tokens: &[u32]) -> (SeqCache, Vec<PageKey>) {
+        let keys = prefix_keys(salt, tokens);
+        let mut c = pool.new_cache();
+        let reused = c
+            .attach_prefix(&keys, (tokens.len() - 1) / PAGE)
+            .expect("attach");
+        c.reserve(tokens.len() - reused).expect("reserve");
+        c.advance(tokens.len() - reused);
+        c.publish(&keys).expect("publish");
+        (c, keys)
+    }
+
+    fn tokens(n: usize, from: u32) -> Vec<u32> {
+        (from..from + n as u32).collect()
+    }
+
+    #[test]
+    fn keys_chain_every_token_before_them_and_the_salt() {
+        let a = prefix_keys("acme", &tokens(40, 0));
+        assert_eq!(a.len(), 2, "only full pages have keys");
+        assert_eq!(a, prefix_keys("acme", &tokens(32, 0)));
+        assert_ne!(a[0], prefix_keys("globex", &tokens(32, 0))[0], "salted");
+        let mut other = tokens(32, 0);
+        other[3] = 999;
+        let b = prefix_keys("acme", &other);
+        assert_ne!(a[0], b[0]);
+        assert_ne!(
+            a[1], b[1],
+            "a later page's key depends on every earlier token"
+        );
+        // A tenant name cannot run into the tokens: the salt's length is hashed too.
+        assert_ne!(
+            prefix_keys("a", &tokens(16, 0)),
+            prefix_keys("", &tokens(16, 0))
+        );
+    }
+
+    #[test]
+    fn a_later_sequence_shares_the_cached_pages_of_its_own_salt_only() {
+        let pool = KvPool::new(1, 2, 16 * 10, DType::F32, &Device::Cpu).expect("pool");
+        let prompt = tokens(40, 100);
+        let (first, keys) = prefilled(&pool, "acme", &prompt);
+        assert_eq!(pool.prefix_stats().cached_pages, 2);
+        // Same tenant, same prompt: two pages shared, read-only.
+        let mut again = pool.new_cache();
+        assert_eq!(again.attach_prefix(&keys, 2).expect("attach"), 32);
+        assert_eq!(again.pages[..2], first.pages[..2]);
+        // Another tenant with the same tokens: nothing.
+        let mut other = pool.new_cache();
+        let other_keys = prefix_keys("globex", &prompt);
+        assert_eq!(other.attach_prefix(&other_keys, 2).expect("attach"), 0);
+        // At most what the caller allows (the prompt's last token is always prefilled).
+        let mut capped = pool.new_cache();
+        assert_eq!(capped.attach_prefix(&keys, 1).expect("attach"), 16);
+        // A longer prompt with the same start reuses the start.
+        let mut longer = pool.new_cache();
+        let longer_keys = prefix_keys("acme", &tokens(64, 100));
+        assert_eq!(longer.attach_prefix(&longer_keys, 3).expect("attach"), 32);
+        // Writing goes to fresh pages after the shared ones.
+        again.reserve(10).expect("reserve");
+        assert!(!first.pages.contains(&again.pages[2]));
+        // The shared pages cannot be rewritten through truncation.
+        assert!(again.truncate(20).is_err());
+        assert_eq!(again.len(), 32);
+        again.advance(10);
+        again.truncate(33).expect("past the shared pages");
+    }
+
+    #[test]
+    fn idle_cached_pages_are_evicted_least_recently_used_and_used_ones_never() {
+        // Eight pages: two sequences of three full pages each cache six.
+        let pool = KvPool::new(1, 2, 16 * 8, DType::F32, &Device::Cpu).expect("pool");
+        let (old, old_keys) = prefilled(&pool, "acme", &tokens(49, 0));
+        let (held, held_keys) = prefilled(&pool, "acme", &tokens(49, 500));
+        let held_pages = held.pages.clone();
+        drop(old);
+        // `held`'s pages stay in use by a sequence that reused them.
+        drop(held);
+        let mut user = pool.new_cache();
+        assert_eq!(user.attach_prefix(&held_keys, 3).expect("attach"), 48);
+        let stats = pool.prefix_stats();
+        assert_eq!((stats.cached_pages, stats.idle_pages), (6, 3));
+        // Eight pages: the 2 free ones (the partial last pages) go first, then the idle ones,
+        // oldest first; the pages in use are never handed out.
+        assert_eq!(pool.free_pages(), 5);
+        let mut big = pool.new_cache();
+        big.reserve(16 * 5).expect("every free and idle page");
+        assert!(big.pages.iter().all(|p| !held_pages[..3].contains(p)));
+        assert!(
+            big.reserve(16 * 6).is_err(),
+            "pages in use are never evicted"
+        );
+        assert_eq!(pool.prefix_stats().evicted_pages, 3);
+        let mut late = pool.new_cache();
+        assert_eq!(
+            late.attach_prefix(&old_keys, 3).expect("attach"),
+            0,
+            "evicted"
+        );
+        drop(late);
+        drop(user);
+        // Unheld again, `held`'s pages are idle and still cached.
+        let mut back = pool.new_cache();
+        assert_eq!(back.attach_prefix(&held_keys, 3).expect("attach"), 48);
+    }
+
+    #[test]
+    fn eviction_takes_the_page_idle_the_longest() {
+        let pool = KvPool::new(1, 2, 16 * 4, DType::F32, &Device::Cpu).expect("pool");
+        let (a, a_keys) = prefilled(&pool, "t", &tokens(17, 0));
+        let (b, b_keys) = prefilled(&pool, "t", &tokens(17, 100));
+        drop(a);
+        drop(b);
+        // `a`'s page is used again, so `b`'s is now the older idle one.
+        let mut again = pool.new_cache();
+        again.attach_prefix(&a_keys, 1).expect("attach");
+        drop(again);
+        let mut one = pool.new_cache();
+        one.reserve(16 * 3).expect("two free pages and one idle");
+        let mut probe = pool.new_cache();
+        assert_eq!(
+            probe.attach_prefix(&b_keys, 1).expect("attach"),
+            0,
+            "b went"
+        );
+        let mut probe = pool.new_cache();
+        assert_eq!(
+            probe.attach_prefix(&a_keys, 1).expect("attach"),
+            16,
+            "a stayed"
+        );
+    }
+
+    #[test]
+    fn a_prefix_computed_twice_at_once_is_cached_once() {
+        let pool = KvPool::new(1, 2, 16 * 8, DType::F32, &Device::Cpu).expect("pool");
+        let (a, _) = prefilled(&pool, "t", &tokens(33, 0));
+        // `b` prefilled the same prompt before `a` published (it attached nothing).
+        let keys = prefix_keys("t", &tokens(33, 0));
+        let mut b = pool.new_cache();
+        b.reserve(33).expect("reserve");
+        b.advance(33);
+        assert_eq!(b.publish(&keys).expect("publish"), 0);
+        assert_eq!(pool.prefix_stats().cached_pages, 2);
+        let private = b.pages.clone();
+        drop(b);
+        // Its pages went back free, not cached.
+        assert_eq!(pool.prefix_stats().idle_pages, 0);
+        assert_eq!(pool.free_pages(), 8 - a.pages.len());
+        assert!(private.iter().all(|p| !a.pages.contains(p)));
     }
 }

@@ -1,6 +1,6 @@
 //! The leak canary: an output guard against system-prompt extraction.
 //!
-//! When a job has a system prompt, the worker appends a random per-job canary to it. If the
+//! When a job has a system prompt, the worker appends a secret canary to it. If the
 //! output contains the canary, or repeats any [`SPAN_CHARS`]-character stretch of the system
 //! prompt verbatim (whitespace runs count as one space), the job ends with
 //! `finish_reason: "content_filter"` and the output is withheld: the stored result is empty
@@ -39,29 +39,36 @@ fn normalise(text: &str) -> String {
 }
 
 impl LeakGuard {
-    /// Adds a canary to the first system message; `None` if there is none. With a `seed`
-    /// the canary is a keyed hash of the tenant, the seed and the system prompt, so a
-    /// repeated seeded request sees the same prompt (seeded outputs stay reproducible);
-    /// without one it is random.
+    /// Adds a canary to the first system message; `None` if there is none. The canary is a
+    /// keyed hash (nobody without `key` can predict it) of the tenant, the system prompt and:
+    /// - with a `seed`, the seed, so a repeated seeded request sees the same prompt (seeded
+    ///   outputs stay reproducible);
+    /// - else with a `period` (the canary's rotation period, counted from the epoch), that
+    ///   period, so every job of a tenant with the same system prompt within a period sees the
+    ///   same prompt, and its pages are reused from the prefix cache;
+    /// - with neither, nothing: it is random per job (and defeats the prefix cache).
     pub fn install(
         messages: &mut [Message],
         key: &[u8; 32],
         tenant: &str,
         seed: Option<u64>,
+        period: Option<u64>,
     ) -> Option<Self> {
         let system = messages.iter_mut().find(|m| m.role == Role::System)?;
-        let nonce = match seed {
-            Some(seed) => {
-                let mut h = Sha256::new();
-                h.update(key);
-                h.update(tenant.as_bytes());
-                h.update([0]);
-                h.update(seed.to_le_bytes());
-                h.update(system.content.as_bytes());
-                let d = h.finalize();
-                u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
-            }
-            None => rand::random::<u64>(),
+        let keyed = |kind: u8, n: u64| {
+            let mut h = Sha256::new();
+            h.update(key);
+            h.update(tenant.as_bytes());
+            h.update([kind]);
+            h.update(n.to_le_bytes());
+            h.update(system.content.as_bytes());
+            let d = h.finalize();
+            u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+        };
+        let nonce = match (seed, period) {
+            (Some(seed), _) => keyed(0, seed),
+            (None, Some(period)) => keyed(1, period),
+            (None, None) => rand::random::<u64>(),
         };
         let canary = sluice_prompt::chat::canary(nonce);
         let guard = Self {
@@ -184,7 +191,7 @@ mod tests {
 
     fn guard() -> (LeakGuard, Vec<Message>) {
         let mut messages = conversation();
-        let g = LeakGuard::install(&mut messages, &[7; 32], "acme", None).expect("guard");
+        let g = LeakGuard::install(&mut messages, &[7; 32], "acme", None, None).expect("guard");
         (g, messages)
     }
 
@@ -201,18 +208,36 @@ mod tests {
                 role: Role::System,
                 content: SYSTEM.into(),
             }];
-            LeakGuard::install(&mut m, &[key; 32], "acme", Some(seed))
+            LeakGuard::install(&mut m, &[key; 32], "acme", Some(seed), None)
                 .expect("guard")
                 .canary
         };
         assert_eq!(seeded(1, 5), seeded(1, 5));
         assert_ne!(seeded(1, 5), seeded(2, 5));
         assert_ne!(seeded(1, 5), seeded(1, 6));
+        // Per rotation period: the same for a tenant's system prompt within a period (its
+        // pages can be cached), another in the next period, for another tenant, another system
+        // prompt or another key.
+        let periodic = |key: u8, tenant: &str, system: &str, period: u64| {
+            let mut m = vec![Message {
+                role: Role::System,
+                content: system.into(),
+            }];
+            LeakGuard::install(&mut m, &[key; 32], tenant, None, Some(period))
+                .expect("guard")
+                .canary
+        };
+        let base = periodic(1, "acme", SYSTEM, 9);
+        assert_eq!(base, periodic(1, "acme", SYSTEM, 9));
+        assert_ne!(base, periodic(1, "acme", SYSTEM, 10));
+        assert_ne!(base, periodic(1, "globex", SYSTEM, 9));
+        assert_ne!(base, periodic(1, "acme", "Another prompt.", 9));
+        assert_ne!(base, periodic(2, "acme", SYSTEM, 9));
         let mut none = vec![Message {
             role: Role::User,
             content: "x".into(),
         }];
-        assert!(LeakGuard::install(&mut none, &[7; 32], "acme", None).is_none());
+        assert!(LeakGuard::install(&mut none, &[7; 32], "acme", None, None).is_none());
     }
 
     /// Streams `text` a character at a time as a sequence does: stops when the guard reports

@@ -6,9 +6,14 @@
 //! 1. takes new jobs off the channel (blocking only when idle);
 //! 2. admits waiting jobs while the batch has room (`max_batch`) and their worst-case KV use
 //!    (prompt + `max_tokens`, capped at the context) fits the KV token budget; a job that could
-//!    never fit fails at once with `job_too_large` instead of waiting forever;
+//!    never fit fails at once with `job_too_large` instead of waiting forever. An admitted
+//!    job takes the longest run of its prompt's full pages that its tenant has cached (the
+//!    prefix cache, [`kv`]) and prefills only the rest;
 //! 3. prefills one chunk (`prefill_chunk` tokens) of one new sequence, so a long prompt never
-//!    stalls the running sequences for more than one chunk;
+//!    stalls the running sequences for more than one chunk, and publishes the full prompt
+//!    pages it completed to the prefix cache. Interactive sequences prefill first; within a
+//!    class, the sequence with the least prompt left goes first, so a short prompt waits for
+//!    at most one chunk of a long one;
 //! 4. runs one batched decode step for every sequence that has a next token;
 //! 5. replies for the sequences that finished and drops their KV caches (their pages go back
 //!    to the pool, which was allocated once at start for the whole budget).
@@ -33,7 +38,7 @@ use sluice_proto::{JobMessage, Priority};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::generate::{GenerateError, Generation, Guards, JobControl, Sequence, Step};
-use crate::engine::kv::KvPool;
+use crate::engine::kv::{KvPool, PAGE, PageKey, prefix_keys};
 use crate::engine::leak::LeakGuard;
 use crate::metrics::WorkerMetrics;
 use crate::model::{LoadedModel, ModelInfo};
@@ -49,6 +54,11 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Key of the leak canary ([`LeakGuard::install`]).
     pub canary_key: [u8; 32],
+    /// Whether jobs reuse their tenant's cached prompt prefixes (a job can still opt out).
+    pub prefix_cache: bool,
+    /// How long a tenant's canary for one system prompt stays the same (so that prompt's
+    /// pages can be cached); `None`: a random canary per job.
+    pub canary_rotation: Option<std::time::Duration>,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +68,8 @@ impl Default for EngineConfig {
             kv_token_budget: 65_536,
             prefill_chunk: 256,
             canary_key: rand::random(),
+            prefix_cache: true,
+            canary_rotation: Some(std::time::Duration::from_secs(3600)),
         }
     }
 }
@@ -83,10 +95,22 @@ struct Prepared {
 fn prepare(
     model: &LoadedModel,
     job: &JobMessage,
-    key: &[u8; 32],
+    config: &EngineConfig,
 ) -> Result<Prepared, GenerateError> {
     let mut messages = job.messages.clone();
-    let leak = LeakGuard::install(&mut messages, key, &job.tenant, job.params.seed);
+    let period = config.canary_rotation.map(|every| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        now.as_secs() / every.as_secs().max(1)
+    });
+    let leak = LeakGuard::install(
+        &mut messages,
+        &config.canary_key,
+        &job.tenant,
+        job.params.seed,
+        period,
+    );
     let prompt = model.encode_chat(&messages)?;
     let format = &job.params.response_format;
     let constraint = if format.is_text() {
@@ -188,6 +212,10 @@ struct Running<'m> {
     span: tracing::Span,
     next: Option<u32>,
     outcome: Option<Result<Step, GenerateError>>,
+    /// The keys of the prompt's full pages (empty when the job does not use the prefix
+    /// cache), published as prefill completes them.
+    prefix_keys: Vec<PageKey>,
+    priority: Priority,
 }
 
 /// The threads model compute runs on (`RAYON_NUM_THREADS`, else one per core). The engine
@@ -223,7 +251,7 @@ fn engine_loop(
         while let Ok(work) = rx.try_recv() {
             waiting.push_back(work);
         }
-        admit(model, pool, &config, &mut waiting, &mut running);
+        admit(model, pool, &config, &mut waiting, &mut running, metrics);
         prefill_one_chunk(model, &config, &mut running);
         let started = std::time::Instant::now();
         let decoded = decode_step(model, &mut running);
@@ -242,6 +270,7 @@ fn engine_loop(
             let used = pages.saturating_sub(pool.free_pages());
             metrics.kv_usage.set(used as f64 / pages as f64);
         }
+        metrics.observe_prefix_cache(pool.prefix_stats());
     }
 }
 
@@ -251,6 +280,7 @@ fn admit<'m>(
     config: &EngineConfig,
     waiting: &mut VecDeque<EngineJob>,
     running: &mut Vec<Running<'m>>,
+    metrics: &WorkerMetrics,
 ) {
     let mut used: usize = running.iter().map(|r| r.seq.max_tokens_in_cache()).sum();
     while running.len() < config.max_batch {
@@ -268,7 +298,7 @@ fn admit<'m>(
         let _entered = work.span.clone().entered();
         let prepared = match work.prepared.take() {
             Some(p) => p,
-            None => match prepare(model, &work.job, &config.canary_key) {
+            None => match prepare(model, &work.job, config) {
                 Ok(p) => p,
                 Err(e) => {
                     let _ = work.reply.send(Err(e));
@@ -291,15 +321,36 @@ fn admit<'m>(
             waiting.push_front(work);
             return;
         }
+        let keys = if config.prefix_cache && work.job.prefix_cache {
+            prefix_keys(&work.job.tenant, &prepared.prompt)
+        } else {
+            Vec::new()
+        };
+        let mut cache = pool.new_cache();
+        // At least the prompt's last token is prefilled: its logits are the first token's.
+        let reusable = prepared.prompt.len().saturating_sub(1) / PAGE;
+        let cached = match cache.attach_prefix(&keys, reusable) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = work
+                    .reply
+                    .send(Err(GenerateError::Model(crate::model::ModelError::from(e))));
+                continue;
+            }
+        };
+        if !keys.is_empty() {
+            metrics.observe_prefix_lookup(cached);
+        }
         match Sequence::new(
             model,
             prepared.prompt,
             work.job.params.clone(),
             work.control.clone(),
-            pool.new_cache(),
+            cache,
             prepared.guards,
         ) {
-            Ok(seq) => {
+            Ok(mut seq) => {
+                seq.mark_cached(cached);
                 used += need;
                 running.push(Running {
                     seq,
@@ -308,6 +359,8 @@ fn admit<'m>(
                     span: work.span,
                     next: None,
                     outcome: None,
+                    prefix_keys: keys,
+                    priority: work.job.priority,
                 });
             }
             Err(e) => {
@@ -318,9 +371,17 @@ fn admit<'m>(
 }
 
 fn prefill_one_chunk(model: &LoadedModel, config: &EngineConfig, running: &mut [Running<'_>]) {
+    // Interactive first, then the least prompt left (a short prompt is not stuck behind a long
+    // one's chunks), then admission order.
     let Some(r) = running
         .iter_mut()
-        .find(|r| r.outcome.is_none() && r.seq.is_prefilling())
+        .filter(|r| r.outcome.is_none() && r.seq.is_prefilling())
+        .min_by_key(|r| {
+            (
+                r.priority != Priority::Interactive,
+                r.seq.pending_prompt().len(),
+            )
+        })
     else {
         return;
     };
@@ -341,6 +402,11 @@ fn prefill_one_chunk(model: &LoadedModel, config: &EngineConfig, running: &mut [
     match model.model().prefill(&chunk, &mut r.seq.cache) {
         Ok(logits) => {
             r.seq.mark_prefilled(chunk.len());
+            if !r.prefix_keys.is_empty()
+                && let Err(e) = r.seq.cache.publish(&r.prefix_keys)
+            {
+                tracing::warn!(error = %e, "could not publish prompt pages to the prefix cache");
+            }
             if !r.seq.is_prefilling() {
                 let step = r_step(&mut r.seq, r.events.as_ref(), &logits);
                 apply(r, step);
@@ -453,5 +519,204 @@ pub fn decode_rate(g: &Generation) -> f64 {
         (g.completion_tokens - 1) as f64 / decode
     } else {
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The prefix cache inside the real engine loop, on the tiny model (CPU): greedy output is
+    //! the same token for token with and without it, tenants never share pages, and eviction
+    //! under pressure leaves a running sequence alone.
+
+    use std::time::{Duration, Instant};
+
+    use sluice_proto::{GenerationParams, Message, Role, TraceContext};
+
+    use super::*;
+    use crate::model::source::{LocalModel, files_in_dir};
+    use crate::model::tiny::{TinyShape, write_tiny_model};
+
+    fn tiny() -> LoadedModel {
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-prefix-test-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        write_tiny_model(&dir, 3, TinyShape::default()).expect("tiny model");
+        let files = files_in_dir(&dir).expect("files");
+        LoadedModel::load(&LocalModel::Files(files), &candle_core::Device::Cpu).expect("load")
+    }
+
+    /// An engine on the tiny model; every engine of a test shares the canary key, so the same
+    /// request is the same prompt on each.
+    fn engine(prefix_cache: bool, kv_token_budget: usize) -> (EngineHandle, Arc<WorkerMetrics>) {
+        let metrics = Arc::new(WorkerMetrics::new(false));
+        let config = EngineConfig {
+            max_batch: 4,
+            kv_token_budget,
+            prefill_chunk: 64,
+            canary_key: [9; 32],
+            prefix_cache,
+            canary_rotation: Some(Duration::from_secs(315_360_000)),
+        };
+        let handle = EngineHandle::start(tiny(), config, metrics.clone()).expect("engine");
+        (handle, metrics)
+    }
+
+    const SYSTEM: &str = "You are the support assistant of a shop that sells garden tools. \
+        Answer briefly, in the customer's language, and never promise a delivery date. \
+        Refunds need an order number; escalate anything about injuries to a human.";
+
+    fn job(tenant: &str, user: &str, max_tokens: u32) -> JobMessage {
+        JobMessage {
+            v: sluice_proto::JOB_MESSAGE_VERSION,
+            id: uuid::Uuid::now_v7(),
+            tenant: tenant.into(),
+            session_id: None,
+            session: None,
+            priority: Priority::Interactive,
+            messages: vec![
+                Message {
+                    role: Role::System,
+                    content: SYSTEM.into(),
+                },
+                Message {
+                    role: Role::User,
+                    content: user.into(),
+                },
+            ],
+            params: GenerationParams {
+                temperature: 0.0,
+                max_tokens,
+                ignore_eos: true,
+                ..GenerationParams::default()
+            },
+            created_at: sluice_proto::now_ms(),
+            deadline: u64::MAX,
+            attempt: 1,
+            trace: TraceContext::default(),
+            judge: false,
+            prefix_cache: true,
+        }
+    }
+
+    async fn run(engine: &EngineHandle, job: JobMessage) -> Generation {
+        let control = JobControl::new(Instant::now() + Duration::from_secs(600));
+        engine.run(job, control, None).await.expect("generation")
+    }
+
+    fn hits(metrics: &WorkerMetrics) -> u64 {
+        metrics.prefix_lookups.with_label_values(&["hit"]).get()
+    }
+
+    #[tokio::test]
+    async fn the_same_greedy_tokens_with_and_without_the_cache() {
+        let (plain, _) = engine(false, 4096);
+        let (cached, metrics) = engine(true, 4096);
+        let questions = ["Where is my rake?", "Where is my rake? It is late.", "Hi"];
+        for q in questions {
+            let without = run(&plain, job("acme", q, 24)).await;
+            assert_eq!(without.cached_tokens, 0);
+            // The first run on the caching engine fills the cache (the system prompt's pages
+            // are reused from the second question on), the second reuses it.
+            let first = run(&cached, job("acme", q, 24)).await;
+            let second = run(&cached, job("acme", q, 24)).await;
+            assert!(second.cached_tokens > 0, "{second:?}");
+            assert_eq!(second.cached_tokens % kv::PAGE, 0);
+            assert!(second.cached_tokens < second.prompt_tokens);
+            assert_eq!(first.content, without.content, "{q}");
+            assert_eq!(second.content, without.content, "{q}");
+            assert_eq!(second.completion_tokens, 24);
+        }
+        // The system prompt (with its canary) is shared by all three questions: from the
+        // second question on, even the first run hit.
+        assert_eq!(hits(&metrics), 5);
+        assert!(metrics.prefix_reused_tokens.get() > 0);
+        assert!(metrics.prefix_cached_pages.get() > 0);
+    }
+
+    #[tokio::test]
+    async fn a_tenant_never_reuses_another_tenants_pages() {
+        let (cached, metrics) = engine(true, 4096);
+        let a = run(&cached, job("acme", "Where is my rake?", 8)).await;
+        assert_eq!(a.cached_tokens, 0);
+        // The same request from another tenant (the canary differs too, but the pages of the
+        // chat template before the system prompt are the same tokens): nothing reused.
+        let b = run(&cached, job("globex", "Where is my rake?", 8)).await;
+        assert_eq!(b.cached_tokens, 0, "{b:?}");
+        assert_eq!(hits(&metrics), 0);
+        // Its own, again, is reused; and a job that opts out reuses nothing.
+        let again = run(&cached, job("globex", "Where is my rake?", 8)).await;
+        assert!(again.cached_tokens > 0);
+        let off = JobMessage {
+            prefix_cache: false,
+            ..job("acme", "Where is my rake?", 8)
+        };
+        assert_eq!(run(&cached, off).await.cached_tokens, 0);
+        assert_eq!(hits(&metrics), 1);
+    }
+
+    #[tokio::test]
+    async fn eviction_under_pressure_leaves_a_running_sequence_intact() {
+        // Room for two jobs at once (prompts are about 380 tokens): every new tenant's pages
+        // push idle cached pages out while a long sequence of `acme` runs on pages it shares.
+        let budget = 1024;
+        let (plain, _) = engine(false, budget);
+        let expected = run(&plain, job("acme", "Tell me about spades.", 96)).await;
+        let (cached, metrics) = engine(true, budget);
+        run(&cached, job("acme", "Tell me about spades.", 4)).await;
+        let long = {
+            let cached = cached.clone();
+            tokio::spawn(
+                async move { run(&cached, job("acme", "Tell me about spades.", 96)).await },
+            )
+        };
+        let mut others = Vec::new();
+        for i in 0..12 {
+            let cached = cached.clone();
+            others.push(tokio::spawn(async move {
+                run(
+                    &cached,
+                    job(&format!("tenant-{i}"), "Something else entirely.", 24),
+                )
+                .await
+            }));
+        }
+        for o in others {
+            o.await.expect("join");
+        }
+        let long = long.await.expect("join");
+        assert!(long.cached_tokens > 0, "{long:?}");
+        assert_eq!(long.content, expected.content);
+        assert!(
+            metrics.prefix_evicted_pages.get() > 0,
+            "the test did not put the cache under pressure"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_short_prompt_is_not_stuck_behind_a_long_prefill() {
+        let (engine, _) = engine(false, 16_384);
+        // About 8000 prompt tokens: 125 chunks of 64.
+        let long = JobMessage {
+            messages: vec![Message {
+                role: Role::User,
+                content: "gardening tools ".repeat(500),
+            }],
+            ..job("acme", "", 1)
+        };
+        let short = job("acme", "Hi", 1);
+        let timed = |job: JobMessage| {
+            let engine = engine.clone();
+            async move {
+                run(&engine, job).await;
+                Instant::now()
+            }
+        };
+        let (long_done, short_done) = tokio::join!(timed(long), timed(short));
+        assert!(
+            short_done < long_done,
+            "the short prompt waited for the long one's whole prefill"
+        );
     }
 }

@@ -542,6 +542,7 @@ fn succeeded(job: &JobMessage, started_ms: u64, g: Generation) -> Terminal {
             usage: Usage {
                 prompt_tokens: g.prompt_tokens as u32,
                 completion_tokens: g.completion_tokens as u32,
+                cached_tokens: g.cached_tokens as u32,
             },
             timings: Timings {
                 queued_ms: started_ms.saturating_sub(job.created_at),
