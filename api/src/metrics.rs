@@ -34,6 +34,7 @@ pub struct ApiMetrics {
     pub tenants: TenantLabels,
     pub classifier_batch_seconds: Histogram,
     pub classifier_texts: IntCounter,
+    pub classifier_cached_texts: IntCounter,
     pub batch_lines: IntCounterVec,
     pub batches_finished: IntCounterVec,
     pub batches_active: IntGauge,
@@ -44,12 +45,17 @@ pub struct ApiMetrics {
 pub struct ClassifierMetrics {
     seconds: Histogram,
     texts: IntCounter,
+    cached: IntCounter,
 }
 
 impl sluice_guard::classifier::ClassifierObserver for ClassifierMetrics {
     fn batch(&self, texts: usize, seconds: f64) {
         self.seconds.observe(seconds);
         self.texts.inc_by(texts as u64);
+    }
+
+    fn cached(&self, texts: usize) {
+        self.cached.inc_by(texts as u64);
     }
 }
 
@@ -116,6 +122,11 @@ impl ApiMetrics {
                 "sluice_guard_classifier_texts_total",
                 "Texts (messages and their decoded layers) scored by the injection classifier.",
             ),
+            classifier_cached_texts: f.counter(
+                "sluice_guard_classifier_cached_texts_total",
+                "Texts answered from the classifier's score cache (the same tenant sent the same \
+                 text recently: its system prompt, its history) instead of scored again.",
+            ),
             batch_lines: f.counter_vec(
                 "sluice_batch_lines_total",
                 "Batch lines this replica's batch drivers finished, by outcome: `completed` (in \
@@ -147,6 +158,7 @@ impl ApiMetrics {
         ClassifierMetrics {
             seconds: self.classifier_batch_seconds.clone(),
             texts: self.classifier_texts.clone(),
+            cached: self.classifier_cached_texts.clone(),
         }
     }
 

@@ -39,7 +39,7 @@ TOPICS = [
     "the ecology of coral reefs",
 ]
 
-# A fixed, ordinary system prompt, repeated to the requested length (about 9 tokens a line):
+# A fixed, ordinary system prompt, repeated to the requested length (19 tokens a line with the Qwen2.5 tokenizer):
 # what a tenant's shared instructions look like to a prefix cache.
 SYSTEM_LINE = "You are a careful assistant for a library; answer clearly, cite no sources, stay polite. "
 
@@ -142,7 +142,7 @@ async def main():
     p.add_argument("--system-tokens", type=int, default=0)
     p.add_argument("--label", default="")
     a = p.parse_args()
-    system = SYSTEM_LINE * max(0, a.system_tokens // 9) if a.system_tokens else ""
+    system = SYSTEM_LINE * max(0, a.system_tokens // 19) if a.system_tokens else ""
     client = AsyncOpenAI(base_url=a.base_url, api_key=a.api_key, timeout=600, max_retries=0)
     if not a.model:
         a.model = (await client.models.list()).data[0].id

@@ -33,9 +33,9 @@ python3 - "http://127.0.0.1:$port" "$key" "$jobs" "$system_tokens" <<'PY'
 import json, sys, time, urllib.request
 
 base, key, jobs, system_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-# About 9 tokens a line, as in benches/serving/client.py.
+# 19 tokens a line with the Qwen2.5 tokenizer, as in benches/serving/client.py.
 system = ("You are a careful assistant for a library; answer clearly, cite no sources, "
-          "stay polite. ") * (system_tokens // 9)
+          "stay polite. ") * (system_tokens // 19)
 auth = {"Authorization": f"Bearer {key}"}
 
 def call(method, path, body=None):

@@ -319,7 +319,7 @@ async fn the_service_answers_concurrent_callers_in_order() {
     let calls = texts.iter().map(|t| {
         let service = service.clone();
         let t = t.to_string();
-        tokio::spawn(async move { service.score(vec![t.clone(), t]).await })
+        tokio::spawn(async move { service.score("acme", vec![t.clone(), t]).await })
     });
     for (call, want) in calls.collect::<Vec<_>>().into_iter().zip(expected) {
         let got = call.await.expect("join").expect("score");
@@ -328,5 +328,22 @@ async fn the_service_answers_concurrent_callers_in_order() {
             assert!((g - want).abs() < 1e-4, "{g} vs {want}");
         }
     }
-    assert!(service.score(Vec::new()).await.expect("empty").is_empty());
+    assert!(
+        service
+            .score("acme", Vec::new())
+            .await
+            .expect("empty")
+            .is_empty()
+    );
+    // Answered again from the cache: the same scores.
+    let again = service
+        .score("acme", texts.map(String::from).to_vec())
+        .await
+        .expect("cached");
+    for (g, want) in again
+        .iter()
+        .zip(classifier().score(&texts.map(String::from)).expect("score"))
+    {
+        assert!((g - want).abs() < 1e-4, "{g} vs {want}");
+    }
 }

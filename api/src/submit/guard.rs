@@ -69,10 +69,12 @@ fn with_history(
 /// The classifier's score of the request: the maximum over its messages and their decoded
 /// layers ([`Guard::classifier_inputs`]). The texts are prepared
 /// inline or on the blocking pool like the rest of the guard, then scored on the classifier's
-/// own thread, batched with concurrent requests.
+/// own thread, batched with concurrent requests, except those the tenant sent recently (its
+/// system prompt, its history), whose scores are remembered.
 pub(super) async fn classify(
     service: &ClassifierService,
     guard: &Arc<Guard>,
+    tenant: &str,
     messages: Vec<Message>,
     inline: bool,
 ) -> Result<f32, ApiError> {
@@ -92,7 +94,7 @@ pub(super) async fn classify(
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?
     };
-    let scores = service.score(inputs).await?;
+    let scores = service.score(tenant, inputs).await?;
     Ok(scores.into_iter().fold(0.0, f32::max))
 }
 

@@ -152,7 +152,7 @@ pub async fn submit(
     // a request that would otherwise be accepted pays for a forward pass.
     let mut judge = false;
     if let (Some(service), Some(raw)) = (&state.classifier, raw_messages) {
-        let score = guard::classify(service, &state.guard, raw, inline)
+        let score = guard::classify(service, &state.guard, &principal.tenant, raw, inline)
             .await
             .map_err(|e| refuse((e, "guard_unavailable")))?;
         match config.classifier_action(score) {

@@ -5,7 +5,9 @@
 //! them) and its hashed character n-grams ([`ngrams`]).
 //! [`Classifier`] is the synchronous model (for the CLI and the trainer's embedding export);
 //! [`ClassifierService`] runs it on a dedicated thread for the API, batching the texts of
-//! concurrent requests into shared forward passes.
+//! concurrent requests into shared forward passes, and remembers recent scores per tenant
+//! ([`ScoreCache`]): a tenant's system prompt or conversation history, sent again with every
+//! request, is scored once.
 //!
 //! Loading fails closed: a missing or corrupt file, or a head trained on other encoder weights,
 //! is an error naming the file; there is no silent fallback to the rules alone.
@@ -15,11 +17,13 @@ pub mod head;
 pub mod ngrams;
 
 use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{LazyLock, mpsc};
+use std::sync::{Arc, LazyLock, Mutex, mpsc};
 use std::time::Instant;
 
 use regex::Regex;
+use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 pub use encoder::Encoder;
@@ -138,17 +142,100 @@ const QUEUE_DEPTH: usize = 256;
 /// Texts scored together in one call, at most (requests are never split).
 const MAX_BATCH_TEXTS: usize = 64;
 
-/// The classifier on its own thread: callers await scores; the thread takes every request
-/// waiting when it becomes free and scores their texts in one batch.
-#[derive(Debug, Clone)]
-pub struct ClassifierService {
-    tx: mpsc::SyncSender<Request>,
+/// Scores remembered per process, at most.
+pub const SCORE_CACHE_ENTRIES: usize = 16_384;
+
+/// Recent scores by a 128-bit SHA-256 of the scope (the tenant) and the text, least recently
+/// used out first. The classifier is a pure function of the text, so a remembered score is the
+/// score; the scope keeps one tenant from learning, through its own latency, whether another
+/// tenant sent a text.
+#[derive(Debug)]
+pub struct ScoreCache {
+    capacity: usize,
+    scores: HashMap<u128, (f32, u64)>,
+    by_use: BTreeMap<u64, u128>,
+    tick: u64,
 }
 
-/// Counts from the scoring thread, for metrics.
-pub trait ClassifierObserver: Send + 'static {
-    /// One batch: how many texts, and how long scoring took.
+impl ScoreCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            scores: HashMap::new(),
+            by_use: BTreeMap::new(),
+            tick: 0,
+        }
+    }
+
+    /// The key of `text` in `scope`.
+    pub fn key(scope: &str, text: &str) -> u128 {
+        let mut h = Sha256::new();
+        h.update((scope.len() as u64).to_le_bytes());
+        h.update(scope.as_bytes());
+        h.update(text.as_bytes());
+        let d = h.finalize();
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&d[..16]);
+        u128::from_le_bytes(b)
+    }
+
+    pub fn get(&mut self, key: u128) -> Option<f32> {
+        self.tick += 1;
+        let (score, used) = self.scores.get_mut(&key)?;
+        self.by_use.remove(used);
+        *used = self.tick;
+        self.by_use.insert(self.tick, key);
+        Some(*score)
+    }
+
+    pub fn insert(&mut self, key: u128, score: f32) {
+        if self.capacity == 0 {
+            return;
+        }
+        self.tick += 1;
+        if let Some((_, used)) = self.scores.insert(key, (score, self.tick)) {
+            self.by_use.remove(&used);
+        }
+        self.by_use.insert(self.tick, key);
+        while self.scores.len() > self.capacity {
+            let Some((_, old)) = self.by_use.pop_first() else {
+                break;
+            };
+            self.scores.remove(&old);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.scores.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.scores.is_empty()
+    }
+}
+
+/// The classifier on its own thread: callers await scores; the thread takes every request
+/// waiting when it becomes free and scores their texts in one batch. Scores already in the
+/// [`ScoreCache`] are answered without the thread.
+#[derive(Clone)]
+pub struct ClassifierService {
+    tx: mpsc::SyncSender<Request>,
+    cache: Arc<Mutex<ScoreCache>>,
+    observer: Arc<dyn ClassifierObserver>,
+}
+
+impl std::fmt::Debug for ClassifierService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClassifierService").finish_non_exhaustive()
+    }
+}
+
+/// Counts from the classifier, for metrics.
+pub trait ClassifierObserver: Send + Sync + 'static {
+    /// One batch on the scoring thread: how many texts, and how long scoring took.
     fn batch(&self, texts: usize, seconds: f64);
+    /// Texts of one call answered from the score cache.
+    fn cached(&self, _texts: usize) {}
 }
 
 impl ClassifierObserver for () {
@@ -156,36 +243,85 @@ impl ClassifierObserver for () {
 }
 
 impl ClassifierService {
-    /// Starts the scoring thread.
+    /// Starts the scoring thread, with a score cache of [`SCORE_CACHE_ENTRIES`].
     pub fn spawn(
         classifier: Classifier,
         observer: impl ClassifierObserver,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::sync_channel::<Request>(QUEUE_DEPTH);
-        std::thread::Builder::new()
-            .name("guard-classifier".into())
-            .spawn(move || serve(classifier, rx, observer))?;
-        Ok(Self { tx })
+        Self::spawn_with_cache(classifier, observer, SCORE_CACHE_ENTRIES)
     }
 
-    /// Scores of `texts`, in order. Fails (never returns a default score) when the thread is
-    /// overloaded or gone, or inference fails.
-    pub async fn score(&self, texts: Vec<String>) -> Result<Vec<f32>, ClassifierError> {
+    /// Starts the scoring thread, remembering up to `cache_entries` scores (0: none).
+    pub fn spawn_with_cache(
+        classifier: Classifier,
+        observer: impl ClassifierObserver,
+        cache_entries: usize,
+    ) -> std::io::Result<Self> {
+        let observer: Arc<dyn ClassifierObserver> = Arc::new(observer);
+        let (tx, rx) = mpsc::sync_channel::<Request>(QUEUE_DEPTH);
+        let on_thread = Arc::clone(&observer);
+        std::thread::Builder::new()
+            .name("guard-classifier".into())
+            .spawn(move || serve(classifier, rx, &*on_thread))?;
+        Ok(Self {
+            tx,
+            cache: Arc::new(Mutex::new(ScoreCache::new(cache_entries))),
+            observer,
+        })
+    }
+
+    /// Scores of `texts` sent by `scope` (the tenant), in order: remembered ones from the
+    /// cache, the others from the scoring thread. Fails (never returns a default score) when
+    /// the thread is overloaded or gone, or inference fails.
+    pub async fn score(
+        &self,
+        scope: &str,
+        texts: Vec<String>,
+    ) -> Result<Vec<f32>, ClassifierError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .try_send(Request { texts, reply })
-            .map_err(|e| match e {
-                mpsc::TrySendError::Full(_) => ClassifierError::Overloaded,
-                mpsc::TrySendError::Disconnected(_) => ClassifierError::Stopped,
-            })?;
-        rx.await.map_err(|_| ClassifierError::Stopped)?
+        let keys: Vec<u128> = texts.iter().map(|t| ScoreCache::key(scope, t)).collect();
+        let mut scores: Vec<Option<f32>> = {
+            let mut cache = self.cache.lock().map_err(|_| ClassifierError::Stopped)?;
+            keys.iter().map(|k| cache.get(*k)).collect()
+        };
+        let missing: Vec<usize> = (0..texts.len()).filter(|&i| scores[i].is_none()).collect();
+        let hits = texts.len() - missing.len();
+        if hits > 0 {
+            self.observer.cached(hits);
+        }
+        if !missing.is_empty() {
+            let mut texts = texts;
+            let wanted: Vec<String> = missing
+                .iter()
+                .map(|&i| std::mem::take(&mut texts[i]))
+                .collect();
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .try_send(Request {
+                    texts: wanted,
+                    reply,
+                })
+                .map_err(|e| match e {
+                    mpsc::TrySendError::Full(_) => ClassifierError::Overloaded,
+                    mpsc::TrySendError::Disconnected(_) => ClassifierError::Stopped,
+                })?;
+            let fresh = rx.await.map_err(|_| ClassifierError::Stopped)??;
+            let mut cache = self.cache.lock().map_err(|_| ClassifierError::Stopped)?;
+            for (&i, score) in missing.iter().zip(fresh) {
+                cache.insert(keys[i], score);
+                scores[i] = Some(score);
+            }
+        }
+        scores
+            .into_iter()
+            .map(|s| s.ok_or(ClassifierError::Stopped))
+            .collect()
     }
 }
 
-fn serve(classifier: Classifier, rx: mpsc::Receiver<Request>, observer: impl ClassifierObserver) {
+fn serve(classifier: Classifier, rx: mpsc::Receiver<Request>, observer: &dyn ClassifierObserver) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         let mut texts = batch[0].texts.len();
@@ -227,6 +363,34 @@ fn serve(classifier: Classifier, rx: mpsc::Receiver<Request>, observer: impl Cla
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_score_cache_forgets_the_least_recently_used_and_keeps_scopes_apart() {
+        let mut cache = ScoreCache::new(2);
+        let (a, b, c) = (
+            ScoreCache::key("acme", "one"),
+            ScoreCache::key("acme", "two"),
+            ScoreCache::key("acme", "three"),
+        );
+        assert_ne!(a, ScoreCache::key("globex", "one"), "scoped by tenant");
+        assert_ne!(
+            ScoreCache::key("ab", "c"),
+            ScoreCache::key("a", "bc"),
+            "the scope's length is hashed"
+        );
+        cache.insert(a, 0.1);
+        cache.insert(b, 0.2);
+        assert_eq!(cache.get(a), Some(0.1), "a is now the most recently used");
+        cache.insert(c, 0.3);
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.get(b), None, "b went");
+        assert_eq!((cache.get(a), cache.get(c)), (Some(0.1), Some(0.3)));
+        cache.insert(a, 0.4);
+        assert_eq!((cache.len(), cache.get(a)), (2, Some(0.4)));
+        let mut none = ScoreCache::new(0);
+        none.insert(a, 0.1);
+        assert!(none.is_empty());
+    }
 
     #[test]
     fn encoded_blobs_are_masked_and_words_are_not() {
