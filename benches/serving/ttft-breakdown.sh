@@ -3,7 +3,9 @@
 # the classifier on), then N jobs one at a time, each submitted and its event stream read. For
 # each job it prints the submit's HTTP time, when the first text event arrived (after the
 # submit began), and the job's own timings: queued_ms (accepted → the worker starts it) and
-# the worker's time_to_first_token_ms (prefill and the first decode step).
+# the worker's time_to_first_token_ms (prefill and the first decode step), and the stream lag:
+# how long after the worker's first token the first text event arrived (the time from the end
+# of the submit to that event, less queued_ms and time_to_first_token_ms).
 #
 #   benches/serving/ttft-breakdown.sh [jobs] [system-tokens]
 #
@@ -66,5 +68,6 @@ for i in range(jobs):
           f"first text event {1000 * (first - t0):.1f} ms after the submit began; "
           f"queued_ms {t['queued_ms']}, worker time_to_first_token_ms "
           f"{t['time_to_first_token_ms']}, prompt {u['prompt_tokens']} tokens "
-          f"({u.get('cached_tokens', 0)} cached)")
+          f"({u.get('cached_tokens', 0)} cached); stream lag "
+          f"{1000 * (first - t1) - t['queued_ms'] - t['time_to_first_token_ms']:.1f} ms")
 PY

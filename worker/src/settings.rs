@@ -132,9 +132,9 @@ pub struct WorkerSettings {
     #[arg(long, env = "SLUICE_PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
     pub prefix_cache: bool,
 
-    /// Seconds a tenant's leak canary for one system prompt stays the same, so that prompt's
-    /// pages are reused from the prefix cache; 0 draws a random canary per job (no reuse of
-    /// system prompts).
+    /// Seconds a tenant's leak canary for one system prompt stays the same in jobs without a
+    /// seed (a seeded job's never changes), so that prompt's pages are reused from the prefix
+    /// cache; 0 draws a random canary per unseeded job (no reuse of their system prompts).
     #[arg(long, env = "SLUICE_CANARY_ROTATION_SECS", default_value_t = 3600)]
     pub canary_rotation_secs: u64,
 
@@ -149,9 +149,10 @@ pub struct WorkerSettings {
     pub stream_flush_ms: u64,
 
     /// Key of the leak canary (any string; every worker of a deployment should share it).
-    /// The canary of a job with a seed is derived from it, the tenant, the seed and the
-    /// system prompt, so the same request gives the same prompt (and the same text) on any
-    /// worker, while nobody without the key can predict it. Unset: a random key per process.
+    /// A job's canary is derived from it, the tenant and the system prompt (and, for a job
+    /// without a seed, the rotation period), so a seeded request gives the same prompt (and
+    /// the same text) on any worker, while nobody without the key can predict it. Unset: a
+    /// random key per process.
     #[arg(long, env = "SLUICE_CANARY_KEY", hide_env_values = true)]
     pub canary_key: Option<sluice_shared::Secret>,
 

@@ -40,13 +40,14 @@ fn normalise(text: &str) -> String {
 
 impl LeakGuard {
     /// Adds a canary to the first system message; `None` if there is none. The canary is a
-    /// keyed hash (nobody without `key` can predict it) of the tenant, the system prompt and:
-    /// - with a `seed`, the seed, so a repeated seeded request sees the same prompt (seeded
-    ///   outputs stay reproducible);
+    /// keyed hash (nobody without `key` can predict it) of the tenant and the system prompt,
+    /// so every job of a tenant with the same system prompt sees the same prompt tokens and
+    /// their pages are reused from the prefix cache; and:
+    /// - for a job with a `seed`, nothing more, so a seeded request sees the same prompt at any
+    ///   time on any worker sharing the key (seeded outputs stay reproducible);
     /// - else with a `period` (the canary's rotation period, counted from the epoch), that
-    ///   period, so every job of a tenant with the same system prompt within a period sees the
-    ///   same prompt, and its pages are reused from the prefix cache;
-    /// - with neither, nothing: it is random per job (and defeats the prefix cache).
+    ///   period, so the canary changes every period;
+    /// - else it is random per job (and defeats the prefix cache).
     pub fn install(
         messages: &mut [Message],
         key: &[u8; 32],
@@ -66,7 +67,7 @@ impl LeakGuard {
             u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
         };
         let nonce = match (seed, period) {
-            (Some(seed), _) => keyed(0, seed),
+            (Some(_), _) => keyed(0, 0),
             (None, Some(period)) => keyed(1, period),
             (None, None) => rand::random::<u64>(),
         };
@@ -214,7 +215,8 @@ mod tests {
         };
         assert_eq!(seeded(1, 5), seeded(1, 5));
         assert_ne!(seeded(1, 5), seeded(2, 5));
-        assert_ne!(seeded(1, 5), seeded(1, 6));
+        // Any seed: seeded jobs of a tenant with one system prompt share its cached pages.
+        assert_eq!(seeded(1, 5), seeded(1, 6));
         // Per rotation period: the same for a tenant's system prompt within a period (its
         // pages can be cached), another in the next period, for another tenant, another system
         // prompt or another key.
