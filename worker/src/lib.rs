@@ -15,6 +15,8 @@
 //! - [`settings`]: the one typed settings struct of `sluice-worker` (flags + env) and its CLI;
 //! - [`startup`]: wiring, reconnection with backoff, heartbeats and graceful shutdown;
 //! - [`bench`]: `sluice-worker bench`, the forward pass measured without broker or Redis;
+//! - [`serve_bench`]: `sluice-worker serve-bench`, streaming clients through the real engine
+//!   loop (the engine-level serving benchmark, for machines with nothing but the binary);
 //! - [`metrics`]: the worker's Prometheus metrics.
 //!
 //! A delivery is acked only after its terminal state is in Redis, so a worker that dies
@@ -27,6 +29,7 @@ pub mod intake;
 pub mod kernels;
 pub mod metrics;
 pub mod model;
+pub mod serve_bench;
 pub mod settings;
 pub mod startup;
 

@@ -14,6 +14,7 @@ fn main() -> anyhow::Result<()> {
         }
         Invocation::Bench(args) => sluice_worker::bench::run(&args).map(|_| ()),
         Invocation::Judge(args) => sluice_worker::engine::judge::run_cli(&args),
+        Invocation::ServeBench(args) => sluice_worker::serve_bench::run(&args).map(|_| ()),
         Invocation::Run(mut settings) => {
             settings.resolve_secrets()?;
             run(*settings)

@@ -18,6 +18,9 @@ pub enum Invocation {
     /// `sluice-worker judge --model ... --input FILE`: the injection judge over a file of
     /// texts (no broker, no Redis).
     Judge(crate::engine::judge::JudgeArgs),
+    /// `sluice-worker serve-bench --model ...`: streaming clients through the real engine
+    /// loop (no broker, no Redis).
+    ServeBench(crate::serve_bench::ServeBenchArgs),
 }
 
 #[derive(Debug, Parser)]
@@ -25,7 +28,8 @@ pub enum Invocation {
     name = "sluice-worker",
     version,
     about = "Sluice's Qwen2.5 worker. `sluice-worker tiny-model --help` for the test model, \
-             `sluice-worker bench --help` for the benchmark, `sluice-worker judge --help` for the \
+             `sluice-worker bench --help` for the benchmark, `sluice-worker serve-bench --help` for \
+             the engine-level serving benchmark, `sluice-worker judge --help` for the \
              injection judge over a file."
 )]
 struct RunCli {
@@ -64,6 +68,10 @@ impl Invocation {
             Some("judge") => {
                 args.remove(0);
                 crate::engine::judge::JudgeArgs::try_parse_from(args).map(Invocation::Judge)
+            }
+            Some("serve-bench") => {
+                args.remove(0);
+                crate::serve_bench::ServeBenchArgs::try_parse_from(args).map(Invocation::ServeBench)
             }
             Some("run") => {
                 args.remove(1);
