@@ -15,6 +15,9 @@
 #   SLUICE_SERVING_SERVERS       which to run, default "sluice llama"
 #   SLUICE_BIN_DIR               Sluice's binaries, else target/release (built if missing)
 #   SLUICE_GUARD_CLASSIFIER      on (default, as deployed; needs scripts/fetch-guard-model) or off
+# The engine-level variant of the same requests (no API, broker or Redis; what a GPU machine
+# with only the worker binary can run): `sluice-worker serve-bench --model M [--device cuda]
+# --clients 1,4,8 --system-tokens 0` (the model needs its tokenizer).
 # Both servers get the machine's cores; llama-server runs with -np 8 slots and an 8192-token
 # context (1024 per slot), Sluice's worker with its defaults (a batch of 8). Uses the shared
 # RabbitMQ and Redis (scripts/ensure-services) under a namespace of its own.
