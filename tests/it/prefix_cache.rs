@@ -1,6 +1,7 @@
 //! Prefix caching end to end, on the real Qwen2.5 GGUF: a tenant's second job with the same
 //! system prompt reuses its pages (`usage.cached_tokens`, and OpenAI's
-//! `prompt_tokens_details.cached_tokens`) and answers token for token as without the cache;
+//! `prompt_tokens_details.cached_tokens`) and answers token for token as without the cache; a
+//! conversation's next turn reuses the pages of the previous turn's answer too;
 //! another tenant sending the same request reuses nothing; a tenant whose policy turns the
 //! cache off reuses nothing either.
 
@@ -53,6 +54,11 @@ async fn a_tenant_reuses_its_own_prefix_and_nobody_elses() {
     let admin = app.admin_key().await;
     app.set_limits(&admin, "initech", json!({"prefix_cache": false}))
         .await;
+    // The guard flags rather than blocks: this test is about the cache, and the classifier
+    // has scored a conversation of this kind (a refund question, its answer, a follow-up) as
+    // an injection (a false positive the guard's own tests and results account for).
+    app.set_limits(&admin, "acme", json!({"injection_action": "flag"}))
+        .await;
     let (acme, globex, initech) = (
         app.key("acme").await,
         app.key("globex").await,
@@ -68,6 +74,35 @@ async fn a_tenant_reuses_its_own_prefix_and_nobody_elses() {
     // Another question after the same system prompt reuses the system prompt's pages.
     let (_, cached, _) = answer(&app, &acme, "Do you sell hedge trimmers?").await;
     assert!(cached >= 64, "{cached}");
+
+    // The next turn of a conversation repeats the first turn's prompt and answer: it reuses
+    // the pages of both, not only the prompt's.
+    let mut turn = body(question);
+    turn["max_tokens"] = json!(48);
+    let id = app.submit_ok(&acme, &turn).await;
+    let first_turn = app.wait_terminal(&acme, &id, T).await;
+    let answer_text = first_turn["result"]["content"].as_str().expect("content");
+    let first_prompt = first_turn["result"]["usage"]["prompt_tokens"]
+        .as_u64()
+        .expect("prompt_tokens");
+    let next = json!({
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer_text},
+            {"role": "user", "content": "Thank you. And a rake?"},
+        ],
+        "temperature": 0, "max_tokens": 4,
+    });
+    let id = app.submit_ok(&acme, &next).await;
+    let second_turn = app.wait_terminal(&acme, &id, T).await;
+    let cached = second_turn["result"]["usage"]["cached_tokens"]
+        .as_u64()
+        .expect("cached_tokens");
+    assert!(
+        cached > first_prompt,
+        "{cached} cached; the first turn's prompt alone had {first_prompt} tokens: {second_turn}"
+    );
 
     // Another tenant, the same request: nothing of acme's.
     let (_, cached, _) = answer(&app, &globex, question).await;

@@ -258,6 +258,11 @@ impl<'m> Sequence<'m> {
         })
     }
 
+    /// The prompt and the tokens sampled so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
     /// Prompt tokens not yet prefilled.
     pub fn pending_prompt(&self) -> &[u32] {
         &self.tokens[self.prefilled..self.prompt_len]

@@ -16,7 +16,9 @@
 //!
 //! **Prefix caching.** A full page of prompt tokens is named by a key chained from the keys of
 //! the pages before it, its own 16 tokens and a salt (the tenant): [`prefix_keys`]. Once a
-//! sequence has prefilled such a page it publishes it ([`SeqCache::publish`]); a later sequence
+//! sequence has prefilled such a page it publishes it ([`SeqCache::publish`]), and when it
+//! ends, the full pages of its output as well (a conversation's next turn repeats the prompt
+//! and the answer); a later sequence
 //! whose prompt starts with the same pages, under the same salt, takes them read-only
 //! ([`SeqCache::attach_prefix`]) and prefills only the rest. Because the salt is in every key,
 //! a tenant never reuses, and so can never time, another tenant's pages. A published page is

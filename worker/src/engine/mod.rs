@@ -11,7 +11,8 @@
 //!    prefix cache, [`kv`]) and prefills only the rest;
 //! 3. prefills one chunk (`prefill_chunk` tokens) of one new sequence, so a long prompt never
 //!    stalls the running sequences for more than one chunk, and publishes the full prompt
-//!    pages it completed to the prefix cache. Interactive sequences prefill first; within a
+//!    pages it completed to the prefix cache (a sequence that ends publishes its output's
+//!    full pages too, for the conversation's next turn). Interactive sequences prefill first; within a
 //!    class, the sequence with the least prompt left goes first, so a short prompt waits for
 //!    at most one chunk of a long one;
 //! 4. runs one batched decode step for every sequence that has a next token;
@@ -215,6 +216,10 @@ struct Running<'m> {
     /// The keys of the prompt's full pages (empty when the job does not use the prefix
     /// cache), published as prefill completes them.
     prefix_keys: Vec<PageKey>,
+    /// The prefix cache's salt (the tenant) when the job uses it: at a normal end, the full
+    /// pages of prompt and output are published under it, so the next turn of the
+    /// conversation, which repeats both, reuses them.
+    prefix_salt: Option<String>,
     priority: Priority,
 }
 
@@ -359,6 +364,7 @@ fn admit<'m>(
                     span: work.span,
                     next: None,
                     outcome: None,
+                    prefix_salt: (!keys.is_empty()).then(|| work.job.tenant.clone()),
                     prefix_keys: keys,
                     priority: work.job.priority,
                 });
@@ -483,10 +489,13 @@ fn finish_done(running: &mut Vec<Running<'_>>) {
             i += 1;
             continue;
         }
-        let r = running.swap_remove(i);
+        let mut r = running.swap_remove(i);
         let _entered = r.span.clone().entered();
         let result = match r.outcome {
             Some(Ok(Step::Finished(reason))) => {
+                if let Some(salt) = &r.prefix_salt {
+                    publish_conversation(&mut r.seq, salt);
+                }
                 let events = r.events;
                 let g = r.seq.finish(reason, &mut |text| {
                     if let Some(tx) = &events {
@@ -509,6 +518,17 @@ fn finish_done(running: &mut Vec<Running<'_>>) {
             Some(Ok(Step::Continue(_))) | None => continue,
         };
         let _ = r.reply.send(result);
+    }
+}
+
+/// Publishes the full pages of a finished sequence's prompt and output to the prefix cache:
+/// a conversation's next turn starts with both. Only pages whose keys and values were written
+/// (the cache's length; the last sampled token was never fed back) are published.
+fn publish_conversation(seq: &mut Sequence<'_>, salt: &str) {
+    let written = seq.cache.len().min(seq.tokens().len());
+    let keys = prefix_keys(salt, &seq.tokens()[..written]);
+    if let Err(e) = seq.cache.publish(&keys) {
+        tracing::warn!(error = %e, "could not publish a conversation to the prefix cache");
     }
 }
 
@@ -718,5 +738,23 @@ mod tests {
             short_done < long_done,
             "the short prompt waited for the long one's whole prefill"
         );
+    }
+
+    #[tokio::test]
+    async fn a_finished_sequence_publishes_its_output_pages_too() {
+        let (cached, metrics) = engine(true, 4096);
+        let g = run(&cached, job("acme", "Where is my rake?", 64)).await;
+        // Every full page of what was fed through the model: the prompt and all but the last
+        // sampled token.
+        let written = g.prompt_tokens + g.completion_tokens - 1;
+        assert_eq!(
+            metrics.prefix_cached_pages.get() as usize,
+            written / kv::PAGE,
+            "{g:?}"
+        );
+        // Off, nothing is published at all.
+        let (plain, metrics) = engine(false, 4096);
+        run(&plain, job("acme", "Where is my rake?", 64)).await;
+        assert_eq!(metrics.prefix_cached_pages.get(), 0);
     }
 }
