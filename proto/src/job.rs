@@ -272,6 +272,27 @@ fn is_true(b: &bool) -> bool {
 }
 
 impl JobMessage {
+    /// A job that does not come through the queue (the worker's benchmarks and command-line
+    /// tools, tests): interactive, attempt 1, no deadline, no session, trace or judge.
+    pub fn local(tenant: &str, messages: Vec<Message>, params: GenerationParams) -> Self {
+        Self {
+            v: JOB_MESSAGE_VERSION,
+            id: Uuid::now_v7(),
+            tenant: tenant.to_string(),
+            session_id: None,
+            session: None,
+            priority: Priority::Interactive,
+            messages,
+            params,
+            created_at: crate::now_ms(),
+            deadline: u64::MAX,
+            attempt: 1,
+            trace: TraceContext::default(),
+            judge: false,
+            prefix_cache: true,
+        }
+    }
+
     /// Decodes a queue payload, refusing other versions.
     pub fn decode(payload: &[u8]) -> Result<Self, String> {
         #[derive(Deserialize)]

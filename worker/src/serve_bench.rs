@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use sluice_proto::{GenerationParams, JobMessage, Message, Priority, Role, TraceContext};
+use sluice_proto::{GenerationParams, JobMessage, Message, Role};
 use tokio::sync::mpsc;
 
 use crate::engine::generate::JobControl;
@@ -136,28 +136,17 @@ fn request(i: usize, system: &str, max_tokens: u32) -> JobMessage {
             TOPICS[i % TOPICS.len()]
         ),
     });
-    JobMessage {
-        v: sluice_proto::JOB_MESSAGE_VERSION,
-        id: uuid::Uuid::now_v7(),
-        tenant: "bench".into(),
-        session_id: None,
-        session: None,
-        priority: Priority::Interactive,
+    JobMessage::local(
+        "bench",
         messages,
-        params: GenerationParams {
+        GenerationParams {
             max_tokens,
             temperature: 0.0,
             ignore_eos: true,
             seed: Some(1000 + i as u64),
             ..GenerationParams::default()
         },
-        created_at: sluice_proto::now_ms(),
-        deadline: u64::MAX,
-        attempt: 1,
-        trace: TraceContext::default(),
-        judge: false,
-        prefix_cache: true,
-    }
+    )
 }
 
 /// Runs one request through the engine, timing its streamed text.
@@ -247,13 +236,7 @@ pub fn run(args: &ServeBenchArgs) -> anyhow::Result<Vec<LevelReport>> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let source =
-            crate::model::source::ModelSource::parse(&args.model).map_err(anyhow::Error::msg)?;
-        let local = source.resolve().await?;
-        let device = crate::device::device(args.device)?;
-        let model =
-            tokio::task::spawn_blocking(move || crate::model::LoadedModel::load(&local, &device))
-                .await??;
+        let model = crate::model::LoadedModel::open(&args.model, args.device).await?;
         let largest = args.clients.iter().copied().max().unwrap_or(1);
         let engine = EngineHandle::start(
             model,

@@ -433,20 +433,11 @@ mod tests {
     mod guards {
         use super::super::*;
         use crate::model::LoadedModel;
-        use crate::model::source::{LocalModel, files_in_dir};
-        use crate::model::tiny::{TinyShape, write_tiny_model};
 
         use crate::engine::leak::fixtures::{SYSTEM, conversation};
 
         fn tiny() -> LoadedModel {
-            let dir = std::env::temp_dir().join(format!(
-                "sluice-guard-test-{}-{}",
-                std::process::id(),
-                rand::random::<u32>()
-            ));
-            write_tiny_model(&dir, 3, TinyShape::default()).expect("tiny model");
-            let files = files_in_dir(&dir).expect("files");
-            LoadedModel::load(&LocalModel::Files(files), &candle_core::Device::Cpu).expect("load")
+            crate::model::tiny::load_tiny_model(3)
         }
 
         /// Feeds `output` to a sequence token by token (one-hot logits, greedy), collecting

@@ -260,13 +260,7 @@ pub fn run_cli(args: &JudgeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let source =
-            crate::model::source::ModelSource::parse(&args.model).map_err(anyhow::Error::msg)?;
-        let local = source.resolve().await?;
-        let device = crate::device::device(args.device)?;
-        let model =
-            tokio::task::spawn_blocking(move || crate::model::LoadedModel::load(&local, &device))
-                .await??;
+        let model = crate::model::LoadedModel::open(&args.model, args.device).await?;
         let batch = args.batch.max(1);
         let engine = EngineHandle::start(
             model,
@@ -285,23 +279,15 @@ pub fn run_cli(args: &JudgeArgs) -> anyhow::Result<()> {
             let engine = engine.clone();
             async move {
                 let job = JobMessage {
-                    v: sluice_proto::JOB_MESSAGE_VERSION,
-                    id: uuid::Uuid::now_v7(),
-                    tenant: "judge-eval".into(),
-                    session_id: None,
-                    session: None,
-                    priority: sluice_proto::Priority::Interactive,
-                    messages: vec![Message {
-                        role: Role::User,
-                        content: text,
-                    }],
-                    params: GenerationParams::default(),
-                    created_at: sluice_proto::now_ms(),
-                    deadline: u64::MAX,
-                    attempt: 1,
-                    trace: Default::default(),
                     judge: true,
-                    prefix_cache: true,
+                    ..JobMessage::local(
+                        "judge-eval",
+                        vec![Message {
+                            role: Role::User,
+                            content: text,
+                        }],
+                        GenerationParams::default(),
+                    )
                 };
                 let t = std::time::Instant::now();
                 let control = JobControl::new(t + std::time::Duration::from_secs(600));

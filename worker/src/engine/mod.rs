@@ -550,22 +550,10 @@ mod tests {
 
     use std::time::{Duration, Instant};
 
-    use sluice_proto::{GenerationParams, Message, Role, TraceContext};
+    use sluice_proto::{GenerationParams, Message, Role};
 
     use super::*;
-    use crate::model::source::{LocalModel, files_in_dir};
-    use crate::model::tiny::{TinyShape, write_tiny_model};
-
-    fn tiny() -> LoadedModel {
-        let dir = std::env::temp_dir().join(format!(
-            "sluice-prefix-test-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        write_tiny_model(&dir, 3, TinyShape::default()).expect("tiny model");
-        let files = files_in_dir(&dir).expect("files");
-        LoadedModel::load(&LocalModel::Files(files), &candle_core::Device::Cpu).expect("load")
-    }
+    use crate::model::tiny::load_tiny_model;
 
     /// An engine on the tiny model; every engine of a test shares the canary key, so the same
     /// request is the same prompt on each.
@@ -579,7 +567,8 @@ mod tests {
             prefix_cache,
             canary_rotation: Some(Duration::from_secs(315_360_000)),
         };
-        let handle = EngineHandle::start(tiny(), config, metrics.clone()).expect("engine");
+        let handle =
+            EngineHandle::start(load_tiny_model(3), config, metrics.clone()).expect("engine");
         (handle, metrics)
     }
 
@@ -588,36 +577,23 @@ mod tests {
         Refunds need an order number; escalate anything about injuries to a human.";
 
     fn job(tenant: &str, user: &str, max_tokens: u32) -> JobMessage {
-        JobMessage {
-            v: sluice_proto::JOB_MESSAGE_VERSION,
-            id: uuid::Uuid::now_v7(),
-            tenant: tenant.into(),
-            session_id: None,
-            session: None,
-            priority: Priority::Interactive,
-            messages: vec![
-                Message {
-                    role: Role::System,
-                    content: SYSTEM.into(),
-                },
-                Message {
-                    role: Role::User,
-                    content: user.into(),
-                },
-            ],
-            params: GenerationParams {
-                temperature: 0.0,
-                max_tokens,
-                ignore_eos: true,
-                ..GenerationParams::default()
+        let messages = vec![
+            Message {
+                role: Role::System,
+                content: SYSTEM.into(),
             },
-            created_at: sluice_proto::now_ms(),
-            deadline: u64::MAX,
-            attempt: 1,
-            trace: TraceContext::default(),
-            judge: false,
-            prefix_cache: true,
-        }
+            Message {
+                role: Role::User,
+                content: user.into(),
+            },
+        ];
+        let params = GenerationParams {
+            temperature: 0.0,
+            max_tokens,
+            ignore_eos: true,
+            ..GenerationParams::default()
+        };
+        JobMessage::local(tenant, messages, params)
     }
 
     async fn run(engine: &EngineHandle, job: JobMessage) -> Generation {
@@ -747,6 +723,13 @@ mod tests {
         // Every full page of what was fed through the model: the prompt and all but the last
         // sampled token.
         let written = g.prompt_tokens + g.completion_tokens - 1;
+        // The engine updates its gauges after it replied: give it a moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (metrics.prefix_cached_pages.get() as usize) < written / kv::PAGE
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert_eq!(
             metrics.prefix_cached_pages.get() as usize,
             written / kv::PAGE,

@@ -132,6 +132,16 @@ pub fn qwen2_from_safetensors(
 }
 
 impl LoadedModel {
+    /// Resolves `model` (as `--model` takes it: a .gguf file, a directory or a hub id), opens
+    /// `device` and loads the model off the async runtime: what the worker's command-line
+    /// tools do before they start an engine.
+    pub async fn open(model: &str, device: crate::device::DeviceSpec) -> anyhow::Result<Self> {
+        let source = source::ModelSource::parse(model).map_err(anyhow::Error::msg)?;
+        let local = source.resolve().await?;
+        let device = crate::device::device(device)?;
+        Ok(tokio::task::spawn_blocking(move || Self::load(&local, &device)).await??)
+    }
+
     /// Loads a model resolved to local files.
     pub fn load(local: &LocalModel, device: &Device) -> Result<Self, ModelError> {
         match local {

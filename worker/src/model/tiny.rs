@@ -201,6 +201,23 @@ pub fn write_tiny_model(dir: &Path, seed: u64, shape: TinyShape) -> Result<(), M
     Ok(())
 }
 
+/// Writes the tiny model with `seed` into a fresh temporary directory and loads it on the CPU
+/// (for tests).
+#[cfg(test)]
+pub fn load_tiny_model(seed: u64) -> super::LoadedModel {
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-tiny-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    #[allow(clippy::expect_used)] // test set-up
+    write_tiny_model(&dir, seed, TinyShape::default()).expect("tiny model");
+    #[allow(clippy::expect_used)]
+    let files = super::source::files_in_dir(&dir).expect("files");
+    #[allow(clippy::expect_used)]
+    super::LoadedModel::load(&super::source::LocalModel::Files(files), &Device::Cpu).expect("load")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
