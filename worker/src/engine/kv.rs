@@ -45,25 +45,30 @@ pub type PageKey = u128;
 /// The keys of `tokens`' full pages under `salt` (the tenant): key `i` names tokens
 /// `0 .. (i + 1) · PAGE`. A partial last page has no key.
 pub fn prefix_keys(salt: &str, tokens: &[u32]) -> Vec<PageKey> {
-    let mut parent = {
+    let mut keys = Vec::new();
+    extend_prefix_keys(&mut keys, salt, tokens);
+    keys
+}
+
+/// Appends to `keys` (those of `tokens`' first pages under `salt`, as [`prefix_keys`] made
+/// them) the keys of `tokens`' further full pages, continuing the chain.
+pub fn extend_prefix_keys(keys: &mut Vec<PageKey>, salt: &str, tokens: &[u32]) {
+    let mut parent = keys.last().copied().unwrap_or_else(|| {
         let mut h = Sha256::new();
         h.update(b"sluice-prefix-v1\0");
         h.update((salt.len() as u64).to_le_bytes());
         h.update(salt.as_bytes());
         truncate_digest(&h.finalize())
-    };
-    tokens
-        .chunks_exact(PAGE)
-        .map(|page| {
-            let mut h = Sha256::new();
-            h.update(parent.to_le_bytes());
-            for t in page {
-                h.update(t.to_le_bytes());
-            }
-            parent = truncate_digest(&h.finalize());
-            parent
-        })
-        .collect()
+    });
+    for page in tokens.chunks_exact(PAGE).skip(keys.len()) {
+        let mut h = Sha256::new();
+        h.update(parent.to_le_bytes());
+        for t in page {
+            h.update(t.to_le_bytes());
+        }
+        parent = truncate_digest(&h.finalize());
+        keys.push(parent);
+    }
 }
 
 fn truncate_digest(d: &[u8]) -> PageKey {
@@ -546,6 +551,10 @@ mod tests {
         let a = prefix_keys("acme", &tokens(40, 0));
         assert_eq!(a.len(), 2, "only full pages have keys");
         assert_eq!(a, prefix_keys("acme", &tokens(32, 0)));
+        // Extending the keys of a start gives the keys of the whole.
+        let mut extended = prefix_keys("acme", &tokens(20, 0));
+        extend_prefix_keys(&mut extended, "acme", &tokens(40, 0));
+        assert_eq!(extended, a);
         assert_ne!(a[0], prefix_keys("globex", &tokens(32, 0))[0], "salted");
         let mut other = tokens(32, 0);
         other[3] = 999;

@@ -39,7 +39,7 @@ use sluice_proto::{JobMessage, Priority};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::generate::{GenerateError, Generation, Guards, JobControl, Sequence, Step};
-use crate::engine::kv::{KvPool, PAGE, PageKey, prefix_keys};
+use crate::engine::kv::{KvPool, PAGE, PageKey, extend_prefix_keys, prefix_keys};
 use crate::engine::leak::LeakGuard;
 use crate::metrics::WorkerMetrics;
 use crate::model::{LoadedModel, ModelInfo};
@@ -213,14 +213,19 @@ struct Running<'m> {
     span: tracing::Span,
     next: Option<u32>,
     outcome: Option<Result<Step, GenerateError>>,
-    /// The keys of the prompt's full pages (empty when the job does not use the prefix
-    /// cache), published as prefill completes them.
-    prefix_keys: Vec<PageKey>,
-    /// The prefix cache's salt (the tenant) when the job uses it: at a normal end, the full
-    /// pages of prompt and output are published under it, so the next turn of the
-    /// conversation, which repeats both, reuses them.
-    prefix_salt: Option<String>,
+    /// Set when the job uses the prefix cache.
+    prefix: Option<Prefix>,
     priority: Priority,
+}
+
+/// A sequence's place in the prefix cache.
+struct Prefix {
+    /// The tenant.
+    salt: String,
+    /// The keys of the prompt's full pages, published as prefill completes them; at a normal
+    /// end, extended over the output, whose full pages are published too, so the next turn
+    /// of the conversation, which repeats both, reuses them.
+    keys: Vec<PageKey>,
 }
 
 /// The threads model compute runs on (`RAYON_NUM_THREADS`, else one per core). The engine
@@ -326,26 +331,31 @@ fn admit<'m>(
             waiting.push_front(work);
             return;
         }
-        let keys = if config.prefix_cache && work.job.prefix_cache {
-            prefix_keys(&work.job.tenant, &prepared.prompt)
-        } else {
-            Vec::new()
-        };
+        let prefix = (config.prefix_cache && work.job.prefix_cache).then(|| Prefix {
+            keys: prefix_keys(&work.job.tenant, &prepared.prompt),
+            salt: work.job.tenant.clone(),
+        });
         let mut cache = pool.new_cache();
-        // At least the prompt's last token is prefilled: its logits are the first token's.
-        let reusable = prepared.prompt.len().saturating_sub(1) / PAGE;
-        let cached = match cache.attach_prefix(&keys, reusable) {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = work
-                    .reply
-                    .send(Err(GenerateError::Model(crate::model::ModelError::from(e))));
-                continue;
+        let cached = match &prefix {
+            Some(prefix) => {
+                // At least the prompt's last token is prefilled: its logits are the first
+                // token's.
+                let reusable = prepared.prompt.len().saturating_sub(1) / PAGE;
+                match cache.attach_prefix(&prefix.keys, reusable) {
+                    Ok(n) => {
+                        metrics.observe_prefix_lookup(n);
+                        n
+                    }
+                    Err(e) => {
+                        let _ = work
+                            .reply
+                            .send(Err(GenerateError::Model(crate::model::ModelError::from(e))));
+                        continue;
+                    }
+                }
             }
+            None => 0,
         };
-        if !keys.is_empty() {
-            metrics.observe_prefix_lookup(cached);
-        }
         match Sequence::new(
             model,
             prepared.prompt,
@@ -364,8 +374,7 @@ fn admit<'m>(
                     span: work.span,
                     next: None,
                     outcome: None,
-                    prefix_salt: (!keys.is_empty()).then(|| work.job.tenant.clone()),
-                    prefix_keys: keys,
+                    prefix,
                     priority: work.job.priority,
                 });
             }
@@ -408,8 +417,8 @@ fn prefill_one_chunk(model: &LoadedModel, config: &EngineConfig, running: &mut [
     match model.model().prefill(&chunk, &mut r.seq.cache) {
         Ok(logits) => {
             r.seq.mark_prefilled(chunk.len());
-            if !r.prefix_keys.is_empty()
-                && let Err(e) = r.seq.cache.publish(&r.prefix_keys)
+            if let Some(prefix) = &r.prefix
+                && let Err(e) = r.seq.cache.publish(&prefix.keys)
             {
                 tracing::warn!(error = %e, "could not publish prompt pages to the prefix cache");
             }
@@ -493,8 +502,8 @@ fn finish_done(running: &mut Vec<Running<'_>>) {
         let _entered = r.span.clone().entered();
         let result = match r.outcome {
             Some(Ok(Step::Finished(reason))) => {
-                if let Some(salt) = &r.prefix_salt {
-                    publish_conversation(&mut r.seq, salt);
+                if let Some(prefix) = &mut r.prefix {
+                    publish_conversation(&mut r.seq, prefix);
                 }
                 let events = r.events;
                 let g = r.seq.finish(reason, &mut |text| {
@@ -524,10 +533,10 @@ fn finish_done(running: &mut Vec<Running<'_>>) {
 /// Publishes the full pages of a finished sequence's prompt and output to the prefix cache:
 /// a conversation's next turn starts with both. Only pages whose keys and values were written
 /// (the cache's length; the last sampled token was never fed back) are published.
-fn publish_conversation(seq: &mut Sequence<'_>, salt: &str) {
+fn publish_conversation(seq: &mut Sequence<'_>, prefix: &mut Prefix) {
     let written = seq.cache.len().min(seq.tokens().len());
-    let keys = prefix_keys(salt, &seq.tokens()[..written]);
-    if let Err(e) = seq.cache.publish(&keys) {
+    extend_prefix_keys(&mut prefix.keys, &prefix.salt, &seq.tokens()[..written]);
+    if let Err(e) = seq.cache.publish(&prefix.keys) {
         tracing::warn!(error = %e, "could not publish a conversation to the prefix cache");
     }
 }
@@ -735,9 +744,11 @@ mod tests {
             written / kv::PAGE,
             "{g:?}"
         );
-        // Off, nothing is published at all.
+        // Off, nothing is published at all: once a second job has ended, the gauge has been
+        // updated after the first one.
         let (plain, metrics) = engine(false, 4096);
         run(&plain, job("acme", "Where is my rake?", 64)).await;
+        run(&plain, job("acme", "Hi", 1)).await;
         assert_eq!(metrics.prefix_cached_pages.get(), 0);
     }
 }
