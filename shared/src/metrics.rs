@@ -16,6 +16,17 @@ use prometheus::{
 
 pub use prometheus;
 
+/// The nearest-rank `q` quantile (0..=1) of `values` (sorted here), or zero when there are
+/// none: what the benchmarks and load tests report as p50 and p99.
+pub fn nearest_rank(values: &mut [std::time::Duration], q: f64) -> std::time::Duration {
+    if values.is_empty() {
+        return std::time::Duration::ZERO;
+    }
+    values.sort();
+    let i = ((values.len() - 1) as f64 * q).round() as usize;
+    values[i.min(values.len() - 1)]
+}
+
 /// Latency buckets in seconds, from 1 ms to 2 minutes (HTTP, queueing, end to end).
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -183,6 +194,16 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_are_nearest_rank() {
+        use std::time::Duration;
+        let mut v: Vec<Duration> = (1..=100).rev().map(Duration::from_millis).collect();
+        assert_eq!(nearest_rank(&mut v, 0.5), Duration::from_millis(51));
+        assert_eq!(nearest_rank(&mut v, 0.99), Duration::from_millis(99));
+        assert_eq!(nearest_rank(&mut v, 1.0), Duration::from_millis(100));
+        assert_eq!(nearest_rank(&mut [], 0.5), Duration::ZERO);
+    }
 
     #[test]
     fn tenant_labels_are_bounded() {

@@ -70,18 +70,13 @@ impl LoadReport {
 
     /// The `q` quantile (0..=1) of the submit latency, in milliseconds.
     pub fn latency_ms(&self, q: f64) -> f64 {
-        let mut l: Vec<f64> = self
+        let mut l: Vec<Duration> = self
             .submissions
             .iter()
             .filter(|s| s.status != 0)
-            .map(|s| s.latency.as_secs_f64() * 1000.0)
+            .map(|s| s.latency)
             .collect();
-        if l.is_empty() {
-            return 0.0;
-        }
-        l.sort_by(f64::total_cmp);
-        let i = ((l.len() - 1) as f64 * q).round() as usize;
-        l[i]
+        sluice_shared::metrics::nearest_rank(&mut l, q).as_secs_f64() * 1000.0
     }
 }
 

@@ -111,14 +111,9 @@ struct Sample {
     cached: usize,
 }
 
-/// The nearest-rank percentile `q` (0..=100) of `values`, in milliseconds.
-fn percentile_ms(values: &mut [Duration], q: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort();
-    let k = ((q / 100.0 * (values.len() - 1) as f64).round() as usize).min(values.len() - 1);
-    values[k].as_secs_f64() * 1000.0
+/// The nearest-rank `q` quantile (0..=1) of `values`, in milliseconds.
+fn quantile_ms(values: &mut [Duration], q: f64) -> f64 {
+    sluice_shared::metrics::nearest_rank(values, q).as_secs_f64() * 1000.0
 }
 
 fn request(i: usize, system: &str, max_tokens: u32) -> JobMessage {
@@ -219,10 +214,10 @@ async fn level(
         output_tokens,
         wall_s: wall,
         tokens_per_s: output_tokens as f64 / wall,
-        ttft_p50_ms: percentile_ms(&mut ttfts, 50.0),
-        ttft_p99_ms: percentile_ms(&mut ttfts, 99.0),
-        tpot_p50_ms: percentile_ms(&mut tpots, 50.0),
-        tpot_p99_ms: percentile_ms(&mut tpots, 99.0),
+        ttft_p50_ms: quantile_ms(&mut ttfts, 0.5),
+        ttft_p99_ms: quantile_ms(&mut ttfts, 0.99),
+        tpot_p50_ms: quantile_ms(&mut tpots, 0.5),
+        tpot_p99_ms: quantile_ms(&mut tpots, 0.99),
         cached_prompt_tokens: samples.iter().map(|s| s.cached).sum(),
         prompt_tokens: samples.iter().map(|s| s.prompt).sum(),
     })
@@ -268,14 +263,6 @@ pub fn run(args: &ServeBenchArgs) -> anyhow::Result<Vec<LevelReport>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let mut v: Vec<Duration> = (1..=100).rev().map(Duration::from_millis).collect();
-        assert_eq!(percentile_ms(&mut v, 50.0), 51.0);
-        assert_eq!(percentile_ms(&mut v, 99.0), 99.0);
-        assert_eq!(percentile_ms(&mut [], 50.0), 0.0);
-    }
 
     #[test]
     fn a_level_runs_every_request_through_the_engine() {
