@@ -8,19 +8,6 @@ use sluice_tests::*;
 
 const T: Duration = Duration::from_secs(90);
 
-async fn post(app: &TestApp, key: &str, body: &Value) -> (u16, Value) {
-    let r = app
-        .http
-        .post(format!("{}/v1/chat/completions", app.base))
-        .bearer_auth(key)
-        .json(body)
-        .send()
-        .await
-        .expect("send");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 /// The `data:` payloads of an SSE response, in order.
 async fn sse_data(resp: reqwest::Response) -> Vec<String> {
     let body = read_to_end(resp, T).await;
@@ -48,7 +35,7 @@ async fn chat_completions_plain_and_streamed_give_the_same_text() {
         "messages": [{"role": "user", "content": "tell me about rivers"}],
         "max_tokens": 40, "temperature": 0.7, "seed": 5,
     });
-    let (status, plain) = post(&app, &key, &body).await;
+    let (status, plain) = app.chat_completion(&key, &body).await;
     assert_eq!(status, 200, "{plain}");
     assert_eq!(plain["object"], "chat.completion");
     assert_eq!(plain["choices"][0]["message"]["role"], "assistant");
@@ -165,7 +152,7 @@ async fn errors_come_in_openai_shape_and_enqueue_nothing() {
         ),
     ];
     for (body, want_status, want_code) in cases {
-        let (status, v) = post(&app, &key, &body).await;
+        let (status, v) = app.chat_completion(&key, &body).await;
         assert_eq!(status, want_status, "{body}: {v}");
         assert_eq!(v["error"]["code"], want_code, "{body}: {v}");
         assert_eq!(
@@ -182,7 +169,9 @@ async fn errors_come_in_openai_shape_and_enqueue_nothing() {
                 .is_some_and(|m| !m.is_empty())
         );
     }
-    let (status, v) = post(&app, "sk-nope", &json!({"model": model, "messages": msgs})).await;
+    let (status, v) = app
+        .chat_completion("sk-nope", &json!({"model": model, "messages": msgs}))
+        .await;
     assert_eq!(status, 401);
     assert_eq!(v["error"]["type"], "authentication_error");
     // Nothing was enqueued and no quota was spent by any rejection.

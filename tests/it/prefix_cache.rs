@@ -27,8 +27,9 @@ fn body(question: &str) -> Value {
     })
 }
 
-async fn answer(app: &TestApp, key: &str, question: &str) -> (String, u64, u64) {
-    let id = app.submit_ok(key, &body(question)).await;
+/// Runs `body` as a job: its content, cached tokens and prompt tokens.
+async fn answer(app: &TestApp, key: &str, body: &Value) -> (String, u64, u64) {
+    let id = app.submit_ok(key, body).await;
     let job = app.wait_terminal(key, &id, T).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     let usage = &job["result"]["usage"];
@@ -66,25 +67,20 @@ async fn a_tenant_reuses_its_own_prefix_and_nobody_elses() {
     );
 
     let question = "Can I return a spade I bought last week?";
-    let (first, cached, prompt) = answer(&app, &acme, question).await;
+    let (first, cached, prompt) = answer(&app, &acme, &body(question)).await;
     assert_eq!(cached, 0, "the cache starts empty");
-    let (again, cached, _) = answer(&app, &acme, question).await;
+    let (again, cached, _) = answer(&app, &acme, &body(question)).await;
     assert!(cached >= 64 && cached < prompt, "{cached} of {prompt}");
     assert_eq!(again, first, "the same greedy answer from cached pages");
     // Another question after the same system prompt reuses the system prompt's pages.
-    let (_, cached, _) = answer(&app, &acme, "Do you sell hedge trimmers?").await;
+    let (_, cached, _) = answer(&app, &acme, &body("Do you sell hedge trimmers?")).await;
     assert!(cached >= 64, "{cached}");
 
     // The next turn of a conversation repeats the first turn's prompt and answer: it reuses
     // the pages of both, not only the prompt's.
     let mut turn = body(question);
     turn["max_tokens"] = json!(48);
-    let id = app.submit_ok(&acme, &turn).await;
-    let first_turn = app.wait_terminal(&acme, &id, T).await;
-    let answer_text = first_turn["result"]["content"].as_str().expect("content");
-    let first_prompt = first_turn["result"]["usage"]["prompt_tokens"]
-        .as_u64()
-        .expect("prompt_tokens");
+    let (answer_text, _, first_prompt) = answer(&app, &acme, &turn).await;
     let next = json!({
         "messages": [
             {"role": "system", "content": SYSTEM},
@@ -94,39 +90,27 @@ async fn a_tenant_reuses_its_own_prefix_and_nobody_elses() {
         ],
         "temperature": 0, "max_tokens": 4,
     });
-    let id = app.submit_ok(&acme, &next).await;
-    let second_turn = app.wait_terminal(&acme, &id, T).await;
-    let cached = second_turn["result"]["usage"]["cached_tokens"]
-        .as_u64()
-        .expect("cached_tokens");
+    let (_, cached, _) = answer(&app, &acme, &next).await;
     assert!(
         cached > first_prompt,
-        "{cached} cached; the first turn's prompt alone had {first_prompt} tokens: {second_turn}"
+        "{cached} cached; the first turn's prompt alone had {first_prompt} tokens"
     );
 
     // Another tenant, the same request: nothing of acme's.
-    let (_, cached, _) = answer(&app, &globex, question).await;
+    let (_, cached, _) = answer(&app, &globex, &body(question)).await;
     assert_eq!(cached, 0);
     // A tenant that turned the cache off: nothing, even the second time.
-    let (off_first, cached, _) = answer(&app, &initech, question).await;
+    let (off_first, cached, _) = answer(&app, &initech, &body(question)).await;
     assert_eq!(cached, 0);
-    let (off_again, cached, _) = answer(&app, &initech, question).await;
+    let (off_again, cached, _) = answer(&app, &initech, &body(question)).await;
     assert_eq!(cached, 0);
     assert_eq!(off_again, off_first);
 
     // OpenAI's shape of the same figure.
     let mut openai = body(question);
     openai["model"] = json!(app.model_id(&acme).await);
-    let r = app
-        .http
-        .post(format!("{}/v1/chat/completions", app.base))
-        .bearer_auth(&acme)
-        .json(&openai)
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status().as_u16(), 200);
-    let completion: Value = r.json().await.expect("json");
+    let (status, completion) = app.chat_completion(&acme, &openai).await;
+    assert_eq!(status, 200, "{completion}");
     let cached = completion["usage"]["prompt_tokens_details"]["cached_tokens"]
         .as_u64()
         .expect("cached_tokens");

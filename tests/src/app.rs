@@ -170,6 +170,21 @@ impl TestApp {
             .secret
     }
 
+    /// `POST /v1/chat/completions` (not streamed): the status and the JSON body (`null` when
+    /// the body is not JSON).
+    pub async fn chat_completion(&self, key: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/chat/completions", self.base))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .expect("send");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// The id of the first model `GET /v1/models` lists (what the OpenAI routes serve).
     pub async fn model_id(&self, key: &str) -> String {
         let r = self
