@@ -236,8 +236,8 @@ impl Webhooks {
     }
 
     /// Starts the delivery consumer, unless this process does not deliver
-    /// (`--webhook-deliveries false`), counting its attempts by outcome in `attempts`. It stops when `stop` turns `true`, after the deliveries
-    /// in flight finish or `grace` passes.
+    /// (`--webhook-deliveries false`), counting its attempts by outcome in `attempts`. It
+    /// stops when `stop` turns `true`, after the deliveries in flight finish or `grace` passes.
     pub fn spawn_consumer(
         &self,
         stop: watch::Receiver<bool>,

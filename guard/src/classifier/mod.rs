@@ -188,10 +188,9 @@ impl ScoreCache {
         Some(*score)
     }
 
+    /// Remembers `score`, forgetting the least recently used scores past the capacity (with
+    /// a capacity of 0, at once).
     pub fn insert(&mut self, key: u128, score: f32) {
-        if self.capacity == 0 {
-            return;
-        }
         self.tick += 1;
         if let Some((_, used)) = self.scores.insert(key, (score, self.tick)) {
             self.by_use.remove(&used);
@@ -248,15 +247,6 @@ impl ClassifierService {
         classifier: Classifier,
         observer: impl ClassifierObserver,
     ) -> std::io::Result<Self> {
-        Self::spawn_with_cache(classifier, observer, SCORE_CACHE_ENTRIES)
-    }
-
-    /// Starts the scoring thread, remembering up to `cache_entries` scores (0: none).
-    pub fn spawn_with_cache(
-        classifier: Classifier,
-        observer: impl ClassifierObserver,
-        cache_entries: usize,
-    ) -> std::io::Result<Self> {
         let observer: Arc<dyn ClassifierObserver> = Arc::new(observer);
         let (tx, rx) = mpsc::sync_channel::<Request>(QUEUE_DEPTH);
         let on_thread = Arc::clone(&observer);
@@ -265,7 +255,7 @@ impl ClassifierService {
             .spawn(move || serve(classifier, rx, &*on_thread))?;
         Ok(Self {
             tx,
-            cache: Arc::new(Mutex::new(ScoreCache::new(cache_entries))),
+            cache: Arc::new(Mutex::new(ScoreCache::new(SCORE_CACHE_ENTRIES))),
             observer,
         })
     }
