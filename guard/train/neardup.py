@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Near twins between training rows and the evaluation splits (guard/train/build, from
 prepare.py): for every row of the held-out test split and of the unseen set, the highest
-Jaccard similarity of its character 5-gram set (text NFKC-normalised, case-folded) with any
+Jaccard similarity of its character 5-gram set (text normalised as prepare.py does) with any
 training row. prepare.py drops exact duplicates; this shows how many evaluation rows still
 have a close paraphrase or translation in training, split by whether that row comes from the
 files given (for example a new batch of translations) or from the rest of the training data.
@@ -11,24 +11,21 @@ files given (for example a new batch of translations) or from the rest of the tr
 
 import collections
 import json
-import re
 import sys
-import unicodedata
 from pathlib import Path
 
-BUILD = Path(__file__).resolve().parent / "build"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluate import load  # noqa: E402
+from prepare import norm  # noqa: E402
+
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8)
 # A 5-gram in more training rows than this is too common to point at a twin.
 MAX_POSTING = 3000
 
 
 def grams(text, n=5):
-    t = re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    t = norm(text)
     return {t[i:i + n] for i in range(max(1, len(t) - n + 1))}
-
-
-def load(name):
-    return [json.loads(l) for l in (BUILD / f"{name}.jsonl").read_text(encoding="utf-8").split("\n") if l.strip()]
 
 
 def main():

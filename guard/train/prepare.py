@@ -16,8 +16,8 @@ Sources (each recorded in guard/train/sources.json with licence, rows and SHA-25
   - guard/train/data/*-{attacks,benign}.jsonl: the project's own (zh, en and others),
     and guard/tests/corpus/*.jsonl (the rule tests' multilingual corpus, full of hard
     negatives), each split 70/15/15 by a hash of the text; except
-    guard/train/data/translated-*.jsonl: translations (into 16 languages, in several batches)
-    of rows sampled from the s-labs and neuralchemy *training* splits, which go to train only.
+    guard/train/data/translated-*.jsonl: translations (into 16 languages) of rows sampled from
+    the s-labs and neuralchemy *training* splits, which go to train only.
 
 Splits written to guard/train/build/:
   train.jsonl  training only
