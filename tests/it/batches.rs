@@ -52,8 +52,7 @@ async fn upload(app: &TestApp, key: &str, body: Vec<u8>) -> (u16, Value) {
         .send()
         .await
         .expect("upload");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    status_and_json(r).await
 }
 
 async fn call(
@@ -75,8 +74,7 @@ async fn call(
         None => request,
     };
     let r = request.bearer_auth(key).send().await.expect("send");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    status_and_json(r).await
 }
 
 async fn create_batch(app: &TestApp, key: &str, file_id: &str) -> String {

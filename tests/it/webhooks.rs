@@ -180,8 +180,7 @@ impl Fixture {
             .send()
             .await
             .expect("register");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        status_and_json(r).await
     }
 
     /// Registers and expects 201; returns the endpoint (with its secret).
@@ -218,8 +217,7 @@ impl Fixture {
             .send()
             .await
             .expect("deliveries");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        status_and_json(r).await
     }
 
     /// Waits until the endpoint's log has `n` attempts and the newest has `last` status.

@@ -151,10 +151,7 @@ impl TestApp {
             .send()
             .await
         {
-            Ok(r) => {
-                let status = r.status().as_u16();
-                (status, r.json().await.unwrap_or(Value::Null))
-            }
+            Ok(r) => status_and_json(r).await,
             Err(e) => panic!("/readyz did not answer: {e}"),
         }
     }
@@ -181,8 +178,7 @@ impl TestApp {
             .send()
             .await
             .expect("send");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        status_and_json(r).await
     }
 
     /// The id of the first model `GET /v1/models` lists (what the OpenAI routes serve).
@@ -295,8 +291,7 @@ impl TestApp {
             .send()
             .await
             .expect("get");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        status_and_json(r).await
     }
 
     pub async fn cancel(&self, key: &str, id: &str) -> (u16, Value) {
@@ -307,8 +302,7 @@ impl TestApp {
             .send()
             .await
             .expect("cancel");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        status_and_json(r).await
     }
 
     /// Polls until the job is terminal.
@@ -364,6 +358,12 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
             .parse()
             .ok()
     })
+}
+
+/// A response's status and its JSON body (`null` when the body is not JSON).
+pub async fn status_and_json(r: reqwest::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 /// A chat body with one user message.

@@ -13,7 +13,9 @@ mod models;
 mod servers;
 mod workers;
 
-pub use app::{NO_IP_LIMITS, TestApp, chat, read_to_end, sample, scrape, unlimited_tenant};
+pub use app::{
+    NO_IP_LIMITS, TestApp, chat, read_to_end, sample, scrape, status_and_json, unlimited_tenant,
+};
 pub use backends::{Backends, delete_namespace_keys, job_record_keys};
 pub use load::{
     Load, LoadReport, SUBMIT_TIMEOUT, Submission, await_terminal_once, jobs_started, log_lines,
