@@ -273,6 +273,7 @@ impl DefaultPolicySettings {
             default_priority: sluice_proto::Priority::Interactive,
             batch_weight: 1,
             prefix_cache: true,
+            classify_system_messages: true,
         }
     }
 }

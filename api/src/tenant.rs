@@ -59,9 +59,19 @@ pub struct TenantPolicy {
     /// prompt.
     #[serde(default = "default_prefix_cache")]
     pub prefix_cache: bool,
+    /// Whether the learned classifier scores this tenant's `system` messages as well as the
+    /// rest (the default). Off, for a tenant whose system prompts are its own application's
+    /// and never carry user text, it scores only the other messages; the rules still check
+    /// every message.
+    #[serde(default = "default_classify_system_messages")]
+    pub classify_system_messages: bool,
 }
 
 fn default_prefix_cache() -> bool {
+    true
+}
+
+fn default_classify_system_messages() -> bool {
     true
 }
 
@@ -93,6 +103,7 @@ impl Default for TenantPolicy {
             default_priority: Priority::Interactive,
             batch_weight: 1,
             prefix_cache: true,
+            classify_system_messages: true,
         }
     }
 }

@@ -80,6 +80,9 @@ pub struct TenantPolicy {
     /// Whether workers may reuse this tenant's cached prompt prefixes (never another
     /// tenant's); off, every job prefills its whole prompt.
     prefix_cache: bool,
+    /// Whether the learned classifier scores `system` messages too (off: only the others;
+    /// the rules check every message either way).
+    classify_system_messages: bool,
 }
 
 /// Overrides merged into a tenant's policy: any of its fields. `null` means unlimited (or
@@ -128,6 +131,8 @@ pub struct TenantPolicyPatch {
     batch_weight: u32,
     #[serde(default)]
     prefix_cache: bool,
+    #[serde(default)]
+    classify_system_messages: bool,
 }
 
 /// A tenant's consumption now.

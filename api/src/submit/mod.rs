@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use sluice_guard::Category;
 use sluice_guard::pipeline::{Action, InjectionAction};
 use sluice_jobs::store::Admission;
-use sluice_proto::{ErrorCode, JOB_MESSAGE_VERSION, JobMessage, SessionTurn};
+use sluice_proto::{ErrorCode, JOB_MESSAGE_VERSION, JobMessage, Role, SessionTurn};
 use uuid::Uuid;
 
 pub use admission::IDEMPOTENCY_KEY;
@@ -117,10 +117,16 @@ pub async fn submit(
     let messages = job.messages;
     // What the classifier reads: the request's own messages as sent (it cleans and decodes
     // them itself, as `guard check` does), not the session history, which was checked when it
-    // was sent.
+    // was sent; without the system messages where the tenant's policy exempts them.
     let raw_messages = (state.classifier.is_some()
         && config.injection_action != InjectionAction::Off)
-        .then(|| messages.clone());
+        .then(|| {
+            messages
+                .iter()
+                .filter(|m| policy.classify_system_messages || m.role != Role::System)
+                .cloned()
+                .collect::<Vec<_>>()
+        });
     let guard = std::sync::Arc::clone(&state.guard);
     let codec = std::sync::Arc::clone(&state.codec);
     let run = move || guard::guard_and_count(&guard, &codec, &config, messages, history);
