@@ -290,7 +290,7 @@ def main():
     enc = Encoder(weights, config, gen, len(extra), tok.token_to_id("[UNK]"), args.rank)
     head = Head(gen)
     labels = torch.tensor([r["label"] for r in train], dtype=torch.float32)
-    sw = np.array([SOURCE_WEIGHT.get(r["source"], 1.0) for r in train], np.float32)
+    sw = np.array([r.get("weight", SOURCE_WEIGHT.get(r["source"], 1.0)) for r in train], np.float32)
     pos, neg = sw[labels.numpy() == 1].sum(), sw[labels.numpy() == 0].sum()
     cw = np.where(labels.numpy() == 1, 0.5 / pos, 0.5 / neg) * sw
     cw = torch.tensor(cw * len(cw) / cw.sum(), dtype=torch.float32)
@@ -344,6 +344,13 @@ def main():
     zu = logits(enc, head, tok, cls, sep, [r["text"] for r in unseen]) - t
     ben = [i for i, r in enumerate(test) if r["label"] == 0]
     results["unseen"] = report(unseen + [test[i] for i in ben], np.concatenate([zu, zt[ben]]), 0.0)
+    # Benign check sets (guard/train/checks/, never in any split): which texts the threshold blocks.
+    results["checks"] = {}
+    for path in sorted((HERE / "checks").glob("*.jsonl")):
+        texts = [json.loads(l)["text"] for l in path.read_text(encoding="utf-8").split("\n") if l.strip()]
+        zc = logits(enc, head, tok, cls, sep, texts) - t
+        blocked = [tx for tx, z in zip(texts, zc) if z >= 0]
+        results["checks"][path.stem] = {"benign": len(texts), "blocked": len(blocked), "blocked_texts": blocked}
     print(json.dumps(results, indent=1, ensure_ascii=False))
     if experiment:
         return
