@@ -43,7 +43,8 @@ from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embed import mask_encoded  # noqa: E402
-from train import BUCKETS, SEED, SOURCE_WEIGHT, TARGET_FPR, buckets, report, threshold_at_fpr  # noqa: E402
+from prepare import check_sets  # noqa: E402
+from train import BUCKETS, SEED, TARGET_FPR, buckets, report, row_weight, threshold_at_fpr  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -290,7 +291,7 @@ def main():
     enc = Encoder(weights, config, gen, len(extra), tok.token_to_id("[UNK]"), args.rank)
     head = Head(gen)
     labels = torch.tensor([r["label"] for r in train], dtype=torch.float32)
-    sw = np.array([r.get("weight", SOURCE_WEIGHT.get(r["source"], 1.0)) for r in train], np.float32)
+    sw = np.array([row_weight(r) for r in train], np.float32)
     pos, neg = sw[labels.numpy() == 1].sum(), sw[labels.numpy() == 0].sum()
     cw = np.where(labels.numpy() == 1, 0.5 / pos, 0.5 / neg) * sw
     cw = torch.tensor(cw * len(cw) / cw.sum(), dtype=torch.float32)
@@ -346,11 +347,10 @@ def main():
     results["unseen"] = report(unseen + [test[i] for i in ben], np.concatenate([zu, zt[ben]]), 0.0)
     # Benign check sets (guard/train/checks/, never in any split): which texts the threshold blocks.
     results["checks"] = {}
-    for path in sorted((HERE / "checks").glob("*.jsonl")):
-        texts = [json.loads(l)["text"] for l in path.read_text(encoding="utf-8").split("\n") if l.strip()]
+    for name, texts in check_sets().items():
         zc = logits(enc, head, tok, cls, sep, texts) - t
         blocked = [tx for tx, z in zip(texts, zc) if z >= 0]
-        results["checks"][path.stem] = {"benign": len(texts), "blocked": len(blocked), "blocked_texts": blocked}
+        results["checks"][name] = {"benign": len(texts), "blocked": len(blocked), "blocked_texts": blocked}
     print(json.dumps(results, indent=1, ensure_ascii=False))
     if experiment:
         return

@@ -174,6 +174,12 @@ def norm(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def check_sets() -> dict:
+    """The benign check sets of guard/train/checks/ (in no split), by file stem: their texts."""
+    return {path.stem: [json.loads(l)["text"] for l in path.read_text(encoding="utf-8").split("\n") if l.strip()]
+            for path in sorted((HERE / "checks").glob("*.jsonl"))}
+
+
 def authored_split(text: str) -> str:
     h = int(hashlib.sha256(("split:" + norm(text)).encode()).hexdigest()[:8], 16) % 100
     return "train" if h < 70 else ("val" if h < 85 else "test")
@@ -271,8 +277,8 @@ def main() -> None:
     # No evaluation text in train (the benign check sets of guard/train/checks/, which
     # finetune.py scores, count as evaluation); no duplicate within a split.
     held = {norm(r["text"]) for r in rows if r["split"] != "train"}
-    for path in sorted((HERE / "checks").glob("*.jsonl")):
-        held |= {norm(json.loads(l)["text"]) for l in path.read_text(encoding="utf-8").split("\n") if l.strip()}
+    for texts in check_sets().values():
+        held |= {norm(t) for t in texts}
     out = {}
     dropped = 0
     for r in rows:

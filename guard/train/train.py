@@ -42,6 +42,12 @@ LEXICAL_DECAY = 1e-5
 SOURCE_WEIGHT = {"authored": 4.0, "corpus": 4.0}
 
 
+def row_weight(row) -> float:
+    """A training row's weight: its file's (prepare.py's FILE_WEIGHT, written into the row),
+    else its source's."""
+    return row.get("weight", SOURCE_WEIGHT.get(row["source"], 1.0))
+
+
 def load_split(name: str):
     """Rows of a split and, per row, its windows' embeddings (from embed.py's cache)."""
     from embed import key, load_cache, mask_encoded  # guard/train/embed.py
@@ -262,7 +268,7 @@ def main():
         val_w = [val_w[i] for i in keep]
     x = np.stack([w[0] for w in train_w]).astype(np.float32)
     y = np.array([r["label"] for r in train_rows], np.float32)
-    wts = np.array([SOURCE_WEIGHT.get(r["source"], 1.0) for r in train_rows], np.float32)
+    wts = np.array([row_weight(r) for r in train_rows], np.float32)
     val_y = np.array([r["label"] for r in val_rows])
     lex = Lexical(train_rows) if lexical else None
     val_lex = Lexical(val_rows) if lexical else None
