@@ -38,7 +38,7 @@ fn bench(c: &mut Criterion) {
                 let principal = keys.verify(&secret, &tenants).await.expect("verify");
                 let policy = principal.policy.clone().expect("policy");
                 let limits = [Limit {
-                    key: ks.rate_limit("bench:s"),
+                    key: ks.rate_limit("bench", "s"),
                     limit: 1_000_000_000,
                     period: Duration::from_secs(1),
                 }];

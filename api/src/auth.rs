@@ -65,12 +65,14 @@ fn rate_limits(
         state,
         [
             (
-                format!("sub:{subject}:s"),
+                format!("sub:{subject}"),
+                "s",
                 policy.requests_per_second,
                 SECOND,
             ),
             (
-                format!("sub:{subject}:m"),
+                format!("sub:{subject}"),
+                "m",
                 policy.requests_per_minute,
                 MINUTE,
             ),
@@ -88,22 +90,22 @@ fn ip_limits(state: &AppState, ip: IpAddr) -> Vec<crate::ratelimit::Limit> {
     limits_of(
         state,
         [
-            (format!("ip:{ip}:s"), state.ip_limits.0, SECOND),
-            (format!("ip:{ip}:m"), state.ip_limits.1, MINUTE),
+            (format!("ip:{ip}"), "s", state.ip_limits.0, SECOND),
+            (format!("ip:{ip}"), "m", state.ip_limits.1, MINUTE),
         ],
     )
 }
 
 fn limits_of<const N: usize>(
     state: &AppState,
-    scopes: [(String, Option<u32>, Duration); N],
+    scopes: [(String, &str, Option<u32>, Duration); N],
 ) -> Vec<crate::ratelimit::Limit> {
     let ks = state.store.keyspace();
     scopes
         .into_iter()
-        .filter_map(|(scope, limit, period)| {
+        .filter_map(|(scope, window, limit, period)| {
             limit.map(|limit| crate::ratelimit::Limit {
-                key: ks.rate_limit(&scope),
+                key: ks.rate_limit(&scope, window),
                 limit,
                 period,
             })

@@ -166,12 +166,16 @@ impl ApiKeys {
             fields.push(("expires_at", expires_at.to_string()));
         }
         let mut conn = self.conn().await?;
-        redis::pipe()
-            .atomic()
-            .hset_multiple(self.ks.api_key(&key_id), &fields)
-            .ignore()
-            .sadd(self.ks.tenant_keys(tenant), &key_id)
-            .ignore()
+        // The tenant's list first, then the key (their own hash slots on a cluster): a key
+        // that exists is always listed; a listed id without a record is skipped.
+        redis::cmd("SADD")
+            .arg(self.ks.tenant_keys(tenant))
+            .arg(&key_id)
+            .query_async::<()>(&mut conn)
+            .await?;
+        redis::cmd("HSET")
+            .arg(self.ks.api_key(&key_id))
+            .arg(&fields)
             .query_async::<()>(&mut conn)
             .await?;
         Ok(CreatedKey { key_id, secret })
@@ -209,6 +213,9 @@ impl ApiKeys {
                 .arg(self.ks.api_key(&id))
                 .query_async(&mut conn)
                 .await?;
+            if r.is_empty() {
+                continue;
+            }
             let num = |f: &str| r.get(f).and_then(|v| v.parse::<u64>().ok());
             keys.push(KeyInfo {
                 tenant: r.get("tenant").cloned().unwrap_or_default(),
@@ -235,15 +242,28 @@ impl ApiKeys {
         let (record, prefetched): (HashMap<String, String>, Option<Option<String>>) =
             match &known_tenant {
                 Some(tenant) => {
-                    let (record, policy) = redis::pipe()
-                        .cmd("HGETALL")
-                        .arg(self.ks.api_key(key_id))
-                        .cmd("GET")
-                        .arg(tenants.policy_key(tenant))
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(StoreError::from)?;
-                    (record, Some(policy))
+                    // Different hash slots: one round trip on one server, two at once on a
+                    // cluster.
+                    let replies: Vec<redis::Value> = sluice_jobs::redis_pool::query_each(
+                        &mut conn,
+                        vec![
+                            redis::cmd("HGETALL")
+                                .arg(self.ks.api_key(key_id))
+                                .to_owned(),
+                            redis::cmd("GET").arg(tenants.policy_key(tenant)).to_owned(),
+                        ],
+                    )
+                    .await
+                    .map_err(StoreError::from)?;
+                    let [record, policy]: [redis::Value; 2] = replies
+                        .try_into()
+                        .map_err(|_| ApiError::Internal("two replies expected".into()))?;
+                    let parse_err =
+                        |e: redis::ParsingError| StoreError::from(redis::RedisError::from(e));
+                    (
+                        redis::from_redis_value(record).map_err(parse_err)?,
+                        Some(redis::from_redis_value(policy).map_err(parse_err)?),
+                    )
                 }
                 None => {
                     let record = redis::cmd("HGETALL")

@@ -46,6 +46,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod principal;
 pub mod ratelimit;
+pub mod reconciler;
 pub mod routes;
 pub mod serve;
 pub mod settings;

@@ -4,7 +4,7 @@ use sluice_api::keys::ApiKeys;
 use sluice_api::settings::{GuardCommand, Invocation, KeysCommand};
 use sluice_api::startup::{Application, shutdown_signal};
 use sluice_jobs::Keyspace;
-use sluice_jobs::redis_pool::create_pool;
+use sluice_jobs::redis_pool::create_pool_for;
 
 /// mimalloc: under load glibc's allocator spent about 14 % of the API's CPU (and contended on
 /// its arena locks) in the submit profile.
@@ -67,7 +67,7 @@ async fn keys(mut command: KeysCommand) -> anyhow::Result<()> {
         } => {
             sluice_api::keys::check_key_lifetime(expires_in_secs).map_err(anyhow::Error::msg)?;
             let keys = ApiKeys::new(
-                create_pool(&common.redis_url, 1)?,
+                create_pool_for(&common.redis_url, common.redis_cluster, 1)?,
                 Keyspace::new(common.namespace),
             );
             let created = keys.create(&tenant, &name, role, expires_in_secs).await?;
@@ -80,7 +80,7 @@ async fn keys(mut command: KeysCommand) -> anyhow::Result<()> {
         }
         KeysCommand::Revoke { key_id, common } => {
             let keys = ApiKeys::new(
-                create_pool(&common.redis_url, 1)?,
+                create_pool_for(&common.redis_url, common.redis_cluster, 1)?,
                 Keyspace::new(common.namespace),
             );
             if !keys.revoke(&key_id).await? {

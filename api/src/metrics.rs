@@ -39,6 +39,7 @@ pub struct ApiMetrics {
     pub batches_finished: IntCounterVec,
     pub batches_active: IntGauge,
     pub webhook_attempts: IntCounterVec,
+    pub reconciled: IntCounterVec,
 }
 
 /// Feeds the classifier's scoring thread's batches into the metrics.
@@ -142,6 +143,13 @@ impl ApiMetrics {
             batches_active: f.int_gauge(
                 "sluice_batches_active",
                 "Batches not yet ended, in all replicas (read at scrape).",
+            ),
+            reconciled: f.counter_vec(
+                "sluice_reconciled_jobs_total",
+                "Jobs the reconciler completed after a crash between a job's steps: `settled` \
+                 (ended, refunded now), `fenced` (admission never written), `expired` (in \
+                 flight long past its deadline).",
+                &["outcome"],
             ),
             webhook_attempts: f.counter_vec(
                 "sluice_webhook_attempts_total",

@@ -4,6 +4,13 @@
 //! (per key per second and per minute, per client IP per second and per minute) are checked in
 //! one atomic script and consumed only if every one allows it, so any number of API replicas
 //! share exact counts and a rejected request consumes nothing.
+//!
+//! On a Redis Cluster one script can only touch one hash slot: the limits of one subject (or
+//! one client address) share a slot ([`sluice_jobs::keyspace::Keyspace::rate_limit`]), and each
+//! such group is checked and consumed atomically in turn. If a later group refuses, the
+//! earlier groups' consumption is given back (`GCRA_REFUND`), so a rejected request still
+//! consumes nothing; between the two, a concurrent request may see those limits one request
+//! fuller than they end up.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -79,8 +86,91 @@ return {allowed, tight, tight_remaining, math.ceil(tight_reset), math.ceil(retry
     )
 });
 
+/// Gives back one request to each limit (KEYS), for a request a later group of its limits
+/// refused. ARGV[1] = now (ms); then per limit its emission interval (ms).
+static GCRA_REFUND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local now = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  local tat = tonumber(redis.call('GET', key) or '0') - tonumber(ARGV[1 + i])
+  if tat > now then
+    redis.call('SET', key, tostring(tat), 'PX', math.ceil(tat - now) + 1)
+  else
+    redis.call('DEL', key)
+  end
+end
+return 1
+"#,
+    )
+});
+
+/// The hash tag of a key (what Redis Cluster hashes), or the whole key.
+fn hash_tag(key: &str) -> &str {
+    key.find('{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.find('}')
+                .filter(|&close| close > 0)
+                .map(|close| &rest[..close])
+        })
+        .unwrap_or(key)
+}
+
+fn interval_ms(l: &Limit) -> f64 {
+    l.period.as_secs_f64() * 1000.0 / f64::from(l.limit.max(1))
+}
+
 /// Checks and, if all pass, consumes one request from every limit.
 pub async fn check(pool: &Pool, limits: &[Limit]) -> Result<Decision, StoreError> {
+    if !pool.is_cluster() {
+        return check_group(pool, limits).await;
+    }
+    // Group by hash slot, keeping the order of first appearance.
+    let mut groups: Vec<(&str, Vec<Limit>)> = Vec::new();
+    for l in limits {
+        let tag = hash_tag(&l.key);
+        match groups.iter_mut().find(|(t, _)| *t == tag) {
+            Some((_, g)) => g.push(l.clone()),
+            None => groups.push((tag, vec![l.clone()])),
+        }
+    }
+    let mut combined: Option<Decision> = None;
+    let mut consumed: Vec<&[Limit]> = Vec::new();
+    for (_, group) in &groups {
+        let d = check_group(pool, group).await?;
+        if !d.allowed {
+            for g in consumed {
+                let mut refund = GCRA_REFUND.prepare_invoke();
+                refund.arg(sluice_proto::now_ms());
+                for l in g {
+                    refund.key(&l.key).arg(interval_ms(l));
+                }
+                let mut conn = pool.get().await?;
+                if let Err(e) = refund.invoke_async::<i64>(&mut conn).await {
+                    tracing::warn!(error = %e, "cannot give back a refused request's rate limits");
+                }
+            }
+            return Ok(d);
+        }
+        consumed.push(group);
+        combined = Some(match combined {
+            Some(c) if c.remaining <= d.remaining => c,
+            _ => d,
+        });
+    }
+    Ok(combined.unwrap_or(Decision {
+        allowed: true,
+        limit: 0,
+        remaining: 0,
+        reset: Duration::ZERO,
+        retry_after: Duration::ZERO,
+    }))
+}
+
+/// Checks and, if all pass, consumes one request from every limit, in one script (the limits'
+/// keys in one hash slot on a cluster).
+async fn check_group(pool: &Pool, limits: &[Limit]) -> Result<Decision, StoreError> {
     if limits.is_empty() {
         return Ok(Decision {
             allowed: true,
@@ -93,7 +183,7 @@ pub async fn check(pool: &Pool, limits: &[Limit]) -> Result<Decision, StoreError
     let mut invocation = GCRA.prepare_invoke();
     invocation.arg(sluice_proto::now_ms());
     for l in limits {
-        let interval = l.period.as_secs_f64() * 1000.0 / f64::from(l.limit.max(1));
+        let interval = interval_ms(l);
         invocation
             .key(&l.key)
             .arg(interval)

@@ -10,7 +10,7 @@ use sluice_guard::classifier::ClassifierService;
 use sluice_guard::{Guard, Rules};
 use sluice_jobs::Keyspace;
 use sluice_jobs::amqp::{Publisher, QueueSettings};
-use sluice_jobs::redis_pool::create_pool;
+use sluice_jobs::redis_pool::create_pool_for;
 use sluice_jobs::session::SessionStore;
 use sluice_jobs::store::JobStore;
 use sluice_jobs::workers::WorkerRegistry;
@@ -111,6 +111,11 @@ impl Application {
                 stopping_rx.clone(),
             )
         });
+        let reconciler = crate::reconciler::spawn(
+            self.state.store.clone(),
+            self.state.metrics.clone(),
+            stopping_rx.clone(),
+        );
         let server = crate::serve::serve(self.listener, app, limits, stopping_rx.clone());
         let signal = tokio::spawn(signal);
         let deadline = async move {
@@ -127,6 +132,7 @@ impl Application {
             // Its drivers give their leases back within a poll; another replica resumes.
             let _ = tokio::time::timeout(Duration::from_secs(2), batches).await;
         }
+        let _ = tokio::time::timeout(Duration::from_secs(2), reconciler).await;
         if let Some(watcher) = job_events {
             let _ = tokio::time::timeout(Duration::from_secs(2), watcher).await;
         }
@@ -144,7 +150,11 @@ impl Application {
 /// The state of one API process.
 pub fn build_state(settings: &ApiSettings) -> anyhow::Result<AppState> {
     let ks = Keyspace::new(settings.common.namespace.clone());
-    let pool = create_pool(&settings.common.redis_url, 64)?;
+    let pool = create_pool_for(
+        &settings.common.redis_url,
+        settings.common.redis_cluster,
+        64,
+    )?;
     let codec = ChatCodec::load(&settings.tokenizer)
         .map_err(|e| anyhow::anyhow!("tokenizer {}: {e}", settings.tokenizer.display()))?;
     let extra_rules = match &settings.injection_rules {
@@ -211,9 +221,12 @@ pub fn build_state(settings: &ApiSettings) -> anyhow::Result<AppState> {
         ),
         trusted_proxies: Arc::new(settings.trusted_proxies.clone()),
         anonymize_ips: settings.anonymize_ips,
-        stream_conns: crate::stream_conns::StreamConnections::new(redis::Client::open(
-            settings.common.redis_url.expose(),
-        )?),
+        stream_conns: crate::stream_conns::StreamConnections::to(
+            crate::stream_conns::StreamTarget::from_url(
+                settings.common.redis_url.expose(),
+                settings.common.redis_cluster,
+            )?,
+        ),
     })
 }
 

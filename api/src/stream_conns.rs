@@ -8,12 +8,17 @@
 //! read pending on the server, and the next user of that connection would wait behind it, so
 //! that connection is closed. A failed command closes the connection and empties the pool (a
 //! Redis restart breaks every idle connection at once).
+//!
+//! On a Redis Cluster a stream's connection is a cluster connection of its own (one socket per
+//! node, following `MOVED` and failovers), kept for reuse the same way.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{FromRedisValue, RedisResult};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Value};
 
 /// Idle connections kept at most.
 const MAX_IDLE: usize = 64;
@@ -21,10 +26,71 @@ const MAX_IDLE: usize = 64;
 /// The default response timeout (500 ms) is shorter than a blocking read.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Where stream connections go: one server, or a cluster.
+pub enum StreamTarget {
+    Single(redis::Client),
+    Cluster(Box<ClusterClient>),
+}
+
+impl StreamTarget {
+    /// From the Redis URL setting: one server's URL, or (`cluster`) some of a cluster's node
+    /// URLs separated by commas.
+    pub fn from_url(url: &str, cluster: bool) -> RedisResult<Self> {
+        if cluster {
+            let nodes: Vec<&str> = url
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .collect();
+            return Ok(Self::Cluster(Box::new(
+                ClusterClient::builder(nodes)
+                    .connection_timeout(Duration::from_secs(2))
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .build()?,
+            )));
+        }
+        Ok(Self::Single(redis::Client::open(url)?))
+    }
+}
+
+/// A dedicated connection: to the one server, or to the cluster.
+pub enum StreamConn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for StreamConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            StreamConn::Single(c) => c.req_packed_command(cmd),
+            StreamConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            StreamConn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            StreamConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            StreamConn::Single(c) => c.get_db(),
+            StreamConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// Hands out dedicated connections for blocking stream reads.
 pub struct StreamConnections {
-    client: redis::Client,
-    idle: Mutex<Vec<MultiplexedConnection>>,
+    target: StreamTarget,
+    idle: Mutex<Vec<StreamConn>>,
 }
 
 impl std::fmt::Debug for StreamConnections {
@@ -37,8 +103,12 @@ impl std::fmt::Debug for StreamConnections {
 
 impl StreamConnections {
     pub fn new(client: redis::Client) -> Arc<Self> {
+        Self::to(StreamTarget::Single(client))
+    }
+
+    pub fn to(target: StreamTarget) -> Arc<Self> {
         Arc::new(Self {
-            client,
+            target,
             idle: Mutex::new(Vec::new()),
         })
     }
@@ -57,10 +127,17 @@ impl StreamConnections {
         })
     }
 
-    async fn open(&self) -> RedisResult<MultiplexedConnection> {
-        let mut conn = self.client.get_multiplexed_async_connection().await?;
-        conn.set_response_timeout(RESPONSE_TIMEOUT);
-        Ok(conn)
+    async fn open(&self) -> RedisResult<StreamConn> {
+        Ok(match &self.target {
+            StreamTarget::Single(client) => {
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                conn.set_response_timeout(RESPONSE_TIMEOUT);
+                StreamConn::Single(conn)
+            }
+            StreamTarget::Cluster(client) => {
+                StreamConn::Cluster(client.get_async_connection().await?)
+            }
+        })
     }
 
     /// Connections waiting for reuse.
@@ -68,7 +145,7 @@ impl StreamConnections {
         self.idle.lock().map(|idle| idle.len()).unwrap_or(0)
     }
 
-    fn put_back(&self, conn: MultiplexedConnection) {
+    fn put_back(&self, conn: StreamConn) {
         if let Ok(mut idle) = self.idle.lock()
             && idle.len() < MAX_IDLE
         {
@@ -85,7 +162,7 @@ impl StreamConnections {
 
 /// One stream's connection; back to the pool when dropped, if its last command completed.
 pub struct StreamConnection {
-    conn: Option<MultiplexedConnection>,
+    conn: Option<StreamConn>,
     home: Arc<StreamConnections>,
     reusable: bool,
 }

@@ -1,4 +1,17 @@
 //! Every Redis key and AMQP name Sluice uses, derived from one namespace.
+//!
+//! Redis keys carry a hash tag (the part in braces), so that what one script or transaction
+//! touches lies in one hash slot of a Redis Cluster, while the load spreads over the slots:
+//! - a job's keys (its record, its event stream) under `{job id}`;
+//! - a tenant's keys (quota counters, active and queued sets, reservations, idempotency
+//!   records, sessions, files, policy) under `{tenant}`;
+//! - a batch's keys under its tenant's tag too (a finished line is counted against the
+//!   tenant's share of the batch lane in the same script), one rate limit's under its scope;
+//! - the namespace's few global keys (queued-job index, drain record, in-flight index, worker
+//!   registry, batch and webhook indexes) under `{namespace}`; they change once per job or per
+//!   heartbeat, never per token.
+//!
+//! The namespace itself must not contain braces.
 
 use sluice_proto::Priority;
 use uuid::Uuid;
@@ -22,154 +35,172 @@ impl Keyspace {
 
     // Redis.
 
+    /// A global key of the namespace, under the namespace's hash tag.
+    fn global(&self, name: &str) -> String {
+        format!("{ns}:{{{ns}}}:{name}", ns = self.ns)
+    }
+
     /// Hash: the job record (tenant, status, timestamps, attempts, result, error).
     pub fn job(&self, id: &Uuid) -> String {
-        format!("{}:job:{id}", self.ns)
+        format!("{}:job:{{{id}}}", self.ns)
     }
 
     /// Stream: a job's generated text as it is produced, then its terminal status.
     pub fn job_events(&self, id: &Uuid) -> String {
-        format!("{}:job:{id}:events", self.ns)
+        format!("{}:job:{{{id}}}:events", self.ns)
     }
 
     /// Hash: one API key's metadata and the SHA-256 of its secret.
     pub fn api_key(&self, key_id: &str) -> String {
-        format!("{}:apikey:{key_id}", self.ns)
+        format!("{}:apikey:{{{key_id}}}", self.ns)
     }
 
     /// Set: the key ids of a tenant.
     pub fn tenant_keys(&self, tenant: &str) -> String {
-        format!("{}:tenant:{tenant}:keys", self.ns)
+        format!("{}:tenant:{{{tenant}}}:keys", self.ns)
     }
 
     /// String: a tenant's policy overrides (JSON).
     pub fn tenant_policy(&self, tenant: &str) -> String {
-        format!("{}:tenant:{tenant}:policy", self.ns)
+        format!("{}:tenant:{{{tenant}}}:policy", self.ns)
     }
 
     /// List: a session's turns (JSON messages, oldest first), after output redaction.
     pub fn session(&self, tenant: &str, session: &str) -> String {
-        format!("{}:tenant:{tenant}:session:{session}", self.ns)
+        format!("{}:tenant:{{{tenant}}}:session:{session}", self.ns)
     }
 
     /// String: a session's system prompt, kept apart so trimming never drops it.
     pub fn session_system(&self, tenant: &str, session: &str) -> String {
-        format!("{}:tenant:{tenant}:session:{session}:system", self.ns)
+        format!("{}:tenant:{{{tenant}}}:session:{session}:system", self.ns)
     }
 
     /// String: the job an `Idempotency-Key` (by its SHA-256, hex) created, and the request's
     /// fingerprint, as `{job id}|{fingerprint}`; expires after 24 h.
     pub fn idempotency(&self, tenant: &str, key_hash: &str) -> String {
-        format!("{}:tenant:{tenant}:idem:{key_hash}", self.ns)
+        format!("{}:tenant:{{{tenant}}}:idem:{key_hash}", self.ns)
     }
 
-    /// Sorted set: every queued job of the namespace (scored by deadline), for the global cap.
+    /// Sorted set: every queued job of the namespace, as `{priority}|{created_at}|{id}`,
+    /// scored by its deadline: the global queue cap and the queue metrics.
     pub fn queued(&self) -> String {
-        format!("{}:queued", self.ns)
+        self.global("queued")
     }
 
     /// Sorted set: a tenant's queued jobs (scored by deadline), for its cap.
     pub fn tenant_queued(&self, tenant: &str) -> String {
-        format!("{}:tenant:{tenant}:queued", self.ns)
+        format!("{}:tenant:{{{tenant}}}:queued", self.ns)
     }
 
-    /// Prefix of per-second counters of jobs leaving the queue (`{prefix}{unix second}`): the
+    /// Sorted set: jobs that left the queue, scored by when (ms), kept for a minute: the
     /// measured drain rate behind `Retry-After`.
-    pub fn drain_prefix(&self) -> String {
-        format!("{}:drain:", self.ns)
+    pub fn drained(&self) -> String {
+        self.global("drained")
     }
 
-    /// Counter: a tenant's jobs queued plus running.
+    /// Sorted set: every job admitted and not yet settled, as `{id}|{tenant}`, scored by when
+    /// its tenant-side state is next compared with its record (ms). The reconciler walks it, so
+    /// that a process that dies between a job's transition and its tenant's bookkeeping never
+    /// leaves a reservation unsettled or a job short of a terminal state.
+    pub fn inflight(&self) -> String {
+        self.global("inflight")
+    }
+
+    /// Sorted set: a tenant's jobs queued or running, scored by deadline (its concurrency cap).
     pub fn tenant_active(&self, tenant: &str) -> String {
-        format!("{}:tenant:{tenant}:active", self.ns)
+        format!("{}:tenant:{{{tenant}}}:active", self.ns)
+    }
+
+    /// Hash: a tenant's unsettled token reservations, job id → `{tokens}|{day}|{month}`.
+    /// Settling a job removes its field, so it is refunded at most once.
+    pub fn tenant_reservations(&self, tenant: &str) -> String {
+        format!("{}:tenant:{{{tenant}}}:reserved", self.ns)
     }
 
     /// Counter: tokens a tenant reserved or used in a UTC day (`YYYYMMDD`).
     pub fn tenant_tokens_day(&self, tenant: &str, day: &str) -> String {
-        format!("{}:tenant:{tenant}:tokens:d:{day}", self.ns)
+        format!("{}:tenant:{{{tenant}}}:tokens:d:{day}", self.ns)
     }
 
     /// Counter: tokens a tenant reserved or used in a UTC month (`YYYYMM`).
     pub fn tenant_tokens_month(&self, tenant: &str, month: &str) -> String {
-        format!("{}:tenant:{tenant}:tokens:m:{month}", self.ns)
+        format!("{}:tenant:{{{tenant}}}:tokens:m:{month}", self.ns)
     }
 
     /// String (JSON, expiring): one worker's latest heartbeat.
     pub fn worker(&self, id: &str) -> String {
-        format!("{}:worker:{id}", self.ns)
+        self.global(&format!("worker:{id}"))
     }
 
     /// Set: the ids of workers that have written a heartbeat (pruned as their keys expire).
     pub fn workers(&self) -> String {
-        format!("{}:workers", self.ns)
+        self.global("workers")
     }
 
-    /// Prefix of job records (`{prefix}{id}` = [`Keyspace::job`]), for scripts that walk jobs.
-    pub fn job_prefix(&self) -> String {
-        format!("{}:job:", self.ns)
-    }
-
-    /// GCRA state of one rate limit (`scope` is e.g. `key:<id>:s` or `ip:<addr>:m`).
-    pub fn rate_limit(&self, scope: &str) -> String {
-        format!("{}:rl:{scope}", self.ns)
+    /// GCRA state of one rate limit: `scope` is the subject or client (`sub:<tenant>:<key id>`,
+    /// `ip:<addr>`), the hash tag, so that its limits share a slot; `window` names the limit
+    /// (`s`, `m`).
+    pub fn rate_limit(&self, scope: &str, window: &str) -> String {
+        format!("{}:rl:{{{scope}}}:{window}", self.ns)
     }
 
     /// String (JSON): a tenant's file's metadata. The tenant is part of the key, so another
     /// tenant's lookup finds nothing.
     pub fn file(&self, tenant: &str, id: &str) -> String {
-        format!("{}:tenant:{tenant}:file:{id}", self.ns)
+        format!("{}:tenant:{{{tenant}}}:file:{id}", self.ns)
     }
 
     /// Sorted set: a tenant's file ids, scored by creation time (ms).
     pub fn tenant_files(&self, tenant: &str) -> String {
-        format!("{}:tenant:{tenant}:files", self.ns)
+        format!("{}:tenant:{{{tenant}}}:files", self.ns)
     }
 
     /// Hash: a batch (its tenant, request, status, timestamps, counts and cursor).
-    pub fn batch(&self, id: &str) -> String {
-        format!("{}:batch:{id}", self.ns)
+    pub fn batch(&self, tenant: &str, id: &str) -> String {
+        format!("{}:tenant:{{{tenant}}}:batch:{id}", self.ns)
     }
 
     /// Hash: a batch's finished lines, line index → its output or error line (JSON).
-    pub fn batch_lines(&self, id: &str) -> String {
-        format!("{}:batch:{id}:lines", self.ns)
+    pub fn batch_lines(&self, tenant: &str, id: &str) -> String {
+        format!("{}:tenant:{{{tenant}}}:batch:{id}:lines", self.ns)
     }
 
     /// Hash: a batch's lines in the queue or running, line index → job id.
-    pub fn batch_inflight(&self, id: &str) -> String {
-        format!("{}:batch:{id}:inflight", self.ns)
+    pub fn batch_inflight(&self, tenant: &str, id: &str) -> String {
+        format!("{}:tenant:{{{tenant}}}:batch:{id}:inflight", self.ns)
     }
 
     /// String (expiring): which API process drives the batch now (its lease).
-    pub fn batch_lease(&self, id: &str) -> String {
-        format!("{}:batch:{id}:lease", self.ns)
+    pub fn batch_lease(&self, tenant: &str, id: &str) -> String {
+        format!("{}:tenant:{{{tenant}}}:batch:{id}:lease", self.ns)
     }
 
     /// Sorted set: a tenant's batch ids, scored by creation time (ms).
     pub fn tenant_batches(&self, tenant: &str) -> String {
-        format!("{}:tenant:{tenant}:batches", self.ns)
+        format!("{}:tenant:{{{tenant}}}:batches", self.ns)
     }
 
     /// Set: `{batch}:{line}` of a tenant's batch lines in the queue or running, across its
     /// batches: the tenant's share of the batch lane.
     pub fn tenant_batch_inflight(&self, tenant: &str) -> String {
-        format!("{}:tenant:{tenant}:batch-inflight", self.ns)
+        format!("{}:tenant:{{{tenant}}}:batch-inflight", self.ns)
     }
 
     /// Sorted set: `{tenant}/{job id}` of jobs whose end is a webhook event, scored by when
     /// they were accepted (ms), until the event is queued.
     pub fn webhook_jobs(&self) -> String {
-        format!("{}:webhook-jobs", self.ns)
+        self.global("webhook-jobs")
     }
 
     /// String (expiring): which API process is queueing a job's end event.
     pub fn webhook_job_claim(&self, id: &Uuid) -> String {
-        format!("{}:webhook-jobs:{id}:claim", self.ns)
+        format!("{}:webhook-jobs:{{{id}}}:claim", self.ns)
     }
 
-    /// Set: the ids of batches not yet terminal, which API processes drive.
+    /// Sorted set: `{batch id}|{tenant}` of batches not yet terminal, which API processes
+    /// drive, scored by creation time (ms).
     pub fn batches_active(&self) -> String {
-        format!("{}:batches:active", self.ns)
+        self.global("batches:active")
     }
 
     // AMQP.
@@ -203,13 +234,13 @@ impl Keyspace {
 
     /// Hash: a tenant's webhook endpoints, endpoint id → its record (JSON, with the secret).
     pub fn webhook_endpoints(&self, tenant: &str) -> String {
-        format!("{}:tenant:{tenant}:webhooks", self.ns)
+        format!("{}:tenant:{{{tenant}}}:webhooks", self.ns)
     }
 
     /// List: the latest delivery attempts to one webhook endpoint (JSON, newest first).
     pub fn webhook_deliveries(&self, tenant: &str, endpoint_id: &str) -> String {
         format!(
-            "{}:tenant:{tenant}:webhook:{endpoint_id}:deliveries",
+            "{}:tenant:{{{tenant}}}:webhook:{endpoint_id}:deliveries",
             self.ns
         )
     }
@@ -245,7 +276,11 @@ mod tests {
     fn names_carry_the_namespace() {
         let ks = Keyspace::new("t1");
         let id = Uuid::nil();
-        assert_eq!(ks.job(&id), format!("t1:job:{id}"));
+        assert_eq!(ks.job(&id), format!("t1:job:{{{id}}}"));
+        assert_eq!(ks.job_events(&id), format!("t1:job:{{{id}}}:events"));
+        assert_eq!(ks.tenant_active("acme"), "t1:tenant:{acme}:active");
+        assert_eq!(ks.queued(), "t1:{t1}:queued");
+        assert_eq!(ks.worker("w"), "t1:{t1}:worker:w");
         assert_eq!(ks.jobs_queue(), "t1.jobs.interactive");
         assert_eq!(ks.dead_letter_queue(), "t1.jobs.dead");
         assert!(ks.api_key("k").starts_with("t1:"));

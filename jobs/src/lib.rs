@@ -2,10 +2,12 @@
 //!
 //! - [`keyspace`]: every Redis key and AMQP name, derived from one namespace so tests and
 //!   tenants of a shared broker never collide;
-//! - [`redis_pool`]: the Redis pool both binaries use;
+//! - [`redis_pool`]: the Redis pool both binaries use, over one server or a Redis Cluster;
 //! - [`store`]: the job record in Redis and its atomic transitions, one Lua script per
-//!   transition (`store/lua/`), the one piece of code that moves a job through
-//!   `queued → running → terminal`;
+//!   transition and hash slot (`store/lua/`), the one piece of code that moves a job through
+//!   `queued → running → terminal`, and the reconciler that finishes what a crash between
+//!   two slots' steps left half done;
+//! - [`cluster_admin`]: which Redis Cluster node serves a key, and a manual failover;
 //! - [`amqp`]: connecting, the job topology (quorum queue, dead-letter exchange and queue) and a
 //!   confirming publisher that reconnects on its own;
 //! - [`workers`]: the worker registry (heartbeats in Redis);
@@ -20,6 +22,7 @@
 
 pub mod amqp;
 pub mod calendar;
+pub mod cluster_admin;
 pub mod keyspace;
 pub mod redis_pool;
 pub mod session;

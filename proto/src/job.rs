@@ -202,6 +202,11 @@ impl Priority {
             Priority::Batch => "batch",
         }
     }
+
+    /// The class [`Priority::as_str`] names.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
 }
 
 /// How a job's turn joins its session's history.

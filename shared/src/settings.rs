@@ -48,13 +48,19 @@ pub enum LogFormat {
 /// Settings every Sluice process needs to reach the broker and the store.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonSettings {
-    /// Redis URL (may carry a password).
+    /// Redis URL (may carry a password); with `--redis-cluster`, the URLs of some of the
+    /// cluster's nodes, separated by commas (any one that answers finds the rest).
     #[arg(
         long,
         env = "SLUICE_REDIS_URL",
         default_value = "redis://127.0.0.1:6379"
     )]
     pub redis_url: Secret,
+
+    /// Redis is a Redis Cluster: every key lives in the hash slot of its tag (a job's id, a
+    /// tenant, the namespace) and commands follow the cluster's redirections and failovers.
+    #[arg(long, env = "SLUICE_REDIS_CLUSTER", default_value_t = false)]
+    pub redis_cluster: bool,
 
     /// RabbitMQ URL (may carry a password).
     #[arg(

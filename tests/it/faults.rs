@@ -78,7 +78,7 @@ async fn killed_workers_and_a_restarted_api_lose_and_duplicate_nothing() {
         // Completed once: its event stream holds exactly one terminal event.
         let mut conn = backends.redis.clone();
         let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
-            .arg(format!("{}:job:{id}:events", backends.ks.namespace()))
+            .arg(backends.ks.job_events(&id.parse().expect("a job id")))
             .arg("-")
             .arg("+")
             .query_async(&mut conn)

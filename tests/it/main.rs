@@ -7,6 +7,7 @@
 
 mod backpressure;
 mod batches;
+mod cluster;
 mod contract;
 mod deploy;
 mod faults;

@@ -150,7 +150,13 @@ async fn assert_nothing_lost_or_duplicated(
     loop {
         let mut orphans = Vec::new();
         for k in job_record_keys(redis, &app.ns).await {
-            let id = k.rsplit(':').next().expect("id").to_string();
+            // `{ns}:job:{<id>}`: the id is the key's hash tag.
+            let id = k
+                .rsplit(':')
+                .next()
+                .expect("id")
+                .trim_matches(['{', '}'])
+                .to_string();
             if accepted_set.contains(&id) {
                 continue;
             }
@@ -282,7 +288,10 @@ async fn a_redis_restart_with_aof_loses_and_duplicates_nothing() {
         let mut conn = redis.connection().await;
         let mut pipe = redis::pipe();
         for id in backlog.keys() {
-            pipe.hget(format!("{ns}:job:{id}"), "status");
+            pipe.hget(
+                sluice_jobs::keyspace::Keyspace::new(ns.as_str()).job(&id.parse().expect("id")),
+                "status",
+            );
         }
         pipe.query_async(&mut conn).await.expect("statuses")
     };

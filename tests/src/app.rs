@@ -37,6 +37,8 @@ pub struct TestApp {
     pub http: reqwest::Client,
     /// The Redis this API uses (keys are created there).
     pub redis_url: String,
+    /// Whether `redis_url` names a Redis Cluster (the API runs with `--redis-cluster`).
+    pub redis_cluster: bool,
     stop: Option<oneshot::Sender<()>>,
     /// Set when the API runs as a `sluice-api` process ([`TestApp::spawn_process`]).
     process: Option<Child>,
@@ -96,6 +98,7 @@ impl TestApp {
             ns: ns.to_string(),
             http: reqwest::Client::new(),
             redis_url: redis_url.to_string(),
+            redis_cluster: extra.contains(&"--redis-cluster"),
             stop: Some(tx),
             process: None,
         }
@@ -121,6 +124,7 @@ impl TestApp {
             ns: ns.to_string(),
             http: reqwest::Client::new(),
             redis_url: REDIS_URL.to_string(),
+            redis_cluster: false,
             stop: None,
             process: Some(child),
         };
@@ -158,8 +162,12 @@ impl TestApp {
 
     /// Creates an admin key (for `/admin`).
     pub async fn admin_key(&self) -> String {
-        let pool = sluice_jobs::redis_pool::create_pool(&Secret::new(self.redis_url.clone()), 2)
-            .expect("pool");
+        let pool = sluice_jobs::redis_pool::create_pool_for(
+            &Secret::new(self.redis_url.clone()),
+            self.redis_cluster,
+            2,
+        )
+        .expect("pool");
         ApiKeys::new(pool, Keyspace::new(self.ns.clone()))
             .create("ops", "admin", Role::Admin, None)
             .await
@@ -237,8 +245,12 @@ impl TestApp {
 
     /// Creates an API key for `tenant` straight in Redis (as `sluice-api keys create` does).
     pub async fn key(&self, tenant: &str) -> String {
-        let pool = sluice_jobs::redis_pool::create_pool(&Secret::new(self.redis_url.clone()), 2)
-            .expect("pool");
+        let pool = sluice_jobs::redis_pool::create_pool_for(
+            &Secret::new(self.redis_url.clone()),
+            self.redis_cluster,
+            2,
+        )
+        .expect("pool");
         ApiKeys::new(pool, Keyspace::new(self.ns.clone()))
             .create(tenant, "test", Role::User, None)
             .await

@@ -114,7 +114,7 @@ impl Backends {
     pub async fn job_field(&self, id: &str, field: &str) -> Option<String> {
         let mut conn = self.redis.clone();
         redis::cmd("HGET")
-            .arg(format!("{}:job:{id}", self.ks.namespace()))
+            .arg(self.ks.job(&id.parse().expect("a job id")))
             .arg(field)
             .query_async(&mut conn)
             .await

@@ -31,6 +31,16 @@ use std::time::{Duration, Instant};
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// The URLs of the test Redis Cluster's nodes (`SLUICE_TEST_REDIS_CLUSTER`, comma-separated:
+/// `scripts/redis-cluster start` prints them, and `scripts/test` exports them); a test that
+/// needs the cluster fails without it.
+pub fn cluster_urls() -> String {
+    std::env::var("SLUICE_TEST_REDIS_CLUSTER").expect(
+        "SLUICE_TEST_REDIS_CLUSTER names no Redis Cluster: start one with \
+         `scripts/redis-cluster start` and export what it prints (scripts/test does both)",
+    )
+}
+
 /// A namespace no other test (or test run) uses.
 pub fn unique_namespace(tag: &str) -> String {
     format!(

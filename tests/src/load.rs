@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use sluice_jobs::keyspace::Keyspace;
 
 #[cfg(doc)]
 use crate::WorkerProcess;
@@ -194,7 +195,7 @@ pub async fn await_terminal_once(
         for chunk in pending.chunks(500) {
             let mut pipe = redis::pipe();
             for id in chunk {
-                pipe.hgetall(format!("{ns}:job:{id}"));
+                pipe.hgetall(Keyspace::new(ns).job(&id.parse().expect("a job id")));
             }
             let rows: Vec<HashMap<String, String>> =
                 pipe.query_async(redis).await.expect("read job records");
@@ -225,7 +226,7 @@ pub async fn await_terminal_once(
         let mut pipe = redis::pipe();
         for id in chunk {
             pipe.cmd("XRANGE")
-                .arg(format!("{ns}:job:{id}:events"))
+                .arg(Keyspace::new(ns).job_events(&id.parse().expect("a job id")))
                 .arg("-")
                 .arg("+");
         }

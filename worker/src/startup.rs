@@ -8,7 +8,7 @@ use std::time::Duration;
 use candle_core::Device;
 use sha2::{Digest, Sha256};
 use sluice_jobs::Keyspace;
-use sluice_jobs::redis_pool::create_pool;
+use sluice_jobs::redis_pool::create_pool_for;
 use sluice_jobs::store::JobStore;
 use sluice_jobs::workers::{WorkerInfo, WorkerRegistry};
 use tokio::sync::watch;
@@ -77,7 +77,11 @@ impl Worker {
             metrics.clone(),
         )?;
         let ks = Keyspace::new(settings.common.namespace.clone());
-        let pool = create_pool(&settings.common.redis_url, 16)?;
+        let pool = create_pool_for(
+            &settings.common.redis_url,
+            settings.common.redis_cluster,
+            16,
+        )?;
         let (preempt_tx, preempt_rx) = watch::channel(false);
         let worker_id = settings.worker_id.clone().unwrap_or_else(|| {
             format!(

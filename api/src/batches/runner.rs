@@ -25,7 +25,7 @@ use sluice_proto::{ErrorBody, ErrorCode, JobStatus, JobView, Priority};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::store::BatchRecord;
+use super::store::{ActiveBatch, BatchRecord};
 use super::{BatchError, BatchErrors, BatchSettings, BatchStatus};
 use crate::error::ApiError;
 use crate::files::{FileError, lines};
@@ -36,6 +36,8 @@ use crate::state::AppState;
 /// How long a driver's lease lasts without renewal: another process takes a batch over this
 /// long after its driver died.
 const LEASE_MS: u64 = 10_000;
+/// A batch listed as active without a record this long is an orphan of a creation that died.
+const ORPHAN_AFTER_MS: u64 = 60_000;
 
 /// One input line, as the driver keeps it: its `custom_id` and where it is in the file (the
 /// bytes are read again, a window at a time, when the line is submitted, so a driver holds
@@ -65,13 +67,18 @@ pub fn spawn(
                 return;
             }
             match state.batches.active().await {
-                Ok(ids) => {
-                    for id in ids {
+                Ok(active) => {
+                    for ActiveBatch {
+                        id,
+                        tenant,
+                        since_ms,
+                    } in active
+                    {
                         let taken = driving.lock().map(|d| d.contains(&id)).unwrap_or(true);
                         if taken {
                             continue;
                         }
-                        match state.batches.lease(&id, &owner, LEASE_MS).await {
+                        match state.batches.lease(&tenant, &id, &owner, LEASE_MS).await {
                             Ok(true) => {
                                 if let Ok(mut d) = driving.lock() {
                                     d.insert(id.clone());
@@ -81,6 +88,8 @@ pub fn spawn(
                                     settings: settings.clone(),
                                     owner: owner.clone(),
                                     id: id.clone(),
+                                    tenant,
+                                    since_ms,
                                     input: None,
                                     cancels_sent: false,
                                 };
@@ -119,6 +128,9 @@ struct Driver {
     settings: BatchSettings,
     owner: String,
     id: String,
+    tenant: String,
+    /// When the batch was listed as active (ms).
+    since_ms: u64,
     input: Option<Arc<Vec<InputLine>>>,
     /// Whether the jobs in flight were asked to stop (cancel or expiry).
     cancels_sent: bool,
@@ -139,7 +151,7 @@ impl Driver {
             match self
                 .state
                 .batches
-                .lease(&self.id, &self.owner, LEASE_MS)
+                .lease(&self.tenant, &self.id, &self.owner, LEASE_MS)
                 .await
             {
                 Ok(true) => {}
@@ -154,20 +166,30 @@ impl Driver {
                 _ = stopping.changed() => {}
             }
         }
-        if let Err(e) = self.state.batches.release(&self.id, &self.owner).await {
+        if let Err(e) = self
+            .state
+            .batches
+            .release(&self.tenant, &self.id, &self.owner)
+            .await
+        {
             tracing::warn!(error = %e, "batch lease release failed");
         }
     }
 
     async fn tick(&mut self) -> Result<Tick, ApiError> {
         let store = &self.state.batches;
-        let Some(batch) = store.load(&self.id).await? else {
-            store.retire(&self.id).await?;
+        let Some(batch) = store.load(&self.tenant, &self.id).await? else {
+            // Listed before its record is written: a creation still under way, or one whose
+            // process died in between (then, after a minute, it is retired).
+            if sluice_proto::now_ms().saturating_sub(self.since_ms) < ORPHAN_AFTER_MS {
+                return Ok(Tick::Again);
+            }
+            store.retire(&self.tenant, &self.id).await?;
             return Ok(Tick::Ended);
         };
         let status = batch.view.status;
         if status.is_terminal() {
-            store.retire(&self.id).await?;
+            store.retire(&self.tenant, &self.id).await?;
             return Ok(Tick::Ended);
         }
         if self.input.is_none() {
@@ -179,12 +201,17 @@ impl Driver {
         let input = Arc::clone(self.input.as_ref().expect("read above"));
         if batch.view.request_counts.total != input.len() as u64 {
             store
-                .set(&self.id, &[("total", input.len().to_string())])
+                .set(
+                    &self.tenant,
+                    &self.id,
+                    &[("total", input.len().to_string())],
+                )
                 .await?;
         }
         if status == BatchStatus::Validating {
             store
                 .transition(
+                    &self.tenant,
                     &self.id,
                     &[BatchStatus::Validating],
                     BatchStatus::InProgress,
@@ -204,7 +231,7 @@ impl Driver {
         let in_flight = self.collect(&batch, &input, winding_down).await?;
         if let Some(end) = winding_down {
             if !self.cancels_sent {
-                for (_, job) in store.inflight(&self.id).await? {
+                for (_, job) in store.inflight(&self.tenant, &self.id).await? {
                     self.state.store.cancel(&batch.tenant, &job).await?;
                 }
                 self.cancels_sent = true;
@@ -213,7 +240,7 @@ impl Driver {
                 return Ok(Tick::Again);
             }
             let code = ended_code(end);
-            let batch = store.load(&self.id).await?.unwrap_or(batch);
+            let batch = store.load(&self.tenant, &self.id).await?.unwrap_or(batch);
             for index in batch.cursor..input.len() as u64 {
                 let line = ended_line(&input[index as usize].custom_id, code);
                 if store.skipped(&self.id, &batch.tenant, index, &line).await? {
@@ -225,10 +252,11 @@ impl Driver {
         let cursor = self.submit_more(&batch, &input).await?;
         if cursor == input.len() as u64
             && in_flight == 0
-            && store.inflight(&self.id).await?.is_empty()
+            && store.inflight(&self.tenant, &self.id).await?.is_empty()
         {
             let moved = store
                 .transition(
+                    &self.tenant,
                     &self.id,
                     &[BatchStatus::InProgress],
                     BatchStatus::Finalizing,
@@ -344,9 +372,16 @@ impl Driver {
         let errors =
             serde_json::to_string(&errors).map_err(|e| ApiError::Internal(e.to_string()))?;
         let store = &self.state.batches;
-        store.set(&self.id, &[("errors", errors)]).await?;
+        store
+            .set(&self.tenant, &self.id, &[("errors", errors)])
+            .await?;
         let moved = store
-            .transition(&self.id, &[BatchStatus::Validating], BatchStatus::Failed)
+            .transition(
+                &self.tenant,
+                &self.id,
+                &[BatchStatus::Validating],
+                BatchStatus::Failed,
+            )
             .await?;
         if matches!(moved, Some(Ok(_))) {
             self.notify(batch, BatchStatus::Failed).await;
@@ -375,7 +410,7 @@ impl Driver {
             };
             return self.end(batch, end).await;
         }
-        store.retire(&self.id).await?;
+        store.retire(&self.tenant, &self.id).await?;
         Ok(Tick::Ended)
     }
 
@@ -388,7 +423,7 @@ impl Driver {
     ) -> Result<usize, ApiError> {
         let store = &self.state.batches;
         let mut in_flight = 0;
-        let lines = store.inflight(&self.id).await?;
+        let lines = store.inflight(&self.tenant, &self.id).await?;
         let jobs: Vec<Uuid> = lines.iter().map(|(_, job)| *job).collect();
         let views = self.state.store.get_many(&batch.tenant, &jobs).await?;
         for ((index, job), view) in lines.into_iter().zip(views) {
@@ -507,7 +542,7 @@ impl Driver {
     /// Writes the output and error files, sends the webhook and ends the batch as `end`.
     async fn end(&self, batch: &BatchRecord, end: BatchStatus) -> Result<Tick, ApiError> {
         let store = &self.state.batches;
-        let finished = store.lines(&self.id).await?;
+        let finished = store.lines(&self.tenant, &self.id).await?;
         let (mut output, mut errors) = (Vec::new(), Vec::new());
         let (mut output_lines, mut error_lines) = (0u64, 0u64);
         for line in finished.values() {
@@ -553,14 +588,14 @@ impl Driver {
             fields.push(("error_file_id", id));
         }
         if !fields.is_empty() {
-            store.set(&self.id, &fields).await?;
+            store.set(&self.tenant, &self.id, &fields).await?;
         }
         let from: &[BatchStatus] = match end {
             BatchStatus::Completed => &[BatchStatus::Finalizing],
             BatchStatus::Cancelled => &[BatchStatus::Cancelling],
             _ => &[BatchStatus::InProgress, BatchStatus::Cancelling],
         };
-        let moved = store.transition(&self.id, from, end).await?;
+        let moved = store.transition(&self.tenant, &self.id, from, end).await?;
         if matches!(moved, Some(Ok(_))) {
             tracing::info!(
                 status = end.as_str(),
@@ -570,7 +605,7 @@ impl Driver {
             );
             self.notify(batch, end).await;
         }
-        store.retire(&self.id).await?;
+        store.retire(&self.tenant, &self.id).await?;
         Ok(Tick::Ended)
     }
 

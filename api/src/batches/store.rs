@@ -1,6 +1,7 @@
 //! A batch's state in Redis: one hash per batch (its request, status, timestamps, counts and
 //! cursor), a hash of its finished lines, a hash of its lines in flight, a lease naming the
-//! process that drives it, and the set of batches not yet ended.
+//! process that drives it, all in its tenant's hash slot, and the namespace's set of batches
+//! not yet ended.
 //!
 //! Every status change is one script that checks the status it leaves, so a cancel from the
 //! API and the driver's own transitions never overwrite each other. A finished line is written
@@ -216,10 +217,18 @@ impl BatchStore {
             None => String::new(),
         };
         let mut conn = self.pool.get().await?;
+        // Where drivers look first (a driver leaves a member without a record alone for a
+        // minute), then the batch itself, in its tenant's hash slot.
+        let _: () = redis::cmd("ZADD")
+            .arg(self.ks.batches_active())
+            .arg(sluice_proto::now_ms())
+            .arg(active_member(&batch.id, &batch.tenant))
+            .query_async(&mut conn)
+            .await?;
         let _: () = redis::pipe()
             .atomic()
             .hset_multiple(
-                self.ks.batch(&batch.id),
+                self.ks.batch(&batch.tenant, &batch.id),
                 &[
                     ("tenant", batch.tenant.as_str()),
                     ("key_id", batch.key_id.as_str()),
@@ -238,17 +247,16 @@ impl BatchStore {
                 &batch.id,
                 sluice_proto::now_ms(),
             )
-            .sadd(self.ks.batches_active(), &batch.id)
             .query_async(&mut conn)
             .await?;
         Ok(())
     }
 
     /// The batch, whoever's it is (for its driver).
-    pub async fn load(&self, id: &str) -> Result<Option<BatchRecord>, StoreError> {
+    pub async fn load(&self, tenant: &str, id: &str) -> Result<Option<BatchRecord>, StoreError> {
         let mut conn = self.pool.get().await?;
         let fields: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.ks.batch(id))
+            .arg(self.ks.batch(tenant, id))
             .query_async(&mut conn)
             .await?;
         if fields.is_empty() {
@@ -263,7 +271,7 @@ impl BatchStore {
             return Ok(None);
         }
         Ok(self
-            .load(id)
+            .load(tenant, id)
             .await?
             .filter(|r| r.tenant == tenant)
             .map(|r| r.view))
@@ -306,6 +314,7 @@ impl BatchStore {
     /// it did not move, and this is its status; `None`: no batch).
     pub async fn transition(
         &self,
+        tenant: &str,
         id: &str,
         from: &[BatchStatus],
         to: BatchStatus,
@@ -313,7 +322,7 @@ impl BatchStore {
         let mut conn = self.pool.get().await?;
         let mut invocation = TRANSITION.prepare_invoke();
         invocation
-            .key(self.ks.batch(id))
+            .key(self.ks.batch(tenant, id))
             .arg(to.as_str())
             .arg(stamp_field(to))
             .arg(sluice_proto::now_ms() / 1000);
@@ -336,6 +345,7 @@ impl BatchStore {
         }
         let moved = self
             .transition(
+                tenant,
                 id,
                 &[BatchStatus::Validating, BatchStatus::InProgress],
                 BatchStatus::Cancelling,
@@ -352,10 +362,15 @@ impl BatchStore {
     }
 
     /// Sets plain fields of the batch (its total, file ids, errors).
-    pub async fn set(&self, id: &str, fields: &[(&str, String)]) -> Result<(), StoreError> {
+    pub async fn set(
+        &self,
+        tenant: &str,
+        id: &str,
+        fields: &[(&str, String)],
+    ) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await?;
         let _: () = redis::cmd("HSET")
-            .arg(self.ks.batch(id))
+            .arg(self.ks.batch(tenant, id))
             .arg(fields)
             .query_async(&mut conn)
             .await?;
@@ -373,12 +388,12 @@ impl BatchStore {
         let mut conn = self.pool.get().await?;
         let _: () = redis::pipe()
             .atomic()
-            .hset(self.ks.batch_inflight(id), index, job.to_string())
+            .hset(self.ks.batch_inflight(tenant, id), index, job.to_string())
             .sadd(
                 self.ks.tenant_batch_inflight(tenant),
                 lane_member(id, index),
             )
-            .hset(self.ks.batch(id), "cursor", index + 1)
+            .hset(self.ks.batch(tenant, id), "cursor", index + 1)
             .query_async(&mut conn)
             .await?;
         Ok(())
@@ -394,7 +409,8 @@ impl BatchStore {
         line: &str,
     ) -> Result<bool, StoreError> {
         let added = self.record_line(id, tenant, index, line, false).await?;
-        self.set(id, &[("cursor", (index + 1).to_string())]).await?;
+        self.set(tenant, id, &[("cursor", (index + 1).to_string())])
+            .await?;
         Ok(added)
     }
 
@@ -410,9 +426,9 @@ impl BatchStore {
     ) -> Result<bool, StoreError> {
         let mut conn = self.pool.get().await?;
         let added: u8 = RECORD_LINE
-            .key(self.ks.batch(id))
-            .key(self.ks.batch_lines(id))
-            .key(self.ks.batch_inflight(id))
+            .key(self.ks.batch(tenant, id))
+            .key(self.ks.batch_lines(tenant, id))
+            .key(self.ks.batch_inflight(tenant, id))
             .key(self.ks.tenant_batch_inflight(tenant))
             .arg(index)
             .arg(line)
@@ -424,10 +440,14 @@ impl BatchStore {
     }
 
     /// The batch's lines in flight: line index → job id.
-    pub async fn inflight(&self, id: &str) -> Result<Vec<(u64, uuid::Uuid)>, StoreError> {
+    pub async fn inflight(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<Vec<(u64, uuid::Uuid)>, StoreError> {
         let mut conn = self.pool.get().await?;
         let raw: HashMap<u64, String> = redis::cmd("HGETALL")
-            .arg(self.ks.batch_inflight(id))
+            .arg(self.ks.batch_inflight(tenant, id))
             .query_async(&mut conn)
             .await?;
         let mut lines: Vec<(u64, uuid::Uuid)> = raw
@@ -448,51 +468,75 @@ impl BatchStore {
     }
 
     /// Every finished line, by index: `(completed, record)`.
-    pub async fn lines(&self, id: &str) -> Result<BTreeMap<u64, String>, StoreError> {
+    pub async fn lines(&self, tenant: &str, id: &str) -> Result<BTreeMap<u64, String>, StoreError> {
         let mut conn = self.pool.get().await?;
         let raw: HashMap<u64, String> = redis::cmd("HGETALL")
-            .arg(self.ks.batch_lines(id))
+            .arg(self.ks.batch_lines(tenant, id))
             .query_async(&mut conn)
             .await?;
         Ok(raw.into_iter().collect())
     }
 
-    /// After a batch ended: it leaves the active set and its per-line hashes go.
-    pub async fn retire(&self, id: &str) -> Result<(), StoreError> {
+    /// After a batch ended: its per-line hashes go, then it leaves the active set.
+    pub async fn retire(&self, tenant: &str, id: &str) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await?;
         let _: () = redis::pipe()
             .atomic()
-            .srem(self.ks.batches_active(), id)
-            .del(self.ks.batch_lines(id))
-            .del(self.ks.batch_inflight(id))
+            .del(self.ks.batch_lines(tenant, id))
+            .del(self.ks.batch_inflight(tenant, id))
+            .query_async(&mut conn)
+            .await?;
+        let _: () = redis::cmd("ZREM")
+            .arg(self.ks.batches_active())
+            .arg(active_member(id, tenant))
             .query_async(&mut conn)
             .await?;
         Ok(())
     }
 
     /// Batches not yet ended.
-    pub async fn active(&self) -> Result<Vec<String>, StoreError> {
+    pub async fn active(&self) -> Result<Vec<ActiveBatch>, StoreError> {
         let mut conn = self.pool.get().await?;
-        Ok(redis::cmd("SMEMBERS")
+        let members: Vec<(String, f64)> = redis::cmd("ZRANGE")
             .arg(self.ks.batches_active())
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
             .query_async(&mut conn)
-            .await?)
+            .await?;
+        Ok(members
+            .into_iter()
+            .filter_map(|(member, since)| {
+                let (id, tenant) = member.split_once('|')?;
+                Some(ActiveBatch {
+                    id: id.to_string(),
+                    tenant: tenant.to_string(),
+                    since_ms: since as u64,
+                })
+            })
+            .collect())
     }
 
     /// How many batches have not ended.
     pub async fn active_count(&self) -> Result<u64, StoreError> {
         let mut conn = self.pool.get().await?;
-        Ok(redis::cmd("SCARD")
+        Ok(redis::cmd("ZCARD")
             .arg(self.ks.batches_active())
             .query_async(&mut conn)
             .await?)
     }
 
     /// Takes or renews the batch's lease for `owner`; `false` if another process holds it.
-    pub async fn lease(&self, id: &str, owner: &str, ttl_ms: u64) -> Result<bool, StoreError> {
+    pub async fn lease(
+        &self,
+        tenant: &str,
+        id: &str,
+        owner: &str,
+        ttl_ms: u64,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.pool.get().await?;
         let held: u8 = LEASE
-            .key(self.ks.batch_lease(id))
+            .key(self.ks.batch_lease(tenant, id))
             .arg(owner)
             .arg(ttl_ms)
             .invoke_async(&mut conn)
@@ -500,15 +544,29 @@ impl BatchStore {
         Ok(held == 1)
     }
 
-    pub async fn release(&self, id: &str, owner: &str) -> Result<(), StoreError> {
+    pub async fn release(&self, tenant: &str, id: &str, owner: &str) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await?;
         let _: u8 = RELEASE
-            .key(self.ks.batch_lease(id))
+            .key(self.ks.batch_lease(tenant, id))
             .arg(owner)
             .invoke_async(&mut conn)
             .await?;
         Ok(())
     }
+}
+
+/// A batch not yet ended, as the active set lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveBatch {
+    pub id: String,
+    pub tenant: String,
+    /// When it was created (ms).
+    pub since_ms: u64,
+}
+
+/// A batch's member in the active set: `{id}|{tenant}` (batch ids hold no `|`).
+fn active_member(id: &str, tenant: &str) -> String {
+    format!("{id}|{tenant}")
 }
 
 /// A line's member in its tenant's lane share.

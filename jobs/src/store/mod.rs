@@ -1,15 +1,37 @@
-//! The job record in Redis and its atomic state transitions.
+//! The job record in Redis and its state transitions.
 //!
 //! Generated text is also appended to a stream at [`Keyspace::job_events`], which `FINISH`
 //! closes with a `done` event in the same script as the terminal write.
 //!
 //! A job is one hash at [`Keyspace::job`]: `tenant`, `status`, `created_at`, `deadline`,
 //! `attempts`, and once known `started_at`, `finished_at`, `worker`, `result` (JSON),
-//! `error` (JSON), `cancel_requested`. Every transition is a Lua script, so two API replicas
-//! and any number of workers can race on a job and it still moves exactly once into a terminal
-//! state, which never changes afterwards.
+//! `error` (JSON), `cancel_requested`, `used`. Every change of a job's status is one Lua
+//! script on its record, so two API replicas and any number of workers can race on a job and
+//! it still moves exactly once into a terminal state, which never changes afterwards.
+//!
+//! What a job holds of its tenant's (a token reservation on the day and month counters, a
+//! place in the active and queued sets) lives in the tenant's hash slot, and its place in the
+//! namespace's queue in the namespace's slot, so on a Redis Cluster they cannot change in the
+//! same script as the record. Each side changes atomically on its own, in an order that only
+//! ever errs towards holding too much, and every step is idempotent:
+//! - **admit**: a place in the namespace's queue and an entry in the in-flight index
+//!   ([`Keyspace::inflight`]); then the tenant's checks and reservation, in one script (a
+//!   refusal undoes the first step); then the record, unless one exists.
+//! - **end** (finish, cancel, a start that ends the job, rollback): the record's terminal
+//!   write; then the tenant's settlement, which refunds the unused tokens and removes the
+//!   reservation's field in one script, so a second settlement refunds nothing; then off the
+//!   namespace's queue and index.
+//! - **reconcile** ([`JobStore::reconcile`]): a process that dies between two steps leaves the
+//!   job in the in-flight index, where a reconciler (every API process runs one) finds it,
+//!   compares the tenant's and the namespace's state with the record, and finishes the steps:
+//!   an admission that never wrote its record is fenced with a terminal record and refunded; a
+//!   job that ended is settled; a job still queued or running long past its deadline (its
+//!   message was lost with the process that should have published it) is expired.
+//!
+//! Quotas are therefore exact: a reservation is taken before its job can run and refunded at
+//! most once; for a moment after a crash it may stay held, never overspent.
 
-use crate::redis_pool::Pool;
+use crate::redis_pool::{Connection, Pool, query_each};
 use redis::Script;
 use sluice_proto::{ErrorBody, JobMessage, JobResult, JobStatus, JobView, Priority};
 use std::sync::LazyLock;
@@ -135,36 +157,123 @@ pub struct Terminal {
     pub error: Option<ErrorBody>,
 }
 
-/// Lua shared by the scripts that move a job:
-/// - `listed(job, fields, score)`: removes the job from the sorted sets its record names in
-///   `fields` (or, given a `score`, adds it back); `QUEUED` names the two queued-job sets;
-/// - `settle(job, used)`, for every script that moves a job into a terminal state: refunds the
-///   unused part of the token reservation to the day and month counters it came from and
-///   removes the job from the tenant's active set and the queued sets, exactly once
-///   (`settled` flips from 0 to 1).
-const SETTLE: &str = include_str!("lua/settle.lua");
-
-fn with_settle(body: &str) -> Script {
-    Script::new(&format!("{SETTLE}\n{body}"))
+/// A script of `lua/`, compiled into the binary and hashed at first use.
+macro_rules! script {
+    ($file:literal) => {
+        LazyLock::new(|| Script::new(include_str!(concat!("lua/", $file))))
+    };
 }
 
-// The `admit` transition: keys and arguments are described in `lua/admit.lua`.
-static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/admit.lua")));
+// Each script's keys and arguments are described at its top.
+static JOB_CREATE: LazyLock<Script> = script!("job_create.lua");
+static JOB_START: LazyLock<Script> = script!("job_start.lua");
+static JOB_FINISH: LazyLock<Script> = script!("job_finish.lua");
+static JOB_CANCEL: LazyLock<Script> = script!("job_cancel.lua");
+static JOB_RELEASE: LazyLock<Script> = script!("job_release.lua");
+static JOB_ROLLBACK: LazyLock<Script> = script!("job_rollback.lua");
+static JOB_FENCE: LazyLock<Script> = script!("job_fence.lua");
+static TENANT_ADMIT: LazyLock<Script> = script!("tenant_admit.lua");
+static TENANT_SETTLE: LazyLock<Script> = script!("tenant_settle.lua");
+static TENANT_MIRROR: LazyLock<Script> = script!("tenant_mirror.lua");
+static GLOBAL_ENTER: LazyLock<Script> = script!("global_enter.lua");
+static GLOBAL_UPDATE: LazyLock<Script> = script!("global_update.lua");
+static GLOBAL_CLAIM: LazyLock<Script> = script!("global_claim.lua");
+static QUEUE_STATS: LazyLock<Script> = script!("queue_stats.lua");
 
-// The `rollback` transition: keys and arguments are described in `lua/rollback.lua`.
-static ROLLBACK: LazyLock<Script> = LazyLock::new(|| with_settle(include_str!("lua/rollback.lua")));
+/// The reconciler first looks at an admitted job this long after its admission began: an
+/// admission (three short scripts, each with a two-second timeout) is over by then.
+pub const ADMISSION_GRACE_MS: u64 = 60_000;
+/// Then it looks again this often while the job is in flight.
+pub const RECHECK_MS: u64 = 30_000;
+/// A job still queued or running this long past its deadline has no process left that will end
+/// it (workers stop a job at its deadline): the reconciler expires it.
+pub const EXPIRY_GRACE_MS: u64 = 120_000;
 
-// The `start` transition: keys and arguments are described in `lua/start.lua`.
-static START: LazyLock<Script> = LazyLock::new(|| with_settle(include_str!("lua/start.lua")));
+/// The job's identity as the tenant's and the namespace's sets name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct JobRef {
+    id: Uuid,
+    tenant: String,
+    created_at: u64,
+    priority: Priority,
+    deadline: u64,
+}
 
-// The `finish` transition: keys and arguments are described in `lua/finish.lua`.
-static FINISH: LazyLock<Script> = LazyLock::new(|| with_settle(include_str!("lua/finish.lua")));
+impl JobRef {
+    fn of(job: &JobMessage) -> Self {
+        Self {
+            id: job.id,
+            tenant: job.tenant.clone(),
+            created_at: job.created_at,
+            priority: job.priority,
+            deadline: job.deadline,
+        }
+    }
 
-// The `cancel` transition: keys and arguments are described in `lua/cancel.lua`.
-static CANCEL: LazyLock<Script> = LazyLock::new(|| with_settle(include_str!("lua/cancel.lua")));
+    /// From a script's reply: tenant, created_at, priority, deadline (absent when the record
+    /// is missing).
+    fn from_reply(id: Uuid, fields: &[Option<String>]) -> Option<Self> {
+        let num = |i: usize| fields.get(i)?.as_deref()?.parse::<u64>().ok();
+        Some(Self {
+            id,
+            tenant: fields.first()?.clone()?,
+            created_at: num(1)?,
+            // Records admitted before the priority was kept are interactive.
+            priority: fields
+                .get(2)
+                .and_then(|p| p.as_deref())
+                .and_then(Priority::parse)
+                .unwrap_or(Priority::Interactive),
+            deadline: num(3)?,
+        })
+    }
 
-// The `release` transition: keys and arguments are described in `lua/release.lua`.
-static RELEASE: LazyLock<Script> = LazyLock::new(|| with_settle(include_str!("lua/release.lua")));
+    /// Its member in the namespace's queued set: `{priority}|{created_at}|{id}`.
+    fn queued_member(&self) -> String {
+        format!("{}|{}|{}", self.priority.as_str(), self.created_at, self.id)
+    }
+
+    /// Its member in the in-flight index: `{id}|{priority}|{created_at}|{deadline}|{tenant}`.
+    fn inflight_member(&self) -> String {
+        format!(
+            "{}|{}|{}|{}|{}",
+            self.id,
+            self.priority.as_str(),
+            self.created_at,
+            self.deadline,
+            self.tenant
+        )
+    }
+
+    fn parse_inflight(member: &str) -> Option<Self> {
+        let mut parts = member.splitn(5, '|');
+        let id = Uuid::parse_str(parts.next()?).ok()?;
+        let priority = Priority::parse(parts.next()?)?;
+        let created_at = parts.next()?.parse().ok()?;
+        let deadline = parts.next()?.parse().ok()?;
+        let tenant = parts.next()?.to_string();
+        Some(Self {
+            id,
+            tenant,
+            created_at,
+            priority,
+            deadline,
+        })
+    }
+}
+
+/// What one pass of [`JobStore::reconcile`] found and did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// In-flight entries looked at.
+    pub examined: u64,
+    /// Ended jobs whose reservation this pass refunded and settled.
+    pub settled: u64,
+    /// Admissions that never wrote their record, fenced and refunded.
+    pub fenced: u64,
+    /// Jobs queued or running long past their deadline, expired.
+    pub expired: u64,
+}
 
 /// The job records of one namespace.
 #[derive(Clone)]
@@ -206,9 +315,10 @@ impl JobStore {
             .is_ok()
     }
 
-    /// Admits a new job atomically: checks the tenant's active-job cap and token quotas,
-    /// reserves `admission.reserve` tokens on the day and month counters, adds the job to the
-    /// tenant's active set and writes its record as `queued`. A refusal changes nothing.
+    /// Admits a new job: takes a place in the namespace's queue, then checks the tenant's
+    /// idempotency record, queue share, active-job cap and token quotas and reserves
+    /// `admission.reserve` tokens on the day and month counters (one script), then writes the
+    /// record as `queued`. A refusal leaves nothing behind.
     #[tracing::instrument(level = "info", skip_all, name = "store.admit")]
     pub async fn admit(
         &self,
@@ -216,34 +326,99 @@ impl JobStore {
         admission: &Admission,
     ) -> Result<AdmitOutcome, StoreError> {
         let mut conn = self.conn().await?;
-        let key = self.ks.job(&job.id);
-        let (day, month) = crate::calendar::utc_day_and_month(job.created_at);
-        let ttl = job.deadline.saturating_sub(job.created_at) / 1000 + self.result_ttl_secs;
+        let r = JobRef::of(job);
+        let now = job.created_at;
         let limit = |l: Option<u64>| l.map_or(-1, |v| v as i64);
-        let mut invocation = ADMIT.prepare_invoke();
+
+        let (outcome, queued, cap, retry): (String, u64, u64, String) = GLOBAL_ENTER
+            .key(self.ks.queued())
+            .key(self.ks.drained())
+            .key(self.ks.inflight())
+            .arg(now)
+            .arg(limit(admission.max_queued.map(u64::from)))
+            .arg(r.queued_member())
+            .arg(r.deadline)
+            .arg(r.inflight_member())
+            .arg(now + ADMISSION_GRACE_MS)
+            .invoke_async(&mut conn)
+            .await?;
+        if outcome != "ok" {
+            return Ok(AdmitOutcome::QueueFull {
+                tenant: false,
+                queued,
+                limit: cap,
+                retry_after_secs: retry.parse().unwrap_or(30),
+            });
+        }
+
+        let (day, month) = crate::calendar::utc_day_and_month(job.created_at);
+        let day_key = self.ks.tenant_tokens_day(&job.tenant, &day);
         let (idem_key, fingerprint) = match &admission.idempotency {
             Some((k, f)) => (k.clone(), f.clone()),
-            None => (key.clone(), String::new()),
+            None => (self.ks.tenant_active(&job.tenant), String::new()),
         };
-        invocation
-            .key(&key)
+        // If this fails, whether or not the script ran, the reconciler settles whatever it
+        // reserved: its first look fences the record this admission never wrote.
+        let (outcome, used, limit, existing): (String, u64, u64, String) = TENANT_ADMIT
             .key(self.ks.tenant_active(&job.tenant))
-            .key(self.ks.tenant_tokens_day(&job.tenant, &day))
+            .key(&day_key)
             .key(self.ks.tenant_tokens_month(&job.tenant, &month))
-            .key(idem_key)
-            .key(self.ks.queued())
+            .key(&idem_key)
             .key(self.ks.tenant_queued(&job.tenant))
-            .arg(job.created_at)
+            .key(self.ks.tenant_reservations(&job.tenant))
+            .arg(now)
             .arg(limit(admission.max_active.map(u64::from)))
             .arg(limit(admission.tokens_per_day))
             .arg(limit(admission.tokens_per_month))
             .arg(admission.reserve)
-            .arg(ttl)
-            .arg(fingerprint)
+            .arg(&fingerprint)
             .arg(IDEMPOTENCY_TTL_SECS)
-            .arg(limit(admission.max_queued.map(u64::from)))
             .arg(limit(admission.max_queued_tenant.map(u64::from)))
-            .arg(self.ks.drain_prefix());
+            .arg(job.id.to_string())
+            .arg(job.deadline)
+            .arg(format!("{}|{day}|{month}", admission.reserve))
+            .invoke_async(&mut conn)
+            .await?;
+        if outcome != "ok" {
+            // Nothing of the tenant's was reserved: give the queue place back. If this fails,
+            // the reconciler does it (and fences the id) at its first look.
+            if let Err(e) = self.global(&mut conn, &r, "remove", now).await {
+                tracing::warn!(error = %e, job = %job.id, "cannot release a refused job's queue place");
+            }
+            return Ok(match outcome.as_str() {
+                "duplicate" => {
+                    AdmitOutcome::Duplicate(Uuid::parse_str(&existing).map_err(|e| {
+                        StoreError::Corrupt {
+                            id: job.id,
+                            detail: format!("idempotency record names {existing:?}: {e}"),
+                        }
+                    })?)
+                }
+                "idempotency_mismatch" => AdmitOutcome::IdempotencyMismatch,
+                "tenant_queue_full" => AdmitOutcome::QueueFull {
+                    tenant: true,
+                    queued: used,
+                    limit,
+                    retry_after_secs: self.retry_after(&mut conn, used + 1 - limit, now).await,
+                },
+                "concurrency" => AdmitOutcome::ConcurrencyLimited {
+                    active: used,
+                    limit,
+                },
+                "quota_day" => AdmitOutcome::QuotaExceeded {
+                    period: QuotaPeriod::Day,
+                    used,
+                    limit,
+                },
+                _ => AdmitOutcome::QuotaExceeded {
+                    period: QuotaPeriod::Month,
+                    used,
+                    limit,
+                },
+            });
+        }
+
+        let ttl = job.deadline.saturating_sub(job.created_at) / 1000 + self.result_ttl_secs;
         let mut fields = vec![
             ("id", job.id.to_string()),
             ("tenant", job.tenant.clone()),
@@ -252,55 +427,157 @@ impl JobStore {
             ("deadline", job.deadline.to_string()),
             ("priority", job.priority.as_str().to_string()),
             ("attempts", "0".to_string()),
+            ("reserved", admission.reserve.to_string()),
         ];
         if !admission.flags.is_empty() {
             fields.push(("flags", admission.flags.join(",")));
         }
-        for (k, v) in &fields {
-            invocation.arg(*k).arg(v);
+        if !fingerprint.is_empty() {
+            fields.push(("idem_key", idem_key));
         }
-        let (outcome, used, limit, existing): (String, u64, u64, String) =
-            invocation.invoke_async(&mut conn).await?;
-        Ok(match outcome.as_str() {
-            "ok" => AdmitOutcome::Admitted,
-            "duplicate" => AdmitOutcome::Duplicate(Uuid::parse_str(&existing).map_err(|e| {
-                StoreError::Corrupt {
-                    id: job.id,
-                    detail: format!("idempotency record names {existing:?}: {e}"),
-                }
-            })?),
-            "idempotency_mismatch" => AdmitOutcome::IdempotencyMismatch,
-            "queue_full" | "tenant_queue_full" => AdmitOutcome::QueueFull {
-                tenant: outcome == "tenant_queue_full",
-                queued: used,
-                limit,
-                retry_after_secs: existing.parse().unwrap_or(30),
-            },
-            "concurrency" => AdmitOutcome::ConcurrencyLimited {
-                active: used,
-                limit,
-            },
-            "quota_day" => AdmitOutcome::QuotaExceeded {
-                period: QuotaPeriod::Day,
-                used,
-                limit,
-            },
-            _ => AdmitOutcome::QuotaExceeded {
-                period: QuotaPeriod::Month,
-                used,
-                limit,
-            },
-        })
+        let mut create = JOB_CREATE.prepare_invoke();
+        create.key(self.ks.job(&job.id)).arg(ttl);
+        for (k, v) in &fields {
+            create.arg(*k).arg(v);
+        }
+        let written: i64 = create.invoke_async(&mut conn).await?;
+        if written != 1 {
+            // The reconciler fenced this admission (it took longer than ADMISSION_GRACE_MS) and
+            // refunds its reservation.
+            return Err(StoreError::Unavailable(format!(
+                "the admission of job {} took too long and was abandoned",
+                job.id
+            )));
+        }
+        Ok(AdmitOutcome::Admitted)
     }
 
-    /// Undoes an admission whose publish failed: refunds the reservation, frees the active
-    /// slot and deletes the record, so nothing is left half-written.
+    /// `Retry-After` for `excess` jobs over a queue cap, from the jobs that left the queue in
+    /// the last minute (30 s when none did, or when Redis does not say).
+    async fn retry_after(&self, conn: &mut Connection, excess: u64, now: u64) -> u64 {
+        let drained: Result<u64, _> = redis::cmd("ZCOUNT")
+            .arg(self.ks.drained())
+            .arg(now.saturating_sub(60_000))
+            .arg("+inf")
+            .query_async(conn)
+            .await;
+        match drained {
+            Ok(d) if d > 0 => (excess.max(1) * 60).div_ceil(d).clamp(1, 300),
+            _ => 30,
+        }
+    }
+
+    /// One of `lua/global_update.lua`'s operations on the namespace's queued set and in-flight
+    /// index.
+    async fn global(
+        &self,
+        conn: &mut Connection,
+        r: &JobRef,
+        op: &str,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        GLOBAL_UPDATE
+            .key(self.ks.queued())
+            .key(self.ks.drained())
+            .key(self.ks.inflight())
+            .arg(now)
+            .arg(op)
+            .arg(r.queued_member())
+            .arg(r.deadline)
+            .arg(r.inflight_member())
+            .invoke_async::<i64>(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Settles an ended job on its tenant's side (refunds `reserved - used`, at most once) and
+    /// removes it from the namespace's queue and in-flight index. Returns whether this call
+    /// refunded it. With `idempotency`, also drops that record if it names the job.
+    async fn settle(
+        &self,
+        conn: &mut Connection,
+        r: &JobRef,
+        used: u64,
+        idempotency: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let (day, month) = crate::calendar::utc_day_and_month(r.created_at);
+        let reservations = self.ks.tenant_reservations(&r.tenant);
+        let settled: i64 = TENANT_SETTLE
+            .key(&reservations)
+            .key(self.ks.tenant_active(&r.tenant))
+            .key(self.ks.tenant_queued(&r.tenant))
+            .key(self.ks.tenant_tokens_day(&r.tenant, &day))
+            .key(self.ks.tenant_tokens_month(&r.tenant, &month))
+            .key(idempotency.unwrap_or(&reservations))
+            .arg(r.id.to_string())
+            .arg(used)
+            .arg(&day)
+            .arg(&month)
+            .arg(u8::from(idempotency.is_some()))
+            .invoke_async(&mut *conn)
+            .await?;
+        if settled < 0 {
+            return Err(StoreError::Corrupt {
+                id: r.id,
+                detail: "its reservation names other counters than its creation time's".into(),
+            });
+        }
+        self.global(conn, r, "remove", sluice_proto::now_ms())
+            .await?;
+        Ok(settled == 1)
+    }
+
+    /// [`JobStore::settle`] after a transition that already happened: a failure is logged,
+    /// not returned (the transition stands; the reconciler settles the job).
+    async fn settle_after(&self, conn: &mut Connection, r: &JobRef, used: u64, idem: Option<&str>) {
+        if let Err(e) = self.settle(conn, r, used, idem).await {
+            tracing::warn!(error = %e, job = %r.id, "settlement left to the reconciler");
+        }
+    }
+
+    /// Makes the tenant's sets and the namespace's queue say what the record says of a job in
+    /// flight (`queued` or `running`); `counted` records a job leaving the queue as drained.
+    async fn mirror(
+        &self,
+        conn: &mut Connection,
+        r: &JobRef,
+        status: JobStatus,
+        counted: bool,
+    ) -> Result<(), StoreError> {
+        let queued = status == JobStatus::Queued;
+        TENANT_MIRROR
+            .key(self.ks.tenant_reservations(&r.tenant))
+            .key(self.ks.tenant_active(&r.tenant))
+            .key(self.ks.tenant_queued(&r.tenant))
+            .arg(r.id.to_string())
+            .arg(r.deadline)
+            .arg(if queued { "queued" } else { "running" })
+            .invoke_async::<i64>(&mut *conn)
+            .await?;
+        let op = match (queued, counted) {
+            (true, _) => "enter",
+            (false, true) => "leave",
+            (false, false) => "drop",
+        };
+        self.global(conn, r, op, sluice_proto::now_ms()).await
+    }
+
+    /// Undoes an admission whose publish failed: deletes the record, refunds the reservation,
+    /// frees the active slot and the queue place and the idempotency key, so nothing is left
+    /// half-written.
     pub async fn rollback(&self, id: &Uuid) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        ROLLBACK
+        let reply: Vec<Option<String>> = JOB_ROLLBACK
             .key(self.ks.job(id))
-            .invoke_async::<i64>(&mut conn)
+            .invoke_async(&mut conn)
             .await?;
+        if reply.first().and_then(|d| d.as_deref()) != Some("1") {
+            return Ok(());
+        }
+        if let Some(r) = JobRef::from_reply(*id, &reply[1..]) {
+            let idem = reply.get(5).cloned().flatten();
+            self.settle(&mut conn, &r, 0, idem.as_deref()).await?;
+        }
         Ok(())
     }
 
@@ -317,23 +594,20 @@ impl JobStore {
         view_from_fields(*id, &fields).map(Some)
     }
 
-    /// Reads many jobs of one tenant in one round trip (a pipeline), in the order of `ids`;
-    /// another tenant's job is `None`, like a missing one.
+    /// Reads many jobs of one tenant at once (one round trip on one server), in the order of
+    /// `ids`; another tenant's job is `None`, like a missing one.
     pub async fn get_many(
         &self,
         tenant: &str,
         ids: &[Uuid],
     ) -> Result<Vec<Option<JobView>>, StoreError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.cmd("HGETALL").arg(self.ks.job(id));
-        }
+        let cmds = ids
+            .iter()
+            .map(|id| redis::cmd("HGETALL").arg(self.ks.job(id)).to_owned())
+            .collect();
         let mut conn = self.conn().await?;
         let all: Vec<std::collections::HashMap<String, String>> =
-            pipe.query_async(&mut conn).await?;
+            query_each(&mut conn, cmds).await?;
         ids.iter()
             .zip(all)
             .map(|(id, fields)| {
@@ -348,16 +622,22 @@ impl JobStore {
     /// Cancels a job for its tenant (see [`CancelOutcome`]).
     pub async fn cancel(&self, tenant: &str, id: &Uuid) -> Result<CancelOutcome, StoreError> {
         let mut conn = self.conn().await?;
-        let outcome: String = CANCEL
+        let reply: Vec<Option<String>> = JOB_CANCEL
             .key(self.ks.job(id))
             .arg(tenant)
             .arg(sluice_proto::now_ms())
             .arg(self.result_ttl_secs)
             .invoke_async(&mut conn)
             .await?;
+        let outcome = reply.first().cloned().flatten().unwrap_or_default();
         Ok(match outcome.as_str() {
             "missing" => CancelOutcome::NotFound,
-            "cancelled_now" => CancelOutcome::Cancelled,
+            "cancelled_now" => {
+                if let Some(r) = JobRef::from_reply(*id, &reply[1..]) {
+                    self.settle_after(&mut conn, &r, 0, None).await;
+                }
+                CancelOutcome::Cancelled
+            }
             "cancelling" => CancelOutcome::Cancelling,
             other => match JobStatus::parse(other) {
                 Some(JobStatus::Cancelled) => CancelOutcome::AlreadyCancelled,
@@ -381,19 +661,41 @@ impl JobStore {
         worker: &str,
     ) -> Result<StartOutcome, StoreError> {
         let mut conn = self.conn().await?;
-        let (status, attempt, ended_now): (String, u32, u8) = START
+        let reply: Vec<Option<String>> = JOB_START
             .key(self.ks.job(id))
             .arg(sluice_proto::now_ms())
             .arg(max_attempts)
             .arg(worker)
             .invoke_async(&mut conn)
             .await?;
+        let field = |i: usize| reply.get(i).cloned().flatten().unwrap_or_default();
+        let status = field(0);
         if status == "missing" {
             return Ok(StartOutcome::Missing);
         }
-        match JobStatus::parse(&status) {
+        let attempt: u32 = field(1).parse().unwrap_or(0);
+        let ended_now = field(2) == "1";
+        let left_queue = field(3) == "1";
+        let r = JobRef::from_reply(*id, reply.get(4..).unwrap_or_default());
+        let parsed = JobStatus::parse(&status);
+        if let Some(r) = &r {
+            if ended_now {
+                if left_queue {
+                    let _ = self
+                        .global(&mut conn, r, "leave", sluice_proto::now_ms())
+                        .await;
+                }
+                self.settle_after(&mut conn, r, 0, None).await;
+            } else if parsed == Some(JobStatus::Running)
+                && left_queue
+                && let Err(e) = self.mirror(&mut conn, r, JobStatus::Running, true).await
+            {
+                tracing::warn!(error = %e, job = %id, "queue bookkeeping left to the reconciler");
+            }
+        }
+        match parsed {
             Some(JobStatus::Running) => Ok(StartOutcome::Run { attempt }),
-            Some(s) if ended_now == 1 => Ok(StartOutcome::Ended(s)),
+            Some(s) if ended_now => Ok(StartOutcome::Ended(s)),
             Some(s) => Ok(StartOutcome::Skip(s)),
             None => Err(StoreError::Corrupt {
                 id: *id,
@@ -425,26 +727,152 @@ impl JobStore {
             .as_ref()
             .map(|e| serde_json::to_string(e).unwrap_or_default())
             .unwrap_or_default();
-        let written: i64 = FINISH
+        let written = self
+            .finish_record(
+                &mut conn,
+                id,
+                terminal.status.as_str(),
+                &result,
+                &error,
+                used,
+            )
+            .await?;
+        Ok(written)
+    }
+
+    /// The terminal write and, if this call made it, the settlement.
+    async fn finish_record(
+        &self,
+        conn: &mut Connection,
+        id: &Uuid,
+        status: &str,
+        result: &str,
+        error: &str,
+        used: u64,
+    ) -> Result<bool, StoreError> {
+        let reply: Vec<Option<String>> = JOB_FINISH
             .key(self.ks.job(id))
             .key(self.ks.job_events(id))
-            .arg(terminal.status.as_str())
+            .arg(status)
             .arg(result)
             .arg(error)
             .arg(sluice_proto::now_ms())
             .arg(self.result_ttl_secs)
             .arg(used)
-            .invoke_async(&mut conn)
+            .invoke_async(&mut *conn)
             .await?;
-        Ok(written == 1)
+        let written = reply.first().and_then(|w| w.as_deref()) == Some("1");
+        if written && let Some(r) = JobRef::from_reply(*id, &reply[1..]) {
+            self.settle_after(conn, &r, used, None).await;
+        }
+        Ok(written)
     }
 
     /// Puts a running job back to `queued` (the worker gives it back unfinished).
     #[tracing::instrument(level = "info", skip_all, name = "store.release")]
     pub async fn release(&self, id: &Uuid) -> Result<bool, StoreError> {
         let mut conn = self.conn().await?;
-        let released: i64 = RELEASE.key(self.ks.job(id)).invoke_async(&mut conn).await?;
-        Ok(released == 1)
+        let reply: Vec<Option<String>> = JOB_RELEASE
+            .key(self.ks.job(id))
+            .invoke_async(&mut conn)
+            .await?;
+        let released = reply.first().and_then(|w| w.as_deref()) == Some("1");
+        if released
+            && let Some(r) = JobRef::from_reply(*id, &reply[1..])
+            && let Err(e) = self.mirror(&mut conn, &r, JobStatus::Queued, false).await
+        {
+            tracing::warn!(error = %e, job = %id, "queue bookkeeping left to the reconciler");
+        }
+        Ok(released)
+    }
+
+    /// One pass of the reconciler over the in-flight index: each job due for a look (at most
+    /// `limit`) has its tenant's and the namespace's state made to agree with its record, and
+    /// is settled if it ended (see the module's documentation). Every API process runs this
+    /// every few seconds; concurrent passes share the entries and every step is idempotent.
+    #[tracing::instrument(level = "debug", skip_all, name = "store.reconcile")]
+    pub async fn reconcile(&self, now: u64, limit: usize) -> Result<Reconciled, StoreError> {
+        let mut conn = self.conn().await?;
+        let due: Vec<String> = GLOBAL_CLAIM
+            .key(self.ks.inflight())
+            .arg(now)
+            .arg(now + RECHECK_MS)
+            .arg(limit.max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        let mut report = Reconciled::default();
+        for member in due {
+            report.examined += 1;
+            let Some(r) = JobRef::parse_inflight(&member) else {
+                tracing::error!(member, "malformed in-flight entry dropped");
+                let _: Result<i64, _> = redis::cmd("ZREM")
+                    .arg(self.ks.inflight())
+                    .arg(&member)
+                    .query_async(&mut conn)
+                    .await;
+                continue;
+            };
+            let (status, reserved, used): (Option<String>, Option<u64>, Option<u64>) =
+                redis::cmd("HMGET")
+                    .arg(self.ks.job(&r.id))
+                    .arg("status")
+                    .arg("reserved")
+                    .arg("used")
+                    .query_async(&mut conn)
+                    .await?;
+            match status.as_deref().and_then(JobStatus::parse) {
+                None => {
+                    let error = serde_json::to_string(&ErrorBody::new(
+                        sluice_proto::ErrorCode::Internal,
+                        "the job's admission did not finish",
+                    ))
+                    .unwrap_or_default();
+                    let fenced: i64 = JOB_FENCE
+                        .key(self.ks.job(&r.id))
+                        .arg(&r.tenant)
+                        .arg(now)
+                        .arg(self.result_ttl_secs)
+                        .arg(error)
+                        .invoke_async(&mut conn)
+                        .await?;
+                    if fenced == 1 {
+                        self.settle(&mut conn, &r, 0, None).await?;
+                        report.fenced += 1;
+                    } else if status.is_some() {
+                        tracing::error!(job = %r.id, ?status, "job record with an unknown status");
+                    }
+                }
+                Some(s @ (JobStatus::Queued | JobStatus::Running)) => {
+                    if now > r.deadline + EXPIRY_GRACE_MS {
+                        // A running job may have generated: it pays its whole reservation.
+                        let used = if s == JobStatus::Running {
+                            reserved.unwrap_or(0)
+                        } else {
+                            0
+                        };
+                        let error = serde_json::to_string(&ErrorBody::new(
+                            sluice_proto::ErrorCode::DeadlineExceeded,
+                            "the job did not end by its deadline",
+                        ))
+                        .unwrap_or_default();
+                        if self
+                            .finish_record(&mut conn, &r.id, "expired", "", &error, used)
+                            .await?
+                        {
+                            report.expired += 1;
+                        }
+                    } else {
+                        self.mirror(&mut conn, &r, s, false).await?;
+                    }
+                }
+                Some(_) => {
+                    if self.settle(&mut conn, &r, used.unwrap_or(0), None).await? {
+                        report.settled += 1;
+                    }
+                }
+            }
+        }
+        Ok(report)
     }
 
     /// Appends generated text to the job's event stream (read by `GET /v1/jobs/{id}/events`).
@@ -477,14 +905,13 @@ impl JobStore {
     }
 
     /// Queued jobs (accepted, not yet started, deadline not passed) by priority, and the
-    /// enqueue time of the oldest of each class. One script walks the global queued set, whose
-    /// size the queue caps bound; meant for a metrics scrape, not for every request.
+    /// enqueue time of the oldest of each class. One script reads the namespace's queued set,
+    /// whose size the queue caps bound; meant for a metrics scrape, not for every request.
     pub async fn queue_stats(&self, now_ms: u64) -> Result<Vec<QueueStats>, StoreError> {
         let mut conn = self.conn().await?;
         let flat: Vec<(String, u64, u64)> = QUEUE_STATS
             .key(self.ks.queued())
             .arg(now_ms)
-            .arg(self.ks.job_prefix())
             .invoke_async(&mut conn)
             .await?;
         Ok(Priority::ALL
@@ -500,17 +927,19 @@ impl JobStore {
             .collect())
     }
 
-    /// For each job, whether a client asked to cancel it (one round trip for all).
+    /// For each job, whether a client asked to cancel it (one round trip on one server).
     pub async fn cancel_requested(&self, ids: &[Uuid]) -> Result<Vec<bool>, StoreError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
+        let cmds = ids
+            .iter()
+            .map(|id| {
+                redis::cmd("HGET")
+                    .arg(self.ks.job(id))
+                    .arg("cancel_requested")
+                    .to_owned()
+            })
+            .collect();
         let mut conn = self.conn().await?;
-        let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.hget(self.ks.job(id), "cancel_requested");
-        }
-        let flags: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        let flags: Vec<Option<String>> = query_each(&mut conn, cmds).await?;
         Ok(flags
             .into_iter()
             .map(|f| f.as_deref() == Some("1"))
@@ -526,10 +955,6 @@ pub struct QueueStats {
     /// `created_at` (ms) of the oldest queued job of the class, if any.
     pub oldest_created_ms: Option<u64>,
 }
-
-// A read, not a transition: keys and arguments are described in `lua/queue_stats.lua`.
-static QUEUE_STATS: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/queue_stats.lua")));
 
 fn view_from_fields(
     id: Uuid,

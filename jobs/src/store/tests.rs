@@ -1,5 +1,8 @@
-//! Each transition against the real Redis (`SLUICE_REDIS_URL`, default `127.0.0.1:6379`),
-//! each test in a namespace of its own that is removed when the test ends, passed or not.
+//! Each transition against the real Redis (`SLUICE_REDIS_URL`, default `127.0.0.1:6379`) and
+//! against a real Redis Cluster (`SLUICE_TEST_REDIS_CLUSTER`: the URLs of its nodes, separated
+//! by commas; `scripts/redis-cluster start` makes one and prints them, and `scripts/test` does
+//! so for every run), each test in a namespace of its own that is removed when the test ends,
+//! passed or not. Every case runs twice, once on each (the `cases!` list at the end).
 
 use std::collections::HashMap;
 
@@ -11,7 +14,7 @@ use uuid::Uuid;
 
 use super::*;
 use crate::calendar::utc_day_and_month;
-use crate::redis_pool::{Pool, create_pool};
+use crate::redis_pool::Pool;
 
 const TENANT: &str = "acme";
 
@@ -19,17 +22,42 @@ const TENANT: &str = "acme";
 struct Fixture {
     store: JobStore,
     pool: Pool,
+    /// The URLs of the cluster's nodes, or the one server's URL.
+    nodes: Vec<String>,
+}
+
+fn single_url() -> String {
+    std::env::var("SLUICE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+/// The test cluster's node URLs; a cluster case fails without them.
+pub(crate) fn cluster_nodes() -> Vec<String> {
+    let urls = std::env::var("SLUICE_TEST_REDIS_CLUSTER").expect(
+        "SLUICE_TEST_REDIS_CLUSTER names no Redis Cluster: start one with \
+         `scripts/redis-cluster start` and export what it prints (scripts/test does both)",
+    );
+    urls.split(',').map(str::to_string).collect()
 }
 
 impl Fixture {
-    fn new() -> Self {
-        let url = std::env::var("SLUICE_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string());
-        let pool = create_pool(&sluice_shared::Secret::new(url), 2).expect("pool");
+    fn on(cluster: bool) -> Self {
+        let nodes = if cluster {
+            cluster_nodes()
+        } else {
+            vec![single_url()]
+        };
+        let pool = crate::redis_pool::create_pool_for(
+            &sluice_shared::Secret::new(nodes.join(",")),
+            cluster,
+            2,
+        )
+        .expect("pool");
+        assert_eq!(pool.is_cluster(), cluster);
         let ks = Keyspace::new(format!("jobs-unit-{}", Uuid::now_v7().simple()));
         Self {
             store: JobStore::new(pool.clone(), ks, 600),
             pool,
+            nodes,
         }
     }
 
@@ -65,6 +93,20 @@ impl Fixture {
             .query_async(&mut conn)
             .await
             .expect("ZRANGE")
+    }
+
+    /// The ids in the namespace's queued set (members `{priority}|{created_at}|{id}`).
+    async fn queued_ids(&self) -> Vec<String> {
+        let members = self.members(&self.ks().queued()).await;
+        members
+            .iter()
+            .map(|m| m.rsplit('|').next().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// The tenant's unsettled reservations: job id → `{tokens}|{day}|{month}`.
+    async fn reservations(&self) -> HashMap<String, String> {
+        self.hash(&self.ks().tenant_reservations(TENANT)).await
     }
 
     async fn ttl(&self, key: &str) -> i64 {
@@ -106,22 +148,24 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        // Best effort, on a plain connection: the test's runtime may be gone.
-        let url = std::env::var("SLUICE_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string());
-        let Ok(client) = redis::Client::open(url) else {
-            return;
-        };
-        let Ok(mut conn) = client.get_connection() else {
-            return;
-        };
+        // Best effort, on plain connections to every node (a cluster's keys lie on its
+        // primaries; a replica refuses the DEL), one key at a time (keys of different slots
+        // cannot go in one DEL): the test's runtime may be gone.
         let pattern = format!("{}:*", self.ks().namespace());
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(&pattern)
-            .query(&mut conn)
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query(&mut conn);
+        for url in &self.nodes {
+            let Ok(client) = redis::Client::open(url.as_str()) else {
+                continue;
+            };
+            let Ok(mut conn) = client.get_connection() else {
+                continue;
+            };
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query(&mut conn)
+                .unwrap_or_default();
+            for key in keys {
+                let _: Result<(), _> = redis::cmd("DEL").arg(key).query(&mut conn);
+            }
         }
     }
 }
@@ -170,9 +214,7 @@ fn succeeded(prompt: u32, completion: u32) -> Terminal {
     }
 }
 
-#[tokio::test]
-async fn admit_writes_a_queued_record_and_reserves_its_tokens() {
-    let f = Fixture::new();
+async fn admit_writes_a_queued_record_and_reserves_its_tokens(f: Fixture) {
     let job = job();
     f.admitted(&job, 300).await;
 
@@ -181,7 +223,14 @@ async fn admit_writes_a_queued_record_and_reserves_its_tokens() {
     assert_eq!(record["tenant"], TENANT);
     assert_eq!(record["attempts"], "0");
     assert_eq!(record["reserved"], "300");
-    assert_eq!(record["settled"], "0");
+    assert_eq!(
+        f.reservations().await[&job.id.to_string()],
+        format!(
+            "300|{}|{}",
+            utc_day_and_month(job.created_at).0,
+            utc_day_and_month(job.created_at).1
+        )
+    );
     assert!(
         f.ttl(&f.ks().job(&job.id)).await > 600,
         "deadline + result TTL"
@@ -193,7 +242,7 @@ async fn admit_writes_a_queued_record_and_reserves_its_tokens() {
         f.members(&f.ks().tenant_active(TENANT)).await,
         std::slice::from_ref(&id)
     );
-    assert_eq!(f.members(&f.ks().queued()).await, std::slice::from_ref(&id));
+    assert_eq!(f.queued_ids().await, std::slice::from_ref(&id));
     assert_eq!(f.members(&f.ks().tenant_queued(TENANT)).await, [id]);
 
     let view = f
@@ -210,9 +259,7 @@ async fn admit_writes_a_queued_record_and_reserves_its_tokens() {
     );
 }
 
-#[tokio::test]
-async fn a_refused_admission_writes_nothing() {
-    let f = Fixture::new();
+async fn a_refused_admission_writes_nothing(f: Fixture) {
     let first = job();
     f.admitted(&first, 100).await;
 
@@ -291,12 +338,10 @@ async fn a_refused_admission_writes_nothing() {
     }
     assert_eq!(f.day_used(&first).await, 100, "nothing more reserved");
     assert_eq!(f.members(&f.ks().tenant_active(TENANT)).await.len(), 1);
-    assert_eq!(f.members(&f.ks().queued()).await.len(), 1);
+    assert_eq!(f.queued_ids().await.len(), 1);
 }
 
-#[tokio::test]
-async fn an_idempotency_key_replays_its_job_and_refuses_another_request() {
-    let f = Fixture::new();
+async fn an_idempotency_key_replays_its_job_and_refuses_another_request(f: Fixture) {
     let key = f.ks().idempotency(TENANT, "hash-of-key");
     let admission = |fingerprint: &str| Admission {
         reserve: 40,
@@ -331,9 +376,7 @@ async fn an_idempotency_key_replays_its_job_and_refuses_another_request() {
     assert!(f.ttl(&key).await > 0);
 }
 
-#[tokio::test]
-async fn rollback_removes_the_record_refunds_and_frees_the_idempotency_key() {
-    let f = Fixture::new();
+async fn rollback_removes_the_record_refunds_and_frees_the_idempotency_key(f: Fixture) {
     let key = f.ks().idempotency(TENANT, "k");
     let admission = Admission {
         reserve: 70,
@@ -350,7 +393,7 @@ async fn rollback_removes_the_record_refunds_and_frees_the_idempotency_key() {
     assert_eq!(f.day_used(&job).await, 0);
     assert_eq!(f.month_used(&job).await, 0);
     assert!(f.members(&f.ks().tenant_active(TENANT)).await.is_empty());
-    assert!(f.members(&f.ks().queued()).await.is_empty());
+    assert!(f.queued_ids().await.is_empty());
     assert!(f.members(&f.ks().tenant_queued(TENANT)).await.is_empty());
     assert_eq!(f.ttl(&key).await, -2, "the key may be used again");
 
@@ -362,9 +405,7 @@ async fn rollback_removes_the_record_refunds_and_frees_the_idempotency_key() {
     assert_eq!(f.hash(&f.ks().job(&running.id)).await["status"], "running");
 }
 
-#[tokio::test]
-async fn start_runs_a_queued_job_once_per_delivery() {
-    let f = Fixture::new();
+async fn start_runs_a_queued_job_once_per_delivery(f: Fixture) {
     let job = job();
     f.admitted(&job, 10).await;
     assert_eq!(
@@ -375,10 +416,7 @@ async fn start_runs_a_queued_job_once_per_delivery() {
     assert_eq!(record["status"], "running");
     assert_eq!(record["worker"], "worker-a");
     assert!(record.contains_key("started_at"));
-    assert!(
-        f.members(&f.ks().queued()).await.is_empty(),
-        "left the queue"
-    );
+    assert!(f.queued_ids().await.is_empty(), "left the queue");
     assert!(f.members(&f.ks().tenant_queued(TENANT)).await.is_empty());
     assert_eq!(
         f.members(&f.ks().tenant_active(TENANT)).await,
@@ -423,9 +461,7 @@ async fn start_runs_a_queued_job_once_per_delivery() {
     );
 }
 
-#[tokio::test]
-async fn start_ends_a_cancelled_or_expired_job_instead_of_running_it() {
-    let f = Fixture::new();
+async fn start_ends_a_cancelled_or_expired_job_instead_of_running_it(f: Fixture) {
     let expired = job_with(0, Priority::Interactive);
     f.admitted(&expired, 10).await;
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -466,9 +502,7 @@ async fn start_ends_a_cancelled_or_expired_job_instead_of_running_it() {
     );
 }
 
-#[tokio::test]
-async fn finish_writes_the_terminal_state_once_and_refunds_what_was_not_used() {
-    let f = Fixture::new();
+async fn finish_writes_the_terminal_state_once_and_refunds_what_was_not_used(f: Fixture) {
     let job = job();
     f.admitted(&job, 300).await;
     f.store.start(&job.id, 3, "w").await.expect("start");
@@ -538,9 +572,7 @@ async fn finish_writes_the_terminal_state_once_and_refunds_what_was_not_used() {
     );
 }
 
-#[tokio::test]
-async fn a_failed_job_pays_nothing() {
-    let f = Fixture::new();
+async fn a_failed_job_pays_nothing(f: Fixture) {
     let job = job();
     f.admitted(&job, 300).await;
     f.store.start(&job.id, 3, "w").await.expect("start");
@@ -554,9 +586,7 @@ async fn a_failed_job_pays_nothing() {
     assert_eq!(f.month_used(&job).await, 0);
 }
 
-#[tokio::test]
-async fn cancel_by_state_and_tenant() {
-    let f = Fixture::new();
+async fn cancel_by_state_and_tenant(f: Fixture) {
     let queued = job();
     f.admitted(&queued, 80).await;
     assert_eq!(
@@ -572,7 +602,7 @@ async fn cancel_by_state_and_tenant() {
         CancelOutcome::Cancelled
     );
     assert_eq!(f.day_used(&queued).await, 0, "refunded");
-    assert!(f.members(&f.ks().queued()).await.is_empty());
+    assert!(f.queued_ids().await.is_empty());
     assert_eq!(
         f.store.cancel(TENANT, &queued.id).await.expect("cancel"),
         CancelOutcome::AlreadyCancelled
@@ -603,9 +633,7 @@ async fn cancel_by_state_and_tenant() {
     );
 }
 
-#[tokio::test]
-async fn release_queues_a_running_job_again_without_counting_the_attempt() {
-    let f = Fixture::new();
+async fn release_queues_a_running_job_again_without_counting_the_attempt(f: Fixture) {
     let job = job();
     f.admitted(&job, 10).await;
     assert!(
@@ -618,7 +646,7 @@ async fn release_queues_a_running_job_again_without_counting_the_attempt() {
     assert_eq!(record["status"], "queued");
     assert_eq!(record["attempts"], "0");
     assert!(!record.contains_key("worker"));
-    assert_eq!(f.members(&f.ks().queued()).await, [job.id.to_string()]);
+    assert_eq!(f.queued_ids().await, [job.id.to_string()]);
     assert_eq!(
         f.members(&f.ks().tenant_queued(TENANT)).await,
         [job.id.to_string()]
@@ -629,9 +657,7 @@ async fn release_queues_a_running_job_again_without_counting_the_attempt() {
     );
 }
 
-#[tokio::test]
-async fn queue_stats_count_queued_jobs_by_priority() {
-    let f = Fixture::new();
+async fn queue_stats_count_queued_jobs_by_priority(f: Fixture) {
     let a = job_with(60_000, Priority::Interactive);
     let b = job_with(60_000, Priority::Batch);
     let c = job_with(60_000, Priority::Batch);
@@ -654,5 +680,328 @@ async fn queue_stats_count_queued_jobs_by_priority() {
     assert_eq!(
         by(Priority::Batch).and_then(|s| s.oldest_created_ms),
         Some(b.created_at.min(c.created_at))
+    );
+}
+
+async fn reconcile_finishes_what_a_crash_left_half_done(f: Fixture) {
+    let later = |ms: u64| sluice_proto::now_ms() + ms;
+
+    // 1. The admission reserved, then its process died before writing the record.
+    let orphan = job();
+    f.admitted(&orphan, 300).await;
+    {
+        let mut conn = f.pool.get().await.expect("conn");
+        let _: () = redis::cmd("DEL")
+            .arg(f.ks().job(&orphan.id))
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
+    }
+    // 2. A job ended on its record, then its worker died before the tenant's settlement.
+    let unsettled = job();
+    f.admitted(&unsettled, 300).await;
+    f.store.start(&unsettled.id, 3, "w").await.expect("start");
+    {
+        let mut conn = f.pool.get().await.expect("conn");
+        let written: Vec<Option<String>> = JOB_FINISH
+            .key(f.ks().job(&unsettled.id))
+            .key(f.ks().job_events(&unsettled.id))
+            .arg("succeeded")
+            .arg("")
+            .arg("")
+            .arg(sluice_proto::now_ms())
+            .arg(600)
+            .arg(50)
+            .invoke_async(&mut conn)
+            .await
+            .expect("finish script");
+        assert_eq!(written[0].as_deref(), Some("1"));
+    }
+    // 3. A job running normally, whose queue entry a crash left behind.
+    let running = job();
+    f.admitted(&running, 300).await;
+    f.store.start(&running.id, 3, "w").await.expect("start");
+    {
+        let mut conn = f.pool.get().await.expect("conn");
+        let _: () = redis::cmd("ZADD")
+            .arg(f.ks().queued())
+            .arg(running.deadline)
+            .arg(JobRef::of(&running).queued_member())
+            .query_async(&mut conn)
+            .await
+            .expect("ZADD");
+    }
+    assert_eq!(f.day_used(&orphan).await, 900);
+
+    // Nothing is due before the admission grace.
+    let early = f
+        .store
+        .reconcile(later(1_000), 100)
+        .await
+        .expect("reconcile");
+    assert_eq!(early.examined, 0);
+
+    let pass = f
+        .store
+        .reconcile(later(ADMISSION_GRACE_MS + 1_000), 100)
+        .await
+        .expect("reconcile");
+    assert_eq!(
+        pass,
+        Reconciled {
+            examined: 3,
+            settled: 1,
+            fenced: 1,
+            expired: 0
+        }
+    );
+    // The orphan is fenced (a late admission cannot write it) and refunded; the ended job
+    // pays what it used; the running one still holds its reservation, and is queued no more.
+    let fenced = f.hash(&f.ks().job(&orphan.id)).await;
+    assert_eq!(fenced["status"], "failed");
+    assert_eq!(fenced["tenant"], TENANT);
+    let mut conn = f.pool.get().await.expect("conn");
+    let late: i64 = JOB_CREATE
+        .key(f.ks().job(&orphan.id))
+        .arg(600)
+        .arg("status")
+        .arg("queued")
+        .invoke_async(&mut conn)
+        .await
+        .expect("create script");
+    assert_eq!(late, 0, "a fenced admission cannot write its record");
+    assert_eq!(f.day_used(&orphan).await, 50 + 300);
+    assert_eq!(
+        f.reservations().await.keys().collect::<Vec<_>>(),
+        [&running.id.to_string()]
+    );
+    assert!(f.queued_ids().await.is_empty());
+    assert_eq!(
+        f.members(&f.ks().tenant_active(TENANT)).await,
+        [running.id.to_string()]
+    );
+
+    // Another pass refunds nothing twice.
+    let again = f
+        .store
+        .reconcile(later(ADMISSION_GRACE_MS + RECHECK_MS + 2_000), 100)
+        .await
+        .expect("reconcile");
+    assert_eq!(again.examined, 1, "only the running job is still in flight");
+    assert_eq!(f.day_used(&orphan).await, 350);
+
+    // 4. Long past its deadline, the running job (its worker gone, its message lost) expires
+    // and pays its whole reservation: it may have generated.
+    let pass = f
+        .store
+        .reconcile(running.deadline + EXPIRY_GRACE_MS + RECHECK_MS * 4, 100)
+        .await
+        .expect("reconcile");
+    assert_eq!(pass.expired, 1);
+    let view = f
+        .store
+        .get(TENANT, &running.id)
+        .await
+        .expect("get")
+        .expect("found");
+    assert_eq!(view.status, JobStatus::Expired);
+    assert_eq!(f.day_used(&orphan).await, 350, "nothing refunded");
+    assert!(f.reservations().await.is_empty());
+    assert!(f.members(&f.ks().tenant_active(TENANT)).await.is_empty());
+    assert!(f.members(&f.ks().inflight()).await.is_empty());
+}
+
+async fn a_queued_job_whose_message_was_lost_expires_and_is_refunded(f: Fixture) {
+    let lost = job();
+    f.admitted(&lost, 120).await;
+    let pass = f
+        .store
+        .reconcile(lost.deadline + EXPIRY_GRACE_MS + 1, 100)
+        .await
+        .expect("reconcile");
+    assert_eq!(pass.expired, 1);
+    let record = f.hash(&f.ks().job(&lost.id)).await;
+    assert_eq!(record["status"], "expired");
+    assert_eq!(f.day_used(&lost).await, 0);
+    assert!(f.queued_ids().await.is_empty());
+    assert!(f.members(&f.ks().tenant_queued(TENANT)).await.is_empty());
+    assert!(f.members(&f.ks().inflight()).await.is_empty());
+}
+
+/// Retries a store call that failed (Redis unreachable for a moment, a failover), as a
+/// worker's redelivery or a client's retry would.
+async fn retried<T, Fut: std::future::Future<Output = Result<T, StoreError>>>(
+    mut call: impl FnMut() -> Fut,
+) -> Result<T, StoreError> {
+    let mut last = None;
+    for _ in 0..40 {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Err(last.expect("an error"))
+}
+
+/// Jobs admitted, started, cancelled and finished at once under a daily quota, with a
+/// reconciler running beside them (told it is later than it is, so it races the admissions it
+/// fences and the jobs it mirrors). Returns the ids tried.
+async fn busy_tenant(f: &Fixture, jobs: usize) -> Vec<Uuid> {
+    let admission = Admission {
+        reserve: 100,
+        tokens_per_day: Some(2_000),
+        ..Admission::default()
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reconciler = {
+        let store = f.store.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = store
+                    .reconcile(sluice_proto::now_ms() + ADMISSION_GRACE_MS + 1, 50)
+                    .await;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..jobs {
+        let store = f.store.clone();
+        let admission = admission.clone();
+        tasks.push(tokio::spawn(async move {
+            let job = job();
+            tokio::time::sleep(std::time::Duration::from_millis(i as u64 * 7)).await;
+            if store.admit(&job, &admission).await.ok() != Some(AdmitOutcome::Admitted) {
+                return job.id;
+            }
+            if i % 5 == 0 {
+                let _ = retried(|| store.cancel(TENANT, &job.id)).await;
+                return job.id;
+            }
+            if let Ok(StartOutcome::Run { .. }) = retried(|| store.start(&job.id, 3, "w")).await {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                let done = succeeded(10, 1 + i as u32 % 60);
+                let _ = retried(|| store.finish(&job.id, &done)).await;
+            }
+            job.id
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.expect("task"));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reconciler.await.expect("reconciler");
+    ids
+}
+
+/// After a final reconciliation: every job that was written is terminal, the tenant's
+/// counters hold exactly what the jobs used, and nothing is left reserved, active, queued or
+/// in flight.
+async fn assert_books_balance(f: &Fixture, ids: &[Uuid]) {
+    let far = sluice_proto::now_ms() + 7 * 86_400_000;
+    retried(|| f.store.reconcile(far, 10_000))
+        .await
+        .expect("reconcile");
+    let mut used_by_day: HashMap<String, i64> = HashMap::new();
+    let mut written = 0;
+    for id in ids {
+        let record = f.hash(&f.ks().job(id)).await;
+        if record.is_empty() {
+            continue;
+        }
+        written += 1;
+        let status = JobStatus::parse(&record["status"]).expect("status");
+        assert!(status.is_terminal(), "job {id} ended {status:?}");
+        let created: u64 = record["created_at"].parse().expect("created_at");
+        let used: i64 = record.get("used").map_or(0, |u| u.parse().expect("used"));
+        *used_by_day.entry(utc_day_and_month(created).0).or_default() += used;
+    }
+    assert!(written > 0);
+    for (day, used) in used_by_day {
+        let counter = f.int(&f.ks().tenant_tokens_day(TENANT, &day)).await;
+        assert_eq!(counter, used, "the day's counter is what the jobs used");
+    }
+    assert!(f.reservations().await.is_empty());
+    assert!(f.members(&f.ks().tenant_active(TENANT)).await.is_empty());
+    assert!(f.members(&f.ks().tenant_queued(TENANT)).await.is_empty());
+    assert!(f.queued_ids().await.is_empty());
+    assert!(f.members(&f.ks().inflight()).await.is_empty());
+}
+
+async fn concurrent_jobs_and_a_reconciler_keep_the_quota_exact(f: Fixture) {
+    let ids = busy_tenant(&f, 60).await;
+    assert_books_balance(&f, &ids).await;
+}
+
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {
+        /// Every case on one Redis server.
+        mod single {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Fixture::on(false)).await
+                }
+            )*
+        }
+        /// Every case on a Redis Cluster (3 primaries, 3 replicas under `scripts/test`).
+        mod cluster {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Fixture::on(true)).await
+                }
+            )*
+        }
+    };
+}
+
+cases!(
+    admit_writes_a_queued_record_and_reserves_its_tokens,
+    a_refused_admission_writes_nothing,
+    an_idempotency_key_replays_its_job_and_refuses_another_request,
+    rollback_removes_the_record_refunds_and_frees_the_idempotency_key,
+    start_runs_a_queued_job_once_per_delivery,
+    start_ends_a_cancelled_or_expired_job_instead_of_running_it,
+    finish_writes_the_terminal_state_once_and_refunds_what_was_not_used,
+    a_failed_job_pays_nothing,
+    cancel_by_state_and_tenant,
+    release_queues_a_running_job_again_without_counting_the_attempt,
+    queue_stats_count_queued_jobs_by_priority,
+    reconcile_finishes_what_a_crash_left_half_done,
+    a_queued_job_whose_message_was_lost_expires_and_is_refunded,
+    concurrent_jobs_and_a_reconciler_keep_the_quota_exact,
+);
+
+/// The busy tenant again on the cluster, while the primary that holds the tenant's slot hands
+/// over to its replica (`CLUSTER FAILOVER`): no job is lost, no token overspent or refunded
+/// twice, every job ends.
+#[tokio::test]
+async fn a_primary_failover_mid_run_loses_no_job_and_no_token() {
+    let f = Fixture::on(true);
+    let tenant_key = f.ks().tenant_reservations(TENANT);
+    let nodes = f.nodes.clone();
+    let (ids, promoted) = tokio::join!(busy_tenant(&f, 80), async move {
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        crate::cluster_admin::fail_over_primary_of(&nodes, &tenant_key).await
+    });
+    let promoted = promoted.expect("failover");
+    assert_books_balance(&f, &ids).await;
+    // The reservations now live on the promoted node.
+    let mut conn = redis::Client::open(format!("redis://{promoted}"))
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let role: Vec<redis::Value> = redis::cmd("ROLE")
+        .query_async(&mut conn)
+        .await
+        .expect("ROLE");
+    assert_eq!(
+        role.first(),
+        Some(&redis::Value::BulkString(b"master".to_vec()))
     );
 }

@@ -1,13 +1,13 @@
--- KEYS[1] the global queued set. ARGV: now (ms), job key prefix.
--- Returns {priority, count, oldest created_at} per class present. Jobs admitted before the
--- record carried a priority count as interactive.
+-- Namespace slot. KEYS[1] the queued set (members {priority}|{created_at}|{id}); ARGV: now (ms).
+-- Returns {priority, count, oldest created_at} per class present.
 local stats = {}
 local order = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do
-  local f = redis.call('HMGET', ARGV[2] .. id, 'priority', 'created_at')
-  if f[2] then
-    local p = f[1] or 'interactive'
-    local created = tonumber(f[2])
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do
+  local a = string.find(m, '|', 1, true)
+  local b = a and string.find(m, '|', a + 1, true)
+  if b then
+    local p = string.sub(m, 1, a - 1)
+    local created = tonumber(string.sub(m, a + 1, b - 1)) or 0
     local s = stats[p]
     if not s then
       s = {0, created}

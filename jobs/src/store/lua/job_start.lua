@@ -1,0 +1,30 @@
+-- Job slot. KEYS[1] job; ARGV: now, max_attempts, worker.
+-- Returns {status, attempt, ended now (0/1), left the queue (0/1), tenant, created_at, priority,
+-- deadline}.
+local ref = redis.call('HMGET', KEYS[1], 'tenant', 'created_at', 'priority', 'deadline')
+local s = redis.call('HGET', KEYS[1], 'status')
+if not s then return {'missing', 0, 0, 0} end
+if s ~= 'queued' and s ~= 'running' then return {s, 0, 0, 0, ref[1], ref[2], ref[3], ref[4]} end
+local left = 0
+if s == 'queued' then left = 1 end
+local function finish(status, code, msg)
+  redis.call('HSET', KEYS[1], 'status', status, 'finished_at', ARGV[1], 'used', '0')
+  if code then
+    redis.call('HSET', KEYS[1], 'error', cjson.encode({code = code, message = msg}))
+  end
+  return {status, 0, 1, left, ref[1], ref[2], ref[3], ref[4]}
+end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  return finish('cancelled', nil, nil)
+end
+if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'deadline') or '0') then
+  return finish('expired', 'deadline_exceeded', 'the job deadline passed before it could run')
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if attempts > tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'attempts', attempts - 1)
+  return finish('failed', 'attempts_exhausted',
+    'the job was started ' .. (attempts - 1) .. ' times without finishing')
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[3])
+return {'running', attempts, 0, left, ref[1], ref[2], ref[3], ref[4]}
