@@ -79,7 +79,7 @@ enum Outage {
 /// The checks shared by both tests, once the load has stopped. `extra` are jobs accepted
 /// besides the load's, with their `max_tokens`; `log_dir` holds the workers' logs.
 async fn assert_nothing_lost_or_duplicated(
-    redis: &mut redis::aio::MultiplexedConnection,
+    redis: &mut TestRedis,
     app: &TestApp,
     key: &str,
     report: &LoadReport,
@@ -309,7 +309,7 @@ async fn a_redis_restart_with_aof_loses_and_duplicates_nothing() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let report = load.finish().await;
 
-    let mut conn = redis.connection().await;
+    let mut conn = TestRedis::Single(redis.connection().await);
     let records = assert_nothing_lost_or_duplicated(
         &mut conn,
         &app,
@@ -419,11 +419,7 @@ async fn rabbitmq_restarts_lose_and_duplicate_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let report = load.finish().await;
 
-    let mut conn = redis::Client::open(REDIS_URL)
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut conn = TestRedis::connect(REDIS_URL).await.expect("redis");
     let records = assert_nothing_lost_or_duplicated(
         &mut conn,
         &app,

@@ -925,7 +925,8 @@ async fn the_api_refuses_to_start_without_the_classifier_unless_it_is_off() {
         .arg(tiny_model_dir())
         .arg("--guard-model")
         .arg(&empty)
-        .env("SLUICE_REDIS_URL", REDIS_URL)
+        .env("SLUICE_REDIS_URL", redis_url())
+        .env("SLUICE_REDIS_CLUSTER", on_cluster().to_string())
         .env("SLUICE_AMQP_URL", AMQP_URL)
         .output();
     let out = tokio::time::timeout(T, out)

@@ -603,8 +603,9 @@ async fn keys_cli_creates_and_revokes_keys() {
             "--namespace",
             &ns,
             "--redis-url",
-            REDIS_URL,
+            &redis_url(),
         ])
+        .env("SLUICE_REDIS_CLUSTER", on_cluster().to_string())
         .output()
         .expect("run keys create");
     assert!(out.status.success());
@@ -626,8 +627,9 @@ async fn keys_cli_creates_and_revokes_keys() {
             "--namespace",
             &ns,
             "--redis-url",
-            REDIS_URL,
+            &redis_url(),
         ])
+        .env("SLUICE_REDIS_CLUSTER", on_cluster().to_string())
         .output()
         .expect("run keys revoke");
     assert!(out.status.success());
@@ -651,11 +653,7 @@ async fn backends_dropped_without_cleanup_remove_their_namespace() {
         .await
         .expect("set");
     drop(backends);
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{ns}:*"))
-        .query_async(&mut redis)
-        .await
-        .expect("keys");
+    let keys = redis.keys(&format!("{ns}:*")).await;
     assert!(keys.is_empty(), "{keys:?}");
     let amqp = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
         .await

@@ -164,8 +164,12 @@ fn spawn_pump(
     tokio::sync::mpsc::UnboundedSender<String>,
     tokio::task::JoinHandle<()>,
 ) {
-    let pool = sluice_jobs::redis_pool::create_pool(&sluice_shared::Secret::new(REDIS_URL), 2)
-        .expect("pool");
+    let pool = sluice_jobs::redis_pool::create_pool_for(
+        &sluice_shared::Secret::new(redis_url()),
+        on_cluster(),
+        2,
+    )
+    .expect("pool");
     let store = sluice_jobs::store::JobStore::new(pool, backends.ks.clone(), 600);
     let id = uuid::Uuid::now_v7();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

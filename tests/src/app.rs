@@ -11,7 +11,7 @@ use sluice_jobs::Keyspace;
 use sluice_shared::Secret;
 use tokio::sync::oneshot;
 
-use crate::{AMQP_URL, REDIS_URL, free_port, tiny_model_dir, wait_for, workspace_bin};
+use crate::{AMQP_URL, free_port, tiny_model_dir, wait_for, workspace_bin};
 
 /// Reads a streamed response (SSE) to its end, failing if it does not end within `timeout`.
 /// Bytes are decoded once at the end, so a character split across chunks stays whole.
@@ -57,7 +57,7 @@ impl TestApp {
 
     /// Spawns for a given model's tokenizer, broker and extra flags.
     pub async fn spawn_full(ns: &str, model: &Path, amqp_url: &str, extra: &[&str]) -> Self {
-        Self::spawn_on(ns, model, REDIS_URL, amqp_url, extra).await
+        Self::spawn_on(ns, model, &crate::redis_url(), amqp_url, extra).await
     }
 
     /// Spawns in this process against the given Redis and broker (e.g. dedicated ones a test
@@ -84,6 +84,10 @@ impl TestApp {
             &tokenizer,
         ];
         args.extend_from_slice(extra);
+        let cluster = crate::is_cluster_url(redis_url);
+        if cluster && !extra.contains(&"--redis-cluster") {
+            args.push("--redis-cluster");
+        }
         let settings = sluice_api::ApiSettings::parse_from(args).expect("settings");
         let app = sluice_api::Application::build(settings)
             .await
@@ -98,7 +102,7 @@ impl TestApp {
             ns: ns.to_string(),
             http: reqwest::Client::new(),
             redis_url: redis_url.to_string(),
-            redis_cluster: extra.contains(&"--redis-cluster"),
+            redis_cluster: cluster,
             stop: Some(tx),
             process: None,
         }
@@ -113,7 +117,8 @@ impl TestApp {
             .arg("--tokenizer")
             .arg(model)
             .args(extra)
-            .env("SLUICE_REDIS_URL", REDIS_URL)
+            .env("SLUICE_REDIS_URL", crate::redis_url())
+            .env("SLUICE_REDIS_CLUSTER", crate::on_cluster().to_string())
             .env("SLUICE_AMQP_URL", AMQP_URL)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -123,8 +128,8 @@ impl TestApp {
             base: format!("http://127.0.0.1:{port}"),
             ns: ns.to_string(),
             http: reqwest::Client::new(),
-            redis_url: REDIS_URL.to_string(),
-            redis_cluster: false,
+            redis_url: crate::redis_url(),
+            redis_cluster: crate::on_cluster(),
             stop: None,
             process: Some(child),
         };

@@ -6,14 +6,14 @@ use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOption
 use lapin::types::FieldTable;
 use sluice_jobs::Keyspace;
 
-use crate::{AMQP_URL, REDIS_URL, wait_for};
+use crate::{AMQP_URL, TestRedis, redis_url, wait_for};
 
 /// Direct access to the broker and the store of one namespace, for assertions.
 pub struct Backends {
     pub ks: Keyspace,
     pub amqp: lapin::Connection,
     pub channel: lapin::Channel,
-    pub redis: redis::aio::MultiplexedConnection,
+    pub redis: TestRedis,
     redis_url: String,
     amqp_url: String,
     /// Set by [`Backends::cleanup`]; otherwise (a test that failed or returned early) the
@@ -23,7 +23,7 @@ pub struct Backends {
 
 impl Backends {
     pub async fn connect(ns: &str) -> Self {
-        Self::connect_on(ns, REDIS_URL, AMQP_URL).await
+        Self::connect_on(ns, &redis_url(), AMQP_URL).await
     }
 
     /// Connects to the given Redis and broker (dedicated ones a test restarts).
@@ -40,11 +40,7 @@ impl Backends {
         )
         .await
         .expect("topology");
-        let redis = redis::Client::open(redis_url)
-            .expect("redis url")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("redis");
+        let redis = TestRedis::connect(redis_url).await.expect("redis");
         Self {
             ks,
             amqp,
@@ -91,11 +87,9 @@ impl Backends {
 
     /// Job records of this namespace in Redis.
     pub async fn job_keys(&mut self) -> Vec<String> {
-        redis::cmd("KEYS")
-            .arg(format!("{}:job:*", self.ks.namespace()))
-            .query_async(&mut self.redis)
+        self.redis
+            .keys(&format!("{}:job:*", self.ks.namespace()))
             .await
-            .expect("keys")
     }
 
     /// Takes one message off a queue (acked), if any.
@@ -150,11 +144,7 @@ impl Backends {
 const CLEANUP_STEP: Duration = Duration::from_secs(10);
 
 /// Deletes a namespace's queues, exchanges and Redis keys.
-async fn remove_namespace(
-    ks: &Keyspace,
-    channel: &lapin::Channel,
-    redis: &mut redis::aio::MultiplexedConnection,
-) {
+async fn remove_namespace(ks: &Keyspace, channel: &lapin::Channel, redis: &mut TestRedis) {
     for q in [
         ks.jobs_queue(),
         ks.jobs_queue_for(sluice_proto::Priority::Batch),
@@ -217,11 +207,7 @@ impl Drop for Backends {
                     .await
                     .ok()?;
                     let channel = amqp.create_channel().await.ok()?;
-                    let mut redis = redis::Client::open(redis_url.as_str())
-                        .ok()?
-                        .get_multiplexed_async_connection()
-                        .await
-                        .ok()?;
+                    let mut redis = TestRedis::connect(&redis_url).await.ok()?;
                     remove_namespace(&ks, &channel, &mut redis).await;
                     let _ = amqp.close(200, "done".into()).await;
                     Some(())
@@ -234,27 +220,14 @@ impl Drop for Backends {
 }
 
 /// Deletes every Redis key of a namespace (best effort: a test's cleanup).
-pub async fn delete_namespace_keys(redis: &mut redis::aio::MultiplexedConnection, ns: &str) {
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{ns}:*"))
-        .query_async(redis)
-        .await
-        .unwrap_or_default();
-    if !keys.is_empty() {
-        let _ = redis::cmd("DEL").arg(keys).query_async::<()>(redis).await;
-    }
+pub async fn delete_namespace_keys(redis: &mut TestRedis, ns: &str) {
+    let keys = redis.keys(&format!("{ns}:*")).await;
+    redis.delete(keys).await;
 }
 
 /// Job records (not event streams) of a namespace.
-pub async fn job_record_keys(
-    redis: &mut redis::aio::MultiplexedConnection,
-    ns: &str,
-) -> Vec<String> {
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{ns}:job:*"))
-        .query_async(redis)
-        .await
-        .expect("keys");
+pub async fn job_record_keys(redis: &mut TestRedis, ns: &str) -> Vec<String> {
+    let keys = redis.keys(&format!("{ns}:job:*")).await;
     keys.into_iter()
         .filter(|k| !k.ends_with(":events"))
         .collect()

@@ -178,11 +178,11 @@ impl Load {
     }
 }
 
-/// Waits (reading Redis directly, in pipelines) until every job in `ids` is terminal, then
+/// Waits (reading Redis directly, in pipelines on one server) until every job in `ids` is terminal, then
 /// checks each was completed exactly once: one `done` event in its stream. Returns the
 /// records (`status`, `attempts`, `worker`, `result`) by id.
 pub async fn await_terminal_once(
-    redis: &mut redis::aio::MultiplexedConnection,
+    redis: &mut crate::TestRedis,
     ns: &str,
     ids: &[String],
     timeout: Duration,
@@ -193,12 +193,16 @@ pub async fn await_terminal_once(
     while !pending.is_empty() {
         let mut still = Vec::new();
         for chunk in pending.chunks(500) {
-            let mut pipe = redis::pipe();
-            for id in chunk {
-                pipe.hgetall(Keyspace::new(ns).job(&id.parse().expect("a job id")));
-            }
+            let cmds = chunk
+                .iter()
+                .map(|id| {
+                    redis::cmd("HGETALL")
+                        .arg(Keyspace::new(ns).job(&id.parse().expect("a job id")))
+                        .to_owned()
+                })
+                .collect();
             let rows: Vec<HashMap<String, String>> =
-                pipe.query_async(redis).await.expect("read job records");
+                redis.each(cmds).await.expect("read job records");
             for (id, row) in chunk.iter().zip(rows) {
                 let status = row.get("status").map(String::as_str).unwrap_or("");
                 if matches!(status, "queued" | "running" | "") {
@@ -223,15 +227,18 @@ pub async fn await_terminal_once(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     for chunk in ids.chunks(500) {
-        let mut pipe = redis::pipe();
-        for id in chunk {
-            pipe.cmd("XRANGE")
-                .arg(Keyspace::new(ns).job_events(&id.parse().expect("a job id")))
-                .arg("-")
-                .arg("+");
-        }
+        let cmds = chunk
+            .iter()
+            .map(|id| {
+                redis::cmd("XRANGE")
+                    .arg(Keyspace::new(ns).job_events(&id.parse().expect("a job id")))
+                    .arg("-")
+                    .arg("+")
+                    .to_owned()
+            })
+            .collect();
         let streams: Vec<Vec<(String, HashMap<String, String>)>> =
-            pipe.query_async(redis).await.expect("read event streams");
+            redis.each(cmds).await.expect("read event streams");
         for (id, entries) in chunk.iter().zip(streams) {
             let done = entries
                 .iter()

@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 
 #[cfg(doc)]
 use crate::jobs_started;
-use crate::{AMQP_URL, REDIS_URL, workspace_bin};
+use crate::{AMQP_URL, workspace_bin};
 
 /// A worker running in this process.
 pub struct InProcessWorker {
@@ -22,6 +22,7 @@ impl InProcessWorker {
 
     pub async fn spawn_with(ns: &str, model: &Path, extra: &[&str]) -> Self {
         let model = model.to_str().expect("utf-8 path").to_string();
+        let redis_url = crate::redis_url();
         let mut args = vec![
             "sluice-worker",
             "--namespace",
@@ -29,11 +30,14 @@ impl InProcessWorker {
             "--model",
             &model,
             "--redis-url",
-            REDIS_URL,
+            &redis_url,
             "--amqp-url",
             AMQP_URL,
         ];
         args.extend_from_slice(extra);
+        if crate::on_cluster() {
+            args.push("--redis-cluster");
+        }
         let settings = sluice_worker::WorkerSettings::parse_from(args).expect("settings");
         let worker = sluice_worker::Worker::build(settings)
             .await
@@ -75,7 +79,7 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     pub fn spawn(ns: &str, model: &Path, id: &str) -> Self {
-        Self::spawn_on(ns, model, id, REDIS_URL, AMQP_URL, &[])
+        Self::spawn_on(ns, model, id, &crate::redis_url(), AMQP_URL, &[])
     }
 
     /// A worker process against the given Redis and broker, with extra flags.
@@ -92,6 +96,11 @@ impl WorkerProcess {
             .arg(model)
             .args(extra)
             .env("SLUICE_REDIS_URL", redis_url)
+            .env(
+                "SLUICE_REDIS_CLUSTER",
+                (crate::is_cluster_url(redis_url) && !extra.contains(&"--redis-cluster"))
+                    .to_string(),
+            )
             .env("SLUICE_AMQP_URL", amqp_url)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null());
@@ -125,6 +134,10 @@ impl WorkerProcess {
             ])
             .arg(model)
             .env("SLUICE_REDIS_URL", redis_url)
+            .env(
+                "SLUICE_REDIS_CLUSTER",
+                crate::is_cluster_url(redis_url).to_string(),
+            )
             .env("SLUICE_AMQP_URL", amqp_url)
             .env("RUST_LOG", "warn,sluice_worker::intake::consumer=info")
             .stdout(log.try_clone().expect("log file"))
