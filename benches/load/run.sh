@@ -8,7 +8,9 @@
 #
 #   benches/load/run.sh [release|debug] [connections] [seconds]
 # SLUICE_LOAD_CLASSIFIER=off runs the API without the learned injection classifier (the rules
-# still run), to measure what the classifier costs on the submit path.
+# still run), to measure what the classifier costs on the submit path. SLUICE_REDIS_URL and
+# SLUICE_REDIS_CLUSTER=true (with the node URLs, e.g. from scripts/redis-cluster start) run it
+# against a Redis Cluster.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 profile="${1:-release}"
@@ -49,10 +51,17 @@ echo "== submit path ($profile build, $(nproc) cores, $conns connections, ${secs
 # CPU time (user + system, clock ticks) of each process on the path, to show where the
 # cores go: the API, Redis, RabbitMQ and the load generator share them.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-redis_pid="$(pgrep -x redis-server | head -1 || true)"
+# Every Redis server on the machine (one, or a cluster's nodes: SLUICE_REDIS_CLUSTER=true with
+# SLUICE_REDIS_URL naming them), summed.
+redis_ticks() {
+  local t=0 p
+  for p in $(pgrep -x redis-server); do t=$((t + $(ticks "$p"))); done
+  echo "$t"
+}
 beam_pid="$(pgrep -f beam.smp | head -1 || true)"
 declare -A before
-for p in "$api" "$redis_pid" "$beam_pid"; do [ -n "$p" ] && before[$p]="$(ticks "$p")"; done
+for p in "$api" "$beam_pid"; do [ -n "$p" ] && before[$p]="$(ticks "$p")"; done
+redis_before="$(redis_ticks)"
 # (The subshell's cutime + cstime after the load generator exits are the generator's CPU.)
 out="$("$bin/sluice-load" --mode submit --base "http://127.0.0.1:$port" --key "$key" \
   --connections "$conns" --duration "$secs"
@@ -62,10 +71,14 @@ load_ticks="$(echo "$out" | sed -n 's/^children_ticks //p')"
 requests="$(echo "$out" | sed -n 's/^submit: \([0-9]*\) requests.*/\1/p')"
 hz="$(getconf CLK_TCK)"
 if [ -n "$requests" ] && [ "$requests" -gt 0 ]; then
-  for named in "sluice-api:$api" "redis-server:$redis_pid" "rabbitmq:$beam_pid"; do
+  for named in "sluice-api:$api" "redis-server:redis" "rabbitmq:$beam_pid"; do
     name="${named%%:*}"; p="${named#*:}"
     [ -n "$p" ] || continue
-    used=$(( $(ticks "$p") - ${before[$p]} ))
+    if [ "$p" = redis ]; then
+      used=$(( $(redis_ticks) - redis_before ))
+    else
+      used=$(( $(ticks "$p") - ${before[$p]} ))
+    fi
     awk -v n="$name" -v t="$used" -v hz="$hz" -v r="$requests" -v s="$secs" \
       'BEGIN { printf "cpu: %-14s %6.1f µs per request, %5.1f %% of a core\n", n, t / hz / r * 1e6, t / hz / s * 100 }'
   done
@@ -75,7 +88,14 @@ fi
 
 kill $api $worker 2>/dev/null || true
 wait 2>/dev/null || true
-redis-cli --scan --pattern "$ns:*" | xargs -r -n 500 redis-cli del >/dev/null
+if [ "${SLUICE_REDIS_CLUSTER:-false}" = true ]; then
+  for url in ${SLUICE_REDIS_URL//,/ }; do
+    p="${url##*:}"
+    redis-cli -p "$p" --scan --pattern "$ns:*" | xargs -r -n 1 redis-cli -p "$p" del >/dev/null 2>&1 || true
+  done
+else
+  redis-cli --scan --pattern "$ns:*" | xargs -r -n 500 redis-cli del >/dev/null
+fi
 for q in jobs.interactive jobs.batch jobs.dead; do
   rabbitmqctl --quiet delete_queue "$ns.$q" >/dev/null 2>&1 || true
 done
