@@ -234,12 +234,14 @@ pub async fn submit(
         max_queued: state.limits.max_queued_jobs,
         max_queued_tenant: policy.max_queued_jobs,
     };
+    let idem_key = request.idempotency.as_ref().map(|(k, _)| k.clone());
     let outcome = match state.store.admit(&message, &request).await {
         Ok(outcome) => outcome,
         Err(e) => {
             // The answer was lost, maybe not the write: Redis may have committed the admission
             // before going away. Undo it (a no-op if it never landed) once Redis answers.
-            publish::rollback_eventually(state.store.clone(), id).await;
+            publish::rollback_eventually(state.store.clone(), message.clone(), idem_key.clone())
+                .await;
             return Err(e.into());
         }
     };
@@ -255,12 +257,12 @@ pub async fn submit(
     if webhook
         && let Err(e) = crate::webhooks::job_events::watch(&state.store, &message.tenant, &id).await
     {
-        publish::rollback_eventually(state.store.clone(), id).await;
+        publish::rollback_eventually(state.store.clone(), message.clone(), idem_key.clone()).await;
         return Err(e.into());
     }
     if let Err(publish_error) = state.publisher.publish_job(&message).await {
         // Not enqueued: refund, free the slot and delete the record.
-        publish::rollback_eventually(state.store.clone(), id).await;
+        publish::rollback_eventually(state.store.clone(), message.clone(), idem_key.clone()).await;
         if webhook {
             // Best effort: a watched job whose record is gone leaves the set by itself.
             let _ = crate::webhooks::job_events::unwatch(&state.store, &message.tenant, &id).await;

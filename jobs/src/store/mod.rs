@@ -581,6 +581,36 @@ impl JobStore {
         Ok(())
     }
 
+    /// Undoes an admission whose answer was lost (Redis failed during `admit`) or whose publish
+    /// failed: like [`JobStore::rollback`], and also when the record was never written, in
+    /// which case whatever the tenant's step reserved is refunded now rather than at the
+    /// reconciler's first look. `idempotency` is the admission's idempotency record, dropped if
+    /// it names this job. A no-op for a job that was published and started.
+    pub async fn abandon(
+        &self,
+        job: &JobMessage,
+        idempotency: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let reply: Vec<Option<String>> = JOB_ROLLBACK
+            .key(self.ks.job(&job.id))
+            .invoke_async(&mut conn)
+            .await?;
+        match reply.first().and_then(|d| d.as_deref()) {
+            Some("1") => {
+                let idem = reply.get(5).cloned().flatten();
+                self.settle(&mut conn, &JobRef::of(job), 0, idem.as_deref())
+                    .await?;
+            }
+            Some("-1") => {
+                self.settle(&mut conn, &JobRef::of(job), 0, idempotency)
+                    .await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// Reads a job as its tenant sees it; another tenant's job is `None`, like a missing one.
     pub async fn get(&self, tenant: &str, id: &Uuid) -> Result<Option<JobView>, StoreError> {
         let mut conn = self.conn().await?;

@@ -811,6 +811,54 @@ async fn reconcile_finishes_what_a_crash_left_half_done(f: Fixture) {
     assert!(f.members(&f.ks().inflight()).await.is_empty());
 }
 
+async fn an_admission_whose_answer_was_lost_is_abandoned_at_once(f: Fixture) {
+    let key = f.ks().idempotency(TENANT, "lost");
+    let admission = Admission {
+        reserve: 90,
+        idempotency: Some((key.clone(), "fp".into())),
+        ..Admission::default()
+    };
+    // The tenant's step ran, the record was never written (Redis went away in between).
+    let job = job();
+    assert_eq!(
+        f.store.admit(&job, &admission).await.expect("admit"),
+        AdmitOutcome::Admitted
+    );
+    let mut conn = f.pool.get().await.expect("conn");
+    let _: () = redis::cmd("DEL")
+        .arg(f.ks().job(&job.id))
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    assert_eq!(f.day_used(&job).await, 90);
+    f.store.abandon(&job, Some(&key)).await.expect("abandon");
+    assert_eq!(
+        f.day_used(&job).await,
+        0,
+        "refunded now, not at the reconciler's look"
+    );
+    assert_eq!(
+        f.ttl(&key).await,
+        -2,
+        "the idempotency key may be used again"
+    );
+    assert!(f.reservations().await.is_empty());
+    assert!(f.members(&f.ks().tenant_active(TENANT)).await.is_empty());
+    assert!(f.queued_ids().await.is_empty());
+    assert!(f.members(&f.ks().inflight()).await.is_empty());
+    // Again (a retry): nothing more.
+    f.store.abandon(&job, Some(&key)).await.expect("abandon");
+    assert_eq!(f.day_used(&job).await, 0);
+
+    // A published job that started is left alone.
+    let running = self::job();
+    f.admitted(&running, 5).await;
+    f.store.start(&running.id, 3, "w").await.expect("start");
+    f.store.abandon(&running, None).await.expect("abandon");
+    assert_eq!(f.hash(&f.ks().job(&running.id)).await["status"], "running");
+    assert_eq!(f.day_used(&running).await, 5);
+}
+
 async fn a_queued_job_whose_message_was_lost_expires_and_is_refunded(f: Fixture) {
     let lost = job();
     f.admitted(&lost, 120).await;
@@ -973,6 +1021,7 @@ cases!(
     queue_stats_count_queued_jobs_by_priority,
     reconcile_finishes_what_a_crash_left_half_done,
     a_queued_job_whose_message_was_lost_expires_and_is_refunded,
+    an_admission_whose_answer_was_lost_is_abandoned_at_once,
     concurrent_jobs_and_a_reconciler_keep_the_quota_exact,
 );
 
