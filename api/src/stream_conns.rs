@@ -15,10 +15,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
-use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{FromRedisValue, RedisResult};
+use sluice_jobs::redis_pool::DirectConnection as StreamConn;
 
 /// Idle connections kept at most.
 const MAX_IDLE: usize = 64;
@@ -50,40 +49,6 @@ impl StreamTarget {
             )));
         }
         Ok(Self::Single(redis::Client::open(url)?))
-    }
-}
-
-/// A dedicated connection: to the one server, or to the cluster.
-pub enum StreamConn {
-    Single(MultiplexedConnection),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for StreamConn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            StreamConn::Single(c) => c.req_packed_command(cmd),
-            StreamConn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            StreamConn::Single(c) => c.req_packed_commands(cmd, offset, count),
-            StreamConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            StreamConn::Single(c) => c.get_db(),
-            StreamConn::Cluster(c) => c.get_db(),
-        }
     }
 }
 

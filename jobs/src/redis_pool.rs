@@ -199,6 +199,42 @@ impl ConnectionLike for Connection {
     }
 }
 
+/// A connection of its own, outside the pool (for a blocking read, or a test's assertions): to
+/// one server, or to a cluster. Clones share it.
+#[derive(Clone)]
+pub enum DirectConnection {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for DirectConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            DirectConnection::Single(c) => c.req_packed_command(cmd),
+            DirectConnection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            DirectConnection::Single(c) => c.req_packed_commands(cmd, offset, count),
+            DirectConnection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            DirectConnection::Single(c) => c.get_db(),
+            DirectConnection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// Runs commands whose keys may lie in different hash slots and returns their replies in
 /// order: one pipelined round trip on one server; on a cluster, each command on its own, all at
 /// once (redis-rs sends each to its slot's primary). Not atomic either way.

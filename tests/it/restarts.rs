@@ -419,7 +419,7 @@ async fn rabbitmq_restarts_lose_and_duplicate_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let report = load.finish().await;
 
-    let mut conn = TestRedis::connect(REDIS_URL).await.expect("redis");
+    let mut conn = connect_redis(REDIS_URL).await.expect("redis");
     let records = assert_nothing_lost_or_duplicated(
         &mut conn,
         &app,

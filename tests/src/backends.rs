@@ -6,7 +6,7 @@ use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOption
 use lapin::types::FieldTable;
 use sluice_jobs::Keyspace;
 
-use crate::{AMQP_URL, TestRedis, redis_url, wait_for};
+use crate::{AMQP_URL, TestRedis, TestRedisExt, connect_redis, redis_url, wait_for};
 
 /// Direct access to the broker and the store of one namespace, for assertions.
 pub struct Backends {
@@ -40,7 +40,7 @@ impl Backends {
         )
         .await
         .expect("topology");
-        let redis = TestRedis::connect(redis_url).await.expect("redis");
+        let redis = connect_redis(redis_url).await.expect("redis");
         Self {
             ks,
             amqp,
@@ -207,7 +207,7 @@ impl Drop for Backends {
                     .await
                     .ok()?;
                     let channel = amqp.create_channel().await.ok()?;
-                    let mut redis = TestRedis::connect(&redis_url).await.ok()?;
+                    let mut redis = connect_redis(&redis_url).await.ok()?;
                     remove_namespace(&ks, &channel, &mut redis).await;
                     let _ = amqp.close(200, "done".into()).await;
                     Some(())

@@ -23,7 +23,7 @@ pub use load::{
     rss_kib,
 };
 pub use models::{real_model_path, tiny_model_dir, workspace_bin};
-pub use redis::{TestRedis, is_cluster_url, on_cluster, redis_url};
+pub use redis::{TestRedis, TestRedisExt, connect_redis, is_cluster_url, on_cluster, redis_url};
 pub use servers::{RabbitNode, RedisServer};
 pub use workers::{InProcessWorker, WorkerProcess};
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sluice_jobs::keyspace::Keyspace;
 
+use crate::TestRedisExt;
 #[cfg(doc)]
 use crate::WorkerProcess;
 

@@ -6,9 +6,8 @@
 //! connection. `scripts/test` runs the spine, security, idempotency, quota, fault and
 //! streaming suites a second time that way.
 
-use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Value};
+use redis::{Cmd, FromRedisValue};
+pub use sluice_jobs::redis_pool::DirectConnection;
 
 /// Whether this run's stacks use the test Redis Cluster.
 pub fn on_cluster() -> bool {
@@ -29,46 +28,50 @@ pub fn is_cluster_url(url: &str) -> bool {
     url.contains(',')
 }
 
-/// A direct connection: to one server, or to a cluster (with its nodes' URLs, to reach every
-/// node where a command must).
-#[derive(Clone)]
-pub enum TestRedis {
-    Single(MultiplexedConnection),
-    Cluster {
-        conn: ClusterConnection,
-        nodes: Vec<String>,
-    },
+/// A direct connection for assertions: to one server, or to the test cluster.
+pub type TestRedis = DirectConnection;
+
+/// Connects to `url`: the test cluster if it holds several node URLs.
+pub async fn connect_redis(url: &str) -> redis::RedisResult<TestRedis> {
+    if is_cluster_url(url) {
+        let nodes: Vec<&str> = url.split(',').collect();
+        return Ok(TestRedis::Cluster(
+            redis::cluster::ClusterClient::new(nodes)?
+                .get_async_connection()
+                .await?,
+        ));
+    }
+    Ok(TestRedis::Single(
+        redis::Client::open(url)?
+            .get_multiplexed_async_connection()
+            .await?,
+    ))
 }
 
-impl TestRedis {
-    /// Connects to `url`: a cluster if it holds several node URLs.
-    pub async fn connect(url: &str) -> redis::RedisResult<Self> {
-        if is_cluster_url(url) {
-            let nodes: Vec<String> = url.split(',').map(str::to_string).collect();
-            let conn = redis::cluster::ClusterClient::new(nodes.clone())?
-                .get_async_connection()
-                .await?;
-            return Ok(Self::Cluster { conn, nodes });
-        }
-        Ok(Self::Single(
-            redis::Client::open(url)?
-                .get_multiplexed_async_connection()
-                .await?,
-        ))
-    }
+/// What the tests do on either kind of Redis that differs between the two.
+#[allow(async_fn_in_trait)]
+pub trait TestRedisExt {
+    /// `KEYS pattern`, on every node of the test cluster.
+    async fn keys(&mut self, pattern: &str) -> Vec<String>;
+    /// Deletes keys (one `DEL` on one server, one per key on a cluster); best effort.
+    async fn delete(&mut self, keys: Vec<String>);
+    /// Runs commands whose keys may lie in different slots: one pipeline on one server, one
+    /// after another on a cluster. Replies in order.
+    async fn each<T: FromRedisValue>(&mut self, cmds: Vec<Cmd>) -> redis::RedisResult<Vec<T>>;
+}
 
-    /// `KEYS pattern`, on every node of a cluster.
-    pub async fn keys(&mut self, pattern: &str) -> Vec<String> {
+impl TestRedisExt for TestRedis {
+    async fn keys(&mut self, pattern: &str) -> Vec<String> {
         match self {
             Self::Single(c) => redis::cmd("KEYS")
                 .arg(pattern)
                 .query_async(c)
                 .await
                 .unwrap_or_default(),
-            Self::Cluster { nodes, .. } => {
+            Self::Cluster(_) => {
                 let mut all = Vec::new();
-                for url in nodes.iter() {
-                    let Ok(client) = redis::Client::open(url.as_str()) else {
+                for url in crate::cluster_urls().split(',') {
+                    let Ok(client) = redis::Client::open(url) else {
                         continue;
                     };
                     let Ok(mut c) = client.get_multiplexed_async_connection().await else {
@@ -89,8 +92,7 @@ impl TestRedis {
         }
     }
 
-    /// Deletes keys (one `DEL` on one server, one per key on a cluster); best effort.
-    pub async fn delete(&mut self, keys: Vec<String>) {
+    async fn delete(&mut self, keys: Vec<String>) {
         if keys.is_empty() {
             return;
         }
@@ -98,17 +100,15 @@ impl TestRedis {
             Self::Single(c) => {
                 let _ = redis::cmd("DEL").arg(keys).query_async::<()>(c).await;
             }
-            Self::Cluster { conn, .. } => {
+            Self::Cluster(c) => {
                 for key in keys {
-                    let _ = redis::cmd("DEL").arg(key).query_async::<()>(conn).await;
+                    let _ = redis::cmd("DEL").arg(key).query_async::<()>(c).await;
                 }
             }
         }
     }
 
-    /// Runs commands whose keys may lie in different slots: one pipeline on one server, one
-    /// after another on a cluster. Replies in order.
-    pub async fn each<T: FromRedisValue>(&mut self, cmds: Vec<Cmd>) -> redis::RedisResult<Vec<T>> {
+    async fn each<T: FromRedisValue>(&mut self, cmds: Vec<Cmd>) -> redis::RedisResult<Vec<T>> {
         match self {
             Self::Single(c) => {
                 if cmds.is_empty() {
@@ -120,41 +120,13 @@ impl TestRedis {
                 }
                 pipe.query_async(c).await
             }
-            Self::Cluster { conn, .. } => {
+            Self::Cluster(c) => {
                 let mut out = Vec::with_capacity(cmds.len());
                 for cmd in cmds {
-                    out.push(cmd.query_async(conn).await?);
+                    out.push(cmd.query_async(c).await?);
                 }
                 Ok(out)
             }
-        }
-    }
-}
-
-impl ConnectionLike for TestRedis {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Self::Single(c) => c.req_packed_command(cmd),
-            Self::Cluster { conn, .. } => conn.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Self::Cluster { conn, .. } => conn.req_packed_commands(cmd, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Self::Single(c) => c.get_db(),
-            Self::Cluster { conn, .. } => conn.get_db(),
         }
     }
 }
