@@ -330,9 +330,8 @@ impl JobStore {
         let now = job.created_at;
         let limit = |l: Option<u64>| l.map_or(-1, |v| v as i64);
 
-        let (outcome, queued, cap, retry): (String, u64, u64, String) = GLOBAL_ENTER
+        let (outcome, queued, cap): (String, u64, u64) = GLOBAL_ENTER
             .key(self.ks.queued())
-            .key(self.ks.drained())
             .key(self.ks.inflight())
             .arg(now)
             .arg(limit(admission.max_queued.map(u64::from)))
@@ -347,7 +346,7 @@ impl JobStore {
                 tenant: false,
                 queued,
                 limit: cap,
-                retry_after_secs: retry.parse().unwrap_or(30),
+                retry_after_secs: self.retry_after(&mut conn, queued + 1 - cap, now).await,
             });
         }
 
@@ -452,12 +451,13 @@ impl JobStore {
         Ok(AdmitOutcome::Admitted)
     }
 
-    /// `Retry-After` for `excess` jobs over a queue cap, from the jobs that left the queue in
-    /// the last minute (30 s when none did, or when Redis does not say).
+    /// `Retry-After` for `excess` jobs over a queue cap (the namespace's or a tenant's share),
+    /// from the jobs that left the queue in the last minute: the time they take to drain at
+    /// that rate, 1 s to 5 minutes; 30 s when none left, or when Redis does not say.
     async fn retry_after(&self, conn: &mut Connection, excess: u64, now: u64) -> u64 {
         let drained: Result<u64, _> = redis::cmd("ZCOUNT")
             .arg(self.ks.drained())
-            .arg(now.saturating_sub(60_000))
+            .arg(format!("({}", now.saturating_sub(60_000)))
             .arg("+inf")
             .query_async(conn)
             .await;
@@ -566,19 +566,7 @@ impl JobStore {
     /// frees the active slot and the queue place and the idempotency key, so nothing is left
     /// half-written.
     pub async fn rollback(&self, id: &Uuid) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        let reply: Vec<Option<String>> = JOB_ROLLBACK
-            .key(self.ks.job(id))
-            .invoke_async(&mut conn)
-            .await?;
-        if reply.first().and_then(|d| d.as_deref()) != Some("1") {
-            return Ok(());
-        }
-        if let Some(r) = JobRef::from_reply(*id, &reply[1..]) {
-            let idem = reply.get(5).cloned().flatten();
-            self.settle(&mut conn, &r, 0, idem.as_deref()).await?;
-        }
-        Ok(())
+        self.undo(id, None).await
     }
 
     /// Undoes an admission whose answer was lost (Redis failed during `admit`) or whose publish
@@ -591,20 +579,33 @@ impl JobStore {
         job: &JobMessage,
         idempotency: Option<&str>,
     ) -> Result<(), StoreError> {
+        self.undo(&job.id, Some((JobRef::of(job), idempotency)))
+            .await
+    }
+
+    /// [`JobStore::rollback`], and with `missing` (the job and its idempotency record) also the
+    /// settlement of an admission whose record was never written.
+    async fn undo(
+        &self,
+        id: &Uuid,
+        missing: Option<(JobRef, Option<&str>)>,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
         let reply: Vec<Option<String>> = JOB_ROLLBACK
-            .key(self.ks.job(&job.id))
+            .key(self.ks.job(id))
             .invoke_async(&mut conn)
             .await?;
         match reply.first().and_then(|d| d.as_deref()) {
             Some("1") => {
-                let idem = reply.get(5).cloned().flatten();
-                self.settle(&mut conn, &JobRef::of(job), 0, idem.as_deref())
-                    .await?;
+                if let Some(r) = JobRef::from_reply(*id, &reply[1..]) {
+                    let idem = reply.get(5).cloned().flatten();
+                    self.settle(&mut conn, &r, 0, idem.as_deref()).await?;
+                }
             }
             Some("-1") => {
-                self.settle(&mut conn, &JobRef::of(job), 0, idempotency)
-                    .await?;
+                if let Some((r, idem)) = missing {
+                    self.settle(&mut conn, &r, 0, idem).await?;
+                }
             }
             _ => {}
         }

@@ -109,6 +109,30 @@ impl Fixture {
         self.hash(&self.ks().tenant_reservations(TENANT)).await
     }
 
+    /// Deletes a job's record, as if its admission never wrote it.
+    async fn forget_record(&self, job: &JobMessage) {
+        let mut conn = self.pool.get().await.expect("conn");
+        let _: () = redis::cmd("DEL")
+            .arg(self.ks().job(&job.id))
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
+    }
+
+    /// Asserts that nothing is left reserved, active or queued for the tenant, queued in the
+    /// namespace, or in flight.
+    async fn assert_nothing_held(&self) {
+        assert!(self.reservations().await.is_empty(), "reservations");
+        let active = self.members(&self.ks().tenant_active(TENANT)).await;
+        assert!(active.is_empty(), "active: {active:?}");
+        let queued = self.members(&self.ks().tenant_queued(TENANT)).await;
+        assert!(queued.is_empty(), "tenant queued: {queued:?}");
+        let queued = self.queued_ids().await;
+        assert!(queued.is_empty(), "queued: {queued:?}");
+        let inflight = self.members(&self.ks().inflight()).await;
+        assert!(inflight.is_empty(), "in flight: {inflight:?}");
+    }
+
     async fn ttl(&self, key: &str) -> i64 {
         let mut conn = self.pool.get().await.expect("conn");
         redis::cmd("TTL")
@@ -689,14 +713,7 @@ async fn reconcile_finishes_what_a_crash_left_half_done(f: Fixture) {
     // 1. The admission reserved, then its process died before writing the record.
     let orphan = job();
     f.admitted(&orphan, 300).await;
-    {
-        let mut conn = f.pool.get().await.expect("conn");
-        let _: () = redis::cmd("DEL")
-            .arg(f.ks().job(&orphan.id))
-            .query_async(&mut conn)
-            .await
-            .expect("DEL");
-    }
+    f.forget_record(&orphan).await;
     // 2. A job ended on its record, then its worker died before the tenant's settlement.
     let unsettled = job();
     f.admitted(&unsettled, 300).await;
@@ -806,9 +823,7 @@ async fn reconcile_finishes_what_a_crash_left_half_done(f: Fixture) {
         .expect("found");
     assert_eq!(view.status, JobStatus::Expired);
     assert_eq!(f.day_used(&orphan).await, 350, "nothing refunded");
-    assert!(f.reservations().await.is_empty());
-    assert!(f.members(&f.ks().tenant_active(TENANT)).await.is_empty());
-    assert!(f.members(&f.ks().inflight()).await.is_empty());
+    f.assert_nothing_held().await;
 }
 
 async fn an_admission_whose_answer_was_lost_is_abandoned_at_once(f: Fixture) {
@@ -824,12 +839,7 @@ async fn an_admission_whose_answer_was_lost_is_abandoned_at_once(f: Fixture) {
         f.store.admit(&job, &admission).await.expect("admit"),
         AdmitOutcome::Admitted
     );
-    let mut conn = f.pool.get().await.expect("conn");
-    let _: () = redis::cmd("DEL")
-        .arg(f.ks().job(&job.id))
-        .query_async(&mut conn)
-        .await
-        .expect("DEL");
+    f.forget_record(&job).await;
     assert_eq!(f.day_used(&job).await, 90);
     f.store.abandon(&job, Some(&key)).await.expect("abandon");
     assert_eq!(
@@ -842,10 +852,7 @@ async fn an_admission_whose_answer_was_lost_is_abandoned_at_once(f: Fixture) {
         -2,
         "the idempotency key may be used again"
     );
-    assert!(f.reservations().await.is_empty());
-    assert!(f.members(&f.ks().tenant_active(TENANT)).await.is_empty());
-    assert!(f.queued_ids().await.is_empty());
-    assert!(f.members(&f.ks().inflight()).await.is_empty());
+    f.assert_nothing_held().await;
     // Again (a retry): nothing more.
     f.store.abandon(&job, Some(&key)).await.expect("abandon");
     assert_eq!(f.day_used(&job).await, 0);
@@ -871,9 +878,7 @@ async fn a_queued_job_whose_message_was_lost_expires_and_is_refunded(f: Fixture)
     let record = f.hash(&f.ks().job(&lost.id)).await;
     assert_eq!(record["status"], "expired");
     assert_eq!(f.day_used(&lost).await, 0);
-    assert!(f.queued_ids().await.is_empty());
-    assert!(f.members(&f.ks().tenant_queued(TENANT)).await.is_empty());
-    assert!(f.members(&f.ks().inflight()).await.is_empty());
+    f.assert_nothing_held().await;
 }
 
 /// Retries a store call that failed (Redis unreachable for a moment, a failover), as a
@@ -972,11 +977,7 @@ async fn assert_books_balance(f: &Fixture, ids: &[Uuid]) {
         let counter = f.int(&f.ks().tenant_tokens_day(TENANT, &day)).await;
         assert_eq!(counter, used, "the day's counter is what the jobs used");
     }
-    assert!(f.reservations().await.is_empty());
-    assert!(f.members(&f.ks().tenant_active(TENANT)).await.is_empty());
-    assert!(f.members(&f.ks().tenant_queued(TENANT)).await.is_empty());
-    assert!(f.queued_ids().await.is_empty());
-    assert!(f.members(&f.ks().inflight()).await.is_empty());
+    f.assert_nothing_held().await;
 }
 
 async fn concurrent_jobs_and_a_reconciler_keep_the_quota_exact(f: Fixture) {
