@@ -37,6 +37,11 @@ impl Application {
     /// connections are made on demand and `/readyz` reports them.
     pub async fn build(settings: ApiSettings) -> anyhow::Result<Self> {
         let state = build_state(&settings)?;
+        state
+            .store
+            .check_queue_shards()
+            .await
+            .map_err(anyhow::Error::msg)?;
         let listener = TcpListener::bind(settings.addr).await?;
         let metrics_listener = match settings.common.metrics_addr {
             Some(addr) => Some(TcpListener::bind(addr).await?),
@@ -149,7 +154,8 @@ impl Application {
 
 /// The state of one API process.
 pub fn build_state(settings: &ApiSettings) -> anyhow::Result<AppState> {
-    let ks = Keyspace::new(settings.common.namespace.clone());
+    let ks = Keyspace::new(settings.common.namespace.clone())
+        .with_queue_shards(settings.common.queue_shards);
     let pool = create_pool_for(
         &settings.common.redis_url,
         settings.common.redis_cluster,

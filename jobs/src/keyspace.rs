@@ -7,9 +7,12 @@
 //!   records, sessions, files, policy) under `{tenant}`;
 //! - a batch's keys under its tenant's tag too (a finished line is counted against the
 //!   tenant's share of the batch lane in the same script), one rate limit's under its scope;
-//! - the namespace's few global keys (queued-job index, drain record, in-flight index, worker
-//!   registry, batch and webhook indexes) under `{namespace}`; they change once per job or per
-//!   heartbeat, never per token.
+//! - the namespace's per-job indexes (queued jobs, drain record, in-flight jobs) in
+//!   [`Keyspace::queue_shards`] shards, a job's under its shard's tag (`{namespace}` for
+//!   shard 0, `{namespace.N}` for shard N), so that on a cluster they spread over as many
+//!   slots; they change three times per job, never per token;
+//! - the namespace's other global keys (worker registry, batch and webhook indexes, the shard
+//!   count) under `{namespace}`; they change per heartbeat or per batch.
 //!
 //! The namespace itself must not contain braces.
 
@@ -20,13 +23,33 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keyspace {
     ns: String,
+    queue_shards: u16,
 }
 
 impl Keyspace {
+    /// The names of `namespace`, its per-job indexes in one shard.
     pub fn new(namespace: impl Into<String>) -> Self {
         Self {
             ns: namespace.into(),
+            queue_shards: 1,
         }
+    }
+
+    /// The same names with the per-job indexes in `shards` shards (at least 1). Every process
+    /// of a namespace must use the same count ([`Keyspace::queue_shards_record`]).
+    pub fn with_queue_shards(mut self, shards: u16) -> Self {
+        self.queue_shards = shards.max(1);
+        self
+    }
+
+    /// How many shards the per-job indexes (queued, drained, in flight) are split into.
+    pub fn queue_shards(&self) -> u16 {
+        self.queue_shards
+    }
+
+    /// The shard of a job's entries in the per-job indexes.
+    pub fn queue_shard_of(&self, id: &Uuid) -> u16 {
+        (id.as_u128() % u128::from(self.queue_shards)) as u16
     }
 
     pub fn namespace(&self) -> &str {
@@ -38,6 +61,22 @@ impl Keyspace {
     /// A global key of the namespace, under the namespace's hash tag.
     fn global(&self, name: &str) -> String {
         format!("{ns}:{{{ns}}}:{name}", ns = self.ns)
+    }
+
+    /// A per-job index of one shard: shard 0 under the namespace's tag, shard N under
+    /// `{namespace.N}`.
+    fn sharded(&self, shard: u16, name: &str) -> String {
+        if shard == 0 {
+            self.global(name)
+        } else {
+            format!("{ns}:{{{ns}.{shard}}}:{name}", ns = self.ns)
+        }
+    }
+
+    /// String: the namespace's queue shard count, written by the first process to start, so
+    /// that a process configured with another count refuses to start.
+    pub fn queue_shards_record(&self) -> String {
+        self.global("queue-shards")
     }
 
     /// Hash: the job record (tenant, status, timestamps, attempts, result, error).
@@ -81,10 +120,11 @@ impl Keyspace {
         format!("{}:tenant:{{{tenant}}}:idem:{key_hash}", self.ns)
     }
 
-    /// Sorted set: every queued job of the namespace, as `{priority}|{created_at}|{id}`,
-    /// scored by its deadline: the global queue cap and the queue metrics.
-    pub fn queued(&self) -> String {
-        self.global("queued")
+    /// Sorted set: the queued jobs of one shard of the namespace, as
+    /// `{priority}|{created_at}|{id}`, scored by deadline: the global queue cap (each shard
+    /// holds its share) and the queue metrics.
+    pub fn queued(&self, shard: u16) -> String {
+        self.sharded(shard, "queued")
     }
 
     /// Sorted set: a tenant's queued jobs (scored by deadline), for its cap.
@@ -92,18 +132,18 @@ impl Keyspace {
         format!("{}:tenant:{{{tenant}}}:queued", self.ns)
     }
 
-    /// Sorted set: jobs that left the queue, scored by when (ms), kept for a minute: the
-    /// measured drain rate behind `Retry-After`.
-    pub fn drained(&self) -> String {
-        self.global("drained")
+    /// Sorted set: one shard's jobs that left the queue, scored by when (ms), kept for a
+    /// minute: the measured drain rate behind `Retry-After`.
+    pub fn drained(&self, shard: u16) -> String {
+        self.sharded(shard, "drained")
     }
 
-    /// Sorted set: every job admitted and not yet settled, as `{id}|{tenant}`, scored by when
+    /// Sorted set: one shard's jobs admitted and not yet settled, scored by when
     /// its tenant-side state is next compared with its record (ms). The reconciler walks it, so
     /// that a process that dies between a job's transition and its tenant's bookkeeping never
     /// leaves a reservation unsettled or a job short of a terminal state.
-    pub fn inflight(&self) -> String {
-        self.global("inflight")
+    pub fn inflight(&self, shard: u16) -> String {
+        self.sharded(shard, "inflight")
     }
 
     /// Sorted set: a tenant's jobs queued or running, scored by deadline (its concurrency cap).
@@ -279,10 +319,25 @@ mod tests {
         assert_eq!(ks.job(&id), format!("t1:job:{{{id}}}"));
         assert_eq!(ks.job_events(&id), format!("t1:job:{{{id}}}:events"));
         assert_eq!(ks.tenant_active("acme"), "t1:tenant:{acme}:active");
-        assert_eq!(ks.queued(), "t1:{t1}:queued");
+        assert_eq!(ks.queued(0), "t1:{t1}:queued");
         assert_eq!(ks.worker("w"), "t1:{t1}:worker:w");
         assert_eq!(ks.jobs_queue(), "t1.jobs.interactive");
         assert_eq!(ks.dead_letter_queue(), "t1.jobs.dead");
         assert!(ks.api_key("k").starts_with("t1:"));
+    }
+
+    #[test]
+    fn per_job_indexes_spread_over_their_shards() {
+        let one = Keyspace::new("t1");
+        assert_eq!(one.queue_shard_of(&Uuid::now_v7()), 0);
+        let ks = Keyspace::new("t1").with_queue_shards(4);
+        assert_eq!(ks.queued(0), "t1:{t1}:queued");
+        assert_eq!(ks.inflight(3), "t1:{t1.3}:inflight");
+        let mut seen = [0u32; 4];
+        for _ in 0..400 {
+            seen[usize::from(ks.queue_shard_of(&Uuid::now_v7()))] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+        assert_eq!(Keyspace::new("t1").with_queue_shards(0).queue_shards(), 1);
     }
 }

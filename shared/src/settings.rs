@@ -83,6 +83,13 @@ pub struct CommonSettings {
     #[arg(long, env = "SLUICE_NAMESPACE", default_value = "sluice", value_parser = parse_namespace)]
     pub namespace: String,
 
+    /// How many shards the namespace's per-job indexes (queued, drained, in flight) are split
+    /// into. One keeps the namespace's queue cap exact; more spread those writes over as many
+    /// Redis Cluster slots, each shard holding its share of the cap (rounded up). Every
+    /// process of a namespace must use the same count; a process with another refuses to start.
+    #[arg(long, env = "SLUICE_QUEUE_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub queue_shards: u16,
+
     /// Log format.
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -65,7 +65,7 @@ async fn full_queues_say_when_to_retry_and_write_nothing() {
     .await;
     // Delivered is not yet started: a job counts as queued until the worker's start script
     // takes it out of the queued set, and a worker stopped before that gives it back.
-    let queued = backends.ks.queued();
+    let queued = backends.ks.queued(0);
     wait_for("the jobs to start", Duration::from_secs(60), || {
         let mut redis = backends.redis.clone();
         let queued = queued.clone();

@@ -76,7 +76,8 @@ impl Worker {
             },
             metrics.clone(),
         )?;
-        let ks = Keyspace::new(settings.common.namespace.clone());
+        let ks = Keyspace::new(settings.common.namespace.clone())
+            .with_queue_shards(settings.common.queue_shards);
         let pool = create_pool_for(
             &settings.common.redis_url,
             settings.common.redis_cluster,
@@ -105,6 +106,11 @@ impl Worker {
             metrics,
             in_flight: Arc::new(AtomicUsize::new(0)),
         };
+        runner
+            .store
+            .check_queue_shards()
+            .await
+            .map_err(anyhow::Error::msg)?;
         Ok(Self {
             registry: WorkerRegistry::new(runner.store.pool().clone(), ks.clone()),
             settings,

@@ -330,11 +330,18 @@ impl JobStore {
         let now = job.created_at;
         let limit = |l: Option<u64>| l.map_or(-1, |v| v as i64);
 
+        // Each shard of the namespace's queue holds its share of the cap.
+        let shards = u64::from(self.ks.queue_shards());
+        let shard = self.ks.queue_shard_of(&job.id);
         let (outcome, queued, cap): (String, u64, u64) = GLOBAL_ENTER
-            .key(self.ks.queued())
-            .key(self.ks.inflight())
+            .key(self.ks.queued(shard))
+            .key(self.ks.inflight(shard))
             .arg(now)
-            .arg(limit(admission.max_queued.map(u64::from)))
+            .arg(limit(
+                admission
+                    .max_queued
+                    .map(|cap| u64::from(cap).div_ceil(shards)),
+            ))
             .arg(r.queued_member())
             .arg(r.deadline)
             .arg(r.inflight_member())
@@ -342,11 +349,15 @@ impl JobStore {
             .invoke_async(&mut conn)
             .await?;
         if outcome != "ok" {
+            // In the shard's terms: `queued` of the namespace's jobs, as far as this shard
+            // tells, against the whole cap.
             return Ok(AdmitOutcome::QueueFull {
                 tenant: false,
-                queued,
-                limit: cap,
-                retry_after_secs: self.retry_after(&mut conn, queued + 1 - cap, now).await,
+                queued: queued * shards,
+                limit: admission.max_queued.map_or(cap, u64::from),
+                retry_after_secs: self
+                    .retry_after(&mut conn, (queued + 1 - cap) * shards, now)
+                    .await,
             });
         }
 
@@ -375,7 +386,13 @@ impl JobStore {
             .arg(limit(admission.max_queued_tenant.map(u64::from)))
             .arg(job.id.to_string())
             .arg(job.deadline)
-            .arg(format!("{}|{day}|{month}", admission.reserve))
+            .arg(reservation_record(
+                admission.reserve,
+                &day,
+                &month,
+                &fingerprint,
+                &idem_key,
+            ))
             .invoke_async(&mut conn)
             .await?;
         if outcome != "ok" {
@@ -455,13 +472,16 @@ impl JobStore {
     /// from the jobs that left the queue in the last minute: the time they take to drain at
     /// that rate, 1 s to 5 minutes; 30 s when none left, or when Redis does not say.
     async fn retry_after(&self, conn: &mut Connection, excess: u64, now: u64) -> u64 {
-        let drained: Result<u64, _> = redis::cmd("ZCOUNT")
-            .arg(self.ks.drained())
-            .arg(format!("({}", now.saturating_sub(60_000)))
-            .arg("+inf")
-            .query_async(conn)
-            .await;
-        match drained {
+        let since = format!("({}", now.saturating_sub(60_000));
+        let counts = (0..self.ks.queue_shards())
+            .map(|shard| {
+                let mut cmd = redis::cmd("ZCOUNT");
+                cmd.arg(self.ks.drained(shard)).arg(&since).arg("+inf");
+                cmd
+            })
+            .collect();
+        let drained: Result<Vec<u64>, _> = query_each(conn, counts).await;
+        match drained.map(|counts| counts.iter().sum::<u64>()) {
             Ok(d) if d > 0 => (excess.max(1) * 60).div_ceil(d).clamp(1, 300),
             _ => 30,
         }
@@ -476,10 +496,11 @@ impl JobStore {
         op: &str,
         now: u64,
     ) -> Result<(), StoreError> {
+        let shard = self.ks.queue_shard_of(&r.id);
         GLOBAL_UPDATE
-            .key(self.ks.queued())
-            .key(self.ks.drained())
-            .key(self.ks.inflight())
+            .key(self.ks.queued(shard))
+            .key(self.ks.drained(shard))
+            .key(self.ks.inflight(shard))
             .arg(now)
             .arg(op)
             .arg(r.queued_member())
@@ -525,6 +546,22 @@ impl JobStore {
         self.global(conn, r, "remove", sluice_proto::now_ms())
             .await?;
         Ok(settled == 1)
+    }
+
+    /// The idempotency record that a job's reservation names, if its admission had one.
+    async fn reserved_idempotency(
+        &self,
+        conn: &mut Connection,
+        r: &JobRef,
+    ) -> Result<Option<String>, StoreError> {
+        let record: Option<String> = redis::cmd("HGET")
+            .arg(self.ks.tenant_reservations(&r.tenant))
+            .arg(r.id.to_string())
+            .query_async(conn)
+            .await?;
+        Ok(record
+            .and_then(|v| v.splitn(4, '|').nth(3).map(str::to_string))
+            .filter(|k| !k.is_empty()))
     }
 
     /// [`JobStore::settle`] after a transition that already happened: a failure is logged,
@@ -824,20 +861,24 @@ impl JobStore {
     #[tracing::instrument(level = "debug", skip_all, name = "store.reconcile")]
     pub async fn reconcile(&self, now: u64, limit: usize) -> Result<Reconciled, StoreError> {
         let mut conn = self.conn().await?;
-        let due: Vec<String> = GLOBAL_CLAIM
-            .key(self.ks.inflight())
-            .arg(now)
-            .arg(now + RECHECK_MS)
-            .arg(limit.max(1))
-            .invoke_async(&mut conn)
-            .await?;
+        let mut due = Vec::new();
+        for shard in 0..self.ks.queue_shards() {
+            let claimed: Vec<String> = GLOBAL_CLAIM
+                .key(self.ks.inflight(shard))
+                .arg(now)
+                .arg(now + RECHECK_MS)
+                .arg(limit.max(1))
+                .invoke_async(&mut conn)
+                .await?;
+            due.extend(claimed.into_iter().map(|m| (shard, m)));
+        }
         let mut report = Reconciled::default();
-        for member in due {
+        for (shard, member) in due {
             report.examined += 1;
             let Some(r) = JobRef::parse_inflight(&member) else {
                 tracing::error!(member, "malformed in-flight entry dropped");
                 let _: Result<i64, _> = redis::cmd("ZREM")
-                    .arg(self.ks.inflight())
+                    .arg(self.ks.inflight(shard))
                     .arg(&member)
                     .query_async(&mut conn)
                     .await;
@@ -867,7 +908,10 @@ impl JobStore {
                         .invoke_async(&mut conn)
                         .await?;
                     if fenced == 1 {
-                        self.settle(&mut conn, &r, 0, None).await?;
+                        // A retry with the admission's idempotency key must not get this
+                        // failed job: its record goes with the refund.
+                        let idem = self.reserved_idempotency(&mut conn, &r).await?;
+                        self.settle(&mut conn, &r, 0, idem.as_deref()).await?;
                         report.fenced += 1;
                     } else if status.is_some() {
                         tracing::error!(job = %r.id, ?status, "job record with an unknown status");
@@ -940,22 +984,70 @@ impl JobStore {
     /// whose size the queue caps bound; meant for a metrics scrape, not for every request.
     pub async fn queue_stats(&self, now_ms: u64) -> Result<Vec<QueueStats>, StoreError> {
         let mut conn = self.conn().await?;
-        let flat: Vec<(String, u64, u64)> = QUEUE_STATS
-            .key(self.ks.queued())
-            .arg(now_ms)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(Priority::ALL
+        let mut stats: Vec<QueueStats> = Priority::ALL
             .iter()
-            .map(|&priority| {
-                let found = flat.iter().find(|(p, _, _)| p == priority.as_str());
-                QueueStats {
-                    priority,
-                    depth: found.map_or(0, |f| f.1),
-                    oldest_created_ms: found.map(|f| f.2).filter(|&t| t > 0),
-                }
+            .map(|&priority| QueueStats {
+                priority,
+                depth: 0,
+                oldest_created_ms: None,
             })
-            .collect())
+            .collect();
+        for shard in 0..self.ks.queue_shards() {
+            let flat: Vec<(String, u64, u64)> = QUEUE_STATS
+                .key(self.ks.queued(shard))
+                .arg(now_ms)
+                .invoke_async(&mut conn)
+                .await?;
+            for s in &mut stats {
+                if let Some((_, depth, oldest)) = flat.iter().find(|f| f.0 == s.priority.as_str()) {
+                    s.depth += depth;
+                    if *oldest > 0 {
+                        s.oldest_created_ms =
+                            Some(s.oldest_created_ms.map_or(*oldest, |o| o.min(*oldest)));
+                    }
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Records this process's queue shard count as the namespace's, or checks it against the
+    /// one recorded by the first process: processes that split the per-job indexes
+    /// differently would not find each other's entries. `Ok(Some(n))` names a different
+    /// count already in use.
+    pub async fn claim_queue_shards(&self) -> Result<Option<u16>, StoreError> {
+        let mut conn = self.conn().await?;
+        let key = self.ks.queue_shards_record();
+        let mine = self.ks.queue_shards();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(mine)
+            .arg("NX")
+            .query_async(&mut conn)
+            .await?;
+        let recorded: Option<u16> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+        Ok(recorded.filter(|&n| n != mine))
+    }
+
+    /// At a process's start: [`JobStore::claim_queue_shards`], an error naming the fix on a
+    /// mismatch; a warning only if Redis does not answer yet (the process starts anyway, as
+    /// it does without Redis).
+    pub async fn check_queue_shards(&self) -> Result<(), String> {
+        match self.claim_queue_shards().await {
+            Ok(None) => Ok(()),
+            Ok(Some(recorded)) => Err(format!(
+                "namespace {ns:?} keeps its queue indexes in {recorded} shard(s), this process \
+                 is set to {mine} (--queue-shards, SLUICE_QUEUE_SHARDS): set the same count \
+                 everywhere, or drain the namespace's queues and delete {key} to change it",
+                ns = self.ks.namespace(),
+                mine = self.ks.queue_shards(),
+                key = self.ks.queue_shards_record(),
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check the namespace's queue shard count yet");
+                Ok(())
+            }
+        }
     }
 
     /// For each job, whether a client asked to cancel it (one round trip on one server).
@@ -985,6 +1077,23 @@ pub struct QueueStats {
     pub depth: u64,
     /// `created_at` (ms) of the oldest queued job of the class, if any.
     pub oldest_created_ms: Option<u64>,
+}
+
+/// A reservation as `tenant_admit.lua` records it and `tenant_settle.lua` reads it:
+/// `{reserve}|{day}|{month}`, then `|{idempotency record}` when the admission has one, so that
+/// the reconciler can drop that record with the reservation of an admission it fences.
+fn reservation_record(
+    reserve: u64,
+    day: &str,
+    month: &str,
+    fingerprint: &str,
+    idem: &str,
+) -> String {
+    if fingerprint.is_empty() {
+        format!("{reserve}|{day}|{month}")
+    } else {
+        format!("{reserve}|{day}|{month}|{idem}")
+    }
 }
 
 fn view_from_fields(

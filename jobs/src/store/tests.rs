@@ -41,6 +41,11 @@ pub(crate) fn cluster_nodes() -> Vec<String> {
 
 impl Fixture {
     fn on(cluster: bool) -> Self {
+        Self::sharded(cluster, 1)
+    }
+
+    /// A store whose namespace keeps its per-job indexes in `shards` shards.
+    fn sharded(cluster: bool, shards: u16) -> Self {
         let nodes = if cluster {
             cluster_nodes()
         } else {
@@ -53,7 +58,8 @@ impl Fixture {
         )
         .expect("pool");
         assert_eq!(pool.is_cluster(), cluster);
-        let ks = Keyspace::new(format!("jobs-unit-{}", Uuid::now_v7().simple()));
+        let ks = Keyspace::new(format!("jobs-unit-{}", Uuid::now_v7().simple()))
+            .with_queue_shards(shards);
         Self {
             store: JobStore::new(pool.clone(), ks, 600),
             pool,
@@ -97,11 +103,16 @@ impl Fixture {
 
     /// The ids in the namespace's queued set (members `{priority}|{created_at}|{id}`).
     async fn queued_ids(&self) -> Vec<String> {
-        let members = self.members(&self.ks().queued()).await;
-        members
-            .iter()
-            .map(|m| m.rsplit('|').next().unwrap_or_default().to_string())
-            .collect()
+        let mut ids = Vec::new();
+        for shard in 0..self.ks().queue_shards() {
+            let members = self.members(&self.ks().queued(shard)).await;
+            ids.extend(
+                members
+                    .iter()
+                    .map(|m| m.rsplit('|').next().unwrap_or_default().to_string()),
+            );
+        }
+        ids
     }
 
     /// The tenant's unsettled reservations: job id → `{tokens}|{day}|{month}`.
@@ -129,8 +140,13 @@ impl Fixture {
         assert!(queued.is_empty(), "tenant queued: {queued:?}");
         let queued = self.queued_ids().await;
         assert!(queued.is_empty(), "queued: {queued:?}");
-        let inflight = self.members(&self.ks().inflight()).await;
-        assert!(inflight.is_empty(), "in flight: {inflight:?}");
+        for shard in 0..self.ks().queue_shards() {
+            let inflight = self.members(&self.ks().inflight(shard)).await;
+            assert!(
+                inflight.is_empty(),
+                "in flight (shard {shard}): {inflight:?}"
+            );
+        }
     }
 
     async fn ttl(&self, key: &str) -> i64 {
@@ -741,7 +757,7 @@ async fn reconcile_finishes_what_a_crash_left_half_done(f: Fixture) {
     {
         let mut conn = f.pool.get().await.expect("conn");
         let _: () = redis::cmd("ZADD")
-            .arg(f.ks().queued())
+            .arg(f.ks().queued(f.ks().queue_shard_of(&running.id)))
             .arg(running.deadline)
             .arg(JobRef::of(&running).queued_member())
             .query_async(&mut conn)
@@ -864,6 +880,55 @@ async fn an_admission_whose_answer_was_lost_is_abandoned_at_once(f: Fixture) {
     f.store.abandon(&running, None).await.expect("abandon");
     assert_eq!(f.hash(&f.ks().job(&running.id)).await["status"], "running");
     assert_eq!(f.day_used(&running).await, 5);
+}
+
+async fn a_fenced_admission_frees_its_idempotency_key(f: Fixture) {
+    let key = f.ks().idempotency(TENANT, "fenced");
+    let admission = Admission {
+        reserve: 40,
+        idempotency: Some((key.clone(), "fp".into())),
+        ..Admission::default()
+    };
+    // The tenant's step ran and wrote the idempotency record; the process died before the
+    // job's record.
+    let orphan = job();
+    assert_eq!(
+        f.store.admit(&orphan, &admission).await.expect("admit"),
+        AdmitOutcome::Admitted
+    );
+    f.forget_record(&orphan).await;
+    let pass = f
+        .store
+        .reconcile(sluice_proto::now_ms() + ADMISSION_GRACE_MS + 1, 100)
+        .await
+        .expect("reconcile");
+    assert_eq!(pass.fenced, 1);
+    assert_eq!(f.day_used(&orphan).await, 0, "refunded");
+    assert_eq!(
+        f.ttl(&key).await,
+        -2,
+        "the key no longer names the fenced job"
+    );
+
+    // The client's retry with the same key is a new job, not the failed one.
+    let retry = job();
+    assert_eq!(
+        f.store.admit(&retry, &admission).await.expect("admit"),
+        AdmitOutcome::Admitted
+    );
+    assert_eq!(f.day_used(&retry).await, 40);
+    // A finished job keeps its key: a retry replays it.
+    f.store.start(&retry.id, 3, "w").await.expect("start");
+    assert!(
+        f.store
+            .finish(&retry.id, &succeeded(4, 8))
+            .await
+            .expect("finish")
+    );
+    assert_eq!(
+        f.store.admit(&job(), &admission).await.expect("admit"),
+        AdmitOutcome::Duplicate(retry.id)
+    );
 }
 
 async fn a_queued_job_whose_message_was_lost_expires_and_is_refunded(f: Fixture) {
@@ -1023,8 +1088,93 @@ cases!(
     reconcile_finishes_what_a_crash_left_half_done,
     a_queued_job_whose_message_was_lost_expires_and_is_refunded,
     an_admission_whose_answer_was_lost_is_abandoned_at_once,
+    a_fenced_admission_frees_its_idempotency_key,
     concurrent_jobs_and_a_reconciler_keep_the_quota_exact,
 );
+
+/// The cases that do not depend on the namespace's queue cap being exact, on the cluster with
+/// the per-job indexes in 4 shards (`--queue-shards 4`).
+mod sharded {
+    macro_rules! sharded {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Fixture::sharded(true, 4)).await
+                }
+            )*
+        };
+    }
+    sharded!(
+        admit_writes_a_queued_record_and_reserves_its_tokens,
+        rollback_removes_the_record_refunds_and_frees_the_idempotency_key,
+        release_queues_a_running_job_again_without_counting_the_attempt,
+        queue_stats_count_queued_jobs_by_priority,
+        reconcile_finishes_what_a_crash_left_half_done,
+        a_queued_job_whose_message_was_lost_expires_and_is_refunded,
+        a_fenced_admission_frees_its_idempotency_key,
+        concurrent_jobs_and_a_reconciler_keep_the_quota_exact,
+        each_shard_holds_its_share_of_the_namespace_cap,
+    );
+}
+
+/// With the indexes in shards, the namespace's cap holds per shard (its share, rounded up):
+/// the namespace never queues more than the shares add up to, and processes configured with
+/// another shard count refuse to start.
+async fn each_shard_holds_its_share_of_the_namespace_cap(f: Fixture) {
+    let shards = u64::from(f.ks().queue_shards());
+    let admission = Admission {
+        max_queued: Some(6),
+        ..Admission::default()
+    };
+    let share = 6u64.div_ceil(shards);
+    let mut admitted = 0u64;
+    let mut refused = 0;
+    for _ in 0..60 {
+        match f.store.admit(&job(), &admission).await.expect("admit") {
+            AdmitOutcome::Admitted => admitted += 1,
+            AdmitOutcome::QueueFull {
+                tenant: false,
+                limit: 6,
+                ..
+            } => refused += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        admitted,
+        share * shards,
+        "every shard full, none over its share"
+    );
+    assert_eq!(refused, 60 - admitted);
+    let depth: u64 = f
+        .store
+        .queue_stats(sluice_proto::now_ms())
+        .await
+        .expect("stats")
+        .iter()
+        .map(|s| s.depth)
+        .sum();
+    assert_eq!(depth, admitted, "the metrics add the shards up");
+
+    assert_eq!(
+        f.store.check_queue_shards().await,
+        Ok(()),
+        "records the count"
+    );
+    assert_eq!(
+        f.store.check_queue_shards().await,
+        Ok(()),
+        "and agrees with it"
+    );
+    let other = JobStore::new(
+        f.pool.clone(),
+        Keyspace::new(f.ks().namespace()).with_queue_shards(f.ks().queue_shards() + 1),
+        600,
+    );
+    let refused = other.check_queue_shards().await.expect_err("another count");
+    assert!(refused.contains("--queue-shards"), "{refused}");
+}
 
 /// The busy tenant again on the cluster, while the primary that holds the tenant's slot hands
 /// over to its replica (`CLUSTER FAILOVER`): no job is lost, no token overspent or refunded

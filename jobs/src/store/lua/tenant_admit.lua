@@ -3,7 +3,7 @@
 -- reservations.
 -- ARGV: now, max_active (-1 = unlimited), day limit, month limit, reserve, idempotency
 -- fingerprint ('' = none), idempotency ttl, max queued for the tenant, job id, deadline,
--- reservation record ({reserve}|{day}|{month}).
+-- reservation record ({reserve}|{day}|{month}, then |{idempotency record} when there is one).
 -- Checks and reserves everything of the tenant's at once; a refusal changes nothing.
 local now = tonumber(ARGV[1])
 -- A retried call (the client did not see the first reply) reserves nothing more.

@@ -17,9 +17,12 @@ if not r then
   redis.call('ZREM', KEYS[3], id)
   return 0
 end
+-- {reserve}|{day}|{month}, then |{idempotency record} when the admission had one.
 local a = string.find(r, '|', 1, true)
 local b = string.find(r, '|', a + 1, true)
-if string.sub(r, a + 1, b - 1) ~= ARGV[3] or string.sub(r, b + 1) ~= ARGV[4] then return -1 end
+local c = string.find(r, '|', b + 1, true)
+local month = c and string.sub(r, b + 1, c - 1) or string.sub(r, b + 1)
+if string.sub(r, a + 1, b - 1) ~= ARGV[3] or month ~= ARGV[4] then return -1 end
 redis.call('HDEL', KEYS[1], id)
 redis.call('ZREM', KEYS[2], id)
 redis.call('ZREM', KEYS[3], id)
