@@ -65,16 +65,21 @@ async fn full_queues_say_when_to_retry_and_write_nothing() {
     .await;
     // Delivered is not yet started: a job counts as queued until the worker's start script
     // takes it out of the queued set, and a worker stopped before that gives it back.
-    let queued = backends.ks.queued(0);
+    let queued: Vec<String> = (0..backends.ks.queue_shards())
+        .map(|shard| backends.ks.queued(shard))
+        .collect();
     wait_for("the jobs to start", Duration::from_secs(60), || {
         let mut redis = backends.redis.clone();
         let queued = queued.clone();
         async move {
-            let n: u64 = redis::cmd("ZCARD")
-                .arg(&queued)
-                .query_async(&mut redis)
-                .await
-                .expect("zcard");
+            let mut n = 0u64;
+            for key in &queued {
+                n += redis::cmd("ZCARD")
+                    .arg(key)
+                    .query_async::<u64>(&mut redis)
+                    .await
+                    .expect("zcard");
+            }
             (n == 0).then_some(())
         }
     })

@@ -32,7 +32,7 @@ impl Backends {
             .await
             .expect("amqp");
         let channel = amqp.create_channel().await.expect("channel");
-        let ks = Keyspace::new(ns);
+        let ks = Keyspace::new(ns).with_queue_shards(queue_shards());
         sluice_jobs::amqp::declare_topology(
             &channel,
             &ks,
@@ -231,4 +231,13 @@ pub async fn job_record_keys(redis: &mut TestRedis, ns: &str) -> Vec<String> {
     keys.into_iter()
         .filter(|k| !k.ends_with(":events"))
         .collect()
+}
+
+/// The queue shard count that the APIs and workers of this run use: `SLUICE_QUEUE_SHARDS`,
+/// which they read too, else 1.
+pub fn queue_shards() -> u16 {
+    std::env::var("SLUICE_QUEUE_SHARDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
 }
