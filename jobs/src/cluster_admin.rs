@@ -82,9 +82,15 @@ pub async fn nodes(urls: &[String]) -> Result<Vec<ClusterNode>, RedisError> {
         .unwrap_or_else(|| RedisError::from(std::io::Error::other("no cluster node URL given"))))
 }
 
-/// Fails the primary serving `key` over to one of its replicas and waits until the replica
-/// reports itself primary. Returns the promoted node's `host:port`.
-pub async fn fail_over_primary_of(urls: &[String], key: &str) -> Result<String, RedisError> {
+fn failed(what: &str) -> RedisError {
+    RedisError::from(std::io::Error::other(what.to_string()))
+}
+
+/// The primary serving `key` and a healthy replica of it.
+async fn primary_and_replica_of(
+    urls: &[String],
+    key: &str,
+) -> Result<(ClusterNode, ClusterNode), RedisError> {
     let mut any = connect(&urls[0]).await?;
     let slot: u16 = redis::cmd("CLUSTER")
         .arg("KEYSLOT")
@@ -95,26 +101,117 @@ pub async fn fail_over_primary_of(urls: &[String], key: &str) -> Result<String, 
     let primary = all
         .iter()
         .find(|n| n.primary && n.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
-        .ok_or_else(|| RedisError::from(std::io::Error::other("no primary serves the slot")))?;
+        .ok_or_else(|| failed("no primary serves the slot"))?;
     let replica = all
         .iter()
         .find(|n| n.primary_id.as_deref() == Some(primary.id.as_str()) && !n.failing)
-        .ok_or_else(|| RedisError::from(std::io::Error::other("the primary has no replica")))?;
+        .ok_or_else(|| failed("the primary has no replica"))?;
+    Ok((primary.clone(), replica.clone()))
+}
+
+/// Waits until the node at `addr` reports itself primary (at most `secs` seconds).
+async fn until_primary(addr: &str, secs: u64) -> Result<(), RedisError> {
+    for _ in 0..secs * 20 {
+        if let Ok(mut c) = connect(&url_of(addr)).await {
+            let role: Result<Vec<redis::Value>, _> = redis::cmd("ROLE").query_async(&mut c).await;
+            if let Ok(role) = role
+                && role.first() == Some(&redis::Value::BulkString(b"master".to_vec()))
+            {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(failed(&format!("{addr} did not take over within {secs} s")))
+}
+
+/// Fails the primary serving `key` over to one of its replicas and waits until the replica
+/// reports itself primary. Returns the promoted node's `host:port`.
+pub async fn fail_over_primary_of(urls: &[String], key: &str) -> Result<String, RedisError> {
+    let (_, replica) = primary_and_replica_of(urls, key).await?;
     let mut c = connect(&url_of(&replica.addr)).await?;
     let _: () = redis::cmd("CLUSTER")
         .arg("FAILOVER")
         .query_async(&mut c)
         .await?;
-    for _ in 0..200 {
-        let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await?;
-        if role.first() == Some(&redis::Value::BulkString(b"master".to_vec())) {
-            return Ok(replica.addr.clone());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    until_primary(&replica.addr, 10).await?;
+    Ok(replica.addr)
+}
+
+/// A primary killed by [`kill_primary_of`], and what it takes to start it again.
+#[derive(Debug, Clone)]
+pub struct KilledPrimary {
+    /// The replica that took over, `host:port`.
+    pub promoted: String,
+    /// The killed node, `host:port`.
+    pub addr: String,
+    /// Its settings file (the test cluster of `scripts/redis-cluster` writes one per node).
+    pub config: String,
+}
+
+/// Kills the primary serving `key` outright (`SIGKILL`, the way a crashed or lost machine
+/// goes), on this machine, and waits until its replica has taken over (the cluster's node
+/// timeout, then an election).
+pub async fn kill_primary_of(urls: &[String], key: &str) -> Result<KilledPrimary, RedisError> {
+    let (primary, replica) = primary_and_replica_of(urls, key).await?;
+    let mut c = connect(&url_of(&primary.addr)).await?;
+    let dir: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("dir")
+        .query_async(&mut c)
+        .await?;
+    let dir = dir
+        .into_iter()
+        .nth(1)
+        .ok_or_else(|| failed("no dir setting"))?;
+    let pid: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async::<String>(&mut c)
+        .await?
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .map(|p| p.trim().to_string())
+        .ok_or_else(|| failed("no process id"))?;
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .map_err(RedisError::from)?;
+    if !killed.success() {
+        return Err(failed(&format!("kill -KILL {pid} failed")));
     }
-    Err(RedisError::from(std::io::Error::other(
-        "the replica did not take over within 10 s",
-    )))
+    until_primary(&replica.addr, 20).await?;
+    Ok(KilledPrimary {
+        promoted: replica.addr,
+        addr: primary.addr,
+        config: format!("{dir}/redis.conf"),
+    })
+}
+
+impl KilledPrimary {
+    /// Starts the killed node again and waits until it serves as a replica in sync (it
+    /// rejoins as one of the node that took over).
+    pub async fn restart(&self) -> Result<(), RedisError> {
+        let started = std::process::Command::new("redis-server")
+            .arg(&self.config)
+            .status()
+            .map_err(RedisError::from)?;
+        if !started.success() {
+            return Err(failed(&format!("redis-server {} failed", self.config)));
+        }
+        for _ in 0..600 {
+            if let Ok(mut c) = connect(&url_of(&self.addr)).await {
+                let info: Result<String, _> = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut c)
+                    .await;
+                if info.is_ok_and(|i| i.contains("master_link_status:up")) {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(failed(&format!("{} did not rejoin within 30 s", self.addr)))
+    }
 }
 
 #[cfg(test)]
