@@ -114,6 +114,8 @@ tokens = statuses.pop("_tokens", 0)
 usage = call("GET", "/v1/usage")[1]
 print(f"submits: {len(accepted)} accepted, refused {refused}")
 print(f"accepted jobs by end state: {statuses}; not terminal after 2 min: {len(pending)}")
+if not pending:
+    print(f"every accepted job ended by {time.time() - killed_at:.1f} s after the kill")
 def books(when):
     usage = call("GET", "/v1/usage")[1]
     print(f"{when}: tenant counter today {usage and usage['usage']['tokens_today']}, "
