@@ -188,6 +188,9 @@ pub const RECHECK_MS: u64 = 30_000;
 /// A job still queued or running this long past its deadline has no process left that will end
 /// it (workers stop a job at its deadline): the reconciler expires it.
 pub const EXPIRY_GRACE_MS: u64 = 120_000;
+/// How long a retry that names a job by its idempotency key waits for that job's record
+/// ([`JobStore::until_written`]): an admission writes it two script calls after the key.
+pub const DUPLICATE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The job's identity as the tenant's and the namespace's sets name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -403,12 +406,12 @@ impl JobStore {
             }
             return Ok(match outcome.as_str() {
                 "duplicate" => {
-                    AdmitOutcome::Duplicate(Uuid::parse_str(&existing).map_err(|e| {
-                        StoreError::Corrupt {
-                            id: job.id,
-                            detail: format!("idempotency record names {existing:?}: {e}"),
-                        }
-                    })?)
+                    let id = Uuid::parse_str(&existing).map_err(|e| StoreError::Corrupt {
+                        id: job.id,
+                        detail: format!("idempotency record names {existing:?}: {e}"),
+                    })?;
+                    self.until_written(&mut conn, &id).await?;
+                    AdmitOutcome::Duplicate(id)
                 }
                 "idempotency_mismatch" => AdmitOutcome::IdempotencyMismatch,
                 "tenant_queue_full" => AdmitOutcome::QueueFull {
@@ -466,6 +469,28 @@ impl JobStore {
             )));
         }
         Ok(AdmitOutcome::Admitted)
+    }
+
+    /// Waits until the record of `id`, a job named by an idempotency record, exists: its
+    /// admission writes the idempotency record a moment before the job's, so a concurrent
+    /// retry can find the first before the second. An admission that does not write it within
+    /// [`DUPLICATE_WAIT`] is stalled or dead (the reconciler fences it and frees the key), and
+    /// the retry is told to come back rather than given an id that reads as missing.
+    async fn until_written(&self, conn: &mut Connection, id: &Uuid) -> Result<(), StoreError> {
+        let key = self.ks.job(id);
+        let started = std::time::Instant::now();
+        loop {
+            let exists: bool = redis::cmd("EXISTS").arg(&key).query_async(conn).await?;
+            if exists {
+                return Ok(());
+            }
+            if started.elapsed() >= DUPLICATE_WAIT {
+                return Err(StoreError::Unavailable(format!(
+                    "job {id}, which this Idempotency-Key names, is still being admitted"
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// `Retry-After` for `excess` jobs over a queue cap (the namespace's or a tenant's share),

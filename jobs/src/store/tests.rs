@@ -414,6 +414,33 @@ async fn an_idempotency_key_replays_its_job_and_refuses_another_request(f: Fixtu
     assert!(f.hash(&f.ks().job(&retry.id)).await.is_empty());
     assert_eq!(f.day_used(&first).await, 40, "reserved once");
     assert!(f.ttl(&key).await > 0);
+
+    // A retry racing the admission, which writes the key a moment before the record: the
+    // retry waits for the record and then names the job.
+    let record = f.hash(&f.ks().job(&first.id)).await;
+    f.forget_record(&first).await;
+    let writer = {
+        let pool = f.pool.clone();
+        let job_key = f.ks().job(&first.id);
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let mut conn = pool.get().await.expect("conn");
+            let mut hset = redis::cmd("HSET");
+            hset.arg(job_key);
+            for (k, v) in record {
+                hset.arg(k).arg(v);
+            }
+            let _: () = hset.query_async(&mut conn).await.expect("HSET");
+        })
+    };
+    assert_eq!(
+        f.store
+            .admit(&job(), &admission("fp-1"))
+            .await
+            .expect("admit"),
+        AdmitOutcome::Duplicate(first.id)
+    );
+    writer.await.expect("writer");
 }
 
 async fn rollback_removes_the_record_refunds_and_frees_the_idempotency_key(f: Fixture) {
@@ -897,6 +924,13 @@ async fn a_fenced_admission_frees_its_idempotency_key(f: Fixture) {
         AdmitOutcome::Admitted
     );
     f.forget_record(&orphan).await;
+    // Meanwhile a retry is told to come back, not given an id that reads as missing.
+    let waited = std::time::Instant::now();
+    assert!(matches!(
+        f.store.admit(&job(), &admission).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(waited.elapsed() >= DUPLICATE_WAIT);
     let pass = f
         .store
         .reconcile(sluice_proto::now_ms() + ADMISSION_GRACE_MS + 1, 100)
