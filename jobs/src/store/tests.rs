@@ -51,6 +51,11 @@ impl Fixture {
         } else {
             vec![single_url()]
         };
+        Self::on_nodes(nodes, cluster, shards)
+    }
+
+    /// A store over the given server or cluster nodes.
+    fn on_nodes(nodes: Vec<String>, cluster: bool, shards: u16) -> Self {
         let pool = crate::redis_pool::create_pool_for(
             &sluice_shared::Secret::new(nodes.join(",")),
             cluster,
@@ -128,6 +133,28 @@ impl Fixture {
             .query_async(&mut conn)
             .await
             .expect("DEL");
+    }
+
+    /// A job admitted with the idempotency key `name` whose record was then deleted, as if its
+    /// admission stopped between the tenant's step and the job's; with its key and admission.
+    async fn admitted_without_record(
+        &self,
+        name: &str,
+        reserve: u64,
+    ) -> (JobMessage, String, Admission) {
+        let key = self.ks().idempotency(TENANT, name);
+        let admission = Admission {
+            reserve,
+            idempotency: Some((key.clone(), "fp".into())),
+            ..Admission::default()
+        };
+        let job = job();
+        assert_eq!(
+            self.store.admit(&job, &admission).await.expect("admit"),
+            AdmitOutcome::Admitted
+        );
+        self.forget_record(&job).await;
+        (job, key, admission)
     }
 
     /// Asserts that nothing is left reserved, active or queued for the tenant, queued in the
@@ -870,19 +897,8 @@ async fn reconcile_finishes_what_a_crash_left_half_done(f: Fixture) {
 }
 
 async fn an_admission_whose_answer_was_lost_is_abandoned_at_once(f: Fixture) {
-    let key = f.ks().idempotency(TENANT, "lost");
-    let admission = Admission {
-        reserve: 90,
-        idempotency: Some((key.clone(), "fp".into())),
-        ..Admission::default()
-    };
     // The tenant's step ran, the record was never written (Redis went away in between).
-    let job = job();
-    assert_eq!(
-        f.store.admit(&job, &admission).await.expect("admit"),
-        AdmitOutcome::Admitted
-    );
-    f.forget_record(&job).await;
+    let (job, key, _) = f.admitted_without_record("lost", 90).await;
     assert_eq!(f.day_used(&job).await, 90);
     f.store.abandon(&job, Some(&key)).await.expect("abandon");
     assert_eq!(
@@ -910,20 +926,9 @@ async fn an_admission_whose_answer_was_lost_is_abandoned_at_once(f: Fixture) {
 }
 
 async fn a_fenced_admission_frees_its_idempotency_key(f: Fixture) {
-    let key = f.ks().idempotency(TENANT, "fenced");
-    let admission = Admission {
-        reserve: 40,
-        idempotency: Some((key.clone(), "fp".into())),
-        ..Admission::default()
-    };
     // The tenant's step ran and wrote the idempotency record; the process died before the
     // job's record.
-    let orphan = job();
-    assert_eq!(
-        f.store.admit(&orphan, &admission).await.expect("admit"),
-        AdmitOutcome::Admitted
-    );
-    f.forget_record(&orphan).await;
+    let (orphan, key, admission) = f.admitted_without_record("fenced", 40).await;
     // Meanwhile a retry is told to come back, not given an id that reads as missing.
     let waited = std::time::Instant::now();
     assert!(matches!(
@@ -1212,18 +1217,29 @@ async fn each_shard_holds_its_share_of_the_namespace_cap(f: Fixture) {
     assert!(refused.contains("--queue-shards"), "{refused}");
 }
 
+/// The busy tenant of 80 jobs, with `fault` done to the primary that holds the tenant's slot
+/// 150 ms in (given the nodes' URLs and a key of the slot); its ids and what `fault` returned.
+async fn busy_tenant_through<T, Fut: std::future::Future<Output = T>>(
+    f: &Fixture,
+    fault: impl FnOnce(Vec<String>, String) -> Fut,
+) -> (Vec<Uuid>, T) {
+    let fault = fault(f.nodes.clone(), f.ks().tenant_reservations(TENANT));
+    tokio::join!(busy_tenant(f, 80), async move {
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        fault.await
+    })
+}
+
 /// The busy tenant again on the cluster, while the primary that holds the tenant's slot hands
 /// over to its replica (`CLUSTER FAILOVER`): no job is lost, no token overspent or refunded
 /// twice, every job ends.
 #[tokio::test]
 async fn a_primary_failover_mid_run_loses_no_job_and_no_token() {
     let f = Fixture::on(true);
-    let tenant_key = f.ks().tenant_reservations(TENANT);
-    let nodes = f.nodes.clone();
-    let (ids, promoted) = tokio::join!(busy_tenant(&f, 80), async move {
-        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-        crate::cluster_admin::fail_over_primary_of(&nodes, &tenant_key).await
-    });
+    let (ids, promoted) = busy_tenant_through(&f, |nodes, key| async move {
+        crate::cluster_admin::fail_over_primary_of(&nodes, &key).await
+    })
+    .await;
     let promoted = promoted.expect("failover");
     assert_books_balance(&f, &ids).await;
     // The reservations now live on the promoted node.
@@ -1297,24 +1313,11 @@ impl Drop for OwnCluster {
 #[tokio::test]
 async fn a_primary_killed_mid_run_loses_no_job_and_no_token() {
     let cluster = OwnCluster::start();
-    let pool = crate::redis_pool::create_pool_for(
-        &sluice_shared::Secret::new(cluster.urls.join(",")),
-        true,
-        2,
-    )
-    .expect("pool");
-    let ks = Keyspace::new(format!("jobs-unit-{}", Uuid::now_v7().simple()));
-    let f = Fixture {
-        store: JobStore::new(pool.clone(), ks, 600),
-        pool,
-        nodes: cluster.urls.clone(),
-    };
-    let tenant_key = f.ks().tenant_reservations(TENANT);
-    let nodes = f.nodes.clone();
-    let (ids, killed) = tokio::join!(busy_tenant(&f, 80), async move {
-        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-        crate::cluster_admin::kill_primary_of(&nodes, &tenant_key).await
-    });
+    let f = Fixture::on_nodes(cluster.urls.clone(), true, 1);
+    let (ids, killed) = busy_tenant_through(&f, |nodes, key| async move {
+        crate::cluster_admin::kill_primary_of(&nodes, &key).await
+    })
+    .await;
     let killed = killed.expect("kill");
     assert_books_balance(&f, &ids).await;
     killed.restart().await.expect("restart");
