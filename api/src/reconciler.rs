@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::metrics::ApiMetrics;
 
-/// How often a pass runs, and how many in-flight entries it looks at most.
+/// How often a pass runs, and how many in-flight entries it looks at most per queue shard.
 const EVERY: Duration = Duration::from_secs(5);
 const PER_PASS: usize = 500;
 

@@ -22,7 +22,6 @@ sluice_binaries debug
 dir="$(mktemp -d)"
 pids=()
 cleanup() {
-  cp "$dir"/*.log /tmp/failover-logs/ 2>/dev/null || true
   kill -TERM "${pids[@]}" 2>/dev/null || true
   wait "${pids[@]}" 2>/dev/null || true
   scripts/redis-cluster stop "$dir/cluster" >/dev/null 2>&1 || true
@@ -111,7 +110,6 @@ while pending and time.time() < deadline:
             pending.discard(id)
     time.sleep(0.5)
 tokens = statuses.pop("_tokens", 0)
-usage = call("GET", "/v1/usage")[1]
 print(f"submits: {len(accepted)} accepted, refused {refused}")
 print(f"accepted jobs by end state: {statuses}; not terminal after 2 min: {len(pending)}")
 if not pending:

@@ -880,9 +880,10 @@ impl JobStore {
     }
 
     /// One pass of the reconciler over the in-flight index: each job due for a look (at most
-    /// `limit`) has its tenant's and the namespace's state made to agree with its record, and
-    /// is settled if it ended (see the module's documentation). Every API process runs this
-    /// every few seconds; concurrent passes share the entries and every step is idempotent.
+    /// `limit` per queue shard) has its tenant's and the namespace's state made to agree with
+    /// its record, and is settled if it ended (see the module's documentation). Every API
+    /// process runs this every few seconds; concurrent passes share the entries and every step
+    /// is idempotent.
     #[tracing::instrument(level = "debug", skip_all, name = "store.reconcile")]
     pub async fn reconcile(&self, now: u64, limit: usize) -> Result<Reconciled, StoreError> {
         let mut conn = self.conn().await?;
@@ -1040,7 +1041,7 @@ impl JobStore {
     /// one recorded by the first process: processes that split the per-job indexes
     /// differently would not find each other's entries. `Ok(Some(n))` names a different
     /// count already in use.
-    pub async fn claim_queue_shards(&self) -> Result<Option<u16>, StoreError> {
+    async fn claim_queue_shards(&self) -> Result<Option<u16>, StoreError> {
         let mut conn = self.conn().await?;
         let key = self.ks.queue_shards_record();
         let mine = self.ks.queue_shards();
