@@ -147,7 +147,7 @@ impl WorkerMetrics {
             prefix_lookups: f.counter_vec(
                 "sluice_prefix_cache_lookups_total",
                 "Admitted jobs that looked their prompt up in the prefix cache (their tenant's \
-                 cached pages), by result: `hit` (at least one page reused) or `miss`.",
+                 cached pages), by result: `hit` (at least one prompt token reused) or `miss`.",
                 &["result"],
             ),
             prefix_reused_tokens: f.counter(

@@ -20,7 +20,12 @@
 //! ends, the full pages of its output as well (a conversation's next turn repeats the prompt
 //! and the answer); a later sequence
 //! whose prompt starts with the same pages, under the same salt, takes them read-only
-//! ([`SeqCache::attach_prefix`]) and prefills only the rest. Because the salt is in every key,
+//! ([`SeqCache::attach_prefix`]) and prefills only the rest. Where the prompt then goes on
+//! with the first tokens of a cached page but not all of them (a tenant's system prompt ends
+//! inside a page, or two users' messages start with the same words), the sequence copies the
+//! keys and values of those leading tokens into a page of its own and prefills from the first
+//! token that differs: a cached page is found by the key of the chain before it, so only pages
+//! of the same salt are candidates. Because the salt is in every key,
 //! a tenant never reuses, and so can never time, another tenant's pages. A published page is
 //! never written again: a sequence writes only at positions past its length, and every page it
 //! shares lies wholly before that. Pages are reference-counted; a cached page that no sequence
@@ -53,13 +58,7 @@ pub fn prefix_keys(salt: &str, tokens: &[u32]) -> Vec<PageKey> {
 /// Appends to `keys` (those of `tokens`' first pages under `salt`, as [`prefix_keys`] made
 /// them) the keys of `tokens`' further full pages, continuing the chain.
 pub fn extend_prefix_keys(keys: &mut Vec<PageKey>, salt: &str, tokens: &[u32]) {
-    let mut parent = keys.last().copied().unwrap_or_else(|| {
-        let mut h = Sha256::new();
-        h.update(b"sluice-prefix-v1\0");
-        h.update((salt.len() as u64).to_le_bytes());
-        h.update(salt.as_bytes());
-        truncate_digest(&h.finalize())
-    });
+    let mut parent = keys.last().copied().unwrap_or_else(|| root_key(salt));
     for page in tokens.chunks_exact(PAGE).skip(keys.len()) {
         let mut h = Sha256::new();
         h.update(parent.to_le_bytes());
@@ -69,6 +68,20 @@ pub fn extend_prefix_keys(keys: &mut Vec<PageKey>, salt: &str, tokens: &[u32]) {
         parent = truncate_digest(&h.finalize());
         keys.push(parent);
     }
+}
+
+/// The key of the empty chain under `salt`: the parent of every first page.
+pub fn root_key(salt: &str) -> PageKey {
+    let mut h = Sha256::new();
+    h.update(b"sluice-prefix-v1\0");
+    h.update((salt.len() as u64).to_le_bytes());
+    h.update(salt.as_bytes());
+    truncate_digest(&h.finalize())
+}
+
+/// The key of the chain before page `i` of `keys` (made from `salt` by [`prefix_keys`]).
+fn parent_key(root: PageKey, keys: &[PageKey], i: usize) -> PageKey {
+    if i == 0 { root } else { keys[i - 1] }
 }
 
 fn truncate_digest(d: &[u8]) -> PageKey {
@@ -99,6 +112,11 @@ struct PoolState {
     key_of: Vec<Option<PageKey>>,
     /// Cached pages by key.
     by_key: HashMap<PageKey, u32>,
+    /// Each cached page's parent key (the chain before it) and tokens.
+    page_of_chain: Vec<Option<(PageKey, [u32; PAGE])>>,
+    /// Cached pages by their parent key: the candidates for a prompt that goes on with some of
+    /// a cached page's tokens.
+    children: HashMap<PageKey, Vec<u32>>,
     /// Idle cached pages by the tick they went idle (oldest first), and each idle page's tick.
     idle: BTreeMap<u64, u32>,
     idle_at: Vec<Option<u64>>,
@@ -116,6 +134,14 @@ impl PoolState {
                 self.idle_at[page as usize] = None;
                 if let Some(key) = self.key_of[page as usize].take() {
                     self.by_key.remove(&key);
+                }
+                if let Some((parent, _)) = self.page_of_chain[page as usize].take()
+                    && let Some(siblings) = self.children.get_mut(&parent)
+                {
+                    siblings.retain(|p| *p != page);
+                    if siblings.is_empty() {
+                        self.children.remove(&parent);
+                    }
                 }
                 self.evicted += 1;
                 page
@@ -152,6 +178,21 @@ impl PoolState {
             self.idle.remove(&t);
         }
         self.refs[i] += 1;
+    }
+
+    /// The cached child of `parent` whose first tokens agree longest with `next`, and how many
+    /// agree (0 when none does).
+    fn longest_child(&self, parent: PageKey, next: &[u32]) -> (u32, usize) {
+        let mut best = (0, 0);
+        for &page in self.children.get(&parent).into_iter().flatten() {
+            if let Some((_, tokens)) = &self.page_of_chain[page as usize] {
+                let agree = tokens.iter().zip(next).take_while(|(a, b)| a == b).count();
+                if agree > best.1 {
+                    best = (page, agree);
+                }
+            }
+        }
+        best
     }
 }
 
@@ -197,6 +238,8 @@ impl KvPool {
             refs: vec![0; pages],
             key_of: vec![None; pages],
             by_key: HashMap::new(),
+            page_of_chain: vec![None; pages],
+            children: HashMap::new(),
             idle: BTreeMap::new(),
             idle_at: vec![None; pages],
             tick: 0,
@@ -320,16 +363,26 @@ impl SeqCache {
         Ok(())
     }
 
-    /// Takes the longest run of cached pages named by `keys` (from the first), read-only, as
-    /// this empty sequence's first tokens; returns how many tokens that is. At most `max_pages`.
-    pub fn attach_prefix(&mut self, keys: &[PageKey], max_pages: usize) -> Result<usize> {
+    /// Takes the longest run of cached pages of `tokens` (named by `keys`, made from `salt`
+    /// by [`prefix_keys`], from the first), read-only, as this empty sequence's first tokens;
+    /// then, where the prompt goes on with the first tokens of a cached page of the same chain
+    /// but not all of them, copies those tokens' keys and values into a page of its own.
+    /// Returns how many tokens this sequence now holds: at most `max_tokens`.
+    pub fn attach_prefix(
+        &mut self,
+        salt: &str,
+        keys: &[PageKey],
+        tokens: &[u32],
+        max_tokens: usize,
+    ) -> Result<usize> {
         if !self.pages.is_empty() || self.len > 0 {
             return Err(candle_core::Error::msg(
                 "a prefix attaches to an empty sequence only",
             ));
         }
+        let max_tokens = max_tokens.min(tokens.len());
         let mut state = self.pool.state()?;
-        for key in keys.iter().take(max_pages) {
+        for key in keys.iter().take(max_tokens / PAGE) {
             let Some(&page) = state.by_key.get(key) else {
                 break;
             };
@@ -337,24 +390,73 @@ impl SeqCache {
             self.pages.push(page);
         }
         self.len = self.pages.len() * PAGE;
+        let parent = parent_key(root_key(salt), keys, self.pages.len());
+        let next = &tokens[self.len..max_tokens];
+        let (source, agree) = state.longest_child(parent, next);
+        // A whole page that agrees was taken above, unless `max_tokens` ends inside it.
+        let agree = agree.min(PAGE - 1);
+        if agree == 0 {
+            return Ok(self.len);
+        }
+        // Held while it is copied, so taking a page for the copy cannot evict it.
+        state.hold(source);
+        let Some(page) = state.take() else {
+            state.release(source);
+            return Ok(self.len);
+        };
+        let copied = self.copy_rows(source, page, agree);
+        state.release(source);
+        match copied {
+            Ok(()) => {
+                self.pages.push(page);
+                self.len += agree;
+            }
+            Err(e) => {
+                state.release(page);
+                return Err(e);
+            }
+        }
         Ok(self.len)
     }
 
-    /// Publishes this sequence's full pages named by `keys` (its prompt's, from the first)
-    /// that it has computed, so later sequences can reuse them; returns how many pages were
-    /// newly cached. A page whose key is cached already (another sequence computed the same
-    /// prefix at the same time) stays private.
-    pub fn publish(&mut self, keys: &[PageKey]) -> Result<usize> {
-        let full = (self.len / PAGE).min(keys.len()).min(self.pages.len());
+    /// Copies the first `rows` rows of page `from` to page `to`, in every layer's keys and
+    /// values.
+    fn copy_rows(&self, from: u32, to: u32, rows: usize) -> Result<()> {
+        let from = from * PAGE as u32;
+        let ids = Tensor::arange(from, from + rows as u32, &self.pool.device)?;
+        for layer in self.pool.k.iter().chain(&self.pool.v) {
+            // Gathered into a tensor of their own: the source rows live in the storage being
+            // written (and `Tensor::copy` of a narrowed view would clone the whole layer).
+            let src = layer.index_select(&ids, 0)?;
+            layer.slice_set(&src, 0, to as usize * PAGE)?;
+        }
+        Ok(())
+    }
+
+    /// Publishes this sequence's full pages named by `keys` (its tokens', made from `salt` by
+    /// [`prefix_keys`], from the first) that it has computed, so later sequences can reuse
+    /// them; returns how many pages were newly cached. A page whose key is cached already
+    /// (another sequence computed the same prefix at the same time) stays private.
+    pub fn publish(&self, salt: &str, keys: &[PageKey], tokens: &[u32]) -> Result<usize> {
+        let full = (self.len / PAGE)
+            .min(keys.len())
+            .min(self.pages.len())
+            .min(tokens.len() / PAGE);
+        let root = root_key(salt);
         let mut state = self.pool.state()?;
         let mut added = 0;
-        for (page, key) in self.pages[..full].iter().zip(keys) {
-            let i = *page as usize;
-            if state.key_of[i].is_some() || state.by_key.contains_key(key) {
+        for (i, (page, key)) in self.pages[..full].iter().zip(keys).enumerate() {
+            let p = *page as usize;
+            if state.key_of[p].is_some() || state.by_key.contains_key(key) {
                 continue;
             }
-            state.key_of[i] = Some(*key);
+            let mut page_tokens = [0u32; PAGE];
+            page_tokens.copy_from_slice(&tokens[i * PAGE..(i + 1) * PAGE]);
+            let parent = parent_key(root, keys, i);
+            state.key_of[p] = Some(*key);
             state.by_key.insert(*key, *page);
+            state.page_of_chain[p] = Some((parent, page_tokens));
+            state.children.entry(parent).or_default().push(*page);
             added += 1;
         }
         Ok(added)
@@ -534,11 +636,11 @@ mod tests {
         let keys = prefix_keys(salt, tokens);
         let mut c = pool.new_cache();
         let reused = c
-            .attach_prefix(&keys, (tokens.len() - 1) / PAGE)
+            .attach_prefix(salt, &keys, tokens, tokens.len() - 1)
             .expect("attach");
         c.reserve(tokens.len() - reused).expect("reserve");
         c.advance(tokens.len() - reused);
-        c.publish(&keys).expect("publish");
+        c.publish(salt, &keys, tokens).expect("publish");
         (c, keys)
     }
 
@@ -579,19 +681,40 @@ mod tests {
         assert_eq!(pool.prefix_stats().cached_pages, 2);
         // Same tenant, same prompt: two pages shared, read-only.
         let mut again = pool.new_cache();
-        assert_eq!(again.attach_prefix(&keys, 2).expect("attach"), 32);
+        assert_eq!(
+            again
+                .attach_prefix("acme", &keys, &prompt, 32)
+                .expect("attach"),
+            32
+        );
         assert_eq!(again.pages[..2], first.pages[..2]);
         // Another tenant with the same tokens: nothing.
         let mut other = pool.new_cache();
         let other_keys = prefix_keys("globex", &prompt);
-        assert_eq!(other.attach_prefix(&other_keys, 2).expect("attach"), 0);
+        assert_eq!(
+            other
+                .attach_prefix("globex", &other_keys, &prompt, 32)
+                .expect("attach"),
+            0
+        );
         // At most what the caller allows (the prompt's last token is always prefilled).
         let mut capped = pool.new_cache();
-        assert_eq!(capped.attach_prefix(&keys, 1).expect("attach"), 16);
+        assert_eq!(
+            capped
+                .attach_prefix("acme", &keys, &prompt, 16)
+                .expect("attach"),
+            16
+        );
         // A longer prompt with the same start reuses the start.
         let mut longer = pool.new_cache();
-        let longer_keys = prefix_keys("acme", &tokens(64, 100));
-        assert_eq!(longer.attach_prefix(&longer_keys, 3).expect("attach"), 32);
+        let longer_tokens = tokens(64, 100);
+        let longer_keys = prefix_keys("acme", &longer_tokens);
+        assert_eq!(
+            longer
+                .attach_prefix("acme", &longer_keys, &longer_tokens, 48)
+                .expect("attach"),
+            32
+        );
         // Writing goes to fresh pages after the shared ones.
         again.reserve(10).expect("reserve");
         assert!(!first.pages.contains(&again.pages[2]));
@@ -613,7 +736,11 @@ mod tests {
         // `held`'s pages stay in use by a sequence that reused them.
         drop(held);
         let mut user = pool.new_cache();
-        assert_eq!(user.attach_prefix(&held_keys, 3).expect("attach"), 48);
+        assert_eq!(
+            user.attach_prefix("acme", &held_keys, &tokens(49, 500), 48)
+                .expect("attach"),
+            48
+        );
         let stats = pool.prefix_stats();
         assert_eq!((stats.cached_pages, stats.idle_pages), (6, 3));
         // Eight pages: the 2 free ones (the partial last pages) go first, then the idle ones,
@@ -629,7 +756,8 @@ mod tests {
         assert_eq!(pool.prefix_stats().evicted_pages, 3);
         let mut late = pool.new_cache();
         assert_eq!(
-            late.attach_prefix(&old_keys, 3).expect("attach"),
+            late.attach_prefix("acme", &old_keys, &tokens(49, 0), 48)
+                .expect("attach"),
             0,
             "evicted"
         );
@@ -637,7 +765,132 @@ mod tests {
         drop(user);
         // Unheld again, `held`'s pages are idle and still cached.
         let mut back = pool.new_cache();
-        assert_eq!(back.attach_prefix(&held_keys, 3).expect("attach"), 48);
+        assert_eq!(
+            back.attach_prefix("acme", &held_keys, &tokens(49, 500), 48)
+                .expect("attach"),
+            48
+        );
+    }
+
+    /// Gives every row of every layer of `pool` its own values.
+    fn fill_distinct(pool: &KvPool) {
+        for (i, layer) in pool.k.iter().chain(&pool.v).enumerate() {
+            let (rows, width) = layer.dims2().expect("dims");
+            let start = (i * rows * width) as f32;
+            let values = Tensor::arange(start, start + (rows * width) as f32, &Device::Cpu)
+                .and_then(|t| t.reshape((rows, width)))
+                .expect("values");
+            layer.slice_set(&values, 0, 0).expect("fill");
+        }
+    }
+
+    fn row_values(layer: &Tensor, row: u32) -> Vec<f32> {
+        layer
+            .narrow(0, row as usize, 1)
+            .and_then(|r| r.flatten_all())
+            .and_then(|r| r.to_vec1::<f32>())
+            .expect("row")
+    }
+
+    #[test]
+    fn a_prompt_that_goes_on_with_part_of_a_cached_page_copies_those_rows() {
+        let pool = KvPool::new(2, 3, 16 * 8, DType::F32, &Device::Cpu).expect("pool");
+        let prompt = tokens(40, 100);
+        let (first, _) = prefilled(&pool, "acme", &prompt);
+        fill_distinct(&pool);
+        // The first page and 5 tokens of the second, then other tokens.
+        let mut next = tokens(21, 100);
+        next.extend(tokens(10, 900));
+        let keys = prefix_keys("acme", &next);
+        let mut second = pool.new_cache();
+        assert_eq!(
+            second
+                .attach_prefix("acme", &keys, &next, next.len() - 1)
+                .expect("attach"),
+            21
+        );
+        assert_eq!(second.pages[0], first.pages[0], "the full page is shared");
+        assert_ne!(
+            second.pages[1], first.pages[1],
+            "the partial page is a copy"
+        );
+        for layer in pool.k.iter().chain(&pool.v) {
+            for pos in 0..21 {
+                assert_eq!(
+                    row_values(layer, second.row(pos)),
+                    row_values(layer, first.row(pos)),
+                    "position {pos}"
+                );
+            }
+        }
+        // The copy is the sequence's own: it writes on from the first token that differs.
+        second.reserve(9).expect("reserve");
+        second.advance(9);
+        second.truncate(25).expect("its own page");
+        // No more than the caller allows.
+        let mut capped = pool.new_cache();
+        assert_eq!(
+            capped
+                .attach_prefix("acme", &keys, &next, 18)
+                .expect("attach"),
+            18
+        );
+        // Within the first page too.
+        let mut short = tokens(7, 100);
+        short.push(5);
+        let mut within = pool.new_cache();
+        assert_eq!(
+            within
+                .attach_prefix("acme", &prefix_keys("acme", &short), &short, 7)
+                .expect("attach"),
+            7
+        );
+        // Another tenant's prompt with the same tokens copies nothing.
+        let mut other = pool.new_cache();
+        let other_keys = prefix_keys("globex", &next);
+        assert_eq!(
+            other
+                .attach_prefix("globex", &other_keys, &next, next.len() - 1)
+                .expect("attach"),
+            0
+        );
+    }
+
+    #[test]
+    fn a_page_is_copied_from_only_while_it_is_cached() {
+        // Two pages: `a` caches its first.
+        let pool = KvPool::new(1, 2, 16 * 2, DType::F32, &Device::Cpu).expect("pool");
+        let (a, _) = prefilled(&pool, "t", &tokens(17, 0));
+        drop(a);
+        let mut part = tokens(10, 0);
+        part.push(77);
+        let part_keys = prefix_keys("t", &part);
+        // With the cached page the only one left, copying from it cannot evict it for the
+        // copy: nothing is reused, and it stays cached.
+        let mut holder = pool.new_cache();
+        holder.reserve(16).expect("the free page");
+        let mut probe = pool.new_cache();
+        assert_eq!(
+            probe
+                .attach_prefix("t", &part_keys, &part, 10)
+                .expect("attach"),
+            0
+        );
+        assert_eq!(pool.prefix_stats().cached_pages, 1);
+        drop(probe);
+        drop(holder);
+        // Evicted, it is no candidate any more.
+        let mut big = pool.new_cache();
+        big.reserve(32).expect("every page");
+        assert_eq!(pool.prefix_stats().evicted_pages, 1);
+        drop(big);
+        let mut probe = pool.new_cache();
+        assert_eq!(
+            probe
+                .attach_prefix("t", &part_keys, &part, 10)
+                .expect("attach"),
+            0
+        );
     }
 
     #[test]
@@ -649,19 +902,25 @@ mod tests {
         drop(b);
         // `a`'s page is used again, so `b`'s is now the older idle one.
         let mut again = pool.new_cache();
-        again.attach_prefix(&a_keys, 1).expect("attach");
+        again
+            .attach_prefix("t", &a_keys, &tokens(17, 0), 16)
+            .expect("attach");
         drop(again);
         let mut one = pool.new_cache();
         one.reserve(16 * 3).expect("two free pages and one idle");
         let mut probe = pool.new_cache();
         assert_eq!(
-            probe.attach_prefix(&b_keys, 1).expect("attach"),
+            probe
+                .attach_prefix("t", &b_keys, &tokens(17, 100), 16)
+                .expect("attach"),
             0,
             "b went"
         );
         let mut probe = pool.new_cache();
         assert_eq!(
-            probe.attach_prefix(&a_keys, 1).expect("attach"),
+            probe
+                .attach_prefix("t", &a_keys, &tokens(17, 0), 16)
+                .expect("attach"),
             16,
             "a stayed"
         );
@@ -676,7 +935,7 @@ mod tests {
         let mut b = pool.new_cache();
         b.reserve(33).expect("reserve");
         b.advance(33);
-        assert_eq!(b.publish(&keys).expect("publish"), 0);
+        assert_eq!(b.publish("t", &keys, &tokens(33, 0)).expect("publish"), 0);
         assert_eq!(pool.prefix_stats().cached_pages, 2);
         let private = b.pages.clone();
         drop(b);

@@ -8,7 +8,8 @@
 //!    (prompt + `max_tokens`, capped at the context) fits the KV token budget; a job that could
 //!    never fit fails at once with `job_too_large` instead of waiting forever. An admitted
 //!    job takes the longest run of its prompt's full pages that its tenant has cached (the
-//!    prefix cache, [`kv`]) and prefills only the rest;
+//!    prefix cache, [`kv`]), copies the rows of a cached page whose first tokens its prompt
+//!    goes on with, and prefills only the rest;
 //! 3. prefills one chunk (`prefill_chunk` tokens) of one new sequence, so a long prompt never
 //!    stalls the running sequences for more than one chunk, and publishes the full prompt
 //!    pages it completed to the prefix cache (a sequence that ends publishes its output's
@@ -39,7 +40,7 @@ use sluice_proto::{JobMessage, Priority};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::generate::{GenerateError, Generation, Guards, JobControl, Sequence, Step};
-use crate::engine::kv::{KvPool, PAGE, PageKey, extend_prefix_keys, prefix_keys};
+use crate::engine::kv::{KvPool, PageKey, extend_prefix_keys, prefix_keys};
 use crate::engine::leak::LeakGuard;
 use crate::metrics::WorkerMetrics;
 use crate::model::{LoadedModel, ModelInfo};
@@ -340,8 +341,8 @@ fn admit<'m>(
             Some(prefix) => {
                 // At least the prompt's last token is prefilled: its logits are the first
                 // token's.
-                let reusable = prepared.prompt.len().saturating_sub(1) / PAGE;
-                match cache.attach_prefix(&prefix.keys, reusable) {
+                let reusable = prepared.prompt.len().saturating_sub(1);
+                match cache.attach_prefix(&prefix.salt, &prefix.keys, &prepared.prompt, reusable) {
                     Ok(n) => {
                         metrics.observe_prefix_lookup(n);
                         n
@@ -418,7 +419,10 @@ fn prefill_one_chunk(model: &LoadedModel, config: &EngineConfig, running: &mut [
         Ok(logits) => {
             r.seq.mark_prefilled(chunk.len());
             if let Some(prefix) = &r.prefix
-                && let Err(e) = r.seq.cache.publish(&prefix.keys)
+                && let Err(e) = r
+                    .seq
+                    .cache
+                    .publish(&prefix.salt, &prefix.keys, r.seq.tokens())
             {
                 tracing::warn!(error = %e, "could not publish prompt pages to the prefix cache");
             }
@@ -536,7 +540,7 @@ fn finish_done(running: &mut Vec<Running<'_>>) {
 fn publish_conversation(seq: &mut Sequence<'_>, prefix: &mut Prefix) {
     let written = seq.cache.len().min(seq.tokens().len());
     extend_prefix_keys(&mut prefix.keys, &prefix.salt, &seq.tokens()[..written]);
-    if let Err(e) = seq.cache.publish(&prefix.keys) {
+    if let Err(e) = seq.cache.publish(&prefix.salt, &prefix.keys, seq.tokens()) {
         tracing::warn!(error = %e, "could not publish a conversation to the prefix cache");
     }
 }
@@ -626,9 +630,9 @@ mod tests {
             // are reused from the second question on), the second reuses it.
             let first = run(&cached, job("acme", q, 24)).await;
             let second = run(&cached, job("acme", q, 24)).await;
-            assert!(second.cached_tokens > 0, "{second:?}");
-            assert_eq!(second.cached_tokens % kv::PAGE, 0);
-            assert!(second.cached_tokens < second.prompt_tokens);
+            // All of the prompt but its last token: the first run's output filled the page
+            // the prompt ends in, and the second copies that page's first rows.
+            assert_eq!(second.cached_tokens, second.prompt_tokens - 1, "{second:?}");
             assert_eq!(first.content, without.content, "{q}");
             assert_eq!(second.content, without.content, "{q}");
             assert_eq!(second.completion_tokens, 24);
