@@ -71,7 +71,7 @@ pub fn extend_prefix_keys(keys: &mut Vec<PageKey>, salt: &str, tokens: &[u32]) {
 }
 
 /// The key of the empty chain under `salt`: the parent of every first page.
-pub fn root_key(salt: &str) -> PageKey {
+fn root_key(salt: &str) -> PageKey {
     let mut h = Sha256::new();
     h.update(b"sluice-prefix-v1\0");
     h.update((salt.len() as u64).to_le_bytes());
