@@ -501,11 +501,11 @@ pub(crate) struct StepRows {
     /// Keys each sequence attends over, padded to the longest.
     pub span: usize,
     /// `(batch)` keys each sequence attends over (its cache length after this step), for the
-    /// CUDA decode kernel; only for single-token steps on a GPU.
+    /// CUDA decode kernel; only for decode steps on a GPU.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub lens: Option<Tensor>,
-    /// For single-token steps on the CPU: the read rows and each sequence's key count on the
-    /// host, for [`crate::kernels::cpu_attention`].
+    /// For decode steps on the CPU: the read rows and each sequence's key count on the host,
+    /// for [`crate::kernels::cpu_attention`].
     pub host: Option<HostStep>,
 }
 
@@ -518,13 +518,19 @@ pub(crate) struct HostStep {
 }
 
 impl StepRows {
-    /// For `new` tokens appended to each cache (reserved already), with a causal mask.
+    /// For `new` tokens appended to each cache (reserved already), with a causal mask. Only a
+    /// `decode` step (one new token per sequence) gets the rows the single-token attention
+    /// kernels read; a prefill chunk, even of one token, attends through the general path, so
+    /// that a prompt token's keys, values and logits are the same bits however the prompt was
+    /// cut into chunks (or taken from the prefix cache).
     pub(crate) fn new(
         caches: &[&SeqCache],
         new: usize,
         width: usize,
         device: &Device,
+        decode: bool,
     ) -> Result<Self> {
+        let decode = decode && new == 1;
         let span = caches.iter().map(|c| c.len + new).max().unwrap_or(0);
         let mut write = Vec::with_capacity(caches.len() * new);
         let mut read = Vec::with_capacity(caches.len() * span);
@@ -547,7 +553,7 @@ impl StepRows {
                 }));
             }
         }
-        let host = (new == 1 && device.is_cpu()).then(|| HostStep {
+        let host = (decode && device.is_cpu()).then(|| HostStep {
             read: read.clone(),
             lens: caches.iter().map(|c| c.len + new).collect(),
         });
@@ -565,7 +571,7 @@ impl StepRows {
         } else {
             None
         };
-        let lens = if new == 1 && device.is_cuda() {
+        let lens = if decode && device.is_cuda() {
             let lens: Vec<u32> = caches.iter().map(|c| (c.len + new) as u32).collect();
             Some(Tensor::from_vec(lens, caches.len(), device)?)
         } else {
@@ -614,7 +620,7 @@ mod tests {
         b.reserve(20).expect("b");
         b.advance(19);
         let caches = [&a, &b];
-        let rows = StepRows::new(&caches, 1, 2, &Device::Cpu).expect("rows");
+        let rows = StepRows::new(&caches, 1, 2, &Device::Cpu, true).expect("rows");
         assert_eq!(rows.span, 20);
         let read = rows.read.to_vec1::<u32>().expect("read");
         let (a_rows, b_rows) = read.split_at(20);

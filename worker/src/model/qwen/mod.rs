@@ -200,7 +200,7 @@ impl Qwen2 {
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
-        let logits = self.run(&input, &cos, &sin, &mut [cache])?;
+        let logits = self.run(&input, &cos, &sin, &mut [cache], false)?;
         logits.i((0, 0))?.to_dtype(DType::F32)
     }
 
@@ -230,7 +230,7 @@ impl Qwen2 {
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(1)?;
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
-        let logits = self.run(&input, &cos, &sin, caches)?;
+        let logits = self.run(&input, &cos, &sin, caches, true)?;
         logits.squeeze(1)?.to_dtype(DType::F32)
     }
 
@@ -320,6 +320,7 @@ impl Qwen2 {
         cos: &Tensor,
         sin: &Tensor,
         caches: &mut [&mut SeqCache],
+        decode: bool,
     ) -> Result<Tensor> {
         let t = input.dim(1)?;
         let width = self.dims.kv_heads * self.dims.head_dim;
@@ -329,10 +330,10 @@ impl Qwen2 {
         }
         let views: Vec<&SeqCache> = caches.iter().map(|c| &**c).collect();
         let rows = match self.attention {
-            Attention::Batched => vec![StepRows::new(&views, t, width, &self.device)?],
+            Attention::Batched => vec![StepRows::new(&views, t, width, &self.device, decode)?],
             Attention::PerSequence => views
                 .iter()
-                .map(|c| StepRows::new(&[*c], t, width, &self.device))
+                .map(|c| StepRows::new(&[*c], t, width, &self.device, decode))
                 .collect::<Result<Vec<_>>>()?,
         };
         let logits = self.forward(input, cos, sin, &pool, &rows)?;
@@ -632,6 +633,31 @@ mod tests {
                 .expect("ref")
                 .flatten_all()
                 .expect("flat");
+        }
+    }
+
+    #[test]
+    fn a_prompt_token_has_the_same_logits_however_the_prompt_is_chunked() {
+        // The 8-bit model, as the worker runs a GGUF on the CPU.
+        let (cfg, files) = tiny();
+        let (dense, _) = load(&cfg, &files);
+        let ours = dense.to_q8().expect("q8");
+        let prompt: Vec<u32> = (0..40u32).map(|i| 20 + i * 5).collect();
+        let pool = ours.new_pool(256).expect("pool");
+        let bits = |t: &Tensor| t.to_vec1::<f32>().expect("logits");
+        let mut whole = pool.new_cache();
+        let expected = bits(&ours.prefill(&prompt, &mut whole).expect("prefill"));
+        // Every cut, the last token alone among them (what a prefix-cache hit that copied all
+        // of the prompt but its last token prefills): a one-token chunk is a prefill, not a
+        // decode step, and attends the same way as the others.
+        for split in 1..prompt.len() {
+            let mut chunked = pool.new_cache();
+            ours.prefill(&prompt[..split], &mut chunked)
+                .expect("first chunk");
+            let last = ours
+                .prefill(&prompt[split..], &mut chunked)
+                .expect("second chunk");
+            assert_eq!(bits(&last), expected, "cut at {split}");
         }
     }
 
