@@ -520,9 +520,9 @@ pub(crate) struct HostStep {
 impl StepRows {
     /// For `new` tokens appended to each cache (reserved already), with a causal mask. Only a
     /// `decode` step (one new token per sequence) gets the rows the single-token attention
-    /// kernels read; a prefill chunk, even of one token, attends through the general path, so
-    /// that a prompt token's keys, values and logits are the same bits however the prompt was
-    /// cut into chunks (or taken from the prefix cache).
+    /// kernels read; a prefill chunk, even of one token, attends through the general path, as
+    /// the chunk that first computed the prompt did: a job that the prefix cache leaves one
+    /// prompt token to prefill gets that token's logits with the same bits.
     pub(crate) fn new(
         caches: &[&SeqCache],
         new: usize,
