@@ -101,6 +101,16 @@ pub struct PrefixStats {
     pub evicted_pages: u64,
 }
 
+/// What the prefix cache knows of one cached page.
+#[derive(Debug, Clone)]
+struct Cached {
+    /// Its key: the chain through its own tokens.
+    key: PageKey,
+    /// The key of the chain before it.
+    parent: PageKey,
+    tokens: [u32; PAGE],
+}
+
 /// Who holds each page and what the prefix cache knows.
 #[derive(Debug)]
 struct PoolState {
@@ -108,12 +118,10 @@ struct PoolState {
     free: Vec<u32>,
     /// Holders of each page.
     refs: Vec<u32>,
-    /// The key of each cached page.
-    key_of: Vec<Option<PageKey>>,
+    /// Each cached page's key, parent key and tokens.
+    cached: Vec<Option<Cached>>,
     /// Cached pages by key.
     by_key: HashMap<PageKey, u32>,
-    /// Each cached page's parent key (the chain before it) and tokens.
-    page_of_chain: Vec<Option<(PageKey, [u32; PAGE])>>,
     /// Cached pages by their parent key: the candidates for a prompt that goes on with some of
     /// a cached page's tokens.
     children: HashMap<PageKey, Vec<u32>>,
@@ -132,17 +140,7 @@ impl PoolState {
             None => {
                 let (_, page) = self.idle.pop_first()?;
                 self.idle_at[page as usize] = None;
-                if let Some(key) = self.key_of[page as usize].take() {
-                    self.by_key.remove(&key);
-                }
-                if let Some((parent, _)) = self.page_of_chain[page as usize].take()
-                    && let Some(siblings) = self.children.get_mut(&parent)
-                {
-                    siblings.retain(|p| *p != page);
-                    if siblings.is_empty() {
-                        self.children.remove(&parent);
-                    }
-                }
+                self.forget(page);
                 self.evicted += 1;
                 page
             }
@@ -162,7 +160,7 @@ impl PoolState {
         if self.refs[i] > 0 {
             return;
         }
-        if self.key_of[i].is_some() {
+        if self.cached[i].is_some() {
             self.tick += 1;
             self.idle.insert(self.tick, page);
             self.idle_at[i] = Some(self.tick);
@@ -180,13 +178,39 @@ impl PoolState {
         self.refs[i] += 1;
     }
 
+    /// Makes `page` a cached page (indexed by its key and by its parent's).
+    fn remember(&mut self, page: u32, cached: Cached) {
+        self.by_key.insert(cached.key, page);
+        self.children.entry(cached.parent).or_default().push(page);
+        self.cached[page as usize] = Some(cached);
+    }
+
+    /// Drops `page` from the prefix cache, if it was cached.
+    fn forget(&mut self, page: u32) {
+        let Some(cached) = self.cached[page as usize].take() else {
+            return;
+        };
+        self.by_key.remove(&cached.key);
+        if let Some(siblings) = self.children.get_mut(&cached.parent) {
+            siblings.retain(|p| *p != page);
+            if siblings.is_empty() {
+                self.children.remove(&cached.parent);
+            }
+        }
+    }
+
     /// The cached child of `parent` whose first tokens agree longest with `next`, and how many
     /// agree (0 when none does).
     fn longest_child(&self, parent: PageKey, next: &[u32]) -> (u32, usize) {
         let mut best = (0, 0);
         for &page in self.children.get(&parent).into_iter().flatten() {
-            if let Some((_, tokens)) = &self.page_of_chain[page as usize] {
-                let agree = tokens.iter().zip(next).take_while(|(a, b)| a == b).count();
+            if let Some(cached) = &self.cached[page as usize] {
+                let agree = cached
+                    .tokens
+                    .iter()
+                    .zip(next)
+                    .take_while(|(a, b)| a == b)
+                    .count();
                 if agree > best.1 {
                     best = (page, agree);
                 }
@@ -236,9 +260,8 @@ impl KvPool {
         let state = PoolState {
             free,
             refs: vec![0; pages],
-            key_of: vec![None; pages],
+            cached: vec![None; pages],
             by_key: HashMap::new(),
-            page_of_chain: vec![None; pages],
             children: HashMap::new(),
             idle: BTreeMap::new(),
             idle_at: vec![None; pages],
@@ -329,7 +352,7 @@ impl SeqCache {
         let state = self.pool.state()?;
         if self.pages[len / PAGE..]
             .iter()
-            .any(|p| state.key_of[*p as usize].is_some())
+            .any(|p| state.cached[*p as usize].is_some())
         {
             return Err(candle_core::Error::msg(format!(
                 "truncating to {len} would rewrite a cached prefix page"
@@ -446,17 +469,17 @@ impl SeqCache {
         let mut state = self.pool.state()?;
         let mut added = 0;
         for (i, (page, key)) in self.pages[..full].iter().zip(keys).enumerate() {
-            let p = *page as usize;
-            if state.key_of[p].is_some() || state.by_key.contains_key(key) {
+            if state.cached[*page as usize].is_some() || state.by_key.contains_key(key) {
                 continue;
             }
             let mut page_tokens = [0u32; PAGE];
             page_tokens.copy_from_slice(&tokens[i * PAGE..(i + 1) * PAGE]);
-            let parent = parent_key(root, keys, i);
-            state.key_of[p] = Some(*key);
-            state.by_key.insert(*key, *page);
-            state.page_of_chain[p] = Some((parent, page_tokens));
-            state.children.entry(parent).or_default().push(*page);
+            let cached = Cached {
+                key: *key,
+                parent: parent_key(root, keys, i),
+                tokens: page_tokens,
+            };
+            state.remember(*page, cached);
             added += 1;
         }
         Ok(added)
