@@ -100,6 +100,13 @@ pub struct ClassifierSettings {
     /// classifier never turns itself off).
     #[arg(long, env = "SLUICE_GUARD_CLASSIFIER", default_value = "on", value_parser = parse_on_off, action = ArgAction::Set)]
     pub guard_classifier: bool,
+    /// The served model's GGUF (`scripts/fetch-test-model` installs it), to add the probe over
+    /// its hidden states to the classifier (`sluice_guard::classifier::probe`): it catches
+    /// more attacks, most of all in languages other than English, at several times the
+    /// classifier's cost. The file must be the one the probe was trained on; a missing or
+    /// other file stops the API at start. Unset, the classifier runs without it.
+    #[arg(long, env = "SLUICE_GUARD_PROBE_MODEL")]
+    pub guard_probe_model: Option<PathBuf>,
 }
 
 pub(crate) fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -124,7 +131,11 @@ impl ClassifierSettings {
                  --guard-classifier off to run the guard on its rules alone"
             );
         };
-        Ok(Some(sluice_guard::classifier::Classifier::load(dir)?))
+        let classifier = sluice_guard::classifier::Classifier::load(dir)?;
+        Ok(Some(match &self.guard_probe_model {
+            Some(gguf) => classifier.with_probe(gguf)?,
+            None => classifier,
+        }))
     }
 }
 
@@ -512,12 +523,14 @@ mod tests {
         let on = ClassifierSettings {
             guard_model: None,
             guard_classifier: true,
+            guard_probe_model: None,
         };
         let error = on.load().expect_err("on without a directory");
         assert!(error.to_string().contains("--guard-model"), "{error}");
         let off = ClassifierSettings {
             guard_model: None,
             guard_classifier: false,
+            guard_probe_model: None,
         };
         assert!(off.load().expect("off").is_none());
     }

@@ -141,6 +141,11 @@ impl Head {
     /// The probability (0..=1) that a text is an injection, from its windows' logits
     /// ([`Head::logit`]) and its text.
     pub fn score(&self, window_logits: &[f32], text: &str) -> f32 {
+        sigmoid(self.text_logit(window_logits, text))
+    }
+
+    /// A text's logit: the maximum of its windows' logits plus the lexical logit.
+    pub fn text_logit(&self, window_logits: &[f32], text: &str) -> f32 {
         let encoder = window_logits
             .iter()
             .copied()
@@ -149,7 +154,7 @@ impl Head {
             .lexical
             .as_ref()
             .map_or(0.0, |w| super::ngrams::logit(w, text));
-        1.0 / (1.0 + (-(encoder + lexical)).exp())
+        encoder + lexical
     }
 
     /// The MLP's logit for one window's embedding.
@@ -169,6 +174,11 @@ impl Head {
         }
         x[0]
     }
+}
+
+/// A logit's probability.
+pub fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 pub mod encoder;
 pub mod head;
 pub mod ngrams;
+pub mod probe;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -28,6 +29,7 @@ use tokio::sync::oneshot;
 
 pub use encoder::Encoder;
 pub use head::Head;
+pub use probe::Probe;
 
 /// What can go wrong loading or running the classifier.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +53,8 @@ pub enum ClassifierError {
 pub struct Classifier {
     encoder: Encoder,
     head: Head,
+    /// The served model's probe, when the operator turned it on ([`probe`]).
+    probe: Option<Probe>,
 }
 
 impl Classifier {
@@ -77,7 +81,22 @@ impl Classifier {
                 ),
             });
         }
-        Ok(Self { encoder, head })
+        Ok(Self {
+            encoder,
+            head,
+            probe: None,
+        })
+    }
+
+    /// Adds the built-in probe over the served model at `gguf` (its first layers are loaded;
+    /// the file must be the one the probe was trained on).
+    pub fn with_probe(mut self, gguf: &Path) -> Result<Self, ClassifierError> {
+        self.probe = Some(Probe::load(gguf, probe::ProbeSpec::builtin()?)?);
+        Ok(self)
+    }
+
+    pub fn probe(&self) -> Option<&Probe> {
+        self.probe.as_ref()
     }
 
     pub fn encoder(&self) -> &Encoder {
@@ -100,10 +119,21 @@ impl Classifier {
         for (embedding, n) in embeddings.iter().zip(owner) {
             logits[n].push(self.head.logit(embedding));
         }
+        let probe = match &self.probe {
+            Some(p) => Some(p.logits(&texts.iter().map(|t| t.as_ref()).collect::<Vec<_>>())?),
+            None => None,
+        };
         Ok(texts
             .iter()
             .zip(&logits)
-            .map(|(text, l)| self.head.score(l, text))
+            .enumerate()
+            .map(|(n, (text, l))| {
+                let z = self.head.text_logit(l, text);
+                match (&self.probe, &probe) {
+                    (Some(p), Some(zp)) => head::sigmoid(p.spec().combine(z, zp[n])),
+                    _ => head::sigmoid(z),
+                }
+            })
             .collect())
     }
 }

@@ -1,0 +1,370 @@
+//! The served model's view of a text: a linear probe over Qwen2.5-Coder-0.5B-Instruct's
+//! hidden states, added to the classifier's logit (opt-in: `--guard-probe-model`).
+//!
+//! The model (the test GGUF of `scripts/fetch-test-model`, the one the workers serve) is cut
+//! after its first [`ProbeSpec::layer`] decoder layers; its final RMSNorm is applied to that
+//! layer's output and the result is averaged over the window's tokens. A standardised linear
+//! model over that average is the probe's logit; a text's is the maximum over its windows.
+//! Trained by `guard/train/probe.py` on the classifier's training split; the spec
+//! (`guard/model/probe.json`) names the SHA-256 of the GGUF it was trained on, and loading
+//! refuses any other file. The combined logit, `classifier / classifier_scale + probe_weight ·
+//! probe / probe_scale − threshold`, is 0 at the operating point chosen on the validation split
+//! (at most 1 % false positives), so the score's 0.5 keeps its meaning.
+//!
+//! The model is multilingual where MiniLM is English: `docs/results/guard.md` has what the
+//! probe adds and what it costs.
+
+use std::io::{Read as _, Seek};
+use std::path::Path;
+
+use candle_core::quantized::QTensor;
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::tokenizer::TokenizerFromGguf as _;
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+use sha2::Digest as _;
+use tokenizers::Tokenizer;
+
+use super::ClassifierError;
+
+/// The probe built into the binary.
+pub const BUILTIN_PROBE: &str = include_str!("../../model/probe.json");
+
+/// How the probe reads and scores (`guard/model/probe.json`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProbeSpec {
+    /// SHA-256 of the GGUF file the probe was trained on.
+    pub gguf_sha256: String,
+    /// Decoder layers run (the hidden state after this many).
+    pub layer: usize,
+    /// Tokens per window, and how many consecutive windows share.
+    pub window_tokens: usize,
+    pub window_overlap: usize,
+    /// Standardisation of the pooled state, then the linear model.
+    pub mean: Vec<f32>,
+    pub scale: Vec<f32>,
+    pub weight: Vec<f32>,
+    pub bias: f32,
+    /// How the probe's logit joins the classifier's.
+    pub classifier_scale: f32,
+    pub probe_scale: f32,
+    pub probe_weight: f32,
+    pub threshold: f32,
+}
+
+impl ProbeSpec {
+    pub fn builtin() -> Result<Self, ClassifierError> {
+        let corrupt = |detail: String| ClassifierError::Corrupt {
+            path: "guard/model/probe.json (built in)".into(),
+            detail,
+        };
+        let spec: Self = serde_json::from_str(BUILTIN_PROBE).map_err(|e| corrupt(e.to_string()))?;
+        let n = spec.weight.len();
+        if n == 0 || spec.mean.len() != n || spec.scale.len() != n {
+            return Err(corrupt("mean, scale and weight differ in length".into()));
+        }
+        if spec.window_tokens <= spec.window_overlap || spec.layer == 0 {
+            return Err(corrupt("window or layer out of range".into()));
+        }
+        Ok(spec)
+    }
+
+    /// The combined logit of a text (0 at the operating point).
+    pub fn combine(&self, classifier: f32, probe: f32) -> f32 {
+        classifier / self.classifier_scale + self.probe_weight * probe / self.probe_scale
+            - self.threshold
+    }
+}
+
+/// A projection, dequantised to f32 and stored transposed (`(in, out)`, row-major), so that
+/// `x · wᵀ` is a plain row-major product: candle's quantised CPU product took about 1 s for
+/// the 15 tokens of a short message, and gemm repacks a right-hand side that is not row-major
+/// on every call ([`super::encoder`] does the same for MiniLM).
+struct Linear(Tensor);
+
+impl Linear {
+    fn new(w: QTensor, device: &Device) -> candle_core::Result<Self> {
+        Ok(Self(w.dequantize(device)?.t()?.contiguous()?))
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.0)
+    }
+}
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_bias: Tensor,
+    k_bias: Tensor,
+    v_bias: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    attn_norm: Tensor,
+    ffn_norm: Tensor,
+}
+
+/// The cut model, its tokenizer and the probe.
+pub struct Probe {
+    spec: ProbeSpec,
+    tokenizer: Tokenizer,
+    /// `(vocab, hidden)`, f16 (half the memory of f32; rows become f32 when looked up).
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    eps: f64,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    theta: f64,
+    /// The linear model folded with the standardisation: `w / scale` and
+    /// `bias − Σ w · mean / scale`.
+    direction: Tensor,
+    offset: f32,
+    device: Device,
+}
+
+impl std::fmt::Debug for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Probe")
+            .field("layer", &self.spec.layer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Probe {
+    /// Loads the first `spec.layer` layers of the GGUF at `path`, refusing a file whose
+    /// SHA-256 is not the one the probe was trained on.
+    pub fn load(path: &Path, spec: ProbeSpec) -> Result<Self, ClassifierError> {
+        let corrupt = |detail: String| ClassifierError::Corrupt {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let mut file = std::fs::File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ClassifierError::Missing {
+                path: path.to_path_buf(),
+            },
+            _ => corrupt(e.to_string()),
+        })?;
+        let sha = sha256_of(&mut file).map_err(|e| corrupt(e.to_string()))?;
+        if sha != spec.gguf_sha256 {
+            return Err(corrupt(format!(
+                "SHA-256 {sha} is not the {} the probe was trained on",
+                spec.gguf_sha256
+            )));
+        }
+        file.rewind().map_err(|e| corrupt(e.to_string()))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| corrupt(e.to_string()))?;
+        Self::from_gguf(&content, &mut file, spec, path)
+            .map_err(|e| corrupt(format!("loading the probe's layers: {e}")))
+    }
+
+    fn from_gguf(
+        content: &gguf_file::Content,
+        file: &mut std::fs::File,
+        spec: ProbeSpec,
+        path: &Path,
+    ) -> candle_core::Result<Self> {
+        let device = Device::Cpu;
+        let md = |k: &str| {
+            content
+                .metadata
+                .get(k)
+                .ok_or_else(|| candle_core::Error::msg(format!("{}: missing {k}", path.display())))
+        };
+        let heads = md("qwen2.attention.head_count")?.to_u32()? as usize;
+        let kv_heads = md("qwen2.attention.head_count_kv")?.to_u32()? as usize;
+        let hidden = md("qwen2.embedding_length")?.to_u32()? as usize;
+        let blocks = md("qwen2.block_count")?.to_u32()? as usize;
+        let eps = f64::from(md("qwen2.attention.layer_norm_rms_epsilon")?.to_f32()?);
+        let theta = f64::from(md("qwen2.rope.freq_base")?.to_f32()?);
+        if spec.layer > blocks || spec.weight.len() != hidden {
+            candle_core::bail!(
+                "the probe reads layer {} of width {}; the model has {blocks} of width {hidden}",
+                spec.layer,
+                spec.weight.len()
+            );
+        }
+        let tokenizer = Tokenizer::from_gguf(content)?;
+        let mut t =
+            |name: &str| -> candle_core::Result<QTensor> { content.tensor(file, name, &device) };
+        let embed = t("token_embd.weight")?
+            .dequantize(&device)?
+            .to_dtype(DType::F16)?;
+        let norm = t("output_norm.weight")?.dequantize(&device)?;
+        let mut layers = Vec::with_capacity(spec.layer);
+        for i in 0..spec.layer {
+            let mut mm = |n: &str| Linear::new(t(&format!("blk.{i}.{n}.weight"))?, &device);
+            let (q, k, v, o) = (
+                mm("attn_q")?,
+                mm("attn_k")?,
+                mm("attn_v")?,
+                mm("attn_output")?,
+            );
+            let (gate, up, down) = (mm("ffn_gate")?, mm("ffn_up")?, mm("ffn_down")?);
+            let mut dense = |n: &str| t(&format!("blk.{i}.{n}"))?.dequantize(&device);
+            layers.push(Layer {
+                q,
+                k,
+                v,
+                o,
+                q_bias: dense("attn_q.bias")?,
+                k_bias: dense("attn_k.bias")?,
+                v_bias: dense("attn_v.bias")?,
+                gate,
+                up,
+                down,
+                attn_norm: dense("attn_norm.weight")?,
+                ffn_norm: dense("ffn_norm.weight")?,
+            });
+        }
+        let direction: Vec<f32> = spec
+            .weight
+            .iter()
+            .zip(&spec.scale)
+            .map(|(w, s)| w / s)
+            .collect();
+        let offset = spec.bias
+            - direction
+                .iter()
+                .zip(&spec.mean)
+                .map(|(d, m)| d * m)
+                .sum::<f32>();
+        Ok(Self {
+            direction: Tensor::from_vec(direction, (hidden, 1), &device)?,
+            offset,
+            spec,
+            tokenizer,
+            embed,
+            layers,
+            norm,
+            eps,
+            heads,
+            kv_heads,
+            head_dim: hidden / heads,
+            theta,
+            device,
+        })
+    }
+
+    pub fn spec(&self) -> &ProbeSpec {
+        &self.spec
+    }
+
+    /// The probe's logit of each text (already through [`super::mask_encoded`]): the maximum
+    /// over its windows.
+    pub fn logits(&self, texts: &[&str]) -> Result<Vec<f32>, ClassifierError> {
+        texts.iter().map(|t| self.logit(t)).collect()
+    }
+
+    fn logit(&self, text: &str) -> Result<f32, ClassifierError> {
+        let ids = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| ClassifierError::Inference(format!("probe tokenizer: {e}")))?
+            .get_ids()
+            .to_vec();
+        let (span, stride) = (
+            self.spec.window_tokens,
+            self.spec.window_tokens - self.spec.window_overlap,
+        );
+        let mut best = f32::NEG_INFINITY;
+        let mut start = 0;
+        loop {
+            let end = (start + span).min(ids.len());
+            let window = &ids[start..end];
+            let logit = if window.is_empty() {
+                // An empty text reads as nothing: the probe's bias alone would score what
+                // it never saw in training. It adds nothing.
+                0.0
+            } else {
+                self.window_logit(window)
+                    .map_err(|e| ClassifierError::Inference(format!("probe: {e}")))?
+            };
+            best = best.max(logit);
+            if end >= ids.len() {
+                return Ok(best);
+            }
+            start += stride;
+        }
+    }
+
+    fn window_logit(&self, ids: &[u32]) -> candle_core::Result<f32> {
+        let pooled = self.pooled(ids)?;
+        let z = pooled.unsqueeze(0)?.matmul(&self.direction)?;
+        Ok(z.flatten_all()?.to_vec1::<f32>()?[0] + self.offset)
+    }
+
+    /// The final-normed hidden state after the probe's layer, averaged over the tokens.
+    pub fn pooled(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        let t = ids.len();
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let input = Tensor::new(ids, &self.device)?;
+        let mut x = self.embed.index_select(&input, 0)?.to_dtype(DType::F32)?;
+        let (cos, sin) = self.rope(t)?;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), &self.device)?;
+        for layer in &self.layers {
+            let a = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.eps as f32)?;
+            let heads_of = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
+                y.reshape((1, t, n, d))?.transpose(1, 2)?.contiguous()
+            };
+            let q = heads_of(layer.q.forward(&a)?.broadcast_add(&layer.q_bias)?, h)?;
+            let k = heads_of(layer.k.forward(&a)?.broadcast_add(&layer.k_bias)?, kvh)?;
+            let v = heads_of(layer.v.forward(&a)?.broadcast_add(&layer.v_bias)?, kvh)?;
+            let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+            // Each key and value head serves `h / kvh` query heads.
+            let rep = h / kvh;
+            let k = k
+                .unsqueeze(2)?
+                .expand((1, kvh, rep, t, d))?
+                .reshape((1, h, t, d))?;
+            let v = v
+                .unsqueeze(2)?
+                .expand((1, kvh, rep, t, d))?
+                .reshape((1, h, t, d))?;
+            let att = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(&mask)?;
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((t, h * d))?;
+            x = (x + layer.o.forward(&y)?)?;
+            let m = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.eps as f32)?;
+            let g = candle_nn::ops::silu(&layer.gate.forward(&m)?)?;
+            let ff = layer.down.forward(&(g * layer.up.forward(&m)?)?)?;
+            x = (x + ff)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.eps as f32)?;
+        x.mean(0)
+    }
+
+    /// Rotary tables for positions `0..t`: `(t, head_dim / 2)`.
+    fn rope(&self, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let half = self.head_dim / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / self.theta.powf(2.0 * i as f64 / self.head_dim as f64) as f32)
+            .collect();
+        let inv = Tensor::from_vec(inv, (1, half), &self.device)?;
+        let pos = Tensor::arange(0u32, t as u32, &self.device)?
+            .to_dtype(DType::F32)?
+            .reshape((t, 1))?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        Ok((freqs.cos()?, freqs.sin()?))
+    }
+}
+
+fn sha256_of(file: &mut std::fs::File) -> std::io::Result<String> {
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex::encode(hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
+    }
+}

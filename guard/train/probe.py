@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""The served model's probe (guard/src/classifier/probe.rs): a linear probe over Qwen2.5-Coder-0.5B-Instruct's hidden states (the test GGUF of
+scripts/fetch-test-model, dequantised by transformers): the model cut after its first LAYER
+decoder layers, its final RMSNorm applied to that layer's output, mean-pooled over the
+text's tokens (at most 128), added to the shipped classifier's logit. `fit` writes
+guard/model/probe.json and guard/tests/fixtures/probe-logits.json; docs/results/guard.md has
+the figures.
+
+Run in the training venv (guard/train/run makes it) with transformers, gguf, accelerate and
+scikit-learn added, after guard/train/prepare.py:
+
+  probe.py extract SPLIT LO HI OUT.npz [--layer 8]      # rows LO..HI of a seeded shuffle
+  probe.py shipped OUT.npz                              # the shipped classifier's logits
+  probe.py evaluate --train A.npz,B.npz --val V.npz,W.npz --test T.npz --unseen U.npz
+  probe.py fit --train A.npz,B.npz --val V.npz,W.npz    # writes the probe the API uses
+
+Each of --train, --val, --test and --unseen takes one or more extracted files, comma-separated
+(the extraction can be split into row ranges and run in turns).
+
+`extract` is the slow step (about 0.1 s a row for 8 layers on 2 cores); features and texts
+go to OUT.npz and OUT.npz.texts.json, `shipped` adds OUT.npz.shipped.npy beside them.
+"""
+
+import argparse
+import base64
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from embed import mask_encoded  # noqa: E402
+
+BUILD = HERE / "build"
+REPO = HERE.parent.parent
+SAMPLE_SEED = 1
+TOKENS = 128
+PROBE_C = 0.1
+TARGET_FPR = 0.01
+WINDOW_OVERLAP = 32
+WEIGHTS = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0)
+DEFAULT_GGUF = os.path.expanduser("~/.cache/sluice/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+
+
+def rows_of(split):
+    return [json.loads(l) for l in (BUILD / f"{split}.jsonl").read_text(encoding="utf-8").split("\n") if l.strip()]
+
+
+def load_model(gguf, layer):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(2)
+    gguf = Path(gguf)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.model.layers = model.model.layers[:layer]
+    return tok, model.eval()
+
+
+def pooled(model, windows):
+    """The final-normed state after the cut, averaged over each window's tokens."""
+    import torch
+
+    out = np.zeros((len(windows), model.config.hidden_size), np.float32)
+    with torch.no_grad():
+        for s in range(0, len(windows), 16):
+            b = windows[s:s + 16]
+            width = max(len(w) for w in b)
+            x = torch.zeros((len(b), width), dtype=torch.long)
+            mask = torch.zeros((len(b), width), dtype=torch.long)
+            for j, w in enumerate(b):
+                x[j, :len(w)] = torch.tensor(w)
+                mask[j, :len(w)] = 1
+            h = model.model(input_ids=x, attention_mask=mask).last_hidden_state  # normed
+            mf = mask.float()[:, :, None]
+            out[s:s + len(b)] = ((h * mf).sum(1) / mf.sum(1)).numpy()
+    return out
+
+
+def extract(args):
+    rows = rows_of(args.split)
+    idx = np.random.default_rng(SAMPLE_SEED).permutation(len(rows))[args.lo:args.hi]
+    rows = [rows[i] for i in idx]
+    texts = [mask_encoded(r["text"]) for r in rows]
+    tok, model = load_model(args.gguf, args.layer)
+    ids = [tok(t, add_special_tokens=False)["input_ids"][:TOKENS] for t in texts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    feats = np.zeros((len(ids), model.config.hidden_size), np.float32)
+    started = time.time()
+    for s in range(0, len(order), 640):
+        b = order[s:s + 640]
+        feats[b] = pooled(model, [ids[i] for i in b])
+        print(f"{s + len(b)}/{len(order)} rows, {time.time() - started:.0f} s", file=sys.stderr)
+    np.savez(args.out, y=np.array([r["label"] for r in rows]), lang=np.array([r["lang"] for r in rows]),
+             **{f"mean{args.layer}": feats})
+    Path(args.out + ".texts.json").write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
+
+
+def shipped(args):
+    """The shipped classifier's logits (adapter, extended vocabulary, head, n-grams), as
+    finetune.py computes them, for the texts of an extracted file."""
+    import torch
+    from safetensors.numpy import load_file
+
+    import finetune as F
+
+    torch.set_num_threads(2)
+    root = Path(args.encoder)
+    model_dir = REPO / "guard" / "model"
+    adapter = load_file(str(model_dir / "adapter.safetensors"))
+    extra = [w for w in (model_dir / "vocab-extra.txt").read_text(encoding="utf-8").split("\n") if w]
+    tok = F.extended_tokenizer((root / "tokenizer.json").read_text(encoding="utf-8"), extra)
+    rank = adapter["encoder.layer.0.attention.self.query.lora_a"].shape[0]
+    enc = F.Encoder(load_file(str(root / "model.safetensors")), json.loads((root / "config.json").read_text()),
+                    torch.Generator().manual_seed(0), len(extra), tok.token_to_id("[UNK]"), rank).eval()
+    head_json = json.loads((model_dir / "head.json").read_text())
+    head = F.Head(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        enc.extra.copy_(torch.from_numpy(adapter["embeddings.word_embeddings.extra"]))
+        for i, layer in enumerate(enc.layers):
+            for target in F.LORA_TARGETS:
+                m = getattr(layer, target.replace(".", "_"))
+                m.lora_a.copy_(torch.from_numpy(adapter[f"encoder.layer.{i}.{target}.lora_a"]))
+                m.lora_b.copy_(torch.from_numpy(adapter[f"encoder.layer.{i}.{target}.lora_b"]))
+                m.scale = 1.0  # lora_b is stored pre-multiplied
+        for lin, spec in zip((head.l1, head.l2), head_json["layers"]):
+            lin.weight.copy_(torch.tensor(spec["weight"]))
+            lin.bias.copy_(torch.tensor(spec["bias"]))
+        lexical = np.frombuffer(base64.b64decode(head_json["lexical"]["weights_f32le_base64"]), "<f4")
+        head.lexical.weight.copy_(torch.from_numpy(lexical.copy())[:, None])
+    texts = json.loads(Path(args.features + ".texts.json").read_text(encoding="utf-8"))
+    z = F.logits(enc, head, tok, tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]"), texts)
+    np.save(args.features + ".shipped.npy", z)
+
+
+def threshold(benign, fpr):
+    s = np.sort(benign)[::-1]
+    return np.nextafter(s[int(np.floor(fpr * len(s)))], np.float32(np.inf))
+
+
+def recall(z, y, t, pick=None):
+    hit = (z >= t) & (y == 1)
+    sel = (y == 1) if pick is None else (y == 1) & pick
+    return f"{hit[sel].sum()}/{sel.sum()} {hit[sel].sum() / max(1, sel.sum()):.3f}"
+
+
+def fit_probe(paths, layer):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    key = f"mean{layer}"
+    train = [np.load(p) for p in paths.split(",")]
+    x = np.concatenate([t[key] for t in train])
+    y = np.concatenate([t["y"] for t in train])
+    scaler = StandardScaler().fit(x)
+    probe = LogisticRegression(C=PROBE_C, max_iter=5000).fit(scaler.transform(x), y)
+    return scaler, probe, len(y)
+
+
+def scored(paths, scaler, probe, layer):
+    """Labels, languages, probe logits and the shipped classifier's logits of the rows of one
+    or more extracted files (comma-separated)."""
+    parts = []
+    for path in paths.split(","):
+        d = np.load(path)
+        parts.append((d["y"], d["lang"], probe.decision_function(scaler.transform(d[f"mean{layer}"])), np.load(path + ".shipped.npy")))
+    return tuple(np.concatenate(column) for column in zip(*parts))
+
+
+def combination(vy, vp, vs):
+    """On the validation split: each logit in units of its spread over the benign rows, the
+    probe's weight that catches most attacks at 1 % false positives, and that threshold."""
+    sp, ss = float(vp[vy == 0].std()), float(vs[vy == 0].std())
+    z = {w: vs / ss + w * vp / sp for w in WEIGHTS}
+    best = max(WEIGHTS, key=lambda w: (z[w] >= threshold(z[w][vy == 0], TARGET_FPR))[vy == 1].mean())
+    return ss, sp, best, float(threshold(z[best][vy == 0], TARGET_FPR))
+
+
+def evaluate(args):
+    scaler, probe, n = fit_probe(args.train, args.layer)
+    vy, _, vp, vs = scored(args.val, scaler, probe, args.layer)
+    ss, sp, best, _ = combination(vy, vp, vs)
+    combos = {"shipped": (1.0, 0.0), "probe": (0.0, 1.0), f"shipped + {best} x probe": (1.0, best)}
+    result = {"train_rows": n, "layer": args.layer, "probe_weight_chosen_on_val": best}
+    ty, tl, tp, ts = scored(args.test, scaler, probe, args.layer)
+    uy, ul, up, us = scored(args.unseen, scaler, probe, args.layer)
+    for name, (a, b) in combos.items():
+        zv = a * vs / ss + b * vp / sp
+        zt = a * ts / ss + b * tp / sp
+        zu = np.concatenate([a * us / ss + b * up / sp, zt[ty == 0]])
+        yu = np.concatenate([uy, ty[ty == 0]])
+        lu = np.concatenate([ul, tl[ty == 0]])
+        t_val = threshold(zv[vy == 0], TARGET_FPR)
+        t_test = threshold(zt[ty == 0], TARGET_FPR)
+        result[name] = {
+            "val_recall_at_1pct": recall(zv, vy, t_val),
+            "test_recall_at_1pct_own_threshold": recall(zt, ty, t_test),
+            "test_at_val_threshold": {"recall": recall(zt, ty, t_val), "fpr": f"{(zt[ty == 0] >= t_val).mean():.4f}"},
+            "test_by_lang_own_threshold": {l: recall(zt, ty, t_test, tl == l) for l in ("en", "zh", "de", "fr", "es", "it", "pt", "ru", "ja", "ko")},
+            "unseen_recall_at_1pct_own_threshold": recall(zu, yu, t_test),
+            "unseen_at_val_threshold": recall(zu, yu, t_val),
+            "unseen_en_other_own_threshold": [recall(zu, yu, t_test, lu == "en"), recall(zu, yu, t_test, lu != "en")],
+        }
+    print(json.dumps(result, indent=1))
+
+
+def fit(args):
+    """Writes guard/model/probe.json (the probe and how it joins the classifier) and
+    guard/tests/fixtures/probe-logits.json (PyTorch's probe logits of fixed texts, which
+    guard/tests/classifier.rs compares with candle's)."""
+    import hashlib
+
+    from finetune import FIXED_TEXTS
+
+    scaler, probe, n = fit_probe(args.train, args.layer)
+    vy, _, vp, vs = scored(args.val, scaler, probe, args.layer)
+    ss, sp, best, t = combination(vy, vp, vs)
+    sha = hashlib.sha256(Path(args.gguf).read_bytes()).hexdigest()
+    spec = {
+        "model": "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (scripts/fetch-test-model)",
+        "gguf_sha256": sha,
+        "trained_by": "guard/train/probe.py fit",
+        "train_rows": n,
+        "layer": args.layer,
+        "window_tokens": TOKENS,
+        "window_overlap": WINDOW_OVERLAP,
+        "mean": scaler.mean_.astype(np.float32).tolist(),
+        "scale": scaler.scale_.astype(np.float32).tolist(),
+        "weight": probe.coef_[0].astype(np.float32).tolist(),
+        "bias": float(probe.intercept_[0]),
+        "classifier_scale": ss,
+        "probe_scale": sp,
+        "probe_weight": best,
+        "threshold": t,
+        "operating_point": f"combined logit 0 = at most {TARGET_FPR:.0%} false positives on the validation split",
+    }
+    (REPO / "guard" / "model" / "probe.json").write_text(json.dumps(spec) + "\n")
+    tok, model = load_model(args.gguf, args.layer)
+    cases = []
+    for text in FIXED_TEXTS:
+        masked = mask_encoded(text)
+        ids = tok(masked, add_special_tokens=False)["input_ids"]
+        windows, start = [], 0
+        while True:
+            windows.append(ids[start:start + TOKENS])
+            if start + TOKENS >= len(ids):
+                break
+            start += TOKENS - WINDOW_OVERLAP
+        z = probe.decision_function(scaler.transform(pooled(model, windows)))
+        cases.append({"text": text, "probe_logit": float(z.max()), "windows": len(windows)})
+    (REPO / "guard" / "tests" / "fixtures" / "probe-logits.json").write_text(json.dumps({
+        "provenance": "guard/train/probe.py fit: transformers' Qwen2 on the dequantised GGUF, float32",
+        "gguf_sha256": sha,
+        "cases": cases,
+    }, ensure_ascii=False, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in spec.items() if k not in ("mean", "scale", "weight")}, indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("extract")
+    e.add_argument("split")
+    e.add_argument("lo", type=int)
+    e.add_argument("hi", type=int)
+    e.add_argument("out")
+    e.add_argument("--layer", type=int, default=8)
+    e.add_argument("--gguf", default=DEFAULT_GGUF)
+    s = sub.add_parser("shipped")
+    s.add_argument("features")
+    s.add_argument("--encoder", default=os.path.expanduser("~/.cache/sluice/guard-minilm-l6-v2"))
+    v = sub.add_parser("evaluate")
+    for name in ("--train", "--val", "--test", "--unseen"):
+        v.add_argument(name, required=True)
+    v.add_argument("--layer", type=int, default=8)
+    f = sub.add_parser("fit")
+    f.add_argument("--train", required=True)
+    f.add_argument("--val", required=True)
+    f.add_argument("--layer", type=int, default=8)
+    f.add_argument("--gguf", default=DEFAULT_GGUF)
+    args = ap.parse_args()
+    {"extract": extract, "shipped": shipped, "evaluate": evaluate, "fit": fit}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
