@@ -6,8 +6,17 @@ text's tokens (at most 128), added to the shipped classifier's logit. `fit` writ
 guard/model/probe.json and guard/tests/fixtures/probe-logits.json; docs/results/guard.md has
 the figures.
 
-Run in the training venv (guard/train/run makes it) with transformers, gguf, accelerate and
-scikit-learn added, after guard/train/prepare.py:
+Run in the training venv (guard/train/run makes it) with guard/train/requirements-probe.txt
+added (`pip install -r`), after guard/train/prepare.py. The shipped probe came from:
+
+  probe.py extract train 0 2500 t8a.npz; probe.py extract train 2500 8000 train2.npz
+  probe.py extract train 8000 99999 t8c.npz
+  probe.py extract val 0 1500 v8.npz; probe.py extract val 1500 99999 v8b.npz
+  probe.py extract test 0 99999 test.npz; probe.py extract unseen 0 99999 unseen.npz
+  probe.py shipped F.npz                      # for each of the val, test and unseen files
+  probe.py fit --train t8a.npz,train2.npz,t8c.npz --val v8.npz,v8b.npz
+
+Usage:
 
   probe.py extract SPLIT LO HI OUT.npz [--layer 8]      # rows LO..HI of a seeded shuffle
   probe.py shipped OUT.npz                              # the shipped classifier's logits

@@ -742,22 +742,39 @@ async fn the_classifier_blocks_what_the_rules_miss_on_both_routes() {
         "{v}"
     );
 
-    let models: Value = app
-        .http
-        .get(format!("{}/v1/models", app.base))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
-    let model = models["data"][0]["id"].as_str().expect("model id");
+    assert_refused_as_injection_on_chat_completions(&app, &key, attack).await;
+    assert_refusals_left_nothing_and_a_question_passes(&app, &key, &mut backends).await;
+    backends.cleanup().await;
+}
+
+/// After refusals only: nothing charged, enqueued or stored; then an ordinary question still
+/// goes through.
+async fn assert_refusals_left_nothing_and_a_question_passes(
+    app: &TestApp,
+    key: &str,
+    backends: &mut Backends,
+) {
+    assert_eq!(tokens_today(&app.usage(key).await), 0);
+    assert_eq!(backends.ready_count(&backends.ks.jobs_queue()).await, 0);
+    assert!(backends.job_keys().await.is_empty());
+    app.submit_ok(
+        key,
+        &chat(
+            "What is the boiling point of water at the top of Mount Everest?",
+            json!({}),
+        ),
+    )
+    .await;
+}
+
+/// `text` as the user message of `/v1/chat/completions` is a 400 `prompt_injection_detected`.
+async fn assert_refused_as_injection_on_chat_completions(app: &TestApp, key: &str, text: &str) {
+    let model = app.model_id(key).await;
     let r = app
         .http
         .post(format!("{}/v1/chat/completions", app.base))
-        .bearer_auth(&key)
-        .json(&json!({"model": model, "messages": [{"role": "user", "content": attack}]}))
+        .bearer_auth(key)
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": text}]}))
         .send()
         .await
         .expect("send");
@@ -768,21 +785,6 @@ async fn the_classifier_blocks_what_the_rules_miss_on_both_routes() {
         (400, Some("prompt_injection_detected")),
         "{v}"
     );
-
-    assert_eq!(tokens_today(&app.usage(&key).await), 0);
-    assert_eq!(backends.ready_count(&backends.ks.jobs_queue()).await, 0);
-    assert!(backends.job_keys().await.is_empty());
-
-    // An ordinary question still goes through.
-    app.submit_ok(
-        &key,
-        &chat(
-            "What is the boiling point of water at the top of Mount Everest?",
-            json!({}),
-        ),
-    )
-    .await;
-    backends.cleanup().await;
 }
 
 /// A Korean attack (no rule speaks Korean) that the MiniLM classifier alone scores under its
@@ -819,65 +821,14 @@ async fn the_served_models_probe_blocks_what_the_encoder_alone_misses() {
         (400, Some("prompt_injection_detected")),
         "{v}"
     );
-    let models: Value = app
-        .http
-        .get(format!("{}/v1/models", app.base))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
-    let model = models["data"][0]["id"].as_str().expect("model id");
-    let r = app
-        .http
-        .post(format!("{}/v1/chat/completions", app.base))
-        .bearer_auth(&key)
-        .json(
-            &json!({"model": model, "messages": [{"role": "user", "content": PROBE_ONLY_ATTACK}]}),
-        )
-        .send()
-        .await
-        .expect("send");
-    let status = r.status().as_u16();
-    let v: Value = r.json().await.expect("json");
-    assert_eq!(
-        (status, v["error"]["code"].as_str()),
-        (400, Some("prompt_injection_detected")),
-        "{v}"
-    );
-    assert_eq!(tokens_today(&app.usage(&key).await), 0);
-    assert_eq!(backends.ready_count(&backends.ks.jobs_queue()).await, 0);
-    assert!(backends.job_keys().await.is_empty());
-    app.submit_ok(
-        &key,
-        &chat(
-            "What is the boiling point of water at the top of Mount Everest?",
-            json!({}),
-        ),
-    )
-    .await;
+    assert_refused_as_injection_on_chat_completions(&app, &key, PROBE_ONLY_ATTACK).await;
+    assert_refusals_left_nothing_and_a_question_passes(&app, &key, &mut backends).await;
     drop(app);
     backends.cleanup().await;
 
     // Another file (here the tiny test model's config) is refused at start.
     let other = tiny_model_dir().join("config.json");
-    let out = tokio::process::Command::new(workspace_bin("sluice-api"))
-        .args(["--addr", "127.0.0.1:0", "--tokenizer"])
-        .arg(tiny_model_dir())
-        .arg("--guard-probe-model")
-        .arg(&other)
-        .env("SLUICE_REDIS_URL", redis_url())
-        .env("SLUICE_REDIS_CLUSTER", on_cluster().to_string())
-        .env("SLUICE_AMQP_URL", AMQP_URL)
-        .output();
-    let out = tokio::time::timeout(T, out)
-        .await
-        .expect("sluice-api exits")
-        .expect("run sluice-api");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = api_start_failure(&["--guard-probe-model".as_ref(), other.as_os_str()]).await;
     assert!(
         stderr.contains(&other.display().to_string()) && stderr.contains("SHA-256"),
         "{stderr}"
@@ -1013,17 +964,13 @@ async fn the_injection_judge_stops_an_attack_in_the_grey_band_on_the_real_model(
     backends.cleanup().await;
 }
 
-/// The classifier fails closed: an API whose encoder files are missing does not start (and
-/// says which file), unless the operator turns the classifier off explicitly.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_api_refuses_to_start_without_the_classifier_unless_it_is_off() {
-    let empty = std::env::temp_dir().join(format!("{}-no-guard-model", unique_namespace("gm")));
-    std::fs::create_dir_all(&empty).expect("temp dir");
+/// Runs `sluice-api` with `extra` arguments, expects it to exit unsuccessfully (a refusal
+/// at start), and returns what it wrote on stderr.
+async fn api_start_failure(extra: &[&std::ffi::OsStr]) -> String {
     let out = tokio::process::Command::new(workspace_bin("sluice-api"))
         .args(["--addr", "127.0.0.1:0", "--tokenizer"])
         .arg(tiny_model_dir())
-        .arg("--guard-model")
-        .arg(&empty)
+        .args(extra)
         .env("SLUICE_REDIS_URL", redis_url())
         .env("SLUICE_REDIS_CLUSTER", on_cluster().to_string())
         .env("SLUICE_AMQP_URL", AMQP_URL)
@@ -1033,7 +980,16 @@ async fn the_api_refuses_to_start_without_the_classifier_unless_it_is_off() {
         .expect("sluice-api exits")
         .expect("run sluice-api");
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The classifier fails closed: an API whose encoder files are missing does not start (and
+/// says which file), unless the operator turns the classifier off explicitly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_refuses_to_start_without_the_classifier_unless_it_is_off() {
+    let empty = std::env::temp_dir().join(format!("{}-no-guard-model", unique_namespace("gm")));
+    std::fs::create_dir_all(&empty).expect("temp dir");
+    let stderr = api_start_failure(&["--guard-model".as_ref(), empty.as_os_str()]).await;
     assert!(
         stderr.contains(&empty.join("config.json").display().to_string()),
         "{stderr}"
