@@ -2,7 +2,8 @@
 //! trained by the project ([`head`]), beside the rules.
 //!
 //! A text's score is the head's probability from its windows' embeddings (the maximum over
-//! them) and its hashed character n-grams ([`ngrams`]).
+//! them) and its hashed character n-grams ([`ngrams`]); where the operator turned it on, the
+//! served model's [`probe`] adds its logit first.
 //! [`Classifier`] is the synchronous model (for the CLI and the trainer's embedding export);
 //! [`ClassifierService`] runs it on a dedicated thread for the API, batching the texts of
 //! concurrent requests into shared forward passes, and remembers recent scores per tenant
