@@ -150,24 +150,18 @@ impl Encoder {
             .tokenizer
             .encode(text, false)
             .map_err(|e| ClassifierError::Inference(format!("tokenizer: {e}")))?;
-        let ids = encoding.get_ids();
-        let span = WINDOW_TOKENS - 2;
-        let stride = span - WINDOW_OVERLAP;
-        let mut windows = Vec::new();
-        let mut start = 0;
-        loop {
-            let end = (start + span).min(ids.len());
-            let mut window = Vec::with_capacity(end - start + 2);
-            window.push(self.cls);
-            window.extend_from_slice(&ids[start..end]);
-            window.push(self.sep);
-            windows.push(window);
-            if end >= ids.len() {
-                break;
-            }
-            start += stride;
-        }
-        Ok(windows)
+        Ok(
+            super::windows(encoding.get_ids(), WINDOW_TOKENS - 2, WINDOW_OVERLAP)
+                .into_iter()
+                .map(|ids| {
+                    let mut window = Vec::with_capacity(ids.len() + 2);
+                    window.push(self.cls);
+                    window.extend_from_slice(ids);
+                    window.push(self.sep);
+                    window
+                })
+                .collect(),
+        )
     }
 
     /// Embeddings (L2-normalised mean of the last hidden states) of `windows`, in order.

@@ -96,10 +96,6 @@ impl Classifier {
         Ok(self)
     }
 
-    pub fn probe(&self) -> Option<&Probe> {
-        self.probe.as_ref()
-    }
-
     pub fn encoder(&self) -> &Encoder {
         &self.encoder
     }
@@ -120,22 +116,43 @@ impl Classifier {
         for (embedding, n) in embeddings.iter().zip(owner) {
             logits[n].push(self.head.logit(embedding));
         }
-        let probe = match &self.probe {
-            Some(p) => Some(p.logits(&texts.iter().map(|t| t.as_ref()).collect::<Vec<_>>())?),
-            None => None,
-        };
+        let probe = self
+            .probe
+            .as_ref()
+            .map(|p| {
+                let texts: Vec<&str> = texts.iter().map(|t| t.as_ref()).collect();
+                p.logits(&texts).map(|z| (p, z))
+            })
+            .transpose()?;
         Ok(texts
             .iter()
             .zip(&logits)
             .enumerate()
             .map(|(n, (text, l))| {
                 let z = self.head.text_logit(l, text);
-                match (&self.probe, &probe) {
-                    (Some(p), Some(zp)) => head::sigmoid(p.spec().combine(z, zp[n])),
-                    _ => head::sigmoid(z),
-                }
+                head::sigmoid(match &probe {
+                    Some((p, zp)) => p.spec().combine(z, zp[n]),
+                    None => z,
+                })
             })
             .collect())
+    }
+}
+
+/// The windows of `ids`: `span` tokens each, consecutive ones sharing `overlap`; the last ends
+/// at the end, and an empty text is one empty window. The encoder and the probe both cut
+/// texts this way (with their own lengths).
+pub fn windows(ids: &[u32], span: usize, overlap: usize) -> Vec<&[u32]> {
+    let stride = span - overlap;
+    let mut out = Vec::new();
+    let mut start = 0;
+    loop {
+        let end = (start + span).min(ids.len());
+        out.push(&ids[start..end]);
+        if end >= ids.len() {
+            return out;
+        }
+        start += stride;
     }
 }
 

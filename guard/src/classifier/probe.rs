@@ -267,15 +267,8 @@ impl Probe {
             .map_err(|e| ClassifierError::Inference(format!("probe tokenizer: {e}")))?
             .get_ids()
             .to_vec();
-        let (span, stride) = (
-            self.spec.window_tokens,
-            self.spec.window_tokens - self.spec.window_overlap,
-        );
         let mut best = f32::NEG_INFINITY;
-        let mut start = 0;
-        loop {
-            let end = (start + span).min(ids.len());
-            let window = &ids[start..end];
+        for window in super::windows(&ids, self.spec.window_tokens, self.spec.window_overlap) {
             let logit = if window.is_empty() {
                 // An empty text reads as nothing: the probe's bias alone would score what
                 // it never saw in training. It adds nothing.
@@ -285,11 +278,8 @@ impl Probe {
                     .map_err(|e| ClassifierError::Inference(format!("probe: {e}")))?
             };
             best = best.max(logit);
-            if end >= ids.len() {
-                return Ok(best);
-            }
-            start += stride;
         }
+        Ok(best)
     }
 
     fn window_logit(&self, ids: &[u32]) -> candle_core::Result<f32> {
@@ -299,7 +289,7 @@ impl Probe {
     }
 
     /// The final-normed hidden state after the probe's layer, averaged over the tokens.
-    pub fn pooled(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+    fn pooled(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
         let t = ids.len();
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let input = Tensor::new(ids, &self.device)?;
