@@ -51,6 +51,9 @@ TOKENS = 128
 PROBE_C = 0.1
 TARGET_FPR = 0.01
 WINDOW_OVERLAP = 32
+# What the shipped probe reads: every layer's mean and the last layer's maximum (extracted
+# with --every-layer).
+FEATURES = ",".join([f"mean{l}" for l in range(1, 9)] + ["max8"])
 WEIGHTS = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0)
 DEFAULT_GGUF = os.path.expanduser("~/.cache/sluice/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 
@@ -71,11 +74,14 @@ def load_model(gguf, layer):
     return tok, model.eval()
 
 
-def pooled(model, windows):
-    """The final-normed state after the cut, averaged over each window's tokens."""
+def pooled(model, windows, every_layer=False):
+    """The final-normed state after the cut, averaged over each window's tokens. With
+    every_layer, also each earlier layer's output under the same final norm, averaged, and the
+    last layer's maximum over the tokens: (windows, layers + 1, hidden)."""
     import torch
 
-    out = np.zeros((len(windows), model.config.hidden_size), np.float32)
+    layers = len(model.model.layers)
+    out = np.zeros((len(windows), layers + 1 if every_layer else 1, model.config.hidden_size), np.float32)
     with torch.no_grad():
         for s in range(0, len(windows), 16):
             b = windows[s:s + 16]
@@ -85,10 +91,26 @@ def pooled(model, windows):
             for j, w in enumerate(b):
                 x[j, :len(w)] = torch.tensor(w)
                 mask[j, :len(w)] = 1
-            h = model.model(input_ids=x, attention_mask=mask).last_hidden_state  # normed
+            o = model.model(input_ids=x, attention_mask=mask, output_hidden_states=every_layer)
+            h = o.last_hidden_state  # normed
             mf = mask.float()[:, :, None]
-            out[s:s + len(b)] = ((h * mf).sum(1) / mf.sum(1)).numpy()
-    return out
+            out[s:s + len(b), 0] = ((h * mf).sum(1) / mf.sum(1)).numpy()
+            if every_layer:
+                # hidden_states[l] is layer l's raw output for l < layers (0: the embeddings)
+                for l in range(1, layers):
+                    hl = model.model.norm(o.hidden_states[l])
+                    out[s:s + len(b), l] = ((hl * mf).sum(1) / mf.sum(1)).numpy()
+                out[s:s + len(b), layers] = h.masked_fill(mask[:, :, None] == 0, -1e9).amax(1).numpy()
+    return out if every_layer else out[:, 0]
+
+
+def named_features(every, layer):
+    """What `pooled(..., every_layer=True)` computed, by name: `mean{l}` is layer l's normed
+    output averaged over the tokens, `max{layer}` the last layer's maximum."""
+    named = {f"mean{l}": every[:, l - 1] for l in range(1, layer)}
+    named[f"mean{layer}"] = every[:, 0]
+    named[f"max{layer}"] = every[:, layer]
+    return named
 
 
 def extract(args):
@@ -99,14 +121,15 @@ def extract(args):
     tok, model = load_model(args.gguf, args.layer)
     ids = [tok(t, add_special_tokens=False)["input_ids"][:TOKENS] for t in texts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    feats = np.zeros((len(ids), model.config.hidden_size), np.float32)
+    every = args.every_layer
+    feats = np.zeros((len(ids), args.layer + 1, model.config.hidden_size) if every else (len(ids), model.config.hidden_size), np.float32)
     started = time.time()
     for s in range(0, len(order), 640):
         b = order[s:s + 640]
-        feats[b] = pooled(model, [ids[i] for i in b])
+        feats[b] = pooled(model, [ids[i] for i in b], every)
         print(f"{s + len(b)}/{len(order)} rows, {time.time() - started:.0f} s", file=sys.stderr)
-    np.savez(args.out, y=np.array([r["label"] for r in rows]), lang=np.array([r["lang"] for r in rows]),
-             **{f"mean{args.layer}": feats})
+    named = named_features(feats, args.layer) if every else {f"mean{args.layer}": feats}
+    np.savez(args.out, y=np.array([r["label"] for r in rows]), lang=np.array([r["lang"] for r in rows]), **named)
     Path(args.out + ".texts.json").write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
 
 
@@ -158,26 +181,30 @@ def recall(z, y, t, pick=None):
     return f"{hit[sel].sum()}/{sel.sum()} {hit[sel].sum() / max(1, sel.sum()):.3f}"
 
 
-def fit_probe(paths, layer):
+def features_of(named, features):
+    """The probe's input: the named features (`mean3`, `max8`, ...) side by side."""
+    return np.concatenate([named[f] for f in features], axis=1)
+
+
+def fit_probe(paths, features):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    key = f"mean{layer}"
     train = [np.load(p) for p in paths.split(",")]
-    x = np.concatenate([t[key] for t in train])
+    x = np.concatenate([features_of(t, features) for t in train])
     y = np.concatenate([t["y"] for t in train])
     scaler = StandardScaler().fit(x)
     probe = LogisticRegression(C=PROBE_C, max_iter=5000).fit(scaler.transform(x), y)
     return scaler, probe, len(y)
 
 
-def scored(paths, scaler, probe, layer):
+def scored(paths, scaler, probe, features):
     """Labels, languages, probe logits and the shipped classifier's logits of the rows of one
     or more extracted files (comma-separated)."""
     parts = []
     for path in paths.split(","):
         d = np.load(path)
-        parts.append((d["y"], d["lang"], probe.decision_function(scaler.transform(d[f"mean{layer}"])), np.load(path + ".shipped.npy")))
+        parts.append((d["y"], d["lang"], probe.decision_function(scaler.transform(features_of(d, features))), np.load(path + ".shipped.npy")))
     return tuple(np.concatenate(column) for column in zip(*parts))
 
 
@@ -191,13 +218,14 @@ def combination(vy, vp, vs):
 
 
 def evaluate(args):
-    scaler, probe, n = fit_probe(args.train, args.layer)
-    vy, _, vp, vs = scored(args.val, scaler, probe, args.layer)
+    features = args.features.split(",")
+    scaler, probe, n = fit_probe(args.train, features)
+    vy, _, vp, vs = scored(args.val, scaler, probe, features)
     ss, sp, best, _ = combination(vy, vp, vs)
     combos = {"shipped": (1.0, 0.0), "probe": (0.0, 1.0), f"shipped + {best} x probe": (1.0, best)}
-    result = {"train_rows": n, "layer": args.layer, "probe_weight_chosen_on_val": best}
-    ty, tl, tp, ts = scored(args.test, scaler, probe, args.layer)
-    uy, ul, up, us = scored(args.unseen, scaler, probe, args.layer)
+    result = {"train_rows": n, "features": features, "probe_weight_chosen_on_val": best}
+    ty, tl, tp, ts = scored(args.test, scaler, probe, features)
+    uy, ul, up, us = scored(args.unseen, scaler, probe, features)
     for name, (a, b) in combos.items():
         zv = a * vs / ss + b * vp / sp
         zt = a * ts / ss + b * tp / sp
@@ -226,8 +254,10 @@ def fit(args):
 
     from finetune import FIXED_TEXTS
 
-    scaler, probe, n = fit_probe(args.train, args.layer)
-    vy, _, vp, vs = scored(args.val, scaler, probe, args.layer)
+    features = args.features.split(",")
+    layer = max(int(f.removeprefix("mean").removeprefix("max")) for f in features)
+    scaler, probe, n = fit_probe(args.train, features)
+    vy, _, vp, vs = scored(args.val, scaler, probe, features)
     ss, sp, best, t = combination(vy, vp, vs)
     sha = hashlib.sha256(Path(args.gguf).read_bytes()).hexdigest()
     spec = {
@@ -235,7 +265,8 @@ def fit(args):
         "gguf_sha256": sha,
         "trained_by": "guard/train/probe.py fit",
         "train_rows": n,
-        "layer": args.layer,
+        "layer": layer,
+        "features": features,
         "window_tokens": TOKENS,
         "window_overlap": WINDOW_OVERLAP,
         "mean": scaler.mean_.astype(np.float32).tolist(),
@@ -249,7 +280,7 @@ def fit(args):
         "operating_point": f"combined logit 0 = at most {TARGET_FPR:.0%} false positives on the validation split",
     }
     (REPO / "guard" / "model" / "probe.json").write_text(json.dumps(spec) + "\n")
-    tok, model = load_model(args.gguf, args.layer)
+    tok, model = load_model(args.gguf, layer)
     cases = []
     for text in FIXED_TEXTS:
         masked = mask_encoded(text)
@@ -260,7 +291,8 @@ def fit(args):
             if start + TOKENS >= len(ids):
                 break
             start += TOKENS - WINDOW_OVERLAP
-        z = probe.decision_function(scaler.transform(pooled(model, windows)))
+        every = pooled(model, windows, every_layer=True)
+        z = probe.decision_function(scaler.transform(features_of(named_features(every, layer), features)))
         cases.append({"text": text, "probe_logit": float(z.max()), "windows": len(windows)})
     (REPO / "guard" / "tests" / "fixtures" / "probe-logits.json").write_text(json.dumps({
         "provenance": "guard/train/probe.py fit: transformers' Qwen2 on the dequantised GGUF, float32",
@@ -279,6 +311,7 @@ def main():
     e.add_argument("hi", type=int)
     e.add_argument("out")
     e.add_argument("--layer", type=int, default=8)
+    e.add_argument("--every-layer", action="store_true", help="also every earlier layer's mean and the last layer's maximum")
     e.add_argument("--gguf", default=DEFAULT_GGUF)
     s = sub.add_parser("shipped")
     s.add_argument("features")
@@ -286,11 +319,11 @@ def main():
     v = sub.add_parser("evaluate")
     for name in ("--train", "--val", "--test", "--unseen"):
         v.add_argument(name, required=True)
-    v.add_argument("--layer", type=int, default=8)
+    v.add_argument("--features", default=FEATURES)
     f = sub.add_parser("fit")
     f.add_argument("--train", required=True)
     f.add_argument("--val", required=True)
-    f.add_argument("--layer", type=int, default=8)
+    f.add_argument("--features", default=FEATURES)
     f.add_argument("--gguf", default=DEFAULT_GGUF)
     args = ap.parse_args()
     {"extract": extract, "shipped": shipped, "evaluate": evaluate, "fit": fit}[args.cmd](args)

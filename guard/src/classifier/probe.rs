@@ -2,9 +2,11 @@
 //! hidden states, added to the classifier's logit (opt-in: `--guard-probe-model`).
 //!
 //! The model (the test GGUF of `scripts/fetch-test-model`, the one the workers serve) is cut
-//! after its first [`ProbeSpec::layer`] decoder layers; its final RMSNorm is applied to that
-//! layer's output and the result is averaged over the window's tokens. A standardised linear
-//! model over that average is the probe's logit; a text's is the maximum over its windows.
+//! after its first [`ProbeSpec::layer`] decoder layers. Each of the spec's
+//! [`features`](ProbeSpec::features) is one layer's output under the model's final RMSNorm,
+//! pooled over the window's tokens (`mean3`: layer 3's average, `max8`: layer 8's maximum);
+//! a standardised linear model over their concatenation is the probe's logit, and a text's is
+//! the maximum over its windows.
 //! Trained by `guard/train/probe.py` on the classifier's training split; the spec
 //! (`guard/model/probe.json`) names the SHA-256 of the GGUF it was trained on, and loading
 //! refuses any other file. The combined logit, `classifier / classifier_scale + probe_weight ·
@@ -35,8 +37,12 @@ pub const BUILTIN_PROBE: &str = include_str!("../../model/probe.json");
 pub struct ProbeSpec {
     /// SHA-256 of the GGUF file the probe was trained on.
     pub gguf_sha256: String,
-    /// Decoder layers run (the hidden state after this many).
+    /// Decoder layers run.
     pub layer: usize,
+    /// What the linear model reads, in order, each `hidden` wide: `mean{l}` or `max{l}` for
+    /// a layer `l` in `1..=layer`. Absent: the last layer's mean alone.
+    #[serde(default)]
+    pub features: Vec<Feature>,
     /// Tokens per window, and how many consecutive windows share.
     pub window_tokens: usize,
     pub window_overlap: usize,
@@ -58,13 +64,38 @@ impl ProbeSpec {
             path: "guard/model/probe.json (built in)".into(),
             detail,
         };
-        let spec: Self = serde_json::from_str(BUILTIN_PROBE).map_err(|e| corrupt(e.to_string()))?;
+        Self::parse(BUILTIN_PROBE).map_err(corrupt)
+    }
+
+    /// A spec from its JSON, checked for consistency (the widths against the model's are
+    /// checked when it loads).
+    pub fn parse(json: &str) -> Result<Self, String> {
+        let mut spec: Self = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        if spec.features.is_empty() {
+            spec.features = vec![Feature {
+                pool: Pool::Mean,
+                layer: spec.layer,
+            }];
+        }
         let n = spec.weight.len();
         if n == 0 || spec.mean.len() != n || spec.scale.len() != n {
-            return Err(corrupt("mean, scale and weight differ in length".into()));
+            return Err("mean, scale and weight differ in length".into());
+        }
+        if n % spec.features.len() != 0 {
+            return Err(format!(
+                "{n} weights do not split into {} features",
+                spec.features.len()
+            ));
         }
         if spec.window_tokens <= spec.window_overlap || spec.layer == 0 {
-            return Err(corrupt("window or layer out of range".into()));
+            return Err("window or layer out of range".into());
+        }
+        if let Some(f) = spec
+            .features
+            .iter()
+            .find(|f| f.layer == 0 || f.layer > spec.layer)
+        {
+            return Err(format!("feature {f} reads past layer {}", spec.layer));
         }
         Ok(spec)
     }
@@ -73,6 +104,58 @@ impl ProbeSpec {
     pub fn combine(&self, classifier: f32, probe: f32) -> f32 {
         classifier / self.classifier_scale + self.probe_weight * probe / self.probe_scale
             - self.threshold
+    }
+}
+
+/// How a feature pools a layer's states over the tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    Mean,
+    Max,
+}
+
+/// One pooled layer (`mean3`, `max8`): the layer's output under the final RMSNorm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Feature {
+    pub pool: Pool,
+    pub layer: usize,
+}
+
+impl std::fmt::Display for Feature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pool = match self.pool {
+            Pool::Mean => "mean",
+            Pool::Max => "max",
+        };
+        write!(f, "{pool}{}", self.layer)
+    }
+}
+
+impl std::str::FromStr for Feature {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (pool, layer) = if let Some(l) = s.strip_prefix("mean") {
+            (Pool::Mean, l)
+        } else if let Some(l) = s.strip_prefix("max") {
+            (Pool::Max, l)
+        } else {
+            return Err(format!(
+                "feature {s:?} is neither mean<layer> nor max<layer>"
+            ));
+        };
+        let layer = layer
+            .parse()
+            .map_err(|_| format!("feature {s:?}: {layer:?} is not a layer number"))?;
+        Ok(Self { pool, layer })
+    }
+}
+
+impl<'de> Deserialize<'de> for Feature {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -181,11 +264,11 @@ impl Probe {
         let blocks = md("qwen2.block_count")?.to_u32()? as usize;
         let eps = f64::from(md("qwen2.attention.layer_norm_rms_epsilon")?.to_f32()?);
         let theta = f64::from(md("qwen2.rope.freq_base")?.to_f32()?);
-        if spec.layer > blocks || spec.weight.len() != hidden {
+        let width = spec.weight.len() / spec.features.len();
+        if spec.layer > blocks || width != hidden {
             candle_core::bail!(
-                "the probe reads layer {} of width {}; the model has {blocks} of width {hidden}",
+                "the probe reads layer {} of width {width}; the model has {blocks} of width {hidden}",
                 spec.layer,
-                spec.weight.len()
             );
         }
         let tokenizer = Tokenizer::from_gguf(content)?;
@@ -234,7 +317,7 @@ impl Probe {
                 .map(|(d, m)| d * m)
                 .sum::<f32>();
         Ok(Self {
-            direction: Tensor::from_vec(direction, (hidden, 1), &device)?,
+            direction: Tensor::from_vec(direction, (hidden * spec.features.len(), 1), &device)?,
             offset,
             spec,
             tokenizer,
@@ -288,7 +371,7 @@ impl Probe {
         Ok(z.flatten_all()?.to_vec1::<f32>()?[0] + self.offset)
     }
 
-    /// The final-normed hidden state after the probe's layer, averaged over the tokens.
+    /// The spec's features of one window, concatenated: `(features · hidden,)`.
     fn pooled(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
         let t = ids.len();
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
@@ -299,7 +382,8 @@ impl Probe {
             .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
             .collect();
         let mask = Tensor::from_vec(mask, (t, t), &self.device)?;
-        for layer in &self.layers {
+        let mut pooled: Vec<Option<Tensor>> = vec![None; self.spec.features.len()];
+        for (i, layer) in self.layers.iter().enumerate() {
             let a = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.eps as f32)?;
             let heads_of = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
                 y.reshape((1, t, n, d))?.transpose(1, 2)?.contiguous()
@@ -327,9 +411,24 @@ impl Probe {
             let g = candle_nn::ops::silu(&layer.gate.forward(&m)?)?;
             let ff = layer.down.forward(&(g * layer.up.forward(&m)?)?)?;
             x = (x + ff)?;
+            let wanted = |f: &Feature| f.layer == i + 1;
+            if self.spec.features.iter().any(wanted) {
+                let normed = candle_nn::ops::rms_norm(&x, &self.norm, self.eps as f32)?;
+                for (slot, f) in pooled.iter_mut().zip(&self.spec.features) {
+                    if wanted(f) {
+                        *slot = Some(match f.pool {
+                            Pool::Mean => normed.mean(0)?,
+                            Pool::Max => normed.max(0)?,
+                        });
+                    }
+                }
+            }
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.eps as f32)?;
-        x.mean(0)
+        let pooled: Vec<Tensor> = pooled
+            .into_iter()
+            .map(|p| p.ok_or_else(|| candle_core::Error::msg("a feature's layer was not run")))
+            .collect::<candle_core::Result<_>>()?;
+        Tensor::cat(&pooled, 0)
     }
 
     /// Rotary tables for positions `0..t`: `(t, head_dim / 2)`.
@@ -356,5 +455,74 @@ fn sha256_of(file: &mut std::fs::File) -> std::io::Result<String> {
             return Ok(hex::encode(hasher.finalize()));
         }
         hasher.update(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_json(features: &str, width: usize) -> String {
+        let v = vec![0.5f32; width];
+        format!(
+            r#"{{"gguf_sha256": "x", "layer": 8, {features} "window_tokens": 128, "window_overlap": 32,
+                "mean": {v:?}, "scale": {v:?}, "weight": {v:?}, "bias": 0.0, "classifier_scale": 1.0,
+                "probe_scale": 1.0, "probe_weight": 1.0, "threshold": 0.0}}"#
+        )
+    }
+
+    #[test]
+    fn features_name_a_pool_and_a_layer_and_default_to_the_last_layers_mean() {
+        let spec = ProbeSpec::parse(&spec_json(r#""features": ["mean1", "max8"],"#, 4)).unwrap();
+        assert_eq!(
+            spec.features,
+            [
+                Feature {
+                    pool: Pool::Mean,
+                    layer: 1
+                },
+                Feature {
+                    pool: Pool::Max,
+                    layer: 8
+                }
+            ]
+        );
+        assert_eq!(spec.features[1].to_string(), "max8");
+        let plain = ProbeSpec::parse(&spec_json("", 4)).unwrap();
+        assert_eq!(
+            plain.features,
+            [Feature {
+                pool: Pool::Mean,
+                layer: 8
+            }]
+        );
+    }
+
+    #[test]
+    fn a_spec_that_cannot_be_read_as_written_is_refused() {
+        for (features, width, why) in [
+            (r#""features": ["mean9"],"#, 4, "reads past layer 8"),
+            (r#""features": ["mean0"],"#, 4, "reads past layer 8"),
+            (
+                r#""features": ["sum3"],"#,
+                4,
+                "neither mean<layer> nor max<layer>",
+            ),
+            (r#""features": ["meanx"],"#, 4, "not a layer number"),
+            (
+                r#""features": ["mean1", "mean2", "max8"],"#,
+                4,
+                "do not split into 3",
+            ),
+        ] {
+            let err = ProbeSpec::parse(&spec_json(features, width)).unwrap_err();
+            assert!(err.contains(why), "{features}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_built_in_spec_parses() {
+        let spec = ProbeSpec::builtin().unwrap();
+        assert_eq!(spec.weight.len() % spec.features.len(), 0);
     }
 }
