@@ -473,7 +473,8 @@ mod tests {
 
     #[test]
     fn features_name_a_pool_and_a_layer_and_default_to_the_last_layers_mean() {
-        let spec = ProbeSpec::parse(&spec_json(r#""features": ["mean1", "max8"],"#, 4)).unwrap();
+        let spec =
+            ProbeSpec::parse(&spec_json(r#""features": ["mean1", "max8"],"#, 4)).expect("spec");
         assert_eq!(
             spec.features,
             [
@@ -488,7 +489,7 @@ mod tests {
             ]
         );
         assert_eq!(spec.features[1].to_string(), "max8");
-        let plain = ProbeSpec::parse(&spec_json("", 4)).unwrap();
+        let plain = ProbeSpec::parse(&spec_json("", 4)).expect("spec");
         assert_eq!(
             plain.features,
             [Feature {
@@ -515,14 +516,14 @@ mod tests {
                 "do not split into 3",
             ),
         ] {
-            let err = ProbeSpec::parse(&spec_json(features, width)).unwrap_err();
+            let err = ProbeSpec::parse(&spec_json(features, width)).expect_err("refused");
             assert!(err.contains(why), "{features}: {err}");
         }
     }
 
     #[test]
     fn the_built_in_spec_parses() {
-        let spec = ProbeSpec::builtin().unwrap();
+        let spec = ProbeSpec::builtin().expect("built-in spec");
         assert_eq!(spec.weight.len() % spec.features.len(), 0);
     }
 }
