@@ -81,7 +81,7 @@ impl ProbeSpec {
         if n == 0 || spec.mean.len() != n || spec.scale.len() != n {
             return Err("mean, scale and weight differ in length".into());
         }
-        if n % spec.features.len() != 0 {
+        if !n.is_multiple_of(spec.features.len()) {
             return Err(format!(
                 "{n} weights do not split into {} features",
                 spec.features.len()
