@@ -19,6 +19,7 @@
 use std::io::{Read as _, Seek};
 use std::path::Path;
 
+use base64::Engine as _;
 use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file;
 use candle_core::quantized::tokenizer::TokenizerFromGguf as _;
@@ -39,16 +40,20 @@ pub struct ProbeSpec {
     pub gguf_sha256: String,
     /// Decoder layers run.
     pub layer: usize,
-    /// What the linear model reads, in order, each `hidden` wide: `mean{l}` or `max{l}` for
+    /// What the head reads, in order, each the model's width: `mean{l}` or `max{l}` for
     /// a layer `l` in `1..=layer`. Absent: the last layer's mean alone.
     #[serde(default)]
     pub features: Vec<Feature>,
     /// Tokens per window, and how many consecutive windows share.
     pub window_tokens: usize,
     pub window_overlap: usize,
-    /// Standardisation of the pooled state, then the linear model.
+    /// Standardisation of the pooled features.
     pub mean: Vec<f32>,
     pub scale: Vec<f32>,
+    /// The head's hidden ReLU layer, when it is an MLP; absent, a logistic regression.
+    #[serde(default)]
+    pub hidden: Option<HiddenSpec>,
+    /// The output unit over the hidden layer (or over the standardised features).
     pub weight: Vec<f32>,
     pub bias: f32,
     /// How the probe's logit joins the classifier's.
@@ -56,6 +61,18 @@ pub struct ProbeSpec {
     pub probe_scale: f32,
     pub probe_weight: f32,
     pub threshold: f32,
+}
+
+/// An MLP head's hidden layer: `relu(x · W + b)` over the standardised features.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HiddenSpec {
+    pub units: usize,
+    /// `W`, `(features, units)` row-major, little-endian f32, base64.
+    weight_f32le_base64: String,
+    pub bias: Vec<f32>,
+    /// `W`, decoded by [`ProbeSpec::parse`].
+    #[serde(skip)]
+    pub weight: Vec<f32>,
 }
 
 impl ProbeSpec {
@@ -77,14 +94,41 @@ impl ProbeSpec {
                 layer: spec.layer,
             }];
         }
-        let n = spec.weight.len();
-        if n == 0 || spec.mean.len() != n || spec.scale.len() != n {
-            return Err("mean, scale and weight differ in length".into());
+        let n = spec.mean.len();
+        if n == 0 || spec.scale.len() != n {
+            return Err("mean and scale differ in length".into());
         }
         if !n.is_multiple_of(spec.features.len()) {
             return Err(format!(
-                "{n} weights do not split into {} features",
+                "{n} inputs do not split into {} features",
                 spec.features.len()
+            ));
+        }
+        let inputs = match &mut spec.hidden {
+            Some(h) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(h.weight_f32le_base64.as_bytes())
+                    .map_err(|e| format!("hidden weights: {e}"))?;
+                h.weight = bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                if h.units == 0 || h.weight.len() != n * h.units || h.bias.len() != h.units {
+                    return Err(format!(
+                        "hidden layer: {} weights and {} biases for {n} inputs and {} units",
+                        h.weight.len(),
+                        h.bias.len(),
+                        h.units
+                    ));
+                }
+                h.units
+            }
+            None => n,
+        };
+        if spec.weight.len() != inputs {
+            return Err(format!(
+                "{} output weights for {inputs} inputs",
+                spec.weight.len()
             ));
         }
         if spec.window_tokens <= spec.window_overlap || spec.layer == 0 {
@@ -203,10 +247,7 @@ pub struct Probe {
     kv_heads: usize,
     head_dim: usize,
     theta: f64,
-    /// The linear model folded with the standardisation: `w / scale` and
-    /// `bias − Σ w · mean / scale`.
-    direction: Tensor,
-    offset: f32,
+    head: Head,
     device: Device,
 }
 
@@ -264,7 +305,7 @@ impl Probe {
         let blocks = md("qwen2.block_count")?.to_u32()? as usize;
         let eps = f64::from(md("qwen2.attention.layer_norm_rms_epsilon")?.to_f32()?);
         let theta = f64::from(md("qwen2.rope.freq_base")?.to_f32()?);
-        let width = spec.weight.len() / spec.features.len();
+        let width = spec.mean.len() / spec.features.len();
         if spec.layer > blocks || width != hidden {
             candle_core::bail!(
                 "the probe reads layer {} of width {width}; the model has {blocks} of width {hidden}",
@@ -304,21 +345,8 @@ impl Probe {
                 ffn_norm: dense("ffn_norm.weight")?,
             });
         }
-        let direction: Vec<f32> = spec
-            .weight
-            .iter()
-            .zip(&spec.scale)
-            .map(|(w, s)| w / s)
-            .collect();
-        let offset = spec.bias
-            - direction
-                .iter()
-                .zip(&spec.mean)
-                .map(|(d, m)| d * m)
-                .sum::<f32>();
         Ok(Self {
-            direction: Tensor::from_vec(direction, (hidden * spec.features.len(), 1), &device)?,
-            offset,
+            head: folded_head(&spec, &device)?,
             spec,
             tokenizer,
             embed,
@@ -367,8 +395,15 @@ impl Probe {
 
     fn window_logit(&self, ids: &[u32]) -> candle_core::Result<f32> {
         let pooled = self.pooled(ids)?;
-        let z = pooled.unsqueeze(0)?.matmul(&self.direction)?;
-        Ok(z.flatten_all()?.to_vec1::<f32>()?[0] + self.offset)
+        let z = pooled
+            .unsqueeze(0)?
+            .matmul(&self.head.first)?
+            .broadcast_add(&self.head.first_bias)?;
+        let z = match &self.head.output {
+            Some((w, b)) => (z.relu()?.matmul(w)? + f64::from(*b))?,
+            None => z,
+        };
+        Ok(z.flatten_all()?.to_vec1::<f32>()?[0])
     }
 
     /// The spec's features of one window, concatenated: `(features · hidden,)`.
@@ -446,6 +481,51 @@ impl Probe {
     }
 }
 
+/// The spec's head, ready to run.
+struct Head {
+    /// The first layer folded with the standardisation: `W / scale` and
+    /// `b − (mean / scale) · W`, `(features, units)` and `(1, units)`; a logistic regression
+    /// is one unit with no output layer.
+    first: Tensor,
+    first_bias: Tensor,
+    /// An MLP's output unit over the ReLU of the first layer: `(units, 1)` and its bias.
+    output: Option<(Tensor, f32)>,
+}
+
+fn folded_head(spec: &ProbeSpec, device: &Device) -> candle_core::Result<Head> {
+    let n = spec.mean.len();
+    let (weight, bias, units) = match &spec.hidden {
+        Some(h) => (&h.weight[..], &h.bias[..], h.units),
+        None => (&spec.weight[..], std::slice::from_ref(&spec.bias), 1),
+    };
+    let mut first = weight.to_vec();
+    // Summed in f64: thousands of terms.
+    let mut shift = vec![0f64; units];
+    for i in 0..n {
+        for j in 0..units {
+            first[i * units + j] /= spec.scale[i];
+            shift[j] += f64::from(spec.mean[i]) * f64::from(first[i * units + j]);
+        }
+    }
+    let first_bias: Vec<f32> = bias
+        .iter()
+        .zip(&shift)
+        .map(|(b, s)| (f64::from(*b) - s) as f32)
+        .collect();
+    let output = match &spec.hidden {
+        Some(h) => Some((
+            Tensor::from_vec(spec.weight.clone(), (h.units, 1), device)?,
+            spec.bias,
+        )),
+        None => None,
+    };
+    Ok(Head {
+        first: Tensor::from_vec(first, (n, units), device)?,
+        first_bias: Tensor::from_vec(first_bias, (1, units), device)?,
+        output,
+    })
+}
+
 fn sha256_of(file: &mut std::fs::File) -> std::io::Result<String> {
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -515,6 +595,11 @@ mod tests {
                 4,
                 "do not split into 3",
             ),
+            (
+                r#""features": ["mean1"], "hidden": {"units": 2, "weight_f32le_base64": "AAAAAA==", "bias": [0, 0]},"#,
+                4,
+                "hidden layer: 1 weights and 2 biases for 4 inputs and 2 units",
+            ),
         ] {
             let err = ProbeSpec::parse(&spec_json(features, width)).expect_err("refused");
             assert!(err.contains(why), "{features}: {err}");
@@ -524,6 +609,6 @@ mod tests {
     #[test]
     fn the_built_in_spec_parses() {
         let spec = ProbeSpec::builtin().expect("built-in spec");
-        assert_eq!(spec.weight.len() % spec.features.len(), 0);
+        assert_eq!(spec.mean.len() % spec.features.len(), 0);
     }
 }
