@@ -1,24 +1,30 @@
 #!/usr/bin/env python3
-"""The served model's probe (guard/src/classifier/probe.rs): a linear probe over Qwen2.5-Coder-0.5B-Instruct's hidden states (the test GGUF of
-scripts/fetch-test-model, dequantised by transformers): the model cut after its first LAYER
-decoder layers, its final RMSNorm applied to that layer's output, mean-pooled over the
-text's tokens (at most 128), added to the shipped classifier's logit. `fit` writes
-guard/model/probe.json and guard/tests/fixtures/probe-logits.json; docs/results/guard.md has
-the figures.
+"""The served model's probe (guard/src/classifier/probe.rs): a probe over
+Qwen2.5-Coder-0.5B-Instruct's hidden states (the test GGUF of scripts/fetch-test-model,
+dequantised by transformers): the model cut after its first 8 decoder layers; the outputs of
+layers 1 to 6 and 8, each under the model's final RMSNorm and averaged over the window's
+tokens (at most 128), and layer 8's maximum over them, side by side and standardised; an MLP
+with one hidden layer of 64 ReLU units (scikit-learn, seeded) over them gives a logit that is
+added to the shipped classifier's. `fit` writes guard/model/probe.json and
+guard/tests/fixtures/probe-logits.json; docs/results/guard.md has the figures.
 
 Run in the training venv (guard/train/run makes it) with guard/train/requirements-probe.txt
-added (`pip install -r`), after guard/train/prepare.py. The shipped probe came from:
+installed after it, after guard/train/prepare.py. The shipped probe came from (about 55
+minutes of extraction on 2 cores, then 2 minutes of fitting):
 
-  probe.py extract train 0 2500 t8a.npz; probe.py extract train 2500 8000 train2.npz
-  probe.py extract train 8000 99999 t8c.npz
-  probe.py extract val 0 1500 v8.npz; probe.py extract val 1500 99999 v8b.npz
-  probe.py extract test 0 99999 test.npz; probe.py extract unseen 0 99999 unseen.npz
-  probe.py shipped F.npz                      # for each of the val, test and unseen files
-  probe.py fit --train t8a.npz,train2.npz,t8c.npz --val v8.npz,v8b.npz
+  probe.py extract val 0 99999 val.npz --every-layer
+  probe.py extract train 0 5000 tr1.npz --every-layer
+  probe.py extract test 0 99999 test.npz --every-layer
+  probe.py extract unseen 0 99999 unseen.npz --every-layer
+  probe.py extract train 5000 15000 tr2.npz --every-layer
+  probe.py extract train 15000 99999 tr3.npz --every-layer
+  probe.py shipped F.npz                      # for each of val, test and unseen
+  probe.py fit --train tr1.npz,tr2.npz,tr3.npz --val val.npz
+  probe.py evaluate --train tr1.npz,tr2.npz,tr3.npz --val val.npz --test test.npz --unseen unseen.npz
 
 Usage:
 
-  probe.py extract SPLIT LO HI OUT.npz [--layer 8]      # rows LO..HI of a seeded shuffle
+  probe.py extract SPLIT LO HI OUT.npz [--layer 8] [--every-layer]   # rows LO..HI of a seeded shuffle
   probe.py shipped OUT.npz                              # the shipped classifier's logits
   probe.py evaluate --train A.npz,B.npz --val V.npz,W.npz --test T.npz --unseen U.npz
   probe.py fit --train A.npz,B.npz --val V.npz,W.npz    # writes the probe the API uses
