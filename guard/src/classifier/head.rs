@@ -8,7 +8,6 @@
 //! the validation split (at most 1 % false positives), so the tenant policy's classifier
 //! threshold defaults to 0.5 whatever the head.
 
-use base64::Engine as _;
 use serde::Deserialize;
 use sha2::Digest as _;
 
@@ -94,22 +93,16 @@ impl Head {
                         super::ngrams::BUCKETS
                     ));
                 }
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(l.weights_f32le_base64.as_bytes())
+                let weights = super::f32le_base64(&l.weights_f32le_base64)
                     .map_err(|e| format!("lexical: {e}"))?;
-                if bytes.len() != l.buckets * 4 {
+                if weights.len() != l.buckets {
                     return Err(format!(
                         "lexical: {} bytes of weights, expected {}",
-                        bytes.len(),
+                        weights.len() * 4,
                         l.buckets * 4
                     ));
                 }
-                Some(
-                    bytes
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect(),
-                )
+                Some(weights.into_iter().collect())
             }
         };
         Ok(Self {
@@ -184,6 +177,7 @@ pub fn sigmoid(z: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
 
     #[test]
     fn a_two_layer_head_computes_relu_then_sigmoid() {

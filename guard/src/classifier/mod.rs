@@ -398,6 +398,25 @@ fn serve(classifier: Classifier, rx: mpsc::Receiver<Request>, observer: &dyn Cla
     }
 }
 
+/// Little-endian f32 values stored as base64 (the heads' large weight arrays); a byte count
+/// that is not a whole number of values is refused.
+pub(crate) fn f32le_base64(text: &str) -> Result<Vec<f32>, String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.as_bytes())
+        .map_err(|e| e.to_string())?;
+    if !bytes.len().is_multiple_of(4) {
+        return Err(format!(
+            "{} bytes is not a whole number of f32 values",
+            bytes.len()
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,6 @@
 use std::io::{Read as _, Seek};
 use std::path::Path;
 
-use base64::Engine as _;
 use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file;
 use candle_core::quantized::tokenizer::TokenizerFromGguf as _;
@@ -107,13 +106,8 @@ impl ProbeSpec {
         }
         let inputs = match &mut spec.hidden {
             Some(h) => {
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(h.weight_f32le_base64.as_bytes())
+                h.weight = super::f32le_base64(&h.weight_f32le_base64)
                     .map_err(|e| format!("hidden weights: {e}"))?;
-                h.weight = bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
                 if h.units == 0 || h.weight.len() != n * h.units || h.bias.len() != h.units {
                     return Err(format!(
                         "hidden layer: {} weights and {} biases for {n} inputs and {} units",
