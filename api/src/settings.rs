@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::tenant::TenantPolicy;
+use clap::builder::TypedValueParser;
 use clap::{ArgAction, Parser, Subcommand};
 use sluice_guard::pipeline::{InjectionAction, PiiAction};
 use sluice_shared::{CommonSettings, Secret};
@@ -104,8 +105,13 @@ pub struct ClassifierSettings {
     /// its hidden states to the classifier (`sluice_guard::classifier::probe`): it catches
     /// more attacks, most of all in languages other than English, at several times the
     /// classifier's cost. The file must be the one the probe was trained on; a missing or
-    /// other file stops the API at start. Unset, the classifier runs without it.
-    #[arg(long, env = "SLUICE_GUARD_PROBE_MODEL")]
+    /// other file stops the API at start. Unset or empty, the classifier runs without it.
+    // Any path, the empty one included (clap's own path parser refuses it): empty is no probe.
+    #[arg(
+        long,
+        env = "SLUICE_GUARD_PROBE_MODEL",
+        value_parser = clap::builder::OsStringValueParser::new().map(PathBuf::from)
+    )]
     pub guard_probe_model: Option<PathBuf>,
 }
 
@@ -132,10 +138,18 @@ impl ClassifierSettings {
             );
         };
         let classifier = sluice_guard::classifier::Classifier::load(dir)?;
-        Ok(Some(match &self.guard_probe_model {
+        Ok(Some(match self.probe_model() {
             Some(gguf) => classifier.with_probe(gguf)?,
             None => classifier,
         }))
+    }
+
+    /// The probe's GGUF; an empty value (`SLUICE_GUARD_PROBE_MODEL=`, how a compose file that
+    /// sets a default turns it off) is none.
+    pub fn probe_model(&self) -> Option<&std::path::Path> {
+        self.guard_probe_model
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
     }
 }
 
@@ -533,6 +547,30 @@ mod tests {
             guard_probe_model: None,
         };
         assert!(off.load().expect("off").is_none());
+    }
+
+    #[test]
+    fn an_empty_probe_path_is_no_probe() {
+        let with = |path: Option<&str>| ClassifierSettings {
+            guard_model: None,
+            guard_classifier: true,
+            guard_probe_model: path.map(PathBuf::from),
+        };
+        let parsed = |value: &str| {
+            ApiSettings::parse_from(["x", "--tokenizer", "m", "--guard-probe-model", value])
+                .map(|s| s.classifier.probe_model().map(std::path::Path::to_path_buf))
+        };
+        assert_eq!(parsed("").expect("empty"), None);
+        assert_eq!(
+            parsed("/m/p.gguf").expect("a path"),
+            Some(PathBuf::from("/m/p.gguf"))
+        );
+        assert_eq!(with(None).probe_model(), None);
+        assert_eq!(with(Some("")).probe_model(), None);
+        assert_eq!(
+            with(Some("/models/guard-probe.gguf")).probe_model(),
+            Some(std::path::Path::new("/models/guard-probe.gguf"))
+        );
     }
 
     /// `docs/configuration.md` lists every variable `sluice-api serve` reads (its `--help`), and

@@ -171,10 +171,14 @@ pub fn build_state(settings: &ApiSettings) -> anyhow::Result<AppState> {
     let metrics = Arc::new(ApiMetrics::new());
     // Fail closed: a classifier that is on but cannot load stops the API here.
     let classifier = match settings.classifier.load()? {
-        Some(classifier) => Some(ClassifierService::spawn(
-            classifier,
-            metrics.classifier_observer(),
-        )?),
+        Some(classifier) => {
+            // `probe`: whether the probe over the served model's hidden states joins it.
+            tracing::info!(probe = classifier.has_probe(), "guard classifier loaded");
+            Some(ClassifierService::spawn(
+                classifier,
+                metrics.classifier_observer(),
+            )?)
+        }
         None => {
             tracing::warn!("guard classifier off: prompt injection is checked by the rules alone");
             None

@@ -100,6 +100,11 @@ impl Classifier {
         &self.encoder
     }
 
+    /// Whether the served model's probe adds its logit ([`Classifier::with_probe`]).
+    pub fn has_probe(&self) -> bool {
+        self.probe.is_some()
+    }
+
     /// Scores (0..=1; 0.5 is the default threshold) of `texts`, in order.
     pub fn score(&self, texts: &[String]) -> Result<Vec<f32>, ClassifierError> {
         let texts: Vec<Cow<'_, str>> = texts.iter().map(|t| mask_encoded(t)).collect();
