@@ -2,25 +2,29 @@
 """The served model's probe (guard/src/classifier/probe.rs): a probe over
 Qwen2.5-Coder-0.5B-Instruct's hidden states (the test GGUF of scripts/fetch-test-model,
 dequantised by transformers): the model cut after its first 8 decoder layers; the outputs of
-layers 1 to 6 and 8, each under the model's final RMSNorm and averaged over the window's
-tokens (at most 128), and layer 8's maximum over them, side by side and standardised; an MLP
-with one hidden layer of 64 ReLU units (scikit-learn, seeded) over them gives a logit that is
-added to the shipped classifier's. `fit` writes guard/model/probe.json and
-guard/tests/fixtures/probe-logits.json; docs/results/guard.md has the figures.
+layers 1 to 8, each under the model's final RMSNorm and averaged over the window's tokens (at
+most 128), and layer 8's maximum over them, side by side and standardised; five MLPs with one
+hidden layer of 64 ReLU units each (scikit-learn, random_state 0 to 4), their logits averaged,
+give a logit that is added to the shipped classifier's. `fit` writes guard/model/probe.json
+and guard/tests/fixtures/probe-logits.json; docs/results/guard.md has the figures.
 
 Run in the training venv (guard/train/run makes it) with guard/train/requirements-probe.txt
 installed after it, after guard/train/prepare.py. The shipped probe came from (about 55
-minutes of extraction on 2 cores, then 2 minutes of fitting):
+minutes of extraction on 2 cores, then 5 minutes of fitting):
 
   probe.py extract val 0 99999 val.npz --every-layer
-  probe.py extract train 0 5000 tr1.npz --every-layer
   probe.py extract test 0 99999 test.npz --every-layer
   probe.py extract unseen 0 99999 unseen.npz --every-layer
-  probe.py extract train 5000 15000 tr2.npz --every-layer
-  probe.py extract train 15000 99999 tr3.npz --every-layer
+  probe.py extract train 0 10000 tr1.npz --every-layer
+  probe.py extract train 10000 20000 tr2.npz --every-layer
+  probe.py extract train 20000 99999 tr3.npz --every-layer
   probe.py shipped F.npz                      # for each of val, test and unseen
   probe.py fit --train tr1.npz,tr2.npz,tr3.npz --val val.npz
   probe.py evaluate --train tr1.npz,tr2.npz,tr3.npz --val val.npz --test test.npz --unseen unseen.npz
+
+(Texts are batched in length order within each extracted file, so another split into files
+pads differently and moves the features in their last bits; a single MLP's figures move by
+about a point with that, the average of five less.)
 
 Usage:
 
@@ -59,14 +63,15 @@ TOKENS = 128
 HEAD = "mlp"
 MLP_UNITS = 64
 MLP_ALPHA = 0.1
+MLP_SEEDS = 5
 PROBE_C = 0.003
 TARGET_FPR = 0.01
 WINDOW_OVERLAP = 32
-# What the shipped probe reads: the means of layers 1 to 6 and 8 and layer 8's maximum, chosen on
-# the validation split over the last layer's mean alone (layer 7 was not among the features compared;
-# extracted with --every-layer).
-FEATURES = "mean1,mean2,mean3,mean4,mean5,mean6,mean8,max8"
-WEIGHTS = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0)
+# What the shipped probe reads: the means of layers 1 to 8 and layer 8's maximum, chosen on the
+# validation split over the last layer's mean alone, over the means of layers 1 to 6 and 8 with
+# layer 8's maximum, and over the means and maxima of every layer (extracted with --every-layer).
+FEATURES = "mean1,mean2,mean3,mean4,mean5,mean6,mean7,mean8,max8"
+WEIGHTS = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 DEFAULT_GGUF = os.path.expanduser("~/.cache/sluice/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 
 
@@ -88,12 +93,13 @@ def load_model(gguf, layer):
 
 def pooled(model, windows, every_layer=False):
     """The final-normed state after the cut, averaged over each window's tokens. With
-    every_layer, also each earlier layer's output under the same final norm, averaged, and the
-    last layer's maximum over the tokens: (windows, layers + 1, hidden)."""
+    every_layer, each layer's output under the same final norm, averaged over the tokens and
+    its maximum over them: (windows, 2 * layers, hidden), the means of layers 1 to `layers`
+    first, then their maxima."""
     import torch
 
     layers = len(model.model.layers)
-    out = np.zeros((len(windows), layers + 1 if every_layer else 1, model.config.hidden_size), np.float32)
+    out = np.zeros((len(windows), 2 * layers if every_layer else 1, model.config.hidden_size), np.float32)
     with torch.no_grad():
         for s in range(0, len(windows), 16):
             b = windows[s:s + 16]
@@ -106,22 +112,22 @@ def pooled(model, windows, every_layer=False):
             o = model.model(input_ids=x, attention_mask=mask, output_hidden_states=every_layer)
             h = o.last_hidden_state  # normed
             mf = mask.float()[:, :, None]
-            out[s:s + len(b), 0] = ((h * mf).sum(1) / mf.sum(1)).numpy()
-            if every_layer:
-                # hidden_states[l] is layer l's raw output for l < layers (0: the embeddings)
-                for l in range(1, layers):
-                    hl = model.model.norm(o.hidden_states[l])
-                    out[s:s + len(b), l] = ((hl * mf).sum(1) / mf.sum(1)).numpy()
-                out[s:s + len(b), layers] = h.masked_fill(mask[:, :, None] == 0, -1e9).amax(1).numpy()
+            if not every_layer:
+                out[s:s + len(b), 0] = ((h * mf).sum(1) / mf.sum(1)).numpy()
+                continue
+            # hidden_states[l] is layer l's raw output for l < layers (0: the embeddings)
+            for l in range(1, layers + 1):
+                hl = h if l == layers else model.model.norm(o.hidden_states[l])
+                out[s:s + len(b), l - 1] = ((hl * mf).sum(1) / mf.sum(1)).numpy()
+                out[s:s + len(b), layers + l - 1] = hl.masked_fill(mask[:, :, None] == 0, -1e9).amax(1).numpy()
     return out if every_layer else out[:, 0]
 
 
 def named_features(every, layer):
     """What `pooled(..., every_layer=True)` computed, by name: `mean{l}` is layer l's normed
-    output averaged over the tokens, `max{layer}` the last layer's maximum."""
-    named = {f"mean{l}": every[:, l] for l in range(1, layer)}
-    named[f"mean{layer}"] = every[:, 0]
-    named[f"max{layer}"] = every[:, layer]
+    output averaged over the tokens, `max{l}` its maximum over them."""
+    named = {f"mean{l}": every[:, l - 1] for l in range(1, layer + 1)}
+    named.update({f"max{l}": every[:, layer + l - 1] for l in range(1, layer + 1)})
     return named
 
 
@@ -134,7 +140,7 @@ def extract(args):
     ids = [tok(t, add_special_tokens=False)["input_ids"][:TOKENS] for t in texts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     every = args.every_layer
-    feats = np.zeros((len(ids), args.layer + 1, model.config.hidden_size) if every else (len(ids), model.config.hidden_size), np.float32)
+    feats = np.zeros((len(ids), 2 * args.layer, model.config.hidden_size) if every else (len(ids), model.config.hidden_size), np.float32)
     started = time.time()
     for s in range(0, len(order), 640):
         b = order[s:s + 640]
@@ -199,26 +205,33 @@ def features_of(named, features):
 
 
 class Mlp:
-    """One hidden ReLU layer and a logistic output (scikit-learn's MLPClassifier, Adam, early
-    stopping on a seeded tenth of the training rows); `decision_function` is the output's
-    logit, as candle computes it."""
+    """`seeds` MLPs of one hidden ReLU layer and a logistic output (scikit-learn's
+    MLPClassifier, Adam, early stopping on a seeded tenth of the training rows; random_state
+    0, 1, ...), their output logits averaged: one MLP whose hidden layer is theirs side by
+    side and whose output weights are theirs divided by `seeds`, which is how probe.json
+    stores it and candle computes it (`decision_function`)."""
 
-    def __init__(self, units, alpha):
+    def __init__(self, units, alpha, seeds=1):
         from sklearn.neural_network import MLPClassifier
 
-        self.model = MLPClassifier((units,), alpha=alpha, max_iter=200, early_stopping=True, random_state=0)
+        self.models = [MLPClassifier((units,), alpha=alpha, max_iter=200, early_stopping=True, random_state=s) for s in range(seeds)]
 
     def fit(self, x, y):
-        self.model.fit(x, y)
+        for m in self.models:
+            m.fit(x, y)
+        n = len(self.models)
+        self.hidden_weight = np.concatenate([m.coefs_[0] for m in self.models], axis=1)
+        self.hidden_bias = np.concatenate([m.intercepts_[0] for m in self.models])
+        self.out_weight = np.concatenate([m.coefs_[1][:, 0] for m in self.models]) / n
+        self.out_bias = float(np.mean([m.intercepts_[1][0] for m in self.models]))
         return self
 
     def decision_function(self, x):
-        m = self.model
-        h = np.maximum(x @ m.coefs_[0] + m.intercepts_[0], 0)
-        return (h @ m.coefs_[1] + m.intercepts_[1])[:, 0]
+        h = np.maximum(x @ self.hidden_weight + self.hidden_bias, 0)
+        return h @ self.out_weight + self.out_bias
 
 
-def fit_probe(paths, features, head=HEAD, c=PROBE_C, units=MLP_UNITS, alpha=MLP_ALPHA):
+def fit_probe(paths, features, head=HEAD, c=PROBE_C, units=MLP_UNITS, alpha=MLP_ALPHA, seeds=MLP_SEEDS):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -227,7 +240,7 @@ def fit_probe(paths, features, head=HEAD, c=PROBE_C, units=MLP_UNITS, alpha=MLP_
     y = np.concatenate([t["y"] for t in train])
     scaler = StandardScaler().fit(x)
     if head == "mlp":
-        probe = Mlp(units, alpha).fit(scaler.transform(x), y)
+        probe = Mlp(units, alpha, seeds).fit(scaler.transform(x), y)
     else:
         probe = LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(x), y)
     return scaler, probe, len(y)
@@ -254,11 +267,11 @@ def combination(vy, vp, vs):
 
 def evaluate(args):
     features = args.features.split(",")
-    scaler, probe, n = fit_probe(args.train, features, args.head, args.c, args.units, args.alpha)
+    scaler, probe, n = fit_probe(args.train, features, args.head, args.c, args.units, args.alpha, args.seeds)
     vy, _, vp, vs = scored(args.val, scaler, probe, features)
     ss, sp, best, _ = combination(vy, vp, vs)
     combos = {"shipped": (1.0, 0.0), "probe": (0.0, 1.0), f"shipped + {best} x probe": (1.0, best)}
-    result = {"train_rows": n, "features": features, "head": args.head, "c": args.c, "units": args.units, "alpha": args.alpha, "probe_weight_chosen_on_val": best}
+    result = {"train_rows": n, "features": features, "head": args.head, "c": args.c, "units": args.units, "alpha": args.alpha, "seeds": args.seeds, "probe_weight_chosen_on_val": best}
     ty, tl, tp, ts = scored(args.test, scaler, probe, features)
     uy, ul, up, us = scored(args.unseen, scaler, probe, features)
     for name, (a, b) in combos.items():
@@ -296,7 +309,7 @@ def fit(args):
 
     features = args.features.split(",")
     layer = max(int(f.removeprefix("mean").removeprefix("max")) for f in features)
-    scaler, probe, n = fit_probe(args.train, features, args.head, args.c, args.units, args.alpha)
+    scaler, probe, n = fit_probe(args.train, features, args.head, args.c, args.units, args.alpha, args.seeds)
     vy, _, vp, vs = scored(args.val, scaler, probe, features)
     ss, sp, best, t = combination(vy, vp, vs)
     sha = hashlib.sha256(Path(args.gguf).read_bytes()).hexdigest()
@@ -314,15 +327,15 @@ def fit(args):
         "scale": f32_list(scaler.scale_),
     }
     if args.head == "mlp":
-        m = probe.model
         spec["hidden"] = {
-            "units": args.units,
+            "units": args.units * args.seeds,
             "alpha": args.alpha,
-            "weight_f32le_base64": base64.b64encode(np.ascontiguousarray(m.coefs_[0], "<f4").tobytes()).decode(),
-            "bias": f32_list(m.intercepts_[0]),
+            "seeds": args.seeds,
+            "weight_f32le_base64": base64.b64encode(np.ascontiguousarray(probe.hidden_weight, "<f4").tobytes()).decode(),
+            "bias": f32_list(probe.hidden_bias),
         }
-        spec["weight"] = f32_list(m.coefs_[1][:, 0])
-        spec["bias"] = float(m.intercepts_[1][0])
+        spec["weight"] = f32_list(probe.out_weight)
+        spec["bias"] = probe.out_bias
     else:
         spec["c"] = args.c
         spec["weight"] = f32_list(probe.coef_[0])
@@ -366,7 +379,7 @@ def main():
     e.add_argument("hi", type=int)
     e.add_argument("out")
     e.add_argument("--layer", type=int, default=8)
-    e.add_argument("--every-layer", action="store_true", help="also every earlier layer's mean and the last layer's maximum")
+    e.add_argument("--every-layer", action="store_true", help="every layer's mean and maximum (the named features mean1..meanN, max1..maxN)")
     e.add_argument("--gguf", default=DEFAULT_GGUF)
     s = sub.add_parser("shipped")
     s.add_argument("features")
@@ -379,6 +392,7 @@ def main():
     v.add_argument("--head", choices=("mlp", "linear"), default=HEAD, help="an MLP (--units, --alpha) or a logistic regression (--c)")
     v.add_argument("--units", type=int, default=MLP_UNITS)
     v.add_argument("--alpha", type=float, default=MLP_ALPHA, help="the MLP's L2 penalty")
+    v.add_argument("--seeds", type=int, default=MLP_SEEDS, help="MLPs averaged (random_state 0, 1, ...)")
     f = sub.add_parser("fit")
     f.add_argument("--train", required=True)
     f.add_argument("--val", required=True)
@@ -387,6 +401,7 @@ def main():
     f.add_argument("--head", choices=("mlp", "linear"), default=HEAD, help="an MLP (--units, --alpha) or a logistic regression (--c)")
     f.add_argument("--units", type=int, default=MLP_UNITS)
     f.add_argument("--alpha", type=float, default=MLP_ALPHA, help="the MLP's L2 penalty")
+    f.add_argument("--seeds", type=int, default=MLP_SEEDS, help="MLPs averaged (random_state 0, 1, ...)")
     f.add_argument("--gguf", default=DEFAULT_GGUF)
     args = ap.parse_args()
     {"extract": extract, "shipped": shipped, "evaluate": evaluate, "fit": fit}[args.cmd](args)

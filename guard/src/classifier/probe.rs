@@ -1,12 +1,13 @@
 //! The served model's view of a text: a probe over Qwen2.5-Coder-0.5B-Instruct's hidden
-//! states, added to the classifier's logit (opt-in: `--guard-probe-model`).
+//! states, added to the classifier's logit (`--guard-probe-model`; on in the compose stack).
 //!
 //! The model (the test GGUF of `scripts/fetch-test-model`, the one the workers serve) is cut
 //! after its first [`ProbeSpec::layer`] decoder layers. Each of the spec's
 //! [`features`](ProbeSpec::features) is one layer's output under the model's final RMSNorm,
 //! pooled over the window's tokens (`mean3`: layer 3's average, `max8`: layer 8's maximum);
 //! the features side by side are standardised and read by the head, a small MLP (one hidden
-//! ReLU layer, [`ProbeSpec::hidden`]) or a logistic regression. Its output is the window's
+//! ReLU layer, [`ProbeSpec::hidden`]; an average of several MLPs is stored as one, their
+//! hidden units side by side) or a logistic regression. Its output is the window's
 //! probe logit, and a text's is the maximum over its windows.
 //! Trained by `guard/train/probe.py` on the classifier's training split; the spec
 //! (`guard/model/probe.json`) names the SHA-256 of the GGUF it was trained on, and loading
