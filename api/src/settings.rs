@@ -551,25 +551,16 @@ mod tests {
 
     #[test]
     fn an_empty_probe_path_is_no_probe() {
-        let with = |path: Option<&str>| ClassifierSettings {
-            guard_model: None,
-            guard_classifier: true,
-            guard_probe_model: path.map(PathBuf::from),
-        };
-        let parsed = |value: &str| {
-            ApiSettings::parse_from(["x", "--tokenizer", "m", "--guard-probe-model", value])
+        let parsed = |extra: &[&str]| {
+            let args = ["x", "--tokenizer", "m"].iter().chain(extra);
+            ApiSettings::parse_from(args)
                 .map(|s| s.classifier.probe_model().map(std::path::Path::to_path_buf))
         };
-        assert_eq!(parsed("").expect("empty"), None);
+        assert_eq!(parsed(&[]).expect("unset"), None);
+        assert_eq!(parsed(&["--guard-probe-model", ""]).expect("empty"), None);
         assert_eq!(
-            parsed("/m/p.gguf").expect("a path"),
+            parsed(&["--guard-probe-model", "/m/p.gguf"]).expect("a path"),
             Some(PathBuf::from("/m/p.gguf"))
-        );
-        assert_eq!(with(None).probe_model(), None);
-        assert_eq!(with(Some("")).probe_model(), None);
-        assert_eq!(
-            with(Some("/models/guard-probe.gguf")).probe_model(),
-            Some(std::path::Path::new("/models/guard-probe.gguf"))
         );
     }
 

@@ -102,7 +102,7 @@ impl Head {
                         l.buckets * 4
                     ));
                 }
-                Some(weights.into_iter().collect())
+                Some(weights)
             }
         };
         Ok(Self {
