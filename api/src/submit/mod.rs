@@ -54,6 +54,49 @@ pub struct Submitted {
     pub replayed: bool,
 }
 
+/// How long after its admission a queued job's first publish has surely succeeded or been
+/// rolled back by a live process (a publish waits at most `CONFIRM_TIMEOUT`, 5 s, for its
+/// confirm, after a reconnect of its own): a retry after this republishes a job still queued.
+const REPUBLISH_AFTER_MS: u64 = 30_000;
+
+/// An idempotent retry of a job still queued [`REPUBLISH_AFTER_MS`] after its admission
+/// publishes it again: the process that admitted it may have died between the admission and
+/// the publish, and then no message of it exists and nothing would run it before its deadline
+/// (a publish that failed in a live process rolls the admission back, so the record would not
+/// be queued). The retry asks for the same thing (the fingerprint matched), so this copy is the
+/// earlier job's message under its id, acceptance time and deadline. If the first message is
+/// in the queue too, the worker that gets the second copy after the first started it drops it
+/// (`StartOutcome::Duplicate`); whichever arrives first runs the job, once. A failed publish
+/// fails the retry (the client retries). A job with a webhook is watched again first, in case
+/// the first process died before that.
+async fn republish_if_queued(
+    state: &AppState,
+    mut message: JobMessage,
+    existing: Uuid,
+    webhook: bool,
+) -> Result<(), ApiError> {
+    let Some((created_at, deadline)) = state
+        .store
+        .queued_schedule(&message.tenant, &existing)
+        .await?
+    else {
+        return Ok(());
+    };
+    if sluice_proto::now_ms() < created_at + REPUBLISH_AFTER_MS {
+        // Its admitting process may still be publishing it (or rolling it back).
+        return Ok(());
+    }
+    message.id = existing;
+    message.created_at = created_at;
+    message.deadline = deadline;
+    if webhook {
+        crate::webhooks::job_events::watch(&state.store, &message.tenant, &existing).await?;
+    }
+    state.publisher.publish_job(&message).await?;
+    tracing::info!(job_id = %existing, "idempotent retry of a queued job: published again");
+    Ok(())
+}
+
 /// Runs a validated job through the stages, then publishes it. Returns the new job's id (or,
 /// for a retried `Idempotency-Key`, the earlier one's). `peer` and `headers` give the client
 /// address for the audit log and the caller's trace context.
@@ -247,6 +290,7 @@ pub async fn submit(
     };
     if let Some(existing) = admission::admitted(outcome, reserve, created_at).map_err(refuse)? {
         tracing::info!(job_id = %existing, "idempotent retry: the earlier job is returned");
+        republish_if_queued(state, message, existing, webhook).await?;
         return Ok(Submitted {
             id: existing,
             replayed: true,

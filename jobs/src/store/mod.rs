@@ -70,6 +70,10 @@ pub enum StartOutcome {
     Ended(JobStatus),
     /// No record: it expired from Redis, or its submit was rolled back. Drop the message.
     Missing,
+    /// Do not run it: the job is running and this is the first delivery of another copy of its
+    /// message (an idempotent retry published it again); the worker running it is alive as far
+    /// as the broker knows. Drop the message.
+    Duplicate,
 }
 
 /// Outcome of a cancel request.
@@ -480,8 +484,22 @@ impl JobStore {
         let key = self.ks.job(id);
         let started = std::time::Instant::now();
         loop {
-            let exists: bool = redis::cmd("EXISTS").arg(&key).query_async(conn).await?;
-            if exists {
+            let (status, fenced): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                .arg(&key)
+                .arg("status")
+                .arg("fenced")
+                .query_async(conn)
+                .await?;
+            if fenced.is_some() {
+                // The admission died before its record; the reconciler's fence stands in for
+                // it until the settlement frees the key (a moment later). The retry must not
+                // get that failure: it comes back and is admitted afresh.
+                return Err(StoreError::Unavailable(format!(
+                    "job {id}, which this Idempotency-Key names, was abandoned by the process \
+                     admitting it; retry"
+                )));
+            }
+            if status.is_some() {
                 return Ok(());
             }
             if started.elapsed() >= DUPLICATE_WAIT {
@@ -687,6 +705,35 @@ impl JobStore {
         view_from_fields(*id, &fields).map(Some)
     }
 
+    /// When a job of `tenant` that is still `queued` was accepted and when its deadline falls
+    /// (ms since the epoch); `None` when it is not queued (or not the tenant's). An idempotent
+    /// retry of a queued job publishes it again with these: its first publish may have died
+    /// with the process that admitted it.
+    pub async fn queued_schedule(
+        &self,
+        tenant: &str,
+        id: &Uuid,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        let mut conn = self.conn().await?;
+        let (owner, status, created_at, deadline): (
+            Option<String>,
+            Option<String>,
+            Option<u64>,
+            Option<u64>,
+        ) = redis::cmd("HMGET")
+            .arg(self.ks.job(id))
+            .arg("tenant")
+            .arg("status")
+            .arg("created_at")
+            .arg("deadline")
+            .query_async(&mut conn)
+            .await?;
+        if owner.as_deref() != Some(tenant) || status.as_deref() != Some("queued") {
+            return Ok(None);
+        }
+        Ok(created_at.zip(deadline))
+    }
+
     /// Reads many jobs of one tenant at once (one round trip on one server), in the order of
     /// `ids`; another tenant's job is `None`, like a missing one.
     pub async fn get_many(
@@ -746,12 +793,16 @@ impl JobStore {
     }
 
     /// Decides atomically whether a delivered job runs, and marks it `running` if so.
+    /// `redelivered` is the broker's flag: the message was delivered before (its worker died
+    /// or gave it back), so a `running` job runs again; on a first delivery a `running` job
+    /// is a [`StartOutcome::Duplicate`].
     #[tracing::instrument(level = "info", skip_all, name = "store.start")]
     pub async fn start(
         &self,
         id: &Uuid,
         max_attempts: u32,
         worker: &str,
+        redelivered: bool,
     ) -> Result<StartOutcome, StoreError> {
         let mut conn = self.conn().await?;
         let reply: Vec<Option<String>> = JOB_START
@@ -759,12 +810,15 @@ impl JobStore {
             .arg(sluice_proto::now_ms())
             .arg(max_attempts)
             .arg(worker)
+            .arg(u8::from(redelivered))
             .invoke_async(&mut conn)
             .await?;
         let field = |i: usize| reply.get(i).cloned().flatten().unwrap_or_default();
         let status = field(0);
-        if status == "missing" {
-            return Ok(StartOutcome::Missing);
+        match status.as_str() {
+            "missing" => return Ok(StartOutcome::Missing),
+            "duplicate" => return Ok(StartOutcome::Duplicate),
+            _ => {}
         }
         let attempt: u32 = field(1).parse().unwrap_or(0);
         let ended_now = field(2) == "1";
@@ -910,14 +964,19 @@ impl JobStore {
                     .await;
                 continue;
             };
-            let (status, reserved, used): (Option<String>, Option<u64>, Option<u64>) =
-                redis::cmd("HMGET")
-                    .arg(self.ks.job(&r.id))
-                    .arg("status")
-                    .arg("reserved")
-                    .arg("used")
-                    .query_async(&mut conn)
-                    .await?;
+            let (status, reserved, used, fenced): (
+                Option<String>,
+                Option<u64>,
+                Option<u64>,
+                Option<String>,
+            ) = redis::cmd("HMGET")
+                .arg(self.ks.job(&r.id))
+                .arg("status")
+                .arg("reserved")
+                .arg("used")
+                .arg("fenced")
+                .query_async(&mut conn)
+                .await?;
             match status.as_deref().and_then(JobStatus::parse) {
                 None => {
                     let error = serde_json::to_string(&ErrorBody::new(
@@ -967,7 +1026,15 @@ impl JobStore {
                     }
                 }
                 Some(_) => {
-                    if self.settle(&mut conn, &r, used.unwrap_or(0), None).await? {
+                    // A fence whose settlement a crash cut off still frees its key.
+                    let idem = match fenced {
+                        Some(_) => self.reserved_idempotency(&mut conn, &r).await?,
+                        None => None,
+                    };
+                    if self
+                        .settle(&mut conn, &r, used.unwrap_or(0), idem.as_deref())
+                        .await?
+                    {
                         report.settled += 1;
                     }
                 }

@@ -494,7 +494,10 @@ async fn rollback_removes_the_record_refunds_and_frees_the_idempotency_key(f: Fi
     // A job that already started is not rolled back.
     let running = self::job();
     f.admitted(&running, 5).await;
-    f.store.start(&running.id, 3, "w").await.expect("start");
+    f.store
+        .start(&running.id, 3, "w", true)
+        .await
+        .expect("start");
     f.store.rollback(&running.id).await.expect("rollback");
     assert_eq!(f.hash(&f.ks().job(&running.id)).await["status"], "running");
 }
@@ -503,7 +506,10 @@ async fn start_runs_a_queued_job_once_per_delivery(f: Fixture) {
     let job = job();
     f.admitted(&job, 10).await;
     assert_eq!(
-        f.store.start(&job.id, 3, "worker-a").await.expect("start"),
+        f.store
+            .start(&job.id, 3, "worker-a", true)
+            .await
+            .expect("start"),
         StartOutcome::Run { attempt: 1 }
     );
     let record = f.hash(&f.ks().job(&job.id)).await;
@@ -519,16 +525,25 @@ async fn start_runs_a_queued_job_once_per_delivery(f: Fixture) {
     );
     // A redelivery (the first worker died) is the next attempt ...
     assert_eq!(
-        f.store.start(&job.id, 3, "worker-b").await.expect("start"),
+        f.store
+            .start(&job.id, 3, "worker-b", true)
+            .await
+            .expect("start"),
         StartOutcome::Run { attempt: 2 }
     );
     assert_eq!(
-        f.store.start(&job.id, 3, "worker-c").await.expect("start"),
+        f.store
+            .start(&job.id, 3, "worker-c", true)
+            .await
+            .expect("start"),
         StartOutcome::Run { attempt: 3 }
     );
     // ... until the attempts run out: then it fails, and its reservation is refunded.
     assert_eq!(
-        f.store.start(&job.id, 3, "worker-d").await.expect("start"),
+        f.store
+            .start(&job.id, 3, "worker-d", true)
+            .await
+            .expect("start"),
         StartOutcome::Ended(JobStatus::Failed)
     );
     let view = f
@@ -546,12 +561,66 @@ async fn start_runs_a_queued_job_once_per_delivery(f: Fixture) {
     assert!(f.members(&f.ks().tenant_active(TENANT)).await.is_empty());
     // A terminal job is skipped, a missing one is dropped.
     assert_eq!(
-        f.store.start(&job.id, 3, "worker-e").await.expect("start"),
+        f.store
+            .start(&job.id, 3, "worker-e", true)
+            .await
+            .expect("start"),
         StartOutcome::Skip(JobStatus::Failed)
     );
     assert_eq!(
-        f.store.start(&Uuid::now_v7(), 3, "w").await.expect("start"),
+        f.store
+            .start(&Uuid::now_v7(), 3, "w", true)
+            .await
+            .expect("start"),
         StartOutcome::Missing
+    );
+}
+
+async fn a_second_copy_of_a_running_jobs_message_is_dropped(f: Fixture) {
+    let job = job();
+    f.admitted(&job, 10).await;
+    // An idempotent retry published the job again: whichever copy comes first runs it ...
+    assert_eq!(
+        f.store
+            .start(&job.id, 3, "worker-a", false)
+            .await
+            .expect("start"),
+        StartOutcome::Run { attempt: 1 }
+    );
+    // ... and the other's first delivery does not run it a second time, nor count an attempt.
+    assert_eq!(
+        f.store
+            .start(&job.id, 3, "worker-b", false)
+            .await
+            .expect("start"),
+        StartOutcome::Duplicate
+    );
+    let record = f.hash(&f.ks().job(&job.id)).await;
+    assert_eq!(
+        (record["worker"].as_str(), record["attempts"].as_str()),
+        ("worker-a", "1")
+    );
+    // A redelivery (worker-a died) runs it again.
+    assert_eq!(
+        f.store
+            .start(&job.id, 3, "worker-b", true)
+            .await
+            .expect("start"),
+        StartOutcome::Run { attempt: 2 }
+    );
+    // Once it ended, either copy is skipped.
+    assert!(
+        f.store
+            .finish(&job.id, &succeeded(4, 8))
+            .await
+            .expect("finish")
+    );
+    assert_eq!(
+        f.store
+            .start(&job.id, 3, "worker-c", false)
+            .await
+            .expect("start"),
+        StartOutcome::Skip(JobStatus::Succeeded)
     );
 }
 
@@ -560,7 +629,10 @@ async fn start_ends_a_cancelled_or_expired_job_instead_of_running_it(f: Fixture)
     f.admitted(&expired, 10).await;
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     assert_eq!(
-        f.store.start(&expired.id, 3, "w").await.expect("start"),
+        f.store
+            .start(&expired.id, 3, "w", true)
+            .await
+            .expect("start"),
         StartOutcome::Ended(JobStatus::Expired)
     );
     let view = f
@@ -578,7 +650,10 @@ async fn start_ends_a_cancelled_or_expired_job_instead_of_running_it(f: Fixture)
     // Cancel requested while running, then redelivered: it ends cancelled, not run again.
     let cancelled = job();
     f.admitted(&cancelled, 10).await;
-    f.store.start(&cancelled.id, 3, "w").await.expect("start");
+    f.store
+        .start(&cancelled.id, 3, "w", true)
+        .await
+        .expect("start");
     assert_eq!(
         f.store.cancel(TENANT, &cancelled.id).await.expect("cancel"),
         CancelOutcome::Cancelling
@@ -591,7 +666,10 @@ async fn start_ends_a_cancelled_or_expired_job_instead_of_running_it(f: Fixture)
         [true, false]
     );
     assert_eq!(
-        f.store.start(&cancelled.id, 3, "w").await.expect("start"),
+        f.store
+            .start(&cancelled.id, 3, "w", true)
+            .await
+            .expect("start"),
         StartOutcome::Ended(JobStatus::Cancelled)
     );
 }
@@ -599,7 +677,7 @@ async fn start_ends_a_cancelled_or_expired_job_instead_of_running_it(f: Fixture)
 async fn finish_writes_the_terminal_state_once_and_refunds_what_was_not_used(f: Fixture) {
     let job = job();
     f.admitted(&job, 300).await;
-    f.store.start(&job.id, 3, "w").await.expect("start");
+    f.store.start(&job.id, 3, "w", true).await.expect("start");
     f.store
         .append_text(&job.id, "hi", Some(60))
         .await
@@ -669,7 +747,7 @@ async fn finish_writes_the_terminal_state_once_and_refunds_what_was_not_used(f: 
 async fn a_failed_job_pays_nothing(f: Fixture) {
     let job = job();
     f.admitted(&job, 300).await;
-    f.store.start(&job.id, 3, "w").await.expect("start");
+    f.store.start(&job.id, 3, "w", true).await.expect("start");
     let failed = Terminal {
         status: JobStatus::Failed,
         result: None,
@@ -703,13 +781,16 @@ async fn cancel_by_state_and_tenant(f: Fixture) {
     );
     // The queue message is still delivered: the worker skips it.
     assert_eq!(
-        f.store.start(&queued.id, 3, "w").await.expect("start"),
+        f.store
+            .start(&queued.id, 3, "w", true)
+            .await
+            .expect("start"),
         StartOutcome::Skip(JobStatus::Cancelled)
     );
 
     let done = job();
     f.admitted(&done, 10).await;
-    f.store.start(&done.id, 3, "w").await.expect("start");
+    f.store.start(&done.id, 3, "w", true).await.expect("start");
     f.store
         .finish(&done.id, &succeeded(1, 1))
         .await
@@ -734,7 +815,7 @@ async fn release_queues_a_running_job_again_without_counting_the_attempt(f: Fixt
         !f.store.release(&job.id).await.expect("release"),
         "not running"
     );
-    f.store.start(&job.id, 3, "w").await.expect("start");
+    f.store.start(&job.id, 3, "w", true).await.expect("start");
     assert!(f.store.release(&job.id).await.expect("release"));
     let record = f.hash(&f.ks().job(&job.id)).await;
     assert_eq!(record["status"], "queued");
@@ -746,7 +827,7 @@ async fn release_queues_a_running_job_again_without_counting_the_attempt(f: Fixt
         [job.id.to_string()]
     );
     assert_eq!(
-        f.store.start(&job.id, 3, "w2").await.expect("start"),
+        f.store.start(&job.id, 3, "w2", true).await.expect("start"),
         StartOutcome::Run { attempt: 1 }
     );
 }
@@ -758,7 +839,7 @@ async fn queue_stats_count_queued_jobs_by_priority(f: Fixture) {
     for j in [&a, &b, &c] {
         f.admitted(j, 1).await;
     }
-    f.store.start(&a.id, 3, "w").await.expect("start");
+    f.store.start(&a.id, 3, "w", true).await.expect("start");
     let stats = f
         .store
         .queue_stats(sluice_proto::now_ms())
@@ -787,7 +868,10 @@ async fn reconcile_finishes_what_a_crash_left_half_done(f: Fixture) {
     // 2. A job ended on its record, then its worker died before the tenant's settlement.
     let unsettled = job();
     f.admitted(&unsettled, 300).await;
-    f.store.start(&unsettled.id, 3, "w").await.expect("start");
+    f.store
+        .start(&unsettled.id, 3, "w", true)
+        .await
+        .expect("start");
     {
         let mut conn = f.pool.get().await.expect("conn");
         let written: Vec<Option<String>> = JOB_FINISH
@@ -807,7 +891,10 @@ async fn reconcile_finishes_what_a_crash_left_half_done(f: Fixture) {
     // 3. A job running normally, whose queue entry a crash left behind.
     let running = job();
     f.admitted(&running, 300).await;
-    f.store.start(&running.id, 3, "w").await.expect("start");
+    f.store
+        .start(&running.id, 3, "w", true)
+        .await
+        .expect("start");
     {
         let mut conn = f.pool.get().await.expect("conn");
         let _: () = redis::cmd("ZADD")
@@ -919,7 +1006,10 @@ async fn an_admission_whose_answer_was_lost_is_abandoned_at_once(f: Fixture) {
     // A published job that started is left alone.
     let running = self::job();
     f.admitted(&running, 5).await;
-    f.store.start(&running.id, 3, "w").await.expect("start");
+    f.store
+        .start(&running.id, 3, "w", true)
+        .await
+        .expect("start");
     f.store.abandon(&running, None).await.expect("abandon");
     assert_eq!(f.hash(&f.ks().job(&running.id)).await["status"], "running");
     assert_eq!(f.day_used(&running).await, 5);
@@ -936,12 +1026,37 @@ async fn a_fenced_admission_frees_its_idempotency_key(f: Fixture) {
         Err(StoreError::Unavailable(_))
     ));
     assert!(waited.elapsed() >= DUPLICATE_WAIT);
+    // The reconciler's fence lands, and its pass dies before the settlement that frees the
+    // key: a retry now is still told to come back, not handed the fence's failure.
+    {
+        let mut conn = f.pool.get().await.expect("conn");
+        let fenced: i64 = JOB_FENCE
+            .key(f.ks().job(&orphan.id))
+            .arg(TENANT)
+            .arg(sluice_proto::now_ms())
+            .arg(600)
+            .arg("{}")
+            .invoke_async(&mut conn)
+            .await
+            .expect("fence script");
+        assert_eq!(fenced, 1);
+    }
+    let waited = std::time::Instant::now();
+    assert!(matches!(
+        f.store.admit(&job(), &admission).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(
+        waited.elapsed() < DUPLICATE_WAIT,
+        "no wait for a fenced job"
+    );
+    // The next pass settles the fenced job and frees the key all the same.
     let pass = f
         .store
         .reconcile(sluice_proto::now_ms() + ADMISSION_GRACE_MS + 1, 100)
         .await
         .expect("reconcile");
-    assert_eq!(pass.fenced, 1);
+    assert_eq!((pass.fenced, pass.settled), (0, 1));
     assert_eq!(f.day_used(&orphan).await, 0, "refunded");
     assert_eq!(
         f.ttl(&key).await,
@@ -957,7 +1072,7 @@ async fn a_fenced_admission_frees_its_idempotency_key(f: Fixture) {
     );
     assert_eq!(f.day_used(&retry).await, 40);
     // A finished job keeps its key: a retry replays it.
-    f.store.start(&retry.id, 3, "w").await.expect("start");
+    f.store.start(&retry.id, 3, "w", true).await.expect("start");
     assert!(
         f.store
             .finish(&retry.id, &succeeded(4, 8))
@@ -1039,7 +1154,9 @@ async fn busy_tenant(f: &Fixture, jobs: usize) -> Vec<Uuid> {
                 let _ = retried(|| store.cancel(TENANT, &job.id)).await;
                 return job.id;
             }
-            if let Ok(StartOutcome::Run { .. }) = retried(|| store.start(&job.id, 3, "w")).await {
+            if let Ok(StartOutcome::Run { .. }) =
+                retried(|| store.start(&job.id, 3, "w", true)).await
+            {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 let done = succeeded(10, 1 + i as u32 % 60);
                 let _ = retried(|| store.finish(&job.id, &done)).await;
@@ -1120,6 +1237,7 @@ cases!(
     an_idempotency_key_replays_its_job_and_refuses_another_request,
     rollback_removes_the_record_refunds_and_frees_the_idempotency_key,
     start_runs_a_queued_job_once_per_delivery,
+    a_second_copy_of_a_running_jobs_message_is_dropped,
     start_ends_a_cancelled_or_expired_job_instead_of_running_it,
     finish_writes_the_terminal_state_once_and_refunds_what_was_not_used,
     a_failed_job_pays_nothing,

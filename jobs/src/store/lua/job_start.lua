@@ -1,10 +1,16 @@
--- Job slot. KEYS[1] job; ARGV: now, max_attempts, worker.
+-- Job slot. KEYS[1] job; ARGV: now, max_attempts, worker, redelivered (1 if the broker delivered
+-- this message before, 0 for its first delivery).
 -- Returns {status, attempt, ended now (0/1), left the queue (0/1), tenant, created_at, priority,
 -- deadline}.
 local ref = redis.call('HMGET', KEYS[1], 'tenant', 'created_at', 'priority', 'deadline')
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return {'missing', 0, 0, 0} end
 if s ~= 'queued' and s ~= 'running' then return {s, 0, 0, 0, ref[1], ref[2], ref[3], ref[4]} end
+-- A running job's message delivered for the first time is a second copy of it (an idempotent
+-- retry published the job again because its first publish may have died with its API
+-- process): the worker that started it is alive as far as the broker knows, so this copy is
+-- dropped. A redelivery means that worker died: the job runs again.
+if s == 'running' and ARGV[4] ~= '1' then return {'duplicate', 0, 0, 0} end
 local left = 0
 if s == 'queued' then left = 1 end
 local function finish(status, code, msg)
