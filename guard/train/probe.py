@@ -33,6 +33,9 @@ Usage:
   probe.py evaluate --train A.npz,B.npz --val V.npz,W.npz --test T.npz --unseen U.npz
   probe.py fit --train A.npz,B.npz --val V.npz,W.npz    # writes the probe the API uses
 
+With the layers fine-tuned (`probe_tune.py`, its docstring has the steps), `fit --tuned DIR`
+reads features that `probe_tune.py extract` wrote and puts the adapters into the spec.
+
 Each of --train, --val, --test and --unseen takes one or more extracted files, comma-separated
 (the extraction can be split into row ranges and run in turns).
 
@@ -294,6 +297,36 @@ def evaluate(args):
     print(json.dumps(result, indent=1))
 
 
+ADAPTED = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def tuned_adapter(directory):
+    """The adapters `probe_tune.py tune` trained (`DIR/tuned.pt`): their tensors by GGUF
+    name (`blk.{i}.{name}.lora_a` and `.lora_b`, the scale folded into b) and how they were
+    trained."""
+    import torch
+
+    state = torch.load(Path(directory) / "tuned.pt", weights_only=False)
+    return {"tensors": state["adapters"], **{k: state[k] for k in ("rank", "alpha", "epochs", "rows", "lr")}}
+
+
+def merge_adapter(model, tensors):
+    """Adds `lora_b · lora_a` to each adapted projection of the (float32) cut model, as
+    candle does when it loads the spec."""
+    import torch
+
+    with torch.no_grad():
+        for key, a in tensors.items():
+            _, i, name, ab = key.split(".")
+            if ab != "lora_a":
+                continue
+            b = tensors[f"blk.{i}.{name}.lora_b"]
+            parent, child = ADAPTED[name].split(".")
+            linear = getattr(getattr(model.model.layers[int(i)], parent), child)
+            linear.weight += torch.from_numpy(b @ a)
+
+
 def f32_list(a):
     """An array as f32 values written to the 9 significant digits that read back as the same f32."""
     return [float(f"{x:.9g}") for x in np.asarray(a, np.float32).tolist()]
@@ -340,6 +373,10 @@ def fit(args):
         spec["c"] = args.c
         spec["weight"] = f32_list(probe.coef_[0])
         spec["bias"] = float(probe.intercept_[0])
+    adapter = tuned_adapter(args.tuned) if args.tuned else None
+    if adapter:
+        spec["tuned_by"] = {k: v for k, v in adapter.items() if k != "tensors"}
+        spec["adapter"] = {k: {"shape": list(v.shape), "f32le_base64": base64.b64encode(np.ascontiguousarray(v, "<f4").tobytes()).decode()} for k, v in adapter["tensors"].items()}
     spec.update({
         "classifier_scale": ss,
         "probe_scale": sp,
@@ -349,6 +386,8 @@ def fit(args):
     })
     (REPO / "guard" / "model" / "probe.json").write_text(json.dumps(spec) + "\n")
     tok, model = load_model(args.gguf, layer)
+    if adapter:
+        merge_adapter(model, adapter["tensors"])
     cases = []
     for text in FIXED_TEXTS:
         masked = mask_encoded(text)
@@ -403,6 +442,7 @@ def main():
     f.add_argument("--alpha", type=float, default=MLP_ALPHA, help="the MLP's L2 penalty")
     f.add_argument("--seeds", type=int, default=MLP_SEEDS, help="MLPs averaged (random_state 0, 1, ...)")
     f.add_argument("--gguf", default=DEFAULT_GGUF)
+    f.add_argument("--tuned", help="the directory of `probe_tune.py tune`: the spec carries its adapters, and the head reads the tuned layers' features (extracted by `probe_tune.py extract`)")
     args = ap.parse_args()
     {"extract": extract, "shipped": shipped, "evaluate": evaluate, "fit": fit}[args.cmd](args)
 

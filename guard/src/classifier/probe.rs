@@ -8,7 +8,10 @@
 //! the features side by side are standardised and read by the head, a small MLP (one hidden
 //! ReLU layer, [`ProbeSpec::hidden`]; an average of several MLPs is stored as one, their
 //! hidden units side by side) or a logistic regression. Its output is the window's
-//! probe logit, and a text's is the maximum over its windows.
+//! probe logit, and a text's is the maximum over its windows. A spec may carry low-rank
+//! adapters of the cut layers' projections ([`ProbeSpec::adapter`], trained with a head by
+//! `guard/train/probe_tune.py`): they are added to the dequantised weights at load, so a tuned
+//! probe costs what a frozen one does.
 //! Trained by `guard/train/probe.py` on the classifier's training split; the spec
 //! (`guard/model/probe.json`) names the SHA-256 of the GGUF it was trained on, and loading
 //! refuses any other file. The combined logit, `classifier / classifier_scale + probe_weight ·
@@ -54,6 +57,13 @@ pub struct ProbeSpec {
     /// The head's hidden ReLU layer, when it is an MLP; absent, a logistic regression.
     #[serde(default)]
     pub hidden: Option<HiddenSpec>,
+    /// Low-rank adapters of the cut layers' projections, trained with the head
+    /// (`guard/train/probe_tune.py`), by the GGUF name of the weight they adapt:
+    /// `blk.{i}.{attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down}.lora_a`, `(rank,
+    /// in)`, and `.lora_b`, `(out, rank)` with the scale folded in; the layer runs
+    /// `W + lora_b · lora_a`. Absent: the layers as the GGUF has them.
+    #[serde(default)]
+    pub adapter: std::collections::BTreeMap<String, AdapterTensor>,
     /// The output unit over the hidden layer (or over the standardised features).
     pub weight: Vec<f32>,
     pub bias: f32,
@@ -74,6 +84,20 @@ pub struct HiddenSpec {
     /// `W`, decoded by [`ProbeSpec::parse`].
     #[serde(skip)]
     pub weight: Vec<f32>,
+}
+
+/// One adapter matrix: its shape and its values, row-major little-endian f32, base64.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdapterTensor {
+    pub shape: [usize; 2],
+    f32le_base64: String,
+}
+
+impl AdapterTensor {
+    fn tensor(&self, device: &Device) -> candle_core::Result<Tensor> {
+        let values = super::f32le_base64(&self.f32le_base64).map_err(candle_core::Error::msg)?;
+        Tensor::from_vec(values, (self.shape[0], self.shape[1]), device)
+    }
 }
 
 impl ProbeSpec {
@@ -129,6 +153,26 @@ impl ProbeSpec {
         }
         if spec.window_tokens <= spec.window_overlap || spec.layer == 0 {
             return Err("window or layer out of range".into());
+        }
+        const ADAPTED: [&str; 7] = [
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ];
+        for key in spec.adapter.keys() {
+            let parts: Vec<&str> = key.split('.').collect();
+            let known = matches!(
+                parts.as_slice(),
+                ["blk", i, name, "lora_a" | "lora_b"]
+                    if i.parse::<usize>().is_ok_and(|i| i < spec.layer) && ADAPTED.contains(name)
+            );
+            if !known {
+                return Err(format!("adapter {key}: not a cut layer's projection"));
+            }
         }
         if let Some(f) = spec
             .features
@@ -206,8 +250,25 @@ impl<'de> Deserialize<'de> for Feature {
 struct Linear(Tensor);
 
 impl Linear {
-    fn new(w: QTensor, device: &Device) -> candle_core::Result<Self> {
-        Ok(Self(w.dequantize(device)?.t()?.contiguous()?))
+    /// `w`, plus `lora_b · lora_a` when the spec adapts it.
+    fn new(
+        w: QTensor,
+        adapter: Option<(Tensor, Tensor)>,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let mut w = w.dequantize(device)?;
+        if let Some((a, b)) = adapter {
+            let delta = b.matmul(&a)?;
+            if delta.dims() != w.dims() {
+                candle_core::bail!(
+                    "an adapter of shape {:?} for a weight of shape {:?}",
+                    delta.dims(),
+                    w.dims()
+                );
+            }
+            w = (w + delta)?;
+        }
+        Ok(Self(w.t()?.contiguous()?))
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -317,7 +378,16 @@ impl Probe {
         let norm = t("output_norm.weight")?.dequantize(&device)?;
         let mut layers = Vec::with_capacity(spec.layer);
         for i in 0..spec.layer {
-            let mut mm = |n: &str| Linear::new(t(&format!("blk.{i}.{n}.weight"))?, &device);
+            let adapter = &spec.adapter;
+            let mut mm = |n: &str| {
+                let lora = |ab: &str| adapter.get(&format!("blk.{i}.{n}.lora_{ab}"));
+                let pair = match (lora("a"), lora("b")) {
+                    (Some(a), Some(b)) => Some((a.tensor(&device)?, b.tensor(&device)?)),
+                    (None, None) => None,
+                    _ => candle_core::bail!("blk.{i}.{n}: an adapter needs lora_a and lora_b"),
+                };
+                Linear::new(t(&format!("blk.{i}.{n}.weight"))?, pair, &device)
+            };
             let (q, k, v, o) = (
                 mm("attn_q")?,
                 mm("attn_k")?,
@@ -576,6 +646,25 @@ mod tests {
     }
 
     #[test]
+    fn an_adapter_is_added_to_the_weight_it_adapts() -> candle_core::Result<()> {
+        use candle_core::quantized::GgmlDType;
+        let device = Device::Cpu;
+        let w = Tensor::from_vec(vec![1f32, 2., 3., 4., 5., 6.], (2, 3), &device)?;
+        let q = || QTensor::quantize(&w, GgmlDType::F32);
+        // Rank 1: b · a = [[10, 0, 10], [20, 0, 20]].
+        let a = Tensor::from_vec(vec![1f32, 0., 1.], (1, 3), &device)?;
+        let b = Tensor::from_vec(vec![10f32, 20.], (2, 1), &device)?;
+        let x = Tensor::from_vec(vec![1f32, 1., 1.], (1, 3), &device)?;
+        let plain = Linear::new(q()?, None, &device)?;
+        assert_eq!(plain.forward(&x)?.to_vec2::<f32>()?, [[6., 15.]]);
+        let adapted = Linear::new(q()?, Some((a.clone(), b.clone())), &device)?;
+        assert_eq!(adapted.forward(&x)?.to_vec2::<f32>()?, [[26., 55.]]);
+        // An adapter of another shape is refused, not broadcast.
+        assert!(Linear::new(q()?, Some((b, a)), &device).is_err());
+        Ok(())
+    }
+
+    #[test]
     fn a_spec_that_cannot_be_read_as_written_is_refused() {
         for (features, width, why) in [
             (r#""features": ["mean9"],"#, 4, "reads past layer 8"),
@@ -595,6 +684,16 @@ mod tests {
                 r#""features": ["mean1"], "hidden": {"units": 2, "weight_f32le_base64": "AAAAAA==", "bias": [0, 0]},"#,
                 4,
                 "hidden layer: 1 weights and 2 biases for 4 inputs and 2 units",
+            ),
+            (
+                r#""adapter": {"blk.8.attn_q.lora_a": {"shape": [1, 1], "f32le_base64": "AAAAAA=="}},"#,
+                4,
+                "adapter blk.8.attn_q.lora_a: not a cut layer's projection",
+            ),
+            (
+                r#""adapter": {"blk.0.token_embd.lora_a": {"shape": [1, 1], "f32le_base64": "AAAAAA=="}},"#,
+                4,
+                "not a cut layer's projection",
             ),
         ] {
             let err = ProbeSpec::parse(&spec_json(features, width)).expect_err("refused");
