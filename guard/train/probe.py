@@ -94,6 +94,19 @@ def load_model(gguf, layer):
     return tok, model.eval()
 
 
+def batch_tensors(windows):
+    """Token ids of windows padded to the longest, and their mask: `(batch, width)` each."""
+    import torch
+
+    width = max(len(w) for w in windows)
+    x = torch.zeros((len(windows), width), dtype=torch.long)
+    mask = torch.zeros((len(windows), width), dtype=torch.long)
+    for j, w in enumerate(windows):
+        x[j, :len(w)] = torch.tensor(w)
+        mask[j, :len(w)] = 1
+    return x, mask
+
+
 def pooled(model, windows, every_layer=False):
     """The final-normed state after the cut, averaged over each window's tokens. With
     every_layer, each layer's output under the same final norm, averaged over the tokens and
@@ -106,12 +119,7 @@ def pooled(model, windows, every_layer=False):
     with torch.no_grad():
         for s in range(0, len(windows), 16):
             b = windows[s:s + 16]
-            width = max(len(w) for w in b)
-            x = torch.zeros((len(b), width), dtype=torch.long)
-            mask = torch.zeros((len(b), width), dtype=torch.long)
-            for j, w in enumerate(b):
-                x[j, :len(w)] = torch.tensor(w)
-                mask[j, :len(w)] = 1
+            x, mask = batch_tensors(b)
             o = model.model(input_ids=x, attention_mask=mask, output_hidden_states=every_layer)
             h = o.last_hidden_state  # normed
             mf = mask.float()[:, :, None]
@@ -268,6 +276,29 @@ def combination(vy, vp, vs):
     return ss, sp, best, float(threshold(z[best][vy == 0], TARGET_FPR))
 
 
+def figures(a, b, val, test, unseen):
+    """Recall at 1 % false positives of `a × classifier + b × probe` logits: on validation, on
+    the held-out split (at its own threshold, at validation's, by language) and on the unseen
+    set, whose false positives are the held-out split's benign rows. `val` is (labels, probe,
+    classifier), `test` and `unseen` (labels, languages, probe, classifier)."""
+    vy, vp, vs = val
+    ty, tl, tp, ts = test
+    uy, ul, up, us = unseen
+    zv, zt = a * vs + b * vp, a * ts + b * tp
+    zu = np.concatenate([a * us + b * up, zt[ty == 0]])
+    yu, lu = np.concatenate([uy, ty[ty == 0]]), np.concatenate([ul, tl[ty == 0]])
+    t_val, t_test = threshold(zv[vy == 0], TARGET_FPR), threshold(zt[ty == 0], TARGET_FPR)
+    return {
+        "val_recall_at_1pct": recall(zv, vy, t_val),
+        "test_recall_at_1pct_own_threshold": recall(zt, ty, t_test),
+        "test_at_val_threshold": {"recall": recall(zt, ty, t_val), "fpr": f"{(zt[ty == 0] >= t_val).mean():.4f}"},
+        "test_by_lang_own_threshold": {l: recall(zt, ty, t_test, tl == l) for l in ("en", "zh", "de", "fr", "es", "it", "pt", "ru", "ja", "ko")},
+        "unseen_recall_at_1pct_own_threshold": recall(zu, yu, t_test),
+        "unseen_at_val_threshold": recall(zu, yu, t_val),
+        "unseen_en_other_own_threshold": [recall(zu, yu, t_test, lu == "en"), recall(zu, yu, t_test, lu != "en")],
+    }
+
+
 def evaluate(args):
     features = args.features.split(",")
     scaler, probe, n = fit_probe(args.train, features, args.head, args.c, args.units, args.alpha, args.seeds)
@@ -278,22 +309,7 @@ def evaluate(args):
     ty, tl, tp, ts = scored(args.test, scaler, probe, features)
     uy, ul, up, us = scored(args.unseen, scaler, probe, features)
     for name, (a, b) in combos.items():
-        zv = a * vs / ss + b * vp / sp
-        zt = a * ts / ss + b * tp / sp
-        zu = np.concatenate([a * us / ss + b * up / sp, zt[ty == 0]])
-        yu = np.concatenate([uy, ty[ty == 0]])
-        lu = np.concatenate([ul, tl[ty == 0]])
-        t_val = threshold(zv[vy == 0], TARGET_FPR)
-        t_test = threshold(zt[ty == 0], TARGET_FPR)
-        result[name] = {
-            "val_recall_at_1pct": recall(zv, vy, t_val),
-            "test_recall_at_1pct_own_threshold": recall(zt, ty, t_test),
-            "test_at_val_threshold": {"recall": recall(zt, ty, t_val), "fpr": f"{(zt[ty == 0] >= t_val).mean():.4f}"},
-            "test_by_lang_own_threshold": {l: recall(zt, ty, t_test, tl == l) for l in ("en", "zh", "de", "fr", "es", "it", "pt", "ru", "ja", "ko")},
-            "unseen_recall_at_1pct_own_threshold": recall(zu, yu, t_test),
-            "unseen_at_val_threshold": recall(zu, yu, t_val),
-            "unseen_en_other_own_threshold": [recall(zu, yu, t_test, lu == "en"), recall(zu, yu, t_test, lu != "en")],
-        }
+        result[name] = figures(a / ss, b / sp, (vy, vp, vs), (ty, tl, tp, ts), (uy, ul, up, us))
     print(json.dumps(result, indent=1))
 
 

@@ -42,7 +42,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from embed import mask_encoded  # noqa: E402
-from probe import DEFAULT_GGUF, TARGET_FPR, TOKENS, WEIGHTS, load_model, recall, rows_of, threshold  # noqa: E402
+from probe import DEFAULT_GGUF, TOKENS, batch_tensors, combination, figures, load_model, rows_of  # noqa: E402
 
 SEED = 20261207
 LAYER = 8
@@ -108,16 +108,6 @@ def first_windows(tok, texts):
     return [tok(mask_encoded(t), add_special_tokens=False)["input_ids"][:TOKENS] or [tok.eos_token_id] for t in texts]
 
 
-def batch_tensors(torch, windows):
-    width = max(len(w) for w in windows)
-    x = torch.zeros((len(windows), width), dtype=torch.long)
-    mask = torch.zeros((len(windows), width), dtype=torch.long)
-    for j, w in enumerate(windows):
-        x[j, :len(w)] = torch.tensor(w)
-        mask[j, :len(w)] = 1
-    return x, mask
-
-
 def features(torch, model, x, mask):
     """`mean8` and `max8` side by side, f32: `(batch, 2 * hidden)`."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -153,7 +143,7 @@ def tune(args):
     # Standardisation from the untuned model (the adapters start at zero).
     sample = rng.permutation(len(windows))[:1024]
     with torch.no_grad():
-        f = torch.cat([features(torch, model, *batch_tensors(torch, [windows[i] for i in sample[s:s + 64]])) for s in range(0, len(sample), 64)])
+        f = torch.cat([features(torch, model, *batch_tensors([windows[i] for i in sample[s:s + 64]])) for s in range(0, len(sample), 64)])
     mean, scale = f.mean(0), f.std(0).clamp_min(1e-4)
     head = nn.Sequential(nn.Dropout(0.1), nn.Linear(f.shape[1], UNITS), nn.ReLU(), nn.Linear(UNITS, 1))
     lora = [p for p in model.parameters() if p.requires_grad]
@@ -166,7 +156,7 @@ def tune(args):
     started, seen, loss_sum = time.time(), 0, 0.0
     model.train()
     for step, b in enumerate(plan):
-        x, mask = batch_tensors(torch, [windows[i] for i in b])
+        x, mask = batch_tensors([windows[i] for i in b])
         z = head((features(torch, model, x, mask) - mean) / scale)[:, 0]
         loss = nn.functional.binary_cross_entropy_with_logits(z, y[b])
         opt.zero_grad()
@@ -208,41 +198,44 @@ def load_tuned(gguf, out):
     return tok, model.eval(), head.eval(), torch.from_numpy(state["mean"]), torch.from_numpy(state["scale"])
 
 
-def score(args):
+def tuned_batches(args):
+    """The split's rows and the tuned model, and its first windows in batches of 64 of similar
+    length: (row indices, input ids, mask) each."""
     torch = torch_setup()
     rows = rows_of(args.split)
-    texts = [r["text"] for r in rows]
     tok, model, head, mean, scale = load_tuned(args.gguf, args.out)
-    windows = first_windows(tok, texts)
+    windows = first_windows(tok, [r["text"] for r in rows])
     order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
-    z = np.zeros(len(windows), np.float32)
+    batched = ((order[s:s + 64], *batch_tensors([windows[i] for i in order[s:s + 64]])) for s in range(0, len(order), 64))
+    return torch, rows, (model, head, mean, scale), batched
+
+
+def labelled(rows):
+    return {"y": np.array([r["label"] for r in rows]), "lang": np.array([r["lang"] for r in rows])}
+
+
+def score(args):
+    torch, rows, (model, head, mean, scale), batched = tuned_batches(args)
+    z = np.zeros(len(rows), np.float32)
     started = time.time()
     with torch.no_grad():
-        for s in range(0, len(order), 64):
-            b = order[s:s + 64]
-            z[b] = head((features(torch, model, *batch_tensors(torch, [windows[i] for i in b])) - mean) / scale)[:, 0].numpy()
+        for b, x, mask in batched:
+            z[b] = head((features(torch, model, x, mask) - mean) / scale)[:, 0].numpy()
     print(f"{len(z)} rows, {time.time() - started:.0f} s", file=sys.stderr)
-    np.savez(args.file, y=np.array([r["label"] for r in rows]), lang=np.array([r["lang"] for r in rows]), tuned=z)
-    Path(args.file + ".texts.json").write_text(json.dumps([mask_encoded(t) for t in texts], ensure_ascii=False), encoding="utf-8")
+    np.savez(args.file, tuned=z, **labelled(rows))
+    Path(args.file + ".texts.json").write_text(json.dumps([mask_encoded(r["text"]) for r in rows], ensure_ascii=False), encoding="utf-8")
 
 
 def extract(args):
     """Every layer's mean and maximum through the tuned layers (bfloat16 products), in the
     split's file order, as `probe.py extract --every-layer` writes them, so that `probe.py
     evaluate` fits its head over the tuned states."""
-    torch = torch_setup()
-    rows = rows_of(args.split)
-    texts = [r["text"] for r in rows]
-    tok, model, _, _, _ = load_tuned(args.gguf, args.out)
-    windows = first_windows(tok, texts)
-    order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
+    torch, rows, (model, _, _, _), batched = tuned_batches(args)
     layers = len(model.model.layers)
-    feats = np.zeros((len(windows), 2 * layers, model.config.hidden_size), np.float32)
+    feats = np.zeros((len(rows), 2 * layers, model.config.hidden_size), np.float32)
     started = time.time()
     with torch.no_grad():
-        for s in range(0, len(order), 64):
-            b = order[s:s + 64]
-            x, mask = batch_tensors(torch, [windows[i] for i in b])
+        for b, x, mask in batched:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 o = model.model(input_ids=x, attention_mask=mask, output_hidden_states=True)
             mf = mask.float()[:, :, None]
@@ -250,10 +243,10 @@ def extract(args):
                 hl = (o.last_hidden_state if l == layers else model.model.norm(o.hidden_states[l])).float()
                 feats[b, l - 1] = ((hl * mf).sum(1) / mf.sum(1)).numpy()
                 feats[b, layers + l - 1] = hl.masked_fill(mask[:, :, None] == 0, -1e9).amax(1).numpy()
-    print(f"{len(windows)} rows, {time.time() - started:.0f} s", file=sys.stderr)
+    print(f"{len(rows)} rows, {time.time() - started:.0f} s", file=sys.stderr)
     named = {f"mean{l}": feats[:, l - 1] for l in range(1, layers + 1)}
     named.update({f"max{l}": feats[:, layers + l - 1] for l in range(1, layers + 1)})
-    np.savez(args.file, y=np.array([r["label"] for r in rows]), lang=np.array([r["lang"] for r in rows]), **named)
+    np.savez(args.file, **named, **labelled(rows))
 
 
 def evaluate(args):
@@ -264,24 +257,10 @@ def evaluate(args):
     vy, _, vp, vs = load(args.val)
     ty, tl, tp, ts = load(args.test)
     uy, ul, up, us = load(args.unseen)
-    sp, ss = float(vp[vy == 0].std()), float(vs[vy == 0].std())
-    z = {w: vs / ss + w * vp / sp for w in WEIGHTS}
-    best = max(WEIGHTS, key=lambda w: (z[w] >= threshold(z[w][vy == 0], TARGET_FPR))[vy == 1].mean())
+    ss, sp, best, _ = combination(vy, vp, vs)
     result = {"probe_weight_chosen_on_val": best}
     for name, (a, b) in {"shipped": (1.0, 0.0), "tuned probe": (0.0, 1.0), f"shipped + {best} x tuned probe": (1.0, best)}.items():
-        zv, zt = a * vs / ss + b * vp / sp, a * ts / ss + b * tp / sp
-        zu = np.concatenate([a * us / ss + b * up / sp, zt[ty == 0]])
-        yu, lu = np.concatenate([uy, ty[ty == 0]]), np.concatenate([ul, tl[ty == 0]])
-        t_val, t_test = threshold(zv[vy == 0], TARGET_FPR), threshold(zt[ty == 0], TARGET_FPR)
-        result[name] = {
-            "val_recall_at_1pct": recall(zv, vy, t_val),
-            "test_recall_at_1pct_own_threshold": recall(zt, ty, t_test),
-            "test_at_val_threshold": {"recall": recall(zt, ty, t_val), "fpr": f"{(zt[ty == 0] >= t_val).mean():.4f}"},
-            "test_by_lang_own_threshold": {l: recall(zt, ty, t_test, tl == l) for l in ("en", "zh", "de", "fr", "es", "it", "pt", "ru", "ja", "ko")},
-            "unseen_recall_at_1pct_own_threshold": recall(zu, yu, t_test),
-            "unseen_at_val_threshold": recall(zu, yu, t_val),
-            "unseen_en_other_own_threshold": [recall(zu, yu, t_test, lu == "en"), recall(zu, yu, t_test, lu != "en")],
-        }
+        result[name] = figures(a / ss, b / sp, (vy, vp, vs), (ty, tl, tp, ts), (uy, ul, up, us))
     print(json.dumps(result, indent=1))
 
 

@@ -197,6 +197,14 @@ impl Fixture {
     }
 
     /// Admits `job` with `reserve` tokens and no limits; asserts it was admitted.
+    /// `START` of a delivery of `id` by `worker`, with at most 3 attempts.
+    async fn start(&self, id: &Uuid, worker: &str, redelivered: bool) -> StartOutcome {
+        self.store
+            .start(id, 3, worker, redelivered)
+            .await
+            .expect("start")
+    }
+
     async fn admitted(&self, job: &JobMessage, reserve: u64) {
         let outcome = self
             .store
@@ -494,10 +502,7 @@ async fn rollback_removes_the_record_refunds_and_frees_the_idempotency_key(f: Fi
     // A job that already started is not rolled back.
     let running = self::job();
     f.admitted(&running, 5).await;
-    f.store
-        .start(&running.id, 3, "w", true)
-        .await
-        .expect("start");
+    f.start(&running.id, "w", true).await;
     f.store.rollback(&running.id).await.expect("rollback");
     assert_eq!(f.hash(&f.ks().job(&running.id)).await["status"], "running");
 }
@@ -506,10 +511,7 @@ async fn start_runs_a_queued_job_once_per_delivery(f: Fixture) {
     let job = job();
     f.admitted(&job, 10).await;
     assert_eq!(
-        f.store
-            .start(&job.id, 3, "worker-a", true)
-            .await
-            .expect("start"),
+        f.start(&job.id, "worker-a", true).await,
         StartOutcome::Run { attempt: 1 }
     );
     let record = f.hash(&f.ks().job(&job.id)).await;
@@ -525,25 +527,16 @@ async fn start_runs_a_queued_job_once_per_delivery(f: Fixture) {
     );
     // A redelivery (the first worker died) is the next attempt ...
     assert_eq!(
-        f.store
-            .start(&job.id, 3, "worker-b", true)
-            .await
-            .expect("start"),
+        f.start(&job.id, "worker-b", true).await,
         StartOutcome::Run { attempt: 2 }
     );
     assert_eq!(
-        f.store
-            .start(&job.id, 3, "worker-c", true)
-            .await
-            .expect("start"),
+        f.start(&job.id, "worker-c", true).await,
         StartOutcome::Run { attempt: 3 }
     );
     // ... until the attempts run out: then it fails, and its reservation is refunded.
     assert_eq!(
-        f.store
-            .start(&job.id, 3, "worker-d", true)
-            .await
-            .expect("start"),
+        f.start(&job.id, "worker-d", true).await,
         StartOutcome::Ended(JobStatus::Failed)
     );
     let view = f
@@ -561,17 +554,11 @@ async fn start_runs_a_queued_job_once_per_delivery(f: Fixture) {
     assert!(f.members(&f.ks().tenant_active(TENANT)).await.is_empty());
     // A terminal job is skipped, a missing one is dropped.
     assert_eq!(
-        f.store
-            .start(&job.id, 3, "worker-e", true)
-            .await
-            .expect("start"),
+        f.start(&job.id, "worker-e", true).await,
         StartOutcome::Skip(JobStatus::Failed)
     );
     assert_eq!(
-        f.store
-            .start(&Uuid::now_v7(), 3, "w", true)
-            .await
-            .expect("start"),
+        f.start(&Uuid::now_v7(), "w", true).await,
         StartOutcome::Missing
     );
 }
@@ -581,18 +568,12 @@ async fn a_second_copy_of_a_running_jobs_message_is_dropped(f: Fixture) {
     f.admitted(&job, 10).await;
     // An idempotent retry published the job again: whichever copy comes first runs it ...
     assert_eq!(
-        f.store
-            .start(&job.id, 3, "worker-a", false)
-            .await
-            .expect("start"),
+        f.start(&job.id, "worker-a", false).await,
         StartOutcome::Run { attempt: 1 }
     );
     // ... and the other's first delivery does not run it a second time, nor count an attempt.
     assert_eq!(
-        f.store
-            .start(&job.id, 3, "worker-b", false)
-            .await
-            .expect("start"),
+        f.start(&job.id, "worker-b", false).await,
         StartOutcome::Duplicate
     );
     let record = f.hash(&f.ks().job(&job.id)).await;
@@ -602,10 +583,7 @@ async fn a_second_copy_of_a_running_jobs_message_is_dropped(f: Fixture) {
     );
     // A redelivery (worker-a died) runs it again.
     assert_eq!(
-        f.store
-            .start(&job.id, 3, "worker-b", true)
-            .await
-            .expect("start"),
+        f.start(&job.id, "worker-b", true).await,
         StartOutcome::Run { attempt: 2 }
     );
     // Once it ended, either copy is skipped.
@@ -616,10 +594,7 @@ async fn a_second_copy_of_a_running_jobs_message_is_dropped(f: Fixture) {
             .expect("finish")
     );
     assert_eq!(
-        f.store
-            .start(&job.id, 3, "worker-c", false)
-            .await
-            .expect("start"),
+        f.start(&job.id, "worker-c", false).await,
         StartOutcome::Skip(JobStatus::Succeeded)
     );
 }
@@ -629,10 +604,7 @@ async fn start_ends_a_cancelled_or_expired_job_instead_of_running_it(f: Fixture)
     f.admitted(&expired, 10).await;
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     assert_eq!(
-        f.store
-            .start(&expired.id, 3, "w", true)
-            .await
-            .expect("start"),
+        f.start(&expired.id, "w", true).await,
         StartOutcome::Ended(JobStatus::Expired)
     );
     let view = f
@@ -650,10 +622,7 @@ async fn start_ends_a_cancelled_or_expired_job_instead_of_running_it(f: Fixture)
     // Cancel requested while running, then redelivered: it ends cancelled, not run again.
     let cancelled = job();
     f.admitted(&cancelled, 10).await;
-    f.store
-        .start(&cancelled.id, 3, "w", true)
-        .await
-        .expect("start");
+    f.start(&cancelled.id, "w", true).await;
     assert_eq!(
         f.store.cancel(TENANT, &cancelled.id).await.expect("cancel"),
         CancelOutcome::Cancelling
@@ -666,10 +635,7 @@ async fn start_ends_a_cancelled_or_expired_job_instead_of_running_it(f: Fixture)
         [true, false]
     );
     assert_eq!(
-        f.store
-            .start(&cancelled.id, 3, "w", true)
-            .await
-            .expect("start"),
+        f.start(&cancelled.id, "w", true).await,
         StartOutcome::Ended(JobStatus::Cancelled)
     );
 }
@@ -677,7 +643,7 @@ async fn start_ends_a_cancelled_or_expired_job_instead_of_running_it(f: Fixture)
 async fn finish_writes_the_terminal_state_once_and_refunds_what_was_not_used(f: Fixture) {
     let job = job();
     f.admitted(&job, 300).await;
-    f.store.start(&job.id, 3, "w", true).await.expect("start");
+    f.start(&job.id, "w", true).await;
     f.store
         .append_text(&job.id, "hi", Some(60))
         .await
@@ -747,7 +713,7 @@ async fn finish_writes_the_terminal_state_once_and_refunds_what_was_not_used(f: 
 async fn a_failed_job_pays_nothing(f: Fixture) {
     let job = job();
     f.admitted(&job, 300).await;
-    f.store.start(&job.id, 3, "w", true).await.expect("start");
+    f.start(&job.id, "w", true).await;
     let failed = Terminal {
         status: JobStatus::Failed,
         result: None,
@@ -781,16 +747,13 @@ async fn cancel_by_state_and_tenant(f: Fixture) {
     );
     // The queue message is still delivered: the worker skips it.
     assert_eq!(
-        f.store
-            .start(&queued.id, 3, "w", true)
-            .await
-            .expect("start"),
+        f.start(&queued.id, "w", true).await,
         StartOutcome::Skip(JobStatus::Cancelled)
     );
 
     let done = job();
     f.admitted(&done, 10).await;
-    f.store.start(&done.id, 3, "w", true).await.expect("start");
+    f.start(&done.id, "w", true).await;
     f.store
         .finish(&done.id, &succeeded(1, 1))
         .await
@@ -815,7 +778,7 @@ async fn release_queues_a_running_job_again_without_counting_the_attempt(f: Fixt
         !f.store.release(&job.id).await.expect("release"),
         "not running"
     );
-    f.store.start(&job.id, 3, "w", true).await.expect("start");
+    f.start(&job.id, "w", true).await;
     assert!(f.store.release(&job.id).await.expect("release"));
     let record = f.hash(&f.ks().job(&job.id)).await;
     assert_eq!(record["status"], "queued");
@@ -827,7 +790,7 @@ async fn release_queues_a_running_job_again_without_counting_the_attempt(f: Fixt
         [job.id.to_string()]
     );
     assert_eq!(
-        f.store.start(&job.id, 3, "w2", true).await.expect("start"),
+        f.start(&job.id, "w2", true).await,
         StartOutcome::Run { attempt: 1 }
     );
 }
@@ -839,7 +802,7 @@ async fn queue_stats_count_queued_jobs_by_priority(f: Fixture) {
     for j in [&a, &b, &c] {
         f.admitted(j, 1).await;
     }
-    f.store.start(&a.id, 3, "w", true).await.expect("start");
+    f.start(&a.id, "w", true).await;
     let stats = f
         .store
         .queue_stats(sluice_proto::now_ms())
@@ -868,10 +831,7 @@ async fn reconcile_finishes_what_a_crash_left_half_done(f: Fixture) {
     // 2. A job ended on its record, then its worker died before the tenant's settlement.
     let unsettled = job();
     f.admitted(&unsettled, 300).await;
-    f.store
-        .start(&unsettled.id, 3, "w", true)
-        .await
-        .expect("start");
+    f.start(&unsettled.id, "w", true).await;
     {
         let mut conn = f.pool.get().await.expect("conn");
         let written: Vec<Option<String>> = JOB_FINISH
@@ -891,10 +851,7 @@ async fn reconcile_finishes_what_a_crash_left_half_done(f: Fixture) {
     // 3. A job running normally, whose queue entry a crash left behind.
     let running = job();
     f.admitted(&running, 300).await;
-    f.store
-        .start(&running.id, 3, "w", true)
-        .await
-        .expect("start");
+    f.start(&running.id, "w", true).await;
     {
         let mut conn = f.pool.get().await.expect("conn");
         let _: () = redis::cmd("ZADD")
@@ -1006,10 +963,7 @@ async fn an_admission_whose_answer_was_lost_is_abandoned_at_once(f: Fixture) {
     // A published job that started is left alone.
     let running = self::job();
     f.admitted(&running, 5).await;
-    f.store
-        .start(&running.id, 3, "w", true)
-        .await
-        .expect("start");
+    f.start(&running.id, "w", true).await;
     f.store.abandon(&running, None).await.expect("abandon");
     assert_eq!(f.hash(&f.ks().job(&running.id)).await["status"], "running");
     assert_eq!(f.day_used(&running).await, 5);
@@ -1072,7 +1026,7 @@ async fn a_fenced_admission_frees_its_idempotency_key(f: Fixture) {
     );
     assert_eq!(f.day_used(&retry).await, 40);
     // A finished job keeps its key: a retry replays it.
-    f.store.start(&retry.id, 3, "w", true).await.expect("start");
+    f.start(&retry.id, "w", true).await;
     assert!(
         f.store
             .finish(&retry.id, &succeeded(4, 8))
