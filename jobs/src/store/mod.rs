@@ -795,7 +795,8 @@ impl JobStore {
     /// Decides atomically whether a delivered job runs, and marks it `running` if so.
     /// `redelivered` is the broker's flag: the message was delivered before (its worker died
     /// or gave it back), so a `running` job runs again; on a first delivery a `running` job
-    /// is a [`StartOutcome::Duplicate`].
+    /// is a [`StartOutcome::Duplicate`], unless this same delivery started it (`delivery`, a
+    /// token the worker keeps for one delivery: a retry whose first reply was lost).
     #[tracing::instrument(level = "info", skip_all, name = "store.start")]
     pub async fn start(
         &self,
@@ -803,6 +804,7 @@ impl JobStore {
         max_attempts: u32,
         worker: &str,
         redelivered: bool,
+        delivery: &str,
     ) -> Result<StartOutcome, StoreError> {
         let mut conn = self.conn().await?;
         let reply: Vec<Option<String>> = JOB_START
@@ -811,6 +813,7 @@ impl JobStore {
             .arg(max_attempts)
             .arg(worker)
             .arg(u8::from(redelivered))
+            .arg(delivery)
             .invoke_async(&mut conn)
             .await?;
         let field = |i: usize| reply.get(i).cloned().flatten().unwrap_or_default();

@@ -196,15 +196,16 @@ impl Fixture {
             .await
     }
 
-    /// Admits `job` with `reserve` tokens and no limits; asserts it was admitted.
-    /// `START` of a delivery of `id` by `worker`, with at most 3 attempts.
+    /// `START` of a delivery of `id` to `worker` (its token: one delivery per worker name),
+    /// with at most 3 attempts.
     async fn start(&self, id: &Uuid, worker: &str, redelivered: bool) -> StartOutcome {
         self.store
-            .start(id, 3, worker, redelivered)
+            .start(id, 3, worker, redelivered, worker)
             .await
             .expect("start")
     }
 
+    /// Admits `job` with `reserve` tokens and no limits; asserts it was admitted.
     async fn admitted(&self, job: &JobMessage, reserve: u64) {
         let outcome = self
             .store
@@ -581,10 +582,15 @@ async fn a_second_copy_of_a_running_jobs_message_is_dropped(f: Fixture) {
         (record["worker"].as_str(), record["attempts"].as_str()),
         ("worker-a", "1")
     );
-    // A redelivery (worker-a died) runs it again.
+    // A redelivery (worker-a died) runs it again ...
     assert_eq!(
         f.start(&job.id, "worker-b", true).await,
         StartOutcome::Run { attempt: 2 }
+    );
+    // ... and so does that delivery's own retry of `START` whose first reply was lost.
+    assert_eq!(
+        f.start(&job.id, "worker-b", false).await,
+        StartOutcome::Run { attempt: 3 }
     );
     // Once it ended, either copy is skipped.
     assert!(
@@ -1109,7 +1115,7 @@ async fn busy_tenant(f: &Fixture, jobs: usize) -> Vec<Uuid> {
                 return job.id;
             }
             if let Ok(StartOutcome::Run { .. }) =
-                retried(|| store.start(&job.id, 3, "w", true)).await
+                retried(|| store.start(&job.id, 3, "w", false, "w")).await
             {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 let done = succeeded(10, 1 + i as u32 % 60);

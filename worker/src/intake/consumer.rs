@@ -61,7 +61,11 @@ impl JobRunner {
     /// Handles a delivery end to end and acknowledges it.
     pub async fn handle(&self, delivery: Delivery) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let disposition = self.process(&delivery.data, delivery.redelivered).await;
+        // One token per delivery: `START` tells this delivery's own retries from a second copy.
+        let token = uuid::Uuid::now_v7().to_string();
+        let disposition = self
+            .process(&delivery.data, delivery.redelivered, &token)
+            .await;
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         settle(&delivery, disposition).await;
     }
@@ -145,7 +149,7 @@ async fn settle(delivery: &Delivery, disposition: Disposition) {
 impl JobRunner {
     /// Decides a delivery's fate. Never panics and never leaves a started job without either a
     /// terminal state or a requeue.
-    pub async fn process(&self, payload: &[u8], redelivered: bool) -> Disposition {
+    pub async fn process(&self, payload: &[u8], redelivered: bool, token: &str) -> Disposition {
         let job = match JobMessage::decode(payload) {
             Ok(job) => job,
             Err(reason) => {
@@ -163,14 +167,16 @@ impl JobRunner {
         if let Some(tp) = &job.trace.traceparent {
             sluice_shared::telemetry::set_remote_parent(&span, tp, job.trace.tracestate.as_deref());
         }
-        self.process_job(job, redelivered).instrument(span).await
+        self.process_job(job, redelivered, token)
+            .instrument(span)
+            .await
     }
 
-    async fn process_job(&self, job: JobMessage, redelivered: bool) -> Disposition {
+    async fn process_job(&self, job: JobMessage, redelivered: bool, token: &str) -> Disposition {
         if let Err(error) = job.params.validate(self.max_tokens_limit) {
             return self.write_terminal(&job, failed(error)).await;
         }
-        let attempt = match self.start(&job, redelivered).await {
+        let attempt = match self.start(&job, redelivered, token).await {
             Ok(attempt) => attempt,
             Err(disposition) => return disposition,
         };
@@ -411,12 +417,23 @@ impl JobRunner {
     /// against the quorum queue's `x-delivery-limit`: within seconds of a Redis outage the job
     /// would be dead-lettered, accepted but never run. The unacked delivery is safe: if this
     /// worker dies, the broker redelivers it. Gives it back only when shutdown preempts.
-    async fn start(&self, job: &JobMessage, redelivered: bool) -> Result<u32, Disposition> {
+    async fn start(
+        &self,
+        job: &JobMessage,
+        redelivered: bool,
+        token: &str,
+    ) -> Result<u32, Disposition> {
         let mut delay = Duration::from_millis(100);
         loop {
             match self
                 .store
-                .start(&job.id, self.max_attempts, &self.worker_id, redelivered)
+                .start(
+                    &job.id,
+                    self.max_attempts,
+                    &self.worker_id,
+                    redelivered,
+                    token,
+                )
                 .await
             {
                 Ok(StartOutcome::Run { attempt }) => return Ok(attempt),

@@ -1,5 +1,6 @@
 -- Job slot. KEYS[1] job; ARGV: now, max_attempts, worker, redelivered (1 if the broker delivered
--- this message before, 0 for its first delivery).
+-- this message before, 0 for its first delivery), delivery (a token of this delivery, the same
+-- for a worker's retries of this call).
 -- Returns {status, attempt, ended now (0/1), left the queue (0/1), tenant, created_at, priority,
 -- deadline}.
 local ref = redis.call('HMGET', KEYS[1], 'tenant', 'created_at', 'priority', 'deadline')
@@ -9,8 +10,11 @@ if s ~= 'queued' and s ~= 'running' then return {s, 0, 0, 0, ref[1], ref[2], ref
 -- A running job's message delivered for the first time is a second copy of it (an idempotent
 -- retry published the job again because its first publish may have died with its API
 -- process): the worker that started it is alive as far as the broker knows, so this copy is
--- dropped. A redelivery means that worker died: the job runs again.
-if s == 'running' and ARGV[4] ~= '1' then return {'duplicate', 0, 0, 0} end
+-- dropped. A redelivery means that worker died: the job runs again; so does this delivery's
+-- own retry (the reply to its first call was lost).
+if s == 'running' and ARGV[4] ~= '1' and redis.call('HGET', KEYS[1], 'delivery') ~= ARGV[5] then
+  return {'duplicate', 0, 0, 0}
+end
 local left = 0
 if s == 'queued' then left = 1 end
 local function finish(status, code, msg)
@@ -32,5 +36,6 @@ if attempts > tonumber(ARGV[2]) then
   return finish('failed', 'attempts_exhausted',
     'the job was started ' .. (attempts - 1) .. ' times without finishing')
 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[3])
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[3],
+  'delivery', ARGV[5])
 return {'running', attempts, 0, left, ref[1], ref[2], ref[3], ref[4]}
