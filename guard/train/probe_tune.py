@@ -42,11 +42,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from embed import mask_encoded  # noqa: E402
-from probe import DEFAULT_GGUF, TOKENS, batch_tensors, combination, figures, load_model, rows_of  # noqa: E402
+from probe import ADAPTED, DEFAULT_GGUF, TOKENS, batch_tensors, combination, figures, load_model, rows_of  # noqa: E402
 
 SEED = 20261207
 LAYER = 8
-TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+TARGETS = tuple(ADAPTED.values())
 UNITS = 64
 BATCH = 32
 
@@ -89,14 +89,20 @@ def lora_model(gguf, rank, alpha):
     return tok, model
 
 
+def tuning_head(width):
+    """The head trained with the adapters: dropout, `UNITS` ReLU units, one logit."""
+    from torch import nn
+
+    return nn.Sequential(nn.Dropout(0.1), nn.Linear(width, UNITS), nn.ReLU(), nn.Linear(UNITS, 1))
+
+
 def adapters(model):
     """The adapters' tensors by the GGUF name of the projection they adapt:
     `blk.{i}.{attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down}.lora_{a|b}` (b
     multiplied by the scale), so that W + b·a is the tuned weight, `(out, in)`."""
-    names = dict(zip(TARGETS, ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")))
     out = {}
     for i, layer in enumerate(model.model.layers):
-        for target, gguf_name in names.items():
+        for gguf_name, target in ADAPTED.items():
             parent_name, name = target.split(".")
             m = getattr(getattr(layer, parent_name), name)
             out[f"blk.{i}.{gguf_name}.lora_a"] = m.a.detach().float().numpy()
@@ -145,7 +151,7 @@ def tune(args):
     with torch.no_grad():
         f = torch.cat([features(torch, model, *batch_tensors([windows[i] for i in sample[s:s + 64]])) for s in range(0, len(sample), 64)])
     mean, scale = f.mean(0), f.std(0).clamp_min(1e-4)
-    head = nn.Sequential(nn.Dropout(0.1), nn.Linear(f.shape[1], UNITS), nn.ReLU(), nn.Linear(UNITS, 1))
+    head = tuning_head(f.shape[1])
     lora = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": lora, "lr": args.lr, "weight_decay": 0.0}, {"params": head.parameters(), "lr": args.head_lr, "weight_decay": 0.01}])
     plan = [b for _ in range(args.epochs) for b in batches([len(w) for w in windows], rng)]
@@ -178,22 +184,18 @@ def tune(args):
 
 def load_tuned(gguf, out):
     torch = torch_setup()
-    from torch import nn
-
     state = torch.load(Path(out) / "tuned.pt", weights_only=False)
     tok, model = lora_model(gguf, state["rank"], state["alpha"])
-    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
     with torch.no_grad():
         for key, value in state["adapters"].items():
             _, i, gguf_name, ab = key.split(".")
-            parent_name, name = names[gguf_name].split(".")
+            parent_name, name = ADAPTED[gguf_name].split(".")
             m = getattr(getattr(model.model.layers[int(i)], parent_name), name)
             if ab == "lora_a":
                 m.a.copy_(torch.from_numpy(value))
             else:
                 m.b.copy_(torch.from_numpy(value) / m.scale)
-    head = nn.Sequential(nn.Dropout(0.1), nn.Linear(len(state["mean"]), UNITS), nn.ReLU(), nn.Linear(UNITS, 1))
+    head = tuning_head(len(state["mean"]))
     head.load_state_dict({k: torch.from_numpy(v) for k, v in state["head"].items()})
     return tok, model.eval(), head.eval(), torch.from_numpy(state["mean"]), torch.from_numpy(state["scale"])
 
